@@ -1,0 +1,70 @@
+"""The accounts file, as the TypeScript plugin writes it.
+
+Field names on disk are camelCase (`healthScore`, `rateLimitResetTime`, ...) so a file
+written by the plugin loads unchanged and the plugin can read ours. Fields this project
+adds are optional, and unknown fields are kept so a round trip loses nothing.
+Times are milliseconds since the Unix epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+Strategy = Literal["round-robin", "health-based", "sticky"]
+STRATEGIES: tuple[Strategy, ...] = ("round-robin", "health-based", "sticky")
+DEFAULT_STRATEGY: Strategy = "health-based"
+FILE_VERSION = 1
+
+_CONFIG = ConfigDict(
+    alias_generator=to_camel,
+    populate_by_name=True,
+    extra="allow",
+    validate_assignment=False,
+)
+
+
+class Account(BaseModel):
+    model_config = _CONFIG
+
+    key: str = Field(min_length=1)
+    name: str = ""
+    added_at: int = 0
+    last_used: int = 0
+    rate_limit_reset_time: int = 0
+    health_score: int = Field(default=100, ge=0, le=100)
+    consecutive_failures: int = Field(default=0, ge=0)
+    total_requests: int = Field(default=0, ge=0)
+    successful_requests: int = Field(default=0, ge=0)
+    # Added by this project (absent from the plugin's files, so all optional).
+    # Resting recovery of health counts from here; 0 means "from lastUsed".
+    health_rest_since: int = 0
+    # Set when a key is disabled until a person re-enables it (revoked, banned).
+    disabled_reason: str | None = None
+    # Why the key is cooling, shown by list-keys.
+    cooldown_reason: str | None = None
+
+
+class AccountsFile(BaseModel):
+    model_config = _CONFIG
+
+    version: Literal[1] = FILE_VERSION
+    accounts: list[Account] = Field(default_factory=list)
+    active_index: int = Field(default=0, ge=0)
+    rotation_strategy: Strategy = DEFAULT_STRATEGY
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=2) + "\n"
+
+    def index_of(self, key: str) -> int | None:
+        for i, account in enumerate(self.accounts):
+            if account.key == key:
+                return i
+        return None
+
+    def active_key(self) -> str | None:
+        if 0 <= self.active_index < len(self.accounts):
+            return self.accounts[self.active_index].key
+        return None

@@ -1,0 +1,243 @@
+"""The live key pool: the one object that owns the accounts' state in a running proxy.
+
+Choosing a key and accounting for a response touch memory only. What changed since the
+last flush is kept as a `PendingChange` per key, so a flush can apply *our changes* to
+whatever is on disk now (keys added or removed by the CLI, another proxy's counts)
+instead of overwriting it: counters add up, deadlines keep the later one, and
+manual choices (keys, names, order, strategy, `use-key`) come from the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from rotator.health import apply_health_delta
+from rotator.keys import mask_key
+from rotator.models import Account, AccountsFile
+from rotator.policy import Outcome
+from rotator.strategies import Unavailable, choose_key, next_index
+
+DEFAULT_MAX_IN_FLIGHT = 30
+
+
+@dataclass(slots=True)
+class PendingChange:
+    """One key's changes since the last flush, in a form that merges with the file's."""
+
+    requests: int = 0
+    successes: int = 0
+    health_delta: int = 0
+    last_used: int = 0
+    rate_limit_reset_time: int = 0
+    # Last-writer-wins fields; None means "not changed by us".
+    consecutive_failures: int | None = None
+    health_rest_since: int | None = None
+    disabled_reason: str | None = None
+    cooldown_reason: str | None = None
+
+
+@dataclass(slots=True)
+class Pending:
+    changes: dict[str, PendingChange] = field(default_factory=dict)
+    # The key we moved the active index to, if we moved it.
+    active_key: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.changes) or self.active_key is not None
+
+    def for_key(self, key: str) -> PendingChange:
+        change = self.changes.get(key)
+        if change is None:
+            change = self.changes[key] = PendingChange()
+        return change
+
+    def absorb(self, later: Pending) -> None:
+        """Fold `later` into this one, as if both had happened in order."""
+        for key, new in later.changes.items():
+            old = self.for_key(key)
+            old.requests += new.requests
+            old.successes += new.successes
+            old.health_delta += new.health_delta
+            old.last_used = max(old.last_used, new.last_used)
+            old.rate_limit_reset_time = max(old.rate_limit_reset_time, new.rate_limit_reset_time)
+            for name in ("consecutive_failures", "health_rest_since", "disabled_reason", "cooldown_reason"):
+                value = getattr(new, name)
+                if value is not None:
+                    setattr(old, name, value)
+        if later.active_key is not None:
+            self.active_key = later.active_key
+
+
+def apply_pending(state: AccountsFile, pending: Pending, base_active_key: str | None) -> AccountsFile:
+    """Apply our changes to `state` (mutated and returned): the merge rule in one place.
+
+    Keys that `state` no longer has were removed by someone else and stay removed. The
+    active index moves to our choice only if nobody moved it since we last saw the file.
+    """
+    for account in state.accounts:
+        change = pending.changes.get(account.key)
+        if change is not None:
+            _apply_change(account, change)
+    if pending.active_key is not None and state.active_key() == base_active_key:
+        index = state.index_of(pending.active_key)
+        if index is not None:
+            state.active_index = index
+    return state
+
+
+def _apply_change(account: Account, change: PendingChange) -> None:
+    account.total_requests += change.requests
+    account.successful_requests += change.successes
+    account.health_score = max(0, min(100, account.health_score + change.health_delta))
+    account.last_used = max(account.last_used, change.last_used)
+    account.rate_limit_reset_time = max(account.rate_limit_reset_time, change.rate_limit_reset_time)
+    if change.consecutive_failures is not None:
+        account.consecutive_failures = change.consecutive_failures
+    if change.health_rest_since is not None:
+        account.health_rest_since = change.health_rest_since
+    if change.disabled_reason is not None:
+        account.disabled_reason = change.disabled_reason
+    if change.cooldown_reason is not None:
+        account.cooldown_reason = change.cooldown_reason
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One attempt's hold on a key, from choice to outcome."""
+
+    key: str
+    index: int
+    name: str
+
+    @property
+    def masked_key(self) -> str:
+        return mask_key(self.key)
+
+    @property
+    def label(self) -> str:
+        return f"[{self.index}] {self.name or 'unnamed'} ({self.masked_key})"
+
+
+class _SkipKeys:
+    """`index in skip` for choose_key, answered from a set of keys."""
+
+    __slots__ = ("accounts", "keys")
+
+    def __init__(self, accounts: list[Account], keys: Collection[str]) -> None:
+        self.accounts = accounts
+        self.keys = keys
+
+    def __contains__(self, index: object) -> bool:
+        return isinstance(index, int) and self.accounts[index].key in self.keys
+
+
+class KeyPool:
+    def __init__(self, state: AccountsFile, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+        self.max_in_flight = max_in_flight
+        self.in_flight: dict[str, int] = {}
+        self._at_cap: set[str] = set()
+        self.pending = Pending()
+        self._adopt(state)
+
+    # -- reading ---------------------------------------------------------------
+    @property
+    def state(self) -> AccountsFile:
+        return self._state
+
+    @property
+    def accounts(self) -> list[Account]:
+        return self._state.accounts
+
+    def account(self, key: str) -> Account | None:
+        index = self._index_by_key.get(key)
+        return None if index is None else self._state.accounts[index]
+
+    # -- the hot path ------------------------------------------------------------
+    def acquire(self, now_ms: int, tried: Collection[str] = ()) -> Lease | Unavailable:
+        """Choose a key for one attempt and count the attempt on it."""
+        state = self._state
+        excluded = self._at_cap.union(tried) if tried else self._at_cap
+        skip = _SkipKeys(state.accounts, excluded) if excluded else ()
+        chosen = choose_key(state.accounts, state.rotation_strategy, state.active_index, now_ms, skip)
+        if isinstance(chosen, Unavailable):
+            return chosen
+        account = state.accounts[chosen]
+        key = account.key
+        new_active = next_index(chosen, len(state.accounts), state.rotation_strategy)
+        if new_active != state.active_index:
+            state.active_index = new_active
+            self.pending.active_key = state.accounts[new_active].key
+        account.total_requests += 1
+        account.last_used = now_ms
+        change = self.pending.for_key(key)
+        change.requests += 1
+        change.last_used = now_ms
+        busy = self.in_flight.get(key, 0) + 1
+        self.in_flight[key] = busy
+        if busy >= self.max_in_flight:
+            self._at_cap.add(key)
+        return Lease(key, chosen, account.name)
+
+    def release(self, lease: Lease, outcome: Outcome, now_ms: int) -> str | None:
+        """Account for an attempt's outcome; returns a log line if the key's state changed."""
+        busy = self.in_flight.get(lease.key, 1) - 1
+        if busy > 0:
+            self.in_flight[lease.key] = busy
+        else:
+            self.in_flight.pop(lease.key, None)
+        self._at_cap.discard(lease.key)
+        account = self.account(lease.key)
+        if account is None:
+            return None  # removed while the request was in flight
+        change = self.pending.for_key(lease.key)
+        was_cooling = account.rate_limit_reset_time > now_ms
+        if outcome.health_delta:
+            new = apply_health_delta(account, outcome.health_delta, now_ms)
+            change.health_delta += new.score - account.health_score
+            account.health_score = new.score
+            account.health_rest_since = change.health_rest_since = new.rest_since
+        if outcome.counts_as_success:
+            account.successful_requests += 1
+            change.successes += 1
+            account.consecutive_failures = change.consecutive_failures = 0
+        elif outcome.health_delta < 0:
+            account.consecutive_failures += 1
+            change.consecutive_failures = account.consecutive_failures
+        event: str | None = None
+        if outcome.disable and account.disabled_reason is None:
+            account.disabled_reason = change.disabled_reason = outcome.reason
+            event = f"key {lease.label} disabled: {outcome.reason}; run `kimi-rotator enable-key` to use it again"
+        deadline = outcome.cooldown_until_ms
+        if deadline is not None and deadline > account.rate_limit_reset_time:
+            account.rate_limit_reset_time = deadline
+            change.rate_limit_reset_time = max(change.rate_limit_reset_time, deadline)
+            account.cooldown_reason = change.cooldown_reason = outcome.reason
+            if not was_cooling:
+                seconds = max(0, (deadline - now_ms) // 1000)
+                event = f"key {lease.label} cooling for {seconds} s: {outcome.reason}"
+        return event
+
+    # -- persistence -------------------------------------------------------------
+    def take_pending(self) -> tuple[Pending, str | None]:
+        """Hand over the changes to flush, with the active key they were based on."""
+        taken, self.pending = self.pending, Pending()
+        return taken, self._base_active_key
+
+    def give_back(self, taken: Pending) -> None:
+        """A flush failed: keep its changes for the next one."""
+        taken.absorb(self.pending)
+        self.pending = taken
+
+    def adopt(self, on_disk: AccountsFile) -> None:
+        """Take the file's state as the new base, with changes since the flush on top."""
+        disk_active_key = on_disk.active_key()
+        apply_pending(on_disk, self.pending, disk_active_key)
+        self._adopt(on_disk)
+        self._base_active_key = disk_active_key
+
+    def _adopt(self, state: AccountsFile) -> None:
+        self._state = state
+        self._index_by_key = {a.key: i for i, a in enumerate(state.accounts)}
+        self._base_active_key = state.active_key()
+        self._at_cap = {k for k, n in self.in_flight.items() if n >= self.max_in_flight}
