@@ -8,7 +8,6 @@ the accounts file in step from a background task, never from a hook.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import time
@@ -19,7 +18,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.log import ALERT
 
-from rotator import policy, storage
+from rotator import access, policy, storage
 from rotator.keys import mask_key
 from rotator.models import AccountsFile
 from rotator.pool import DEFAULT_MAX_IN_FLIGHT, KeyPool, Lease
@@ -51,19 +50,6 @@ def parse_hosts(hosts: Sequence[str]) -> frozenset[str]:
     return parsed
 
 
-def is_loopback(address: Any) -> bool:
-    try:
-        host = address[0]
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback or _is_mapped_loopback(host)
-    except (TypeError, IndexError, ValueError):
-        return False
-
-
-def _is_mapped_loopback(host: str) -> bool:
-    mapped = ipaddress.ip_address(host).ipv4_mapped if ":" in host else None
-    return bool(mapped and mapped.is_loopback)
-
-
 def replace_client_key(headers: http.Headers, key: str) -> None:
     """Put `key` where the client put its own, and nowhere else.
 
@@ -88,12 +74,26 @@ def mask_sent_key(headers: http.Headers, key: str) -> None:
             headers[name] = value.replace(key, masked)
 
 
+def read_client_token(path: str) -> str | None:
+    """The client token from its file, else from the environment; None if neither is set."""
+    if path:
+        try:
+            token = Path(path).expanduser().read_text().strip()
+        except OSError as e:
+            raise exceptions.OptionsError(f"kimi_client_token_file: cannot read {path}: {e.strerror}") from e
+        if not token:
+            raise exceptions.OptionsError(f"kimi_client_token_file: {path} is empty")
+        return token
+    return os.environ.get(CLIENT_TOKEN_ENV, "").strip() or None
+
+
 class KimiRotator:
     def __init__(self) -> None:
         self.hosts: frozenset[str] = frozenset(DEFAULT_KIMI_HOSTS)
         self.path: Path | None = None
         self.pool = KeyPool(AccountsFile())
         self.file_problem: str | None = None
+        self.client_token: str | None = None
         self._signature: storage.FileSignature | None = None
         self._flush_task: asyncio.Task[None] | None = None
         # Leases by flow id; kept off flow.metadata because that is saved with the flow.
@@ -117,6 +117,14 @@ class KimiRotator:
             "kimi_max_in_flight", int, DEFAULT_MAX_IN_FLIGHT,
             "Requests one key may have in flight at once; a key at its cap is not chosen.",
         )
+        loader.add_option(
+            "kimi_allow_remote", bool, False,
+            "Serve clients that are not on this machine. Needs proxyauth or a client token.",
+        )
+        loader.add_option(
+            "kimi_client_token_file", str, "",
+            f"File holding a token every client must send as its key (or set ${CLIENT_TOKEN_ENV}).",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "kimi_hosts" in updated:
@@ -130,6 +138,15 @@ class KimiRotator:
             if ctx.options.kimi_max_in_flight < 1:
                 raise exceptions.OptionsError("kimi_max_in_flight must be at least 1")
             self.pool.max_in_flight = ctx.options.kimi_max_in_flight
+        if "kimi_client_token_file" in updated:
+            self.client_token = read_client_token(ctx.options.kimi_client_token_file)
+        if {"kimi_allow_remote", "proxyauth", "kimi_client_token_file"} & updated:
+            if ctx.options.kimi_allow_remote and not (ctx.options.proxyauth or self.client_token):
+                raise exceptions.OptionsError(
+                    "kimi_allow_remote needs proxyauth or a client token "
+                    f"(kimi_client_token_file or ${CLIENT_TOKEN_ENV}): otherwise anyone who "
+                    "can reach the proxy spends your keys"
+                )
         if "kimi_accounts" in updated:
             self._load_accounts(storage.resolve_accounts_path(ctx.options.kimi_accounts or None))
 
@@ -155,6 +172,7 @@ class KimiRotator:
 
     # -- lifecycle ---------------------------------------------------------------
     def running(self) -> None:
+        self._warn_if_listening_beyond_loopback()
         if self._flush_task is None:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_forever())
 
@@ -164,6 +182,20 @@ class KimiRotator:
             self._flush_task = None
         # Shutting down: a last synchronous save is what keeps the counts exact.
         self._flush_now()
+
+    def _warn_if_listening_beyond_loopback(self) -> None:
+        proxyserver = ctx.master.addons.get("proxyserver")
+        addresses = proxyserver.listen_addrs() if proxyserver else []
+        exposed = [a for a in addresses if not access.is_loopback_address(a)]
+        if exposed:
+            where = ", ".join(f"{a[0]}:{a[1]}" for a in exposed)
+            if ctx.options.kimi_allow_remote:
+                logger.warning("kimi-rotator: listening on %s; remote clients may use the pool", where)
+            else:
+                logger.warning(
+                    "kimi-rotator: listening on %s, beyond this machine; only local clients get keys, "
+                    "others get 403. Use --listen-host 127.0.0.1 to stay local.", where,
+                )
 
     async def _flush_forever(self) -> None:
         while True:
@@ -247,6 +279,16 @@ class KimiRotator:
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or not self.is_kimi_request(flow):
+            return
+        denial = access.check_client(
+            from_loopback=access.is_loopback_address(flow.client_conn.peername),
+            allow_remote=ctx.options.kimi_allow_remote,
+            client_token=self.client_token,
+            presented=access.presented_credential(flow.request.headers),
+        )
+        if denial is not None:
+            flow.response = anthropic_error(denial.status, denial.error_type, denial.message)
+            flow.comment = f"kimi-rotator: refused ({denial.status})"
             return
         lease = self.pool.acquire(now_ms())
         if isinstance(lease, Unavailable):

@@ -1,0 +1,160 @@
+"""The live pool: choosing, accounting, and merging our changes with the file's."""
+
+from rotator import policy
+from rotator.models import Account, AccountsFile
+from rotator.pool import KeyPool, Pending, apply_pending
+from rotator.strategies import Shortage, Unavailable
+
+NOW = 1_800_000_000_000
+KEYS = [f"sk-kimi-FAKEpool{i:016d}" for i in range(4)]
+OK = policy.classify(200, {}, b"{}", NOW)
+RATE_LIMITED = policy.classify(429, {"retry-after": "30"}, b"", NOW)
+REVOKED = policy.classify(401, {}, b'{"error":{"message":"Invalid Authentication"}}', NOW)
+
+
+def state(count=3, strategy="round-robin", **top) -> AccountsFile:
+    accounts = [Account(key=KEYS[i], name=f"k{i}") for i in range(count)]
+    return AccountsFile(accounts=accounts, rotation_strategy=strategy, **top)
+
+
+def test_acquire_counts_the_attempt_and_moves_round_robin_on():
+    pool = KeyPool(state())
+    leases = [pool.acquire(NOW) for _ in range(4)]
+    assert [lease.index for lease in leases] == [0, 1, 2, 0]
+    assert [a.total_requests for a in pool.accounts] == [2, 1, 1]
+    assert all(a.last_used == NOW for a in pool.accounts)
+
+
+def test_release_success_and_rate_limit():
+    pool = KeyPool(state())
+    first, second = pool.acquire(NOW), pool.acquire(NOW)
+    assert pool.release(first, OK, NOW) is None
+    event = pool.release(second, RATE_LIMITED, NOW)
+    assert event is not None and "cooling for 30 s" in event and "sk-kim…" in event
+    assert KEYS[1] not in event
+    a0, a1 = pool.accounts[0], pool.accounts[1]
+    assert (a0.successful_requests, a0.health_score) == (1, 100)
+    assert (a1.successful_requests, a1.health_score, a1.consecutive_failures) == (0, 85, 1)
+    assert a1.rate_limit_reset_time == NOW + 30_000
+    # The cooling key is skipped until its deadline.
+    assert [pool.acquire(NOW + 1).index for _ in range(3)] == [2, 0, 2]
+    others = {KEYS[0], KEYS[2]}
+    assert pool.acquire(NOW + 29_999, tried=others) == Unavailable(Shortage.ALL_COOLING, NOW + 30_000)
+    assert pool.acquire(NOW + 30_000, tried=others).index == 1
+
+
+def test_a_second_cooldown_keeps_the_later_deadline():
+    pool = KeyPool(state(1))
+    lease = pool.acquire(NOW)
+    pool.release(lease, policy.classify(429, {"retry-after": "600"}, b"", NOW), NOW)
+    lease = pool.acquire(NOW, ())  # all cooling now
+    assert lease == Unavailable(Shortage.ALL_COOLING, NOW + 600_000)
+    pool.accounts[0].rate_limit_reset_time = NOW  # let one more through
+    lease = pool.acquire(NOW)
+    pool.release(lease, policy.classify(429, {"retry-after": "5"}, b"", NOW), NOW)
+    assert pool.accounts[0].rate_limit_reset_time == NOW + 5_000
+
+
+def test_revoked_key_is_disabled_with_its_reason():
+    pool = KeyPool(state(2))
+    lease = pool.acquire(NOW)
+    event = pool.release(lease, REVOKED, NOW)
+    assert "disabled" in event and "enable-key" in event
+    assert pool.accounts[0].disabled_reason == REVOKED.reason
+    assert [pool.acquire(NOW).index for _ in range(3)] == [1, 1, 1]
+
+
+def test_in_flight_cap_excludes_a_busy_key_until_it_answers():
+    pool = KeyPool(state(2, strategy="sticky"), max_in_flight=2)
+    held = [pool.acquire(NOW), pool.acquire(NOW)]
+    assert [lease.index for lease in held] == [0, 0]
+    only_first = {KEYS[1]}
+    assert pool.acquire(NOW, tried=only_first) == Unavailable(Shortage.ALL_SKIPPED)
+    pool.release(held[0], OK, NOW)
+    assert pool.acquire(NOW, tried=only_first).index == 0
+
+
+def test_tried_keys_are_skipped():
+    pool = KeyPool(state(3, strategy="sticky"))
+    assert pool.acquire(NOW, tried={KEYS[0]}).index == 1
+    assert pool.acquire(NOW, tried=set(KEYS[:3])) == Unavailable(Shortage.ALL_SKIPPED)
+
+
+def test_release_of_a_key_removed_meanwhile_is_ignored():
+    pool = KeyPool(state(2))
+    lease = pool.acquire(NOW)
+    pool.adopt(state(0))
+    assert pool.release(lease, OK, NOW) is None
+    assert pool.in_flight == {}
+
+
+# -- merging ------------------------------------------------------------------------
+
+
+def test_counts_from_two_writers_add_up():
+    disk = state(2)
+    disk.accounts[0].total_requests = 10  # another proxy's counts
+    pending = Pending()
+    change = pending.for_key(KEYS[0])
+    change.requests, change.successes, change.health_delta = 3, 2, -11
+    merged = apply_pending(disk, pending, base_active_key=KEYS[0])
+    assert merged.accounts[0].total_requests == 13
+    assert merged.accounts[0].successful_requests == 2
+    assert merged.accounts[0].health_score == 89
+
+
+def test_merge_keeps_the_later_deadline_and_other_writers_keys():
+    disk = state(3)
+    disk.accounts[1].rate_limit_reset_time = NOW + 500
+    pending = Pending()
+    pending.for_key(KEYS[1]).rate_limit_reset_time = NOW + 100
+    pending.for_key("sk-kimi-FAKEremovedbyCLI0000000").requests = 4
+    merged = apply_pending(disk, pending, base_active_key=KEYS[0])
+    assert merged.accounts[1].rate_limit_reset_time == NOW + 500
+    assert [a.key for a in merged.accounts] == KEYS[:3]
+
+
+def test_active_key_moves_only_if_nobody_else_moved_it():
+    pending = Pending(active_key=KEYS[2])
+    untouched = apply_pending(state(3, active_index=0), pending, base_active_key=KEYS[0])
+    assert untouched.active_index == 2
+    moved_by_cli = apply_pending(state(3, active_index=1), pending, base_active_key=KEYS[0])
+    assert moved_by_cli.active_index == 1
+
+
+def test_manual_fields_come_from_the_file():
+    disk = state(2, strategy="sticky")
+    disk.accounts[0].name = "renamed"
+    disk.accounts[0].disabled_reason = None  # enable-key ran
+    pending = Pending()
+    pending.for_key(KEYS[0]).requests = 1
+    merged = apply_pending(disk, pending, base_active_key=KEYS[0])
+    assert merged.rotation_strategy == "sticky"
+    assert merged.accounts[0].name == "renamed" and merged.accounts[0].disabled_reason is None
+
+
+def test_flush_cycle_loses_nothing_that_happened_during_the_write():
+    pool = KeyPool(state(2))
+    pool.release(pool.acquire(NOW), OK, NOW)
+    taken, base = pool.take_pending()
+    # While the write is in flight, another request completes.
+    pool.release(pool.acquire(NOW), OK, NOW)
+    on_disk = apply_pending(state(2), taken, base)  # what the worker thread wrote
+    assert [a.total_requests for a in on_disk.accounts] == [1, 0]
+    pool.adopt(on_disk)
+    assert [a.total_requests for a in pool.accounts] == [1, 1]
+    assert [a.successful_requests for a in pool.accounts] == [1, 1]
+    # The next flush carries only the second request.
+    taken, base = pool.take_pending()
+    assert sum(c.requests for c in taken.changes.values()) == 1
+
+
+def test_failed_flush_gives_its_changes_back():
+    pool = KeyPool(state(1))
+    pool.release(pool.acquire(NOW), OK, NOW)
+    taken, _ = pool.take_pending()
+    pool.release(pool.acquire(NOW), OK, NOW)
+    pool.give_back(taken)
+    taken, _ = pool.take_pending()
+    assert taken.changes[KEYS[0]].requests == 2
+    assert taken.changes[KEYS[0]].successes == 2
