@@ -45,6 +45,9 @@ class Account(BaseModel):
     disabled_reason: str | None = None
     # Why the key is cooling, shown by list-keys.
     cooldown_reason: str | None = None
+    # Cooldowns in a row with no success between them; each one lasts longer, and a
+    # key above 0 gets a single request at a time until it succeeds (half-open).
+    cooldown_level: int = Field(default=0, ge=0)
 
 
 class AccountsFile(BaseModel):

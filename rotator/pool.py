@@ -15,10 +15,19 @@ from dataclasses import dataclass, field
 from rotator.health import apply_health_delta
 from rotator.keys import mask_key
 from rotator.models import Account, AccountsFile
-from rotator.policy import Outcome
-from rotator.strategies import Unavailable, choose_key, next_index
+from rotator.policy import Outcome, Verdict
+from rotator.strategies import Shortage, Unavailable, choose_key, next_index
 
 DEFAULT_MAX_IN_FLIGHT = 30
+# Cooldowns that follow each other with no success between them grow: ×2 each time,
+# up to this cap. Plan windows and disabled keys have their own deadlines and don't.
+MAX_BACKOFF_MS = 30 * 60 * 1000
+BACKOFF_VERDICTS = frozenset({Verdict.RATE_LIMITED, Verdict.CONCURRENCY_LIMIT, Verdict.ACCESS_DENIED})
+# Rate limits on this many different keys within the window look like Kimi throttling
+# this client (IP or account-wide), not like each key's fault: one shared pause instead.
+GLOBAL_THROTTLE_KEYS = 3
+GLOBAL_THROTTLE_WINDOW_MS = 5_000
+GLOBAL_PAUSE_MS = 10_000
 
 
 @dataclass(slots=True)
@@ -30,11 +39,20 @@ class PendingChange:
     health_delta: int = 0
     last_used: int = 0
     rate_limit_reset_time: int = 0
+    # Set when we lowered the deadline on purpose (exact reset learnt, throttle refund):
+    # then our deadline replaces the file's instead of the later one winning.
+    reset_lowered: bool = False
     # Last-writer-wins fields; None means "not changed by us".
     consecutive_failures: int | None = None
     health_rest_since: int | None = None
     disabled_reason: str | None = None
     cooldown_reason: str | None = None
+    cooldown_level: int | None = None
+
+
+_LAST_WRITER_WINS = (
+    "consecutive_failures", "health_rest_since", "disabled_reason", "cooldown_reason", "cooldown_level",
+)
 
 
 @dataclass(slots=True)
@@ -60,8 +78,11 @@ class Pending:
             old.successes += new.successes
             old.health_delta += new.health_delta
             old.last_used = max(old.last_used, new.last_used)
-            old.rate_limit_reset_time = max(old.rate_limit_reset_time, new.rate_limit_reset_time)
-            for name in ("consecutive_failures", "health_rest_since", "disabled_reason", "cooldown_reason"):
+            if new.reset_lowered:
+                old.rate_limit_reset_time, old.reset_lowered = new.rate_limit_reset_time, True
+            else:
+                old.rate_limit_reset_time = max(old.rate_limit_reset_time, new.rate_limit_reset_time)
+            for name in _LAST_WRITER_WINS:
                 value = getattr(new, name)
                 if value is not None:
                     setattr(old, name, value)
@@ -91,15 +112,14 @@ def _apply_change(account: Account, change: PendingChange) -> None:
     account.successful_requests += change.successes
     account.health_score = max(0, min(100, account.health_score + change.health_delta))
     account.last_used = max(account.last_used, change.last_used)
-    account.rate_limit_reset_time = max(account.rate_limit_reset_time, change.rate_limit_reset_time)
-    if change.consecutive_failures is not None:
-        account.consecutive_failures = change.consecutive_failures
-    if change.health_rest_since is not None:
-        account.health_rest_since = change.health_rest_since
-    if change.disabled_reason is not None:
-        account.disabled_reason = change.disabled_reason
-    if change.cooldown_reason is not None:
-        account.cooldown_reason = change.cooldown_reason
+    if change.reset_lowered:
+        account.rate_limit_reset_time = change.rate_limit_reset_time
+    else:
+        account.rate_limit_reset_time = max(account.rate_limit_reset_time, change.rate_limit_reset_time)
+    for name in _LAST_WRITER_WINS:
+        value = getattr(change, name)
+        if value is not None:
+            setattr(account, name, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,12 +152,25 @@ class _SkipKeys:
         return isinstance(index, int) and self.accounts[index].key in self.keys
 
 
+@dataclass(frozen=True, slots=True)
+class _RecentLimit:
+    """A rate limit we charged to a key, kept briefly in case it was a global throttle."""
+
+    at_ms: int
+    key: str
+    previous_deadline: int
+    previous_level: int
+    previous_health: int
+
+
 class KeyPool:
     def __init__(self, state: AccountsFile, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
         self.max_in_flight = max_in_flight
         self.in_flight: dict[str, int] = {}
         self._at_cap: set[str] = set()
         self.pending = Pending()
+        self.paused_until_ms = 0
+        self._recent_limits: list[_RecentLimit] = []
         self._adopt(state)
 
     # -- reading ---------------------------------------------------------------
@@ -153,15 +186,26 @@ class KeyPool:
         index = self._index_by_key.get(key)
         return None if index is None else self._state.accounts[index]
 
-    # -- the hot path ------------------------------------------------------------
-    def acquire(self, now_ms: int, tried: Collection[str] = ()) -> Lease | Unavailable:
-        """Choose a key for one attempt and count the attempt on it."""
+    def peek(self, now_ms: int, tried: Collection[str] = ()) -> int | Unavailable:
+        """The index `acquire` would choose, changing nothing."""
+        if now_ms < self.paused_until_ms and self._state.accounts:
+            return Unavailable(Shortage.THROTTLED, self.paused_until_ms)
         state = self._state
         excluded = self._at_cap.union(tried) if tried else self._at_cap
         skip = _SkipKeys(state.accounts, excluded) if excluded else ()
-        chosen = choose_key(state.accounts, state.rotation_strategy, state.active_index, now_ms, skip)
+        return choose_key(state.accounts, state.rotation_strategy, state.active_index, now_ms, skip)
+
+    def is_busy(self, tried: Collection[str] = ()) -> bool:
+        """Whether some key not yet tried is only held back by its in-flight cap."""
+        return any(key not in tried for key in self._at_cap)
+
+    # -- the hot path ------------------------------------------------------------
+    def acquire(self, now_ms: int, tried: Collection[str] = ()) -> Lease | Unavailable:
+        """Choose a key for one attempt and count the attempt on it."""
+        chosen = self.peek(now_ms, tried)
         if isinstance(chosen, Unavailable):
             return chosen
+        state = self._state
         account = state.accounts[chosen]
         key = account.key
         new_active = next_index(chosen, len(state.accounts), state.rotation_strategy)
@@ -175,7 +219,8 @@ class KeyPool:
         change.last_used = now_ms
         busy = self.in_flight.get(key, 0) + 1
         self.in_flight[key] = busy
-        if busy >= self.max_in_flight:
+        # A key back from a cooldown (half-open) takes one request until it succeeds.
+        if busy >= self.max_in_flight or account.cooldown_level > 0:
             self._at_cap.add(key)
         return Lease(key, chosen, account.name)
 
@@ -190,33 +235,104 @@ class KeyPool:
         account = self.account(lease.key)
         if account is None:
             return None  # removed while the request was in flight
+        if outcome.verdict is Verdict.RATE_LIMITED:
+            throttle = self._detect_throttle(lease.key, now_ms)
+            if throttle is not None:
+                return throttle or None
+            self._recent_limits.append(
+                _RecentLimit(now_ms, lease.key, account.rate_limit_reset_time, account.cooldown_level,
+                             account.health_score)
+            )
         change = self.pending.for_key(lease.key)
         was_cooling = account.rate_limit_reset_time > now_ms
         if outcome.health_delta:
-            new = apply_health_delta(account, outcome.health_delta, now_ms)
-            change.health_delta += new.score - account.health_score
-            account.health_score = new.score
-            account.health_rest_since = change.health_rest_since = new.rest_since
+            self._add_health(account, change, outcome.health_delta, now_ms)
+        event: str | None = None
         if outcome.counts_as_success:
             account.successful_requests += 1
             change.successes += 1
             account.consecutive_failures = change.consecutive_failures = 0
+            if account.cooldown_level:
+                account.cooldown_level = change.cooldown_level = 0
+                event = f"key {lease.label} recovered: back to full traffic"
         elif outcome.health_delta < 0:
             account.consecutive_failures += 1
             change.consecutive_failures = account.consecutive_failures
-        event: str | None = None
         if outcome.disable and account.disabled_reason is None:
             account.disabled_reason = change.disabled_reason = outcome.reason
             event = f"key {lease.label} disabled: {outcome.reason}; run `kimi-rotator enable-key` to use it again"
         deadline = outcome.cooldown_until_ms
-        if deadline is not None and deadline > account.rate_limit_reset_time:
-            account.rate_limit_reset_time = deadline
-            change.rate_limit_reset_time = max(change.rate_limit_reset_time, deadline)
-            account.cooldown_reason = change.cooldown_reason = outcome.reason
-            if not was_cooling:
-                seconds = max(0, (deadline - now_ms) // 1000)
-                event = f"key {lease.label} cooling for {seconds} s: {outcome.reason}"
+        if deadline is not None:
+            level = account.cooldown_level
+            if outcome.verdict in BACKOFF_VERDICTS:
+                if level:
+                    deadline = now_ms + min(MAX_BACKOFF_MS, max(0, deadline - now_ms) << level)
+                account.cooldown_level = change.cooldown_level = level + 1
+            if deadline > account.rate_limit_reset_time:
+                account.rate_limit_reset_time = deadline
+                change.rate_limit_reset_time = max(change.rate_limit_reset_time, deadline)
+                account.cooldown_reason = change.cooldown_reason = outcome.reason
+                if not was_cooling:
+                    seconds = max(0, -(-(deadline - now_ms) // 1000))
+                    event = f"key {lease.label} cooling for {seconds} s: {outcome.reason}"
         return event
+
+    def set_exact_reset(self, key: str, deadline_ms: int, now_ms: int) -> str | None:
+        """Replace a cooling key's estimated deadline with the one Kimi reported."""
+        account = self.account(key)
+        if account is None or account.rate_limit_reset_time <= now_ms:
+            return None
+        if deadline_ms == account.rate_limit_reset_time:
+            return None
+        account.rate_limit_reset_time = deadline_ms
+        change = self.pending.for_key(key)
+        change.rate_limit_reset_time, change.reset_lowered = deadline_ms, True
+        seconds = max(0, -(-(deadline_ms - now_ms) // 1000))
+        index = self._index_by_key[key]
+        return f"key [{index}] {account.name or 'unnamed'} ({mask_key(key)}): Kimi says its limit resets in {seconds} s"
+
+    def _add_health(self, account: Account, change: PendingChange, delta: int, now_ms: int) -> None:
+        new = apply_health_delta(account, delta, now_ms)
+        change.health_delta += new.score - account.health_score
+        account.health_score = new.score
+        account.health_rest_since = change.health_rest_since = new.rest_since
+
+    def _detect_throttle(self, key: str, now_ms: int) -> str | None:
+        """None: charge this rate limit to the key. Otherwise Kimi is throttling everyone:
+        the key is not charged, earlier charges in the burst are refunded, and the
+        returned line says so ('' when the pause is already on)."""
+        if now_ms < self.paused_until_ms:
+            return ""
+        window_start = now_ms - GLOBAL_THROTTLE_WINDOW_MS
+        recent = [r for r in self._recent_limits if r.at_ms >= window_start and r.key != key]
+        self._recent_limits = recent
+        limited_keys = len({r.key for r in recent}) + 1
+        if limited_keys < GLOBAL_THROTTLE_KEYS:
+            return None
+        self.paused_until_ms = now_ms + GLOBAL_PAUSE_MS
+        for limit in recent:
+            self._refund(limit, now_ms)
+        self._recent_limits = []
+        return (
+            f"{limited_keys} keys rate limited within {GLOBAL_THROTTLE_WINDOW_MS // 1000} s: Kimi is "
+            f"throttling this client, not a key; pausing all keys for {GLOBAL_PAUSE_MS // 1000} s "
+            "instead of cooling each one"
+        )
+
+    def _refund(self, limit: _RecentLimit, now_ms: int) -> None:
+        account = self.account(limit.key)
+        if account is None:
+            return
+        change = self.pending.for_key(limit.key)
+        account.rate_limit_reset_time = change.rate_limit_reset_time = limit.previous_deadline
+        change.reset_lowered = True
+        account.cooldown_level = change.cooldown_level = limit.previous_level
+        refund = limit.previous_health - account.health_score
+        if refund > 0:
+            self._add_health(account, change, refund, now_ms)
+        if account.consecutive_failures:
+            account.consecutive_failures -= 1
+            change.consecutive_failures = account.consecutive_failures
 
     # -- persistence -------------------------------------------------------------
     def take_pending(self) -> tuple[Pending, str | None]:

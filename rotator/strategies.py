@@ -31,6 +31,7 @@ class Shortage(enum.Enum):
     ALL_DISABLED = "every key is disabled"
     ALL_COOLING = "every key is cooling down"
     ALL_SKIPPED = "every usable key is busy or already tried"
+    THROTTLED = "Kimi is rate limiting every key at once; pausing all of them briefly"
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,14 +45,95 @@ def test_release_success_and_rate_limit():
 
 def test_a_second_cooldown_keeps_the_later_deadline():
     pool = KeyPool(state(1))
+    early, late = pool.acquire(NOW), pool.acquire(NOW)
+    pool.release(early, policy.classify(429, {"retry-after": "600"}, b"", NOW), NOW)
+    assert pool.acquire(NOW) == Unavailable(Shortage.ALL_COOLING, NOW + 600_000)
+    # A request that was already in flight reports a shorter limit: the later one stays.
+    pool.release(late, policy.classify(429, {"retry-after": "5"}, b"", NOW), NOW)
+    assert pool.accounts[0].rate_limit_reset_time == NOW + 600_000
+
+
+def test_cooldowns_in_a_row_grow_and_a_success_resets_them():
+    pool = KeyPool(state(1))
+    now = NOW
+    deadlines = []
+    for _ in range(3):
+        lease = pool.acquire(now)
+        assert not isinstance(lease, Unavailable)
+        pool.release(lease, policy.classify(429, {}, b"", now), now)
+        deadlines.append(pool.accounts[0].rate_limit_reset_time - now)
+        now = pool.accounts[0].rate_limit_reset_time
+    assert deadlines == [60_000, 120_000, 240_000]
+    lease = pool.acquire(now)
+    event = pool.release(lease, OK, now)
+    assert event is not None and "recovered" in event
+    lease = pool.acquire(now)
+    pool.release(lease, policy.classify(429, {}, b"", now), now)
+    assert pool.accounts[0].rate_limit_reset_time - now == 60_000
+
+
+def test_backoff_is_capped_at_thirty_minutes():
+    pool = KeyPool(state(1))
+    pool.accounts[0].cooldown_level = 12
+    pool.release(pool.acquire(NOW), policy.classify(429, {}, b"", NOW), NOW)
+    assert pool.accounts[0].rate_limit_reset_time == NOW + 30 * 60_000
+
+
+def test_a_key_back_from_a_cooldown_gets_one_request_at_a_time():
+    pool = KeyPool(state(2, strategy="sticky"))
+    pool.accounts[0].cooldown_level = 1  # its cooldown just ended: half-open
+    probe = pool.acquire(NOW)
+    assert probe.index == 0
+    assert pool.acquire(NOW, tried={KEYS[1]}) == Unavailable(Shortage.ALL_SKIPPED)
+    pool.release(probe, OK, NOW)
+    assert pool.accounts[0].cooldown_level == 0
+    assert [pool.acquire(NOW).index for _ in range(3)] == [0, 0, 0]
+
+
+def test_a_burst_of_rate_limits_on_many_keys_pauses_everyone_once():
+    pool = KeyPool(state(4))
+    leases = [pool.acquire(NOW) for _ in range(4)]
+    limited = policy.classify(429, {}, b"", NOW)
+    pool.release(leases[0], limited, NOW)
+    pool.release(leases[1], limited, NOW + 1000)
+    event = pool.release(leases[2], limited, NOW + 2000)
+    assert event is not None and "throttling" in event and "pausing all keys for 10 s" in event
+    # Nobody is cooling on their own account, and no health was lost.
+    assert [a.rate_limit_reset_time for a in pool.accounts] == [0, 0, 0, 0]
+    assert [a.health_score for a in pool.accounts] == [100, 100, 100, 100]
+    assert [a.cooldown_level for a in pool.accounts] == [0, 0, 0, 0]
+    assert pool.acquire(NOW + 3000) == Unavailable(Shortage.THROTTLED, NOW + 12_000)
+    # A late 429 from the same burst changes nothing.
+    assert pool.release(leases[3], limited, NOW + 3000) is None
+    assert pool.accounts[3].rate_limit_reset_time == 0
+    assert not isinstance(pool.acquire(NOW + 12_000), Unavailable)
+    # The refunds reach the file too: the lowered deadlines replace the raised ones.
+    taken, base = pool.take_pending()
+    disk = state(4)
+    disk.accounts[0].rate_limit_reset_time = NOW + 60_000  # flushed before the refund
+    merged = apply_pending(disk, taken, base)
+    assert merged.accounts[0].rate_limit_reset_time == 0
+
+
+def test_rate_limits_spread_over_time_are_charged_to_each_key():
+    pool = KeyPool(state(3))
+    leases = [pool.acquire(NOW) for _ in range(3)]
+    limited = policy.classify(429, {}, b"", NOW)
+    for i, lease in enumerate(leases):
+        pool.release(lease, limited, NOW + i * 6000)
+    assert pool.paused_until_ms == 0
+    assert all(a.rate_limit_reset_time > NOW for a in pool.accounts)
+
+
+def test_exact_reset_replaces_the_estimate():
+    pool = KeyPool(state(2))
     lease = pool.acquire(NOW)
-    pool.release(lease, policy.classify(429, {"retry-after": "600"}, b"", NOW), NOW)
-    lease = pool.acquire(NOW, ())  # all cooling now
-    assert lease == Unavailable(Shortage.ALL_COOLING, NOW + 600_000)
-    pool.accounts[0].rate_limit_reset_time = NOW  # let one more through
-    lease = pool.acquire(NOW)
-    pool.release(lease, policy.classify(429, {"retry-after": "5"}, b"", NOW), NOW)
-    assert pool.accounts[0].rate_limit_reset_time == NOW + 5_000
+    weekly = policy.classify(403, {}, b'{"error":{"message":"You\'ve reached your weekly (7-day) usage limit"}}', NOW)
+    pool.release(lease, weekly, NOW)
+    assert pool.accounts[0].rate_limit_reset_time == NOW + 7 * 86_400_000
+    event = pool.set_exact_reset(KEYS[0], NOW + 3_600_000, NOW)
+    assert event is not None and "3600 s" in event
+    assert pool.accounts[0].rate_limit_reset_time == NOW + 3_600_000
 
 
 def test_revoked_key_is_disabled_with_its_reason():
