@@ -11,11 +11,13 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.log import ALERT
 
 from rotator import access, policy, storage
@@ -24,11 +26,14 @@ from rotator.models import AccountsFile
 from rotator.pool import DEFAULT_MAX_IN_FLIGHT, KeyPool, Lease
 from rotator.responses import anthropic_error
 from rotator.strategies import Shortage, Unavailable
+from rotator.usage import USAGES_PATH, window_reset
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_KIMI_HOSTS = ("api.kimi.com",)
 METADATA_KEY = "kimi_rotator"
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_MAX_WAIT_S = 30.0
 CLIENT_TOKEN_ENV = "KIMI_ROTATOR_CLIENT_TOKEN"
 
 
@@ -96,8 +101,15 @@ class KimiRotator:
         self.client_token: str | None = None
         self._signature: storage.FileSignature | None = None
         self._flush_task: asyncio.Task[None] | None = None
-        # Leases by flow id; kept off flow.metadata because that is saved with the flow.
+        # Per-flow state by flow id, kept off flow.metadata because that is saved with
+        # the flow (and these hold full keys).
         self._leases: dict[str, Lease] = {}
+        self._sent_keys: dict[str, str] = {}
+        self._planned: dict[str, Lease | UsageProbe] = {}
+        self._probes: dict[str, UsageProbe] = {}
+        self._attempt_outcomes: dict[str, policy.Outcome | None] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._key_released = asyncio.Event()
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -116,6 +128,15 @@ class KimiRotator:
         loader.add_option(
             "kimi_max_in_flight", int, DEFAULT_MAX_IN_FLIGHT,
             "Requests one key may have in flight at once; a key at its cap is not chosen.",
+        )
+        loader.add_option(
+            "kimi_max_attempts", int, 0,
+            f"Attempts per request, each on another key, before the client gets the error. "
+            f"0: every key once, at most {DEFAULT_MAX_ATTEMPTS}.",
+        )
+        loader.add_option(
+            "kimi_max_wait", float, DEFAULT_MAX_WAIT_S,
+            "Seconds a request may wait for a cooling or busy key before it is answered 429.",
         )
         loader.add_option(
             "kimi_allow_remote", bool, False,
@@ -138,6 +159,10 @@ class KimiRotator:
             if ctx.options.kimi_max_in_flight < 1:
                 raise exceptions.OptionsError("kimi_max_in_flight must be at least 1")
             self.pool.max_in_flight = ctx.options.kimi_max_in_flight
+        if "kimi_max_attempts" in updated and ctx.options.kimi_max_attempts < 0:
+            raise exceptions.OptionsError("kimi_max_attempts must be 0 (automatic) or more")
+        if "kimi_max_wait" in updated and not 0 <= ctx.options.kimi_max_wait <= 3600:
+            raise exceptions.OptionsError("kimi_max_wait must be between 0 and 3600 seconds")
         if "kimi_client_token_file" in updated:
             self.client_token = read_client_token(ctx.options.kimi_client_token_file)
         if {"kimi_allow_remote", "proxyauth", "kimi_client_token_file"} & updated:
@@ -277,7 +302,11 @@ class KimiRotator:
         # host, or the reverse-mode target), never just the client's Host header.
         return normalize_host(flow.request.host) in self.hosts
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
+        planned = self._planned.pop(flow.id, None)
+        if planned is not None:  # an attempt we launched ourselves: its key is chosen
+            self._send_with(flow, planned)
+            return
         if flow.response is not None or not self.is_kimi_request(flow):
             return
         denial = access.check_client(
@@ -292,51 +321,226 @@ class KimiRotator:
             return
         lease = self.pool.acquire(now_ms())
         if isinstance(lease, Unavailable):
+            lease = await self._acquire_waiting(self._wait_deadline(), frozenset())
+        if isinstance(lease, Unavailable):
             flow.response = self._unavailable_response(lease)
             flow.comment = f"kimi-rotator: no key: {lease.shortage.value}"
             return
-        replace_client_key(flow.request.headers, lease.key)
-        flow.metadata[METADATA_KEY] = {"attempts": [_attempt_record(lease)]}
-        self._leases[flow.id] = lease
+        self._send_with(flow, lease)
+
+    def _send_with(self, flow: http.HTTPFlow, lease: Lease | UsageProbe) -> None:
+        if isinstance(lease, UsageProbe):
+            flow.request.headers.pop("x-api-key", None)
+            flow.request.headers["authorization"] = f"Bearer {lease.key}"
+        else:
+            replace_client_key(flow.request.headers, lease.key)
+            self._leases[flow.id] = lease
+            attempts = flow.metadata.setdefault(METADATA_KEY, {}).setdefault("attempts", [])
+            attempts.append(_attempt_record(lease))
+        self._sent_keys[flow.id] = lease.key
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        lease = self._leases.get(flow.id)
-        if lease is None or flow.response is None:
+        key = self._sent_keys.get(flow.id)
+        if key is None or flow.response is None:
             return
-        mask_sent_key(flow.request.headers, lease.key)
+        mask_sent_key(flow.request.headers, key)
         content_type = flow.response.headers.get("content-type", "")
-        # Errors stay buffered so their bodies can be read; success streams as it comes.
-        if flow.response.status_code < 400 and content_type.startswith("text/event-stream"):
+        # Errors stay buffered so their bodies can be read and the request retried;
+        # success streams as it comes. Our own retries are buffered: their response
+        # is handed to the original flow whole.
+        if (
+            flow.response.status_code < 400
+            and content_type.startswith("text/event-stream")
+            and flow.id not in self._attempt_outcomes
+        ):
             flow.response.stream = True
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        lease = self._leases.pop(flow.id, None)
-        if lease is None or flow.response is None:
+    async def response(self, flow: http.HTTPFlow) -> None:
+        key = self._sent_keys.pop(flow.id, None)
+        if key is None or flow.response is None:
             return
-        mask_sent_key(flow.request.headers, lease.key)
+        mask_sent_key(flow.request.headers, key)
+        probe = self._probes.pop(flow.id, None)
+        if probe is not None:
+            self._apply_usage_answer(probe, flow.response)
+            return
+        lease = self._leases.pop(flow.id, None)
+        if lease is None:
+            return
         response = flow.response
         body = None if response.stream else response.get_content(strict=False)
         outcome = policy.classify(response.status_code, response.headers, body, now_ms())
         self._settle(flow, lease, outcome)
+        if outcome.window is not None:
+            self._ask_usages(flow, lease.key, outcome.window)
+        if flow.id in self._attempt_outcomes:
+            self._attempt_outcomes[flow.id] = outcome
+        elif outcome.retry_elsewhere and not response.stream:
+            await self._retry_elsewhere(flow, lease)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        key = self._sent_keys.pop(flow.id, None)
+        if key is None:
+            return
+        mask_sent_key(flow.request.headers, key)
+        self._probes.pop(flow.id, None)
         lease = self._leases.pop(flow.id, None)
         if lease is None:
             return
-        mask_sent_key(flow.request.headers, lease.key)
         message = flow.error.msg if flow.error else "connection failed"
-        self._settle(flow, lease, policy.classify_connection_error(message, now_ms()))
+        outcome = policy.classify_connection_error(message, now_ms())
+        self._settle(flow, lease, outcome)
+        if flow.id in self._attempt_outcomes:
+            self._attempt_outcomes[flow.id] = outcome
 
     def _settle(self, flow: http.HTTPFlow, lease: Lease, outcome: policy.Outcome) -> None:
         event = self.pool.release(lease, outcome, now_ms())
         if event:
             logger.log(ALERT, "kimi-rotator: %s", event)
-        record = flow.metadata.get(METADATA_KEY, {}).get("attempts", [])
-        if record:
-            record[-1]["outcome"] = outcome.verdict.name.lower()
-            record[-1]["reason"] = outcome.reason
-        flow.comment = f"kimi-rotator: {lease.label} → {outcome.verdict.name.lower()}"
+        # Wake requests waiting for a key: this one may be free now.
+        self._key_released.set()
+        self._key_released = asyncio.Event()
+        attempts = flow.metadata.get(METADATA_KEY, {}).get("attempts", [])
+        if attempts:
+            attempts[-1]["outcome"] = outcome.verdict.value
+            attempts[-1]["reason"] = outcome.reason
+        flow.comment = f"kimi-rotator: {lease.label} → {outcome.verdict.value}"
 
+    # -- retrying on another key ---------------------------------------------------
+    async def _retry_elsewhere(self, flow: http.HTTPFlow, failed: Lease) -> None:
+        """Send the request again with other keys until one answers or none is left.
+
+        The client sees only the last answer. Each attempt is a flow of its own
+        (replayed through mitmproxy, so upstream proxies and TLS settings apply), counted
+        on its own key and listed in the original flow's metadata.
+        """
+        tried = {failed.key}
+        deadline = self._wait_deadline()
+        max_attempts = self._max_attempts()
+        outcome: policy.Outcome | None = None
+        while len(flow.metadata[METADATA_KEY]["attempts"]) < max_attempts:
+            lease = await self._acquire_waiting(deadline, tried)
+            if isinstance(lease, Unavailable):
+                flow.response = self._unavailable_response(lease)
+                flow.comment += f"; no other key: {lease.shortage.value}"
+                return
+            tried.add(lease.key)
+            outcome = await self._send_attempt(flow, lease)
+            if not outcome.retry_elsewhere:
+                return
+        # Out of attempts on refusals: if no key can serve now, say when one can.
+        if outcome is None or outcome.retry_elsewhere:
+            available = self.pool.peek(now_ms())
+            if isinstance(available, Unavailable):
+                flow.response = self._unavailable_response(available)
+
+    async def _send_attempt(self, flow: http.HTTPFlow, lease: Lease) -> policy.Outcome:
+        attempt = flow.copy()
+        attempt.response = None
+        attempt.error = None
+        attempt.comment = ""
+        attempt.metadata.pop(METADATA_KEY, None)
+        attempt.metadata[METADATA_KEY] = {"retry_of": flow.id}
+        self._planned[attempt.id] = lease
+        self._attempt_outcomes[attempt.id] = None
+        try:
+            await ReplayHandler(attempt, ctx.options).replay()
+        except Exception as e:  # a failed resend must not take the client's answer with it
+            logger.exception("kimi-rotator: resending on another key failed")
+            if self._leases.pop(attempt.id, None) is not None:
+                self.pool.release(lease, policy.classify_connection_error(str(e), now_ms()), now_ms())
+        finally:
+            self._planned.pop(attempt.id, None)
+            self._sent_keys.pop(attempt.id, None)
+            outcome = self._attempt_outcomes.pop(attempt.id, None)
+        record = attempt.metadata.get(METADATA_KEY, {}).get("attempts", [_attempt_record(lease)])
+        flow.metadata[METADATA_KEY]["attempts"].extend(record)
+        if outcome is None:
+            outcome = policy.classify_connection_error("no answer", now_ms())
+        if attempt.response is not None:
+            flow.response = attempt.response
+        else:
+            detail = attempt.error.msg if attempt.error else "no answer"
+            flow.response = anthropic_error(502, "api_error", f"kimi-rotator: resending on another key failed: {detail}")
+        flow.comment = f"kimi-rotator: {lease.label} → {outcome.verdict.value} (attempt {len(flow.metadata[METADATA_KEY]['attempts'])})"
+        return outcome
+
+    async def _acquire_waiting(self, deadline_ms: int, tried: Collection[str]) -> Lease | Unavailable:
+        """A key, waiting (not spinning) up to the deadline for one to free up."""
+        while True:
+            now = now_ms()
+            lease = self.pool.acquire(now, tried)
+            if isinstance(lease, Lease):
+                return lease
+            if tried:
+                # A tried key whose cooldown already ended (or a shared pause) may serve again.
+                lease = self.pool.acquire(now)
+                if isinstance(lease, Lease):
+                    return lease
+            if lease.shortage in (Shortage.ALL_COOLING, Shortage.THROTTLED):
+                assert lease.available_at_ms is not None
+                if lease.available_at_ms > deadline_ms:
+                    return lease
+                wait_ms = lease.available_at_ms - now
+            elif lease.shortage is Shortage.ALL_SKIPPED and self.pool.is_busy() and now < deadline_ms:
+                wait_ms = deadline_ms - now
+            else:
+                return lease
+            released = self._key_released
+            try:
+                await asyncio.wait_for(released.wait(), timeout=max(wait_ms, 1) / 1000)
+            except asyncio.TimeoutError:
+                pass
+
+    def _wait_deadline(self) -> int:
+        return now_ms() + int(ctx.options.kimi_max_wait * 1000)
+
+    def _max_attempts(self) -> int:
+        configured = ctx.options.kimi_max_attempts
+        if configured > 0:
+            return configured
+        return max(1, min(DEFAULT_MAX_ATTEMPTS, len(self.pool.accounts)))
+
+    # -- a plan window's exact reset ---------------------------------------------------
+    def _ask_usages(self, flow: http.HTTPFlow, key: str, window: policy.Window) -> None:
+        """Ask /coding/v1/usages with the exhausted key when its window really resets."""
+        probe_flow = flow.copy()
+        probe_flow.response = None
+        probe_flow.error = None
+        probe_flow.metadata.pop(METADATA_KEY, None)
+        probe_flow.metadata[METADATA_KEY] = {"usage_probe": mask_key(key)}
+        request = probe_flow.request
+        request.method = "GET"
+        request.path = USAGES_PATH
+        request.content = b""
+        request.headers.pop("content-type", None)
+        self._planned[probe_flow.id] = UsageProbe(key, window)
+        self._probes[probe_flow.id] = UsageProbe(key, window)
+        task = asyncio.get_running_loop().create_task(self._send_probe(probe_flow))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_probe(self, probe_flow: http.HTTPFlow) -> None:
+        try:
+            await ReplayHandler(probe_flow, ctx.options).replay()
+        except Exception:
+            logger.warning("kimi-rotator: asking Kimi for the exact reset time failed", exc_info=True)
+        finally:
+            self._planned.pop(probe_flow.id, None)
+            self._probes.pop(probe_flow.id, None)
+            self._sent_keys.pop(probe_flow.id, None)
+
+    def _apply_usage_answer(self, probe: UsageProbe, response: http.Response) -> None:
+        if response.status_code != 200:
+            return
+        deadline = window_reset(response.get_content(strict=False) or b"", probe.window, now_ms())
+        if deadline is None:
+            return
+        event = self.pool.set_exact_reset(probe.key, deadline, now_ms())
+        if event:
+            logger.log(ALERT, "kimi-rotator: %s", event)
+
+    # -- answers of our own --------------------------------------------------------------
     def _unavailable_response(self, why: Unavailable) -> http.Response:
         if self.file_problem is not None and not self.pool.accounts:
             return anthropic_error(
@@ -353,16 +557,42 @@ class KimiRotator:
             return anthropic_error(
                 503, "api_error",
                 "every Kimi API key is disabled; see `kimi-rotator list-keys`, then "
-                "`kimi-rotator enable-key INDEX` or add a key",
+                "`kimi-rotator enable-key INDEX` or add a key. " + self._key_summary(now_ms()),
             )
+        now = now_ms()
         wait_s = 1
         if why.available_at_ms is not None:
-            wait_s = max(1, -(-(why.available_at_ms - now_ms()) // 1000))
+            wait_s = max(1, -(-(why.available_at_ms - now) // 1000))
         return anthropic_error(
             429, "rate_limit_error",
-            f"kimi-rotator: {why.shortage.value}; the next key is free in {wait_s} s",
+            f"kimi-rotator: {why.shortage.value}; the next key is free in {wait_s} s. "
+            + self._key_summary(now),
             {"retry-after": str(wait_s)},
         )
+
+    def _key_summary(self, now: int, most: int = 20) -> str:
+        parts = []
+        for index, account in enumerate(self.pool.accounts[:most]):
+            label = f"[{index}] {mask_key(account.key)}"
+            if account.disabled_reason is not None:
+                parts.append(f"{label} disabled ({account.disabled_reason})")
+            elif account.rate_limit_reset_time > now:
+                seconds = -(-(account.rate_limit_reset_time - now) // 1000)
+                parts.append(f"{label} free in {seconds} s")
+            else:
+                parts.append(f"{label} busy")
+        more = len(self.pool.accounts) - most
+        if more > 0:
+            parts.append(f"and {more} more")
+        return "Keys: " + "; ".join(parts) + "."
+
+
+@dataclass(frozen=True, slots=True)
+class UsageProbe:
+    """A /usages request we send with an exhausted key; not counted as an attempt."""
+
+    key: str
+    window: policy.Window
 
 
 def _attempt_record(lease: Lease) -> dict[str, Any]:

@@ -104,6 +104,17 @@ def reset_deadline_from_headers(headers: Mapping[str, str] | None, now_ms: int) 
 
 # -- reading headers -------------------------------------------------------------------
 
+def parse_reset_time(raw: object, now_ms: int) -> int | None:
+    """A reset moment from a response body: an RFC 3339 time, or a number read as
+    `x-ratelimit-reset` is (epoch ms, epoch seconds or seconds from now, by size).
+    None if it is malformed, past, or implausibly far ahead."""
+    text = _text(raw)
+    deadline = _parse_x_ratelimit_reset(text, now_ms)
+    if deadline is None:
+        deadline = _parse_rfc3339(text, now_ms)
+    return _usable(deadline, now_ms)
+
+
 def _known_header_values(headers: Mapping[str, str]) -> dict[str, list[str]]:
     """Values of the headers this module reads, by lower-case name.
 
