@@ -166,7 +166,8 @@ class KimiRotator:
         if "kimi_client_token_file" in updated:
             self.client_token = read_client_token(ctx.options.kimi_client_token_file)
         if {"kimi_allow_remote", "proxyauth", "kimi_client_token_file"} & updated:
-            if ctx.options.kimi_allow_remote and not (ctx.options.proxyauth or self.client_token):
+            proxy_auth = ctx.options.proxyauth if "proxyauth" in ctx.options else None
+            if ctx.options.kimi_allow_remote and not (proxy_auth or self.client_token):
                 raise exceptions.OptionsError(
                     "kimi_allow_remote needs proxyauth or a client token "
                     f"(kimi_client_token_file or ${CLIENT_TOKEN_ENV}): otherwise anyone who "

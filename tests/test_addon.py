@@ -1,0 +1,139 @@
+"""The addon in-process, with mitmproxy's test helpers: header handling and options."""
+
+import json
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.http import Headers
+from mitmproxy.test import taddons, tflow, tutils
+
+from rotator import storage
+from rotator.addon import KimiRotator, mask_sent_key, parse_hosts, replace_client_key
+from rotator.models import Account, AccountsFile
+from tests.conftest import fake_key
+
+POOL_KEY = fake_key("pool0")
+
+
+@pytest.mark.parametrize(
+    "client_headers, expected",
+    [
+        ({"x-api-key": "placeholder"}, {"x-api-key": POOL_KEY}),
+        ({"Authorization": "Bearer placeholder"}, {"authorization": f"Bearer {POOL_KEY}"}),
+        ({}, {"x-api-key": POOL_KEY}),
+        # Both sent: one key goes where Kimi reads it, the other header is dropped.
+        ({"x-api-key": "a", "Authorization": "Bearer b"}, {"x-api-key": POOL_KEY}),
+        # Basic auth (proxy auth in reverse mode) is not the client's Kimi key: kept.
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, {"authorization": "Basic dXNlcjpwYXNz", "x-api-key": POOL_KEY}),
+    ],
+)
+def test_the_pool_key_goes_where_the_client_put_its_own(client_headers, expected):
+    headers = Headers(**{"user-agent": "claude-cli/1.0", "x-msh-platform": "x"}, **{})
+    for name, value in client_headers.items():
+        headers[name] = value
+    replace_client_key(headers, POOL_KEY)
+    credentials = {k.lower(): v for k, v in headers.items() if k.lower() in ("x-api-key", "authorization")}
+    assert credentials == expected
+    assert headers["user-agent"] == "claude-cli/1.0" and headers["x-msh-platform"] == "x"
+
+
+def test_the_sent_key_is_masked_afterwards():
+    headers = Headers(authorization=f"Bearer {POOL_KEY}")
+    mask_sent_key(headers, POOL_KEY)
+    assert headers["authorization"] == f"Bearer {POOL_KEY[:6]}…{POOL_KEY[-4:]}"
+
+
+@pytest.mark.parametrize("hosts", [[], ["https://api.kimi.com"], ["api.kimi.com/coding"], ["api.kimi.com:443"]])
+def test_bad_host_lists_are_refused(hosts):
+    with pytest.raises(ValueError):
+        parse_hosts(hosts)
+
+
+def test_hosts_are_normalised():
+    assert parse_hosts(["API.Kimi.com.", " api.moonshot.ai "]) == {"api.kimi.com", "api.moonshot.ai"}
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("kimi_hosts", ["https://api.kimi.com"], "kimi_hosts"),
+        ("kimi_flush_interval", 0.0, "kimi_flush_interval"),
+        ("kimi_max_in_flight", 0, "kimi_max_in_flight"),
+        ("kimi_max_attempts", -1, "kimi_max_attempts"),
+        ("kimi_max_wait", -1.0, "kimi_max_wait"),
+        ("kimi_allow_remote", True, "kimi_allow_remote needs proxyauth"),
+        ("kimi_client_token_file", "/nonexistent/token", "kimi_client_token_file"),
+    ],
+)
+def test_bad_options_stop_the_proxy_with_a_message(tmp_path, option, value, message):
+    addon = KimiRotator()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=message):
+            tctx.configure(addon, kimi_accounts=str(tmp_path / "a.json"), **{option: value})
+
+
+def configure_with_keys(tctx, addon, tmp_path, keys, **options):
+    path = tmp_path / "accounts.json"
+    storage.write_accounts(path, AccountsFile(accounts=[Account(key=k) for k in keys]))
+    tctx.configure(addon, kimi_accounts=str(path), **options)
+
+
+def kimi_flow(host="api.kimi.com", **headers):
+    request = tutils.treq(host=host, port=443, path=b"/coding/v1/messages", headers=Headers(**headers))
+    request.scheme = "https"
+    flow = tflow.tflow(req=request)
+    flow.client_conn.peername = ("127.0.0.1", 40000)
+    return flow
+
+
+async def test_no_keys_answers_with_an_anthropic_error(tmp_path):
+    addon = KimiRotator()
+    with taddons.context(addon) as tctx:
+        configure_with_keys(tctx, addon, tmp_path, [])
+        flow = kimi_flow(**{"x-api-key": "placeholder"})
+        await addon.request(flow)
+        body = json.loads(flow.response.content)
+        assert flow.response.status_code == 503
+        assert body["type"] == "error" and "kimi-rotator add-key" in body["error"]["message"]
+
+
+async def test_unreadable_accounts_file_is_explained_to_the_client(tmp_path):
+    path = tmp_path / "accounts.json"
+    path.write_text("{broken")
+    addon = KimiRotator()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, kimi_accounts=str(path))
+        flow = kimi_flow()
+        await addon.request(flow)
+        message = json.loads(flow.response.content)["error"]["message"]
+        assert str(path) in message and "not valid JSON" in message
+    assert path.read_text() == "{broken"
+
+
+async def test_key_injected_then_masked_once_the_response_arrives(tmp_path):
+    addon = KimiRotator()
+    with taddons.context(addon) as tctx:
+        configure_with_keys(tctx, addon, tmp_path, [POOL_KEY])
+        flow = kimi_flow(**{"x-api-key": "placeholder"})
+        await addon.request(flow)
+        assert flow.request.headers["x-api-key"] == POOL_KEY
+        flow.response = tutils.tresp(status_code=200, content=b"{}")
+        addon.responseheaders(flow)
+        assert flow.request.headers["x-api-key"] == "sk-kim…" + POOL_KEY[-4:]
+        await addon.response(flow)
+        attempts = flow.metadata["kimi_rotator"]["attempts"]
+        assert attempts == [
+            {"account": "", "index": 0, "key": "sk-kim…" + POOL_KEY[-4:], "outcome": "success", "reason": "ok"}
+        ]
+        assert addon.pool.accounts[0].successful_requests == 1
+
+
+async def test_other_hosts_are_left_alone(tmp_path):
+    addon = KimiRotator()
+    with taddons.context(addon) as tctx:
+        configure_with_keys(tctx, addon, tmp_path, [POOL_KEY])
+        for host in ("api.kimi.com.evil.test", "evilapi.kimi.com", "kimi.com", "api-kimi.com"):
+            flow = kimi_flow(host=host, **{"x-api-key": "mine"})
+            await addon.request(flow)
+            assert flow.request.headers["x-api-key"] == "mine" and flow.response is None
+        assert addon.pool.accounts[0].total_requests == 0
