@@ -177,6 +177,8 @@ def classify(
     status: int, headers: Mapping[str, str] | None, body: bytes | str | None, now_ms: int
 ) -> Outcome:
     """The outcome of one upstream response for the key that was used."""
+    if 200 <= status < 400:
+        return _SUCCESS  # decided by status alone: a success body is never read
     message = read_error(body)
     rule = find_rule(status, message.match_text)
     return Outcome(
@@ -189,6 +191,18 @@ def classify(
         reason=_reason(rule, status, message),
         counts_as_success=rule.verdict is Verdict.SUCCESS,
     )
+
+
+_SUCCESS = Outcome(
+    verdict=Verdict.SUCCESS,
+    retry_elsewhere=False,
+    health_delta=HEALTH_SUCCESS,
+    cooldown_until_ms=None,
+    disable=False,
+    window=None,
+    reason=RULES[0].reason,
+    counts_as_success=True,
+)
 
 
 def classify_connection_error(message: str, now_ms: int) -> Outcome:
