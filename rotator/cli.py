@@ -331,6 +331,7 @@ def _clear_limits(target: int | str) -> Change:
         for i in chosen:
             state.accounts[i].rate_limit_reset_time = 0
             state.accounts[i].cooldown_reason = None
+            state.accounts[i].cooldown_level = 0  # next cooldown starts short again
         if target == "all":
             if not chosen:
                 return "No keys configured; nothing to clear."

@@ -465,7 +465,7 @@ def test_enable_key(run):
 def _cooling_file(run) -> None:
     data = three_keys()
     for i, acct in enumerate(data["accounts"]):
-        acct.update(rateLimitResetTime=NOW + (i + 1) * MIN, cooldownReason=f"429 #{i}")
+        acct.update(rateLimitResetTime=NOW + (i + 1) * MIN, cooldownReason=f"429 #{i}", cooldownLevel=2)
     write(run.path, data)
 
 
@@ -485,6 +485,7 @@ def test_clear_limits_all(run):
     assert run.ok("clear-limits", "all") == "Cleared rate limits on all 3 keys.\n"
     accounts = run.data()["accounts"]
     assert [(a["rateLimitResetTime"], a["cooldownReason"]) for a in accounts] == [(0, None)] * 3
+    assert [a["cooldownLevel"] for a in accounts] == [0] * 3  # the next cooldown starts short
 
 
 def test_clear_limits_all_with_no_keys_writes_nothing(run):
