@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from rotator.health import apply_health_delta
+from rotator.health import apply_health_delta, clamp_health
 from rotator.keys import mask_key
 from rotator.models import Account, AccountsFile
 from rotator.policy import Outcome, Verdict
@@ -110,7 +110,7 @@ def apply_pending(state: AccountsFile, pending: Pending, base_active_key: str | 
 def _apply_change(account: Account, change: PendingChange) -> None:
     account.total_requests += change.requests
     account.successful_requests += change.successes
-    account.health_score = max(0, min(100, account.health_score + change.health_delta))
+    account.health_score = clamp_health(account.health_score + change.health_delta)
     account.last_used = max(account.last_used, change.last_used)
     if change.reset_lowered:
         account.rate_limit_reset_time = change.rate_limit_reset_time
