@@ -46,6 +46,11 @@ def is_loopback_address(address: Any) -> bool:
     return ip.is_loopback
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for a destination on this machine: localhost or a loopback address."""
+    return host.rstrip(".").lower() == "localhost" or is_loopback_address((host.strip("[]"),))
+
+
 def presented_credential(headers: Mapping[str, str]) -> str | None:
     """The key or token the client put in its request, if any."""
     api_key = headers.get("x-api-key")

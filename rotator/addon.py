@@ -79,6 +79,16 @@ def mask_sent_key(headers: http.Headers, key: str) -> None:
             headers[name] = value.replace(key, masked)
 
 
+def parse_seconds(option: str, text: str, least: float, most: float) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise exceptions.OptionsError(f"{option}: {text!r} is not a number of seconds") from None
+    if not least <= seconds <= most:  # also refuses nan
+        raise exceptions.OptionsError(f"{option} must be between {least:g} and {most:g} seconds")
+    return seconds
+
+
 def read_client_token(path: str) -> str | None:
     """The client token from its file, else from the environment; None if neither is set."""
     if path:
@@ -99,12 +109,15 @@ class KimiRotator:
         self.pool = KeyPool(AccountsFile())
         self.file_problem: str | None = None
         self.client_token: str | None = None
+        self.flush_interval_s = 1.0
+        self.max_wait_s = DEFAULT_MAX_WAIT_S
         self._signature: storage.FileSignature | None = None
         self._flush_task: asyncio.Task[None] | None = None
         # Per-flow state by flow id, kept off flow.metadata because that is saved with
         # the flow (and these hold full keys).
         self._leases: dict[str, Lease] = {}
-        self._sent_keys: dict[str, str] = {}
+        # Flows holding a full key in a request header, until it is masked.
+        self._sent_keys: dict[str, tuple[http.HTTPFlow, str]] = {}
         self._planned: dict[str, Lease | UsageProbe] = {}
         self._probes: dict[str, UsageProbe] = {}
         self._attempt_outcomes: dict[str, policy.Outcome | None] = {}
@@ -122,7 +135,8 @@ class KimiRotator:
             "Hosts that get pool keys (exact names, case-insensitive). Others pass untouched.",
         )
         loader.add_option(
-            "kimi_flush_interval", float, 1.0,
+            # Seconds as text: mitmproxy's --set cannot parse float options.
+            "kimi_flush_interval", str, "1.0",
             "Seconds between saves of the pool's state (and checks for changes by the CLI).",
         )
         loader.add_option(
@@ -135,7 +149,7 @@ class KimiRotator:
             f"0: every key once, at most {DEFAULT_MAX_ATTEMPTS}.",
         )
         loader.add_option(
-            "kimi_max_wait", float, DEFAULT_MAX_WAIT_S,
+            "kimi_max_wait", str, f"{DEFAULT_MAX_WAIT_S:g}",
             "Seconds a request may wait for a cooling or busy key before it is answered 429.",
         )
         loader.add_option(
@@ -153,16 +167,16 @@ class KimiRotator:
                 self.hosts = parse_hosts(ctx.options.kimi_hosts)
             except ValueError as e:
                 raise exceptions.OptionsError(f"kimi_hosts: {e}") from e
-        if "kimi_flush_interval" in updated and not 0.05 <= ctx.options.kimi_flush_interval <= 3600:
-            raise exceptions.OptionsError("kimi_flush_interval must be between 0.05 and 3600 seconds")
+        if "kimi_flush_interval" in updated:
+            self.flush_interval_s = parse_seconds("kimi_flush_interval", ctx.options.kimi_flush_interval, 0.05, 3600)
         if "kimi_max_in_flight" in updated:
             if ctx.options.kimi_max_in_flight < 1:
                 raise exceptions.OptionsError("kimi_max_in_flight must be at least 1")
             self.pool.max_in_flight = ctx.options.kimi_max_in_flight
         if "kimi_max_attempts" in updated and ctx.options.kimi_max_attempts < 0:
             raise exceptions.OptionsError("kimi_max_attempts must be 0 (automatic) or more")
-        if "kimi_max_wait" in updated and not 0 <= ctx.options.kimi_max_wait <= 3600:
-            raise exceptions.OptionsError("kimi_max_wait must be between 0 and 3600 seconds")
+        if "kimi_max_wait" in updated:
+            self.max_wait_s = parse_seconds("kimi_max_wait", ctx.options.kimi_max_wait, 0, 3600)
         if "kimi_client_token_file" in updated:
             self.client_token = read_client_token(ctx.options.kimi_client_token_file)
         if {"kimi_allow_remote", "proxyauth", "kimi_client_token_file"} & updated:
@@ -203,6 +217,10 @@ class KimiRotator:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_forever())
 
     def done(self) -> None:
+        # Requests still waiting for an answer are saved as they are by `-w`'s final
+        # write, which runs after this hook: mask their keys first.
+        for flow, key in self._sent_keys.values():
+            mask_sent_key(flow.request.headers, key)
         if self._flush_task is not None:
             self._flush_task.cancel()
             self._flush_task = None
@@ -225,7 +243,7 @@ class KimiRotator:
 
     async def _flush_forever(self) -> None:
         while True:
-            await asyncio.sleep(ctx.options.kimi_flush_interval)
+            await asyncio.sleep(self.flush_interval_s)
             try:
                 await self._flush()
             except Exception:  # never let a bad save stop future saves
@@ -320,6 +338,11 @@ class KimiRotator:
             flow.response = anthropic_error(denial.status, denial.error_type, denial.message)
             flow.comment = f"kimi-rotator: refused ({denial.status})"
             return
+        if flow.request.scheme == "http" and not access.is_loopback_host(flow.request.host):
+            # A key must never cross a network in clear text.
+            flow.request.scheme = "https"
+            if flow.request.port == 80:
+                flow.request.port = 443
         lease = self.pool.acquire(now_ms())
         if isinstance(lease, Unavailable):
             lease = await self._acquire_waiting(self._wait_deadline(), frozenset())
@@ -338,13 +361,13 @@ class KimiRotator:
             self._leases[flow.id] = lease
             attempts = flow.metadata.setdefault(METADATA_KEY, {}).setdefault("attempts", [])
             attempts.append(_attempt_record(lease))
-        self._sent_keys[flow.id] = lease.key
+        self._sent_keys[flow.id] = (flow, lease.key)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        key = self._sent_keys.get(flow.id)
-        if key is None or flow.response is None:
+        sent = self._sent_keys.get(flow.id)
+        if sent is None or flow.response is None:
             return
-        mask_sent_key(flow.request.headers, key)
+        mask_sent_key(flow.request.headers, sent[1])
         content_type = flow.response.headers.get("content-type", "")
         # Errors stay buffered so their bodies can be read and the request retried;
         # success streams as it comes. Our own retries are buffered: their response
@@ -357,10 +380,10 @@ class KimiRotator:
             flow.response.stream = True
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        key = self._sent_keys.pop(flow.id, None)
-        if key is None or flow.response is None:
+        sent = self._sent_keys.pop(flow.id, None)
+        if sent is None or flow.response is None:
             return
-        mask_sent_key(flow.request.headers, key)
+        mask_sent_key(flow.request.headers, sent[1])
         probe = self._probes.pop(flow.id, None)
         if probe is not None:
             self._apply_usage_answer(probe, flow.response)
@@ -380,10 +403,10 @@ class KimiRotator:
             await self._retry_elsewhere(flow, lease)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        key = self._sent_keys.pop(flow.id, None)
-        if key is None:
+        sent = self._sent_keys.pop(flow.id, None)
+        if sent is None:
             return
-        mask_sent_key(flow.request.headers, key)
+        mask_sent_key(flow.request.headers, sent[1])
         self._probes.pop(flow.id, None)
         lease = self._leases.pop(flow.id, None)
         if lease is None:
@@ -494,7 +517,7 @@ class KimiRotator:
                 pass
 
     def _wait_deadline(self) -> int:
-        return now_ms() + int(ctx.options.kimi_max_wait * 1000)
+        return now_ms() + int(self.max_wait_s * 1000)
 
     def _max_attempts(self) -> int:
         configured = ctx.options.kimi_max_attempts

@@ -57,10 +57,12 @@ def test_hosts_are_normalised():
     "option, value, message",
     [
         ("kimi_hosts", ["https://api.kimi.com"], "kimi_hosts"),
-        ("kimi_flush_interval", 0.0, "kimi_flush_interval"),
+        ("kimi_flush_interval", "0", "kimi_flush_interval"),
+        ("kimi_flush_interval", "soon", "kimi_flush_interval"),
+        ("kimi_flush_interval", "nan", "kimi_flush_interval"),
         ("kimi_max_in_flight", 0, "kimi_max_in_flight"),
         ("kimi_max_attempts", -1, "kimi_max_attempts"),
-        ("kimi_max_wait", -1.0, "kimi_max_wait"),
+        ("kimi_max_wait", "-1", "kimi_max_wait"),
         ("kimi_allow_remote", True, "kimi_allow_remote needs proxyauth"),
         ("kimi_client_token_file", "/nonexistent/token", "kimi_client_token_file"),
     ],
@@ -137,3 +139,18 @@ async def test_other_hosts_are_left_alone(tmp_path):
             await addon.request(flow)
             assert flow.request.headers["x-api-key"] == "mine" and flow.response is None
         assert addon.pool.accounts[0].total_requests == 0
+
+
+async def test_plain_http_to_a_remote_kimi_host_is_upgraded_to_https(tmp_path):
+    addon = KimiRotator()
+    with taddons.context(addon) as tctx:
+        configure_with_keys(tctx, addon, tmp_path, [POOL_KEY], kimi_hosts=["api.kimi.com", "127.0.0.1"])
+        remote = kimi_flow()
+        remote.request.scheme, remote.request.port = "http", 80
+        await addon.request(remote)
+        assert (remote.request.scheme, remote.request.port) == ("https", 443)
+        assert remote.request.headers["x-api-key"] == POOL_KEY
+        local = kimi_flow(host="127.0.0.1")
+        local.request.scheme, local.request.port = "http", 8000
+        await addon.request(local)
+        assert (local.request.scheme, local.request.port) == ("http", 8000)
