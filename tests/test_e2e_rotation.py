@@ -1,0 +1,466 @@
+"""End to end: a real mitmdump with the addon, a fake Kimi server and an httpx client.
+
+Everything stays on 127.0.0.1: reverse mode points at the fake server, regular mode
+uses the loopback DNS shim (tests/loopback_dns.py) so ``api.kimi.com`` reaches it.
+
+Tests about the order of keys after a failure set ``kimi_max_attempts=1`` (no
+transparent retry on another key) and check what the fake server saw, not what the
+client got for the failed request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import ssl
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from mitmproxy import io as mitm_io
+
+from rotator.keys import mask_key
+from tests.conftest import fake_key
+from tests.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
+from tests.harness import REPO_ROOT, Proxy
+
+MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+PLACEHOLDER = "sk-kimi-placeholder"
+USER_AGENT = "claude-cli/2.0.14 (external, cli)"
+CLIENT_HEADERS = {"User-Agent": USER_AGENT, "X-Msh-Platform": "kimi_cli"}
+STREAM_EVENTS = [
+    "message_start",
+    "content_block_start",
+    "content_block_delta",
+    "content_block_delta",
+    "content_block_delta",
+    "content_block_stop",
+    "message_delta",
+    "message_stop",
+]
+FILE_DEADLINE_S = 2.0  # the fixture flushes every 0.2 s
+NO_RETRY = {"kimi_max_attempts": "1"}  # no transparent retry on another key
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def kimi_base(proxy: Proxy, mode: str) -> str:
+    return {
+        "reverse": proxy.url,
+        "regular": "http://api.kimi.com",
+        "regular-tls": "https://api.kimi.com",
+    }[mode]
+
+
+def client(proxy: Proxy, mode: str) -> httpx.Client:
+    # trust_env=False: never pick up a proxy from the environment.
+    if mode == "reverse":
+        return httpx.Client(trust_env=False, timeout=10)
+    verify: ssl.SSLContext | bool = True
+    if mode == "regular-tls":
+        verify = ssl.create_default_context(cafile=str(proxy.ca_cert))
+    return httpx.Client(proxy=proxy.url, verify=verify, trust_env=False, timeout=10)
+
+
+def send(c: httpx.Client, base: str, key: str | None = PLACEHOLDER, *, bearer: bool = False,
+         body: dict = MSG, headers: dict[str, str] | None = None) -> httpx.Response:
+    sent = {**CLIENT_HEADERS, **(headers or {})}
+    if key is not None:
+        if bearer:
+            sent["Authorization"] = f"Bearer {key}"
+        else:
+            sent["x-api-key"] = key
+    return c.post(base + MESSAGES_PATH, json=body, headers=sent)
+
+
+def accounts_on_disk(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return json.loads(path.read_text())["accounts"]
+
+
+def poll(probe: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
+    """probe() until it returns something truthy or `timeout` s pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def counts_match(path: Path, fake: FakeKimi, keys: list[str]) -> bool:
+    expected = expected_counts(fake, keys)
+    return file_counts(path, keys) == expected
+
+
+def file_counts(path: Path, keys: list[str]) -> dict[str, tuple[int, int]]:
+    by_key = {a["key"]: a for a in accounts_on_disk(path)}
+    return {
+        k: (by_key[k].get("totalRequests", 0), by_key[k].get("successfulRequests", 0))
+        for k in keys
+        if k in by_key
+    }
+
+
+def expected_counts(fake: FakeKimi, keys: list[str]) -> dict[str, tuple[int, int]]:
+    """(requests, 2xx answers) per key, as the fake server logged them."""
+    total = fake.count_by_key()
+    ok = Counter(r.key for r in fake.requests if r.status is not None and 200 <= r.status < 300)
+    return {k: (total.get(k, 0), ok.get(k, 0)) for k in keys}
+
+
+def read_events(lines: Iterator[str], limit: int | None = None) -> list[tuple[str, dict]]:
+    """SSE events from `lines` (stops after `limit` events)."""
+    events: list[tuple[str, dict]] = []
+    name = None
+    for line in lines:
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[len("data: "):])))
+            if limit is not None and len(events) >= limit:
+                break
+    return events
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "KIMI_ROTATOR_ACCOUNTS"}
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# -- 1. upstream sees pool keys only; 7. reverse and regular mode ----------------------
+
+
+@pytest.mark.parametrize("mode", ["reverse", "regular", "regular-tls"])
+def test_upstream_sees_only_pool_keys_where_the_client_put_its_own(
+    mode, fake_kimi, keys, write_accounts, start_proxy
+):
+    write_accounts(keys, "round-robin")
+    proxy = start_proxy(fake_kimi, "regular" if mode.startswith("regular") else "reverse")
+    base = kimi_base(proxy, mode)
+    with client(proxy, mode) as c:
+        answers = [
+            send(c, base, PLACEHOLDER),  # x-api-key client
+            send(c, base, PLACEHOLDER, bearer=True),  # Authorization: Bearer client
+            send(c, base, None),  # no key at all
+        ]
+    assert [r.status_code for r in answers] == [200, 200, 200], proxy.output()
+    assert all(r.json()["content"][0]["text"].startswith("hello from fake kimi") for r in answers)
+
+    seen = fake_kimi.message_requests()
+    assert [s.key for s in seen] == keys  # round-robin: 0, 1, 2
+    x_api, bearer, keyless = seen
+    assert x_api.headers["x-api-key"] == keys[0]
+    assert "authorization" not in x_api.headers
+    assert bearer.headers["authorization"] == f"Bearer {keys[1]}"
+    assert "x-api-key" not in bearer.headers
+    assert keyless.headers["x-api-key"] == keys[2]
+    assert "authorization" not in keyless.headers
+    for s in seen:
+        assert PLACEHOLDER not in repr(s.raw_headers)
+        assert PLACEHOLDER.encode() not in s.body
+        assert ("User-Agent", USER_AGENT) in s.raw_headers
+        assert ("X-Msh-Platform", "kimi_cli") in s.raw_headers
+        assert s.json == MSG
+        if mode != "reverse":
+            assert s.host == "api.kimi.com"
+
+
+# -- 2. order of keys per strategy -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "active_index", "expected"),
+    [
+        ("round-robin", 0, [0, 1, 2, 0, 1, 2, 0]),
+        ("sticky", 0, [0] * 7),
+        ("health-based", 1, [1] * 7),
+    ],
+)
+def test_order_of_keys_per_strategy(
+    strategy, active_index, expected, fake_kimi, keys, write_accounts, start_proxy
+):
+    write_accounts(keys, strategy, active_index=active_index)
+    proxy = start_proxy(fake_kimi)
+    with client(proxy, "reverse") as c:
+        statuses = [send(c, proxy.url).status_code for _ in expected]
+    assert statuses == [200] * len(expected), proxy.output()
+    assert fake_kimi.keys_seen() == [keys[i] for i in expected]
+
+
+# -- 3. a 429 moves the next request and cools the key -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "cooldown_ms"), [(None, 60_000), ("5", 5_000)], ids=["default-60s", "retry-after-5"]
+)
+def test_rate_limit_moves_to_next_key_and_cools_it_in_the_file(
+    retry_after, cooldown_ms, fake_kimi, keys, write_accounts, start_proxy, accounts_path
+):
+    write_accounts(keys, "sticky")
+    status, body = kimi_error("too_many_requests")
+    assert status == 429
+    fake_kimi.set_response(
+        keys[0], status, body, headers={"retry-after": retry_after} if retry_after else None, times=1
+    )
+    proxy = start_proxy(fake_kimi, options=NO_RETRY)
+    with client(proxy, "reverse") as c:
+        send(c, proxy.url)  # the 429; what the client gets depends on retries
+        later = [send(c, proxy.url).status_code for _ in range(3)]
+    assert later == [200, 200, 200], proxy.output()
+    assert fake_kimi.keys_seen() == [keys[0], keys[1], keys[1], keys[1]]
+    limited_at_ms = fake_kimi.requests[0].time * 1000
+
+    cooling = poll(lambda: accounts_on_disk(accounts_path)[0]["rateLimitResetTime"], FILE_DEADLINE_S)
+    assert cooling, "the 429 never reached the accounts file"
+    assert cooling > now_ms(), "key 0 should still be cooling"
+    assert abs(cooling - (limited_at_ms + cooldown_ms)) < 2_000, (cooling - limited_at_ms)
+    others = accounts_on_disk(accounts_path)[1:]
+    assert [a["rateLimitResetTime"] for a in others] == [0, 0]
+
+
+# -- 4. the accounts file reflects the counts ---------------------------------------------
+
+
+def test_counts_reach_the_file_while_running(fake_kimi, keys, write_accounts, start_proxy, accounts_path):
+    write_accounts(keys, "round-robin")
+    fake_kimi.set_kimi_error(keys[2], "server_error", times=1)  # one failure: successes < requests
+    proxy = start_proxy(fake_kimi)
+    with client(proxy, "reverse") as c:
+        statuses = [send(c, proxy.url).status_code for _ in range(7)]
+    assert statuses == [200, 200, 500, 200, 200, 200, 200], proxy.output()
+    expected = expected_counts(fake_kimi, keys)
+    assert expected == {keys[0]: (3, 3), keys[1]: (2, 2), keys[2]: (2, 1)}
+
+    assert poll(lambda: counts_match(accounts_path, fake_kimi, keys), FILE_DEADLINE_S), (
+        file_counts(accounts_path, keys), expected)
+    assert proxy.returncode is None  # saved by the running proxy, not by a shutdown
+
+
+def test_counts_are_saved_on_stop(fake_kimi, keys, write_accounts, start_proxy, accounts_path):
+    write_accounts(keys, "round-robin")
+    fake_kimi.set_kimi_error(keys[1], "server_error", times=1)
+    # No periodic save during the test: what is in the file comes from the final save.
+    proxy = start_proxy(fake_kimi, options={"kimi_flush_interval": "3600"})
+    with client(proxy, "reverse") as c:
+        for _ in range(5):
+            send(c, proxy.url)
+    assert fake_kimi.count_by_key() == {keys[0]: 2, keys[1]: 2, keys[2]: 1}
+    assert file_counts(accounts_path, keys) == {k: (0, 0) for k in keys}
+
+    assert proxy.stop() == 0, proxy.output()
+    assert file_counts(accounts_path, keys) == expected_counts(fake_kimi, keys)
+    assert file_counts(accounts_path, keys)[keys[1]] == (2, 1)
+
+
+# -- 5. SSE events reach the client one by one ------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["reverse", "regular"])
+def test_sse_events_reach_the_client_one_by_one(
+    mode, fake_kimi, keys, write_accounts, start_proxy, accounts_path
+):
+    write_accounts(keys, "sticky")
+    proxy = start_proxy(fake_kimi, mode)
+    gate = fake_kimi.hold_stream_after_first_event(timeout=5)
+    with client(proxy, mode) as c, c.stream(
+        "POST", kimi_base(proxy, mode) + MESSAGES_PATH, json={**MSG, "stream": True},
+        headers={**CLIENT_HEADERS, "x-api-key": PLACEHOLDER},
+    ) as r:
+        assert r.status_code == 200, proxy.output()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        first = read_events(lines, limit=1)
+        # The first event arrived while the server was still holding the rest (had the
+        # proxy buffered it, it would only come once the gate timed out).
+        held = gate.wait_reached(5) and not gate.timed_out
+        gate.set()
+        rest = read_events(lines)
+    assert [name for name, _ in first] == ["message_start"]
+    assert held, "the first event only arrived after the server released the stream"
+    events = first + rest
+    assert [name for name, _ in events] == STREAM_EVENTS
+    text = "".join(d["delta"]["text"] for name, d in events if name == "content_block_delta")
+    assert text == "hello from fake kimi #1"
+    assert fake_kimi.keys_seen() == [keys[0]]
+    # A streamed success is counted like any other.
+    assert poll(lambda: file_counts(accounts_path, keys[:1]) == {keys[0]: (1, 1)}, FILE_DEADLINE_S)
+
+
+# -- 6. other hosts pass untouched ------------------------------------------------------
+
+
+def test_other_hosts_keep_the_clients_headers_and_are_not_counted(
+    fake_kimi, keys, write_accounts, start_proxy, accounts_path
+):
+    write_accounts(keys, "round-robin")
+    proxy = start_proxy(fake_kimi, "regular")
+    own = "sk-kimi-clientown" + "0" * 23
+    own_bearer = "sk-kimi-clientbearer" + "1" * 20
+    with client(proxy, "regular") as c:
+        passed = [
+            send(c, "http://other.example", own),
+            send(c, "http://other.example", own_bearer, bearer=True),
+            # A name that merely starts with a Kimi host is another host.
+            send(c, "http://api.kimi.com.evil.test", own),
+        ]
+        kimi = send(c, "http://api.kimi.com")  # a counted request, to know a flush happened
+    assert [r.status_code for r in passed + [kimi]] == [200] * 4, proxy.output()
+
+    seen = fake_kimi.message_requests()
+    assert [s.key for s in seen] == [own, own_bearer, own, keys[0]]
+    for answer, s in zip(passed, seen):
+        sent = [(k.lower(), v) for k, v in answer.request.headers.multi_items()]
+        assert sorted((k.lower(), v) for k, v in s.raw_headers) == sorted(sent)
+    assert "authorization" not in seen[0].headers
+    assert "x-api-key" not in seen[1].headers
+
+    # The Kimi request came last: once its success is saved, anything the addon had
+    # counted for the earlier pass-through flows is saved too.
+    assert poll(
+        lambda: sum(a["successfulRequests"] for a in accounts_on_disk(accounts_path)) > 0, FILE_DEADLINE_S
+    )
+    assert file_counts(accounts_path, keys) == {keys[0]: (1, 1), keys[1]: (0, 0), keys[2]: (0, 0)}
+    on_disk = accounts_path.read_text()
+    assert own not in on_disk and own_bearer not in on_disk
+
+
+# -- 8. no keys: a clear error, and keys added later are picked up --------------------------
+
+
+def test_no_keys_then_a_key_added_with_the_cli(fake_kimi, start_proxy, accounts_path):
+    assert not accounts_path.exists()
+    proxy = start_proxy(fake_kimi)
+    out = proxy.output()
+    assert "no Kimi API keys" in out and "add-key" in out, out
+
+    with client(proxy, "reverse") as c:
+        r = send(c, proxy.url)
+        assert r.status_code == 503
+        body = r.json()
+        assert body["type"] == "error"
+        assert isinstance(body["error"]["type"], str) and body["error"]["type"]
+        assert "kimi-rotator add-key" in body["error"]["message"]
+        assert fake_kimi.requests == []
+
+        new_key = fake_key("added")
+        cli = subprocess.run(
+            [sys.executable, "-m", "rotator.cli", "--accounts", str(accounts_path), "add-key", new_key, "Later"],
+            cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=30,
+        )
+        assert cli.returncode == 0, cli.stderr
+        deadline = time.monotonic() + FILE_DEADLINE_S
+        while True:
+            r = send(c, proxy.url)
+            if r.status_code != 503 or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+    assert r.status_code == 200, (r.text, proxy.output())
+    assert fake_kimi.keys_seen() == [new_key]
+
+
+# -- 9. bad option values stop the proxy with a clear message -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"kimi_flush_interval": "0"}, "kimi_flush_interval"),
+        ({"kimi_hosts": "https://api.kimi.com/x"}, "kimi_hosts"),
+        ({"kimi_max_attempts": "-1"}, "kimi_max_attempts"),
+        ({"kimi_max_wait": "soon"}, "kimi_max_wait"),
+    ],
+)
+def test_bad_option_value_stops_the_proxy(options, name, fake_kimi, start_proxy):
+    with pytest.raises(RuntimeError) as failed:
+        start_proxy(fake_kimi, options=options)
+    report = str(failed.value)
+    code = re.search(r"\(exit code (-?\d+)\)", report)
+    assert code and int(code.group(1)) > 0, report  # exited by itself, was not killed
+    output = report.split("--- output ---", 1)[1]
+    assert re.search(rf"OptionsError: {name}\b|\b{name} must\b|{name}: ", output), output
+    assert "unsupported option type" not in output.lower(), output
+
+
+# -- 10. flows are annotated, and saved flows hold no key -----------------------------------
+
+
+def test_saved_flows_name_account_masked_key_and_outcome(
+    fake_kimi, keys, write_accounts, start_proxy, tmp_path
+):
+    write_accounts(keys, "round-robin")
+    status, body = kimi_error("too_many_requests")
+    fake_kimi.set_response(keys[1], status, body, times=1)
+    dump = tmp_path / "flows.mitm"
+    proxy = start_proxy(fake_kimi, options=NO_RETRY, extra_args=("-w", str(dump)))
+    with client(proxy, "reverse") as c:
+        for _ in range(3):
+            send(c, proxy.url)  # key 0 ok, key 1 rate limited, key 2 ok
+        with c.stream("POST", proxy.url + MESSAGES_PATH, json={**MSG, "stream": True},
+                      headers={"x-api-key": PLACEHOLDER}) as r:
+            assert len(read_events(r.iter_lines())) == len(STREAM_EVENTS)  # key 0 again
+    assert fake_kimi.keys_seen() == [keys[0], keys[1], keys[2], keys[0]]
+    assert proxy.stop() == 0, proxy.output()
+
+    raw = dump.read_bytes()
+    for key in keys:
+        assert key.encode() not in raw
+    with dump.open("rb") as f:
+        flows = list(mitm_io.FlowReader(f).stream())
+    assert len(flows) == 4
+    expected = [(0, "success"), (1, "rate_limited"), (2, "success"), (0, "success")]
+    for flow, (index, outcome) in zip(flows, expected):
+        attempts = flow.metadata["kimi_rotator"]["attempts"]
+        assert len(attempts) == 1
+        assert attempts[-1]["account"] == f"Account {index}"
+        assert attempts[-1]["key"] == mask_key(keys[index])
+        assert attempts[-1]["outcome"] == outcome
+        assert outcome in flow.comment
+        assert mask_key(keys[index]) in flow.comment
+        assert flow.request.headers["x-api-key"] == mask_key(keys[index])
+
+
+def test_saved_flows_of_a_retried_request_list_every_attempt(
+    fake_kimi, keys, write_accounts, start_proxy, tmp_path
+):
+    write_accounts(keys, "round-robin")
+    status, body = kimi_error("too_many_requests")
+    fake_kimi.set_response(keys[0], status, body, times=1)
+    dump = tmp_path / "flows.mitm"
+    proxy = start_proxy(fake_kimi, extra_args=("-w", str(dump)))  # retry on: the default
+    with client(proxy, "reverse") as c:
+        r = send(c, proxy.url)
+    assert r.status_code == 200, proxy.output()
+    assert fake_kimi.keys_seen() == [keys[0], keys[1]]
+    assert proxy.stop() == 0, proxy.output()
+
+    raw = dump.read_bytes()
+    for key in keys:
+        assert key.encode() not in raw
+    with dump.open("rb") as f:
+        flows = list(mitm_io.FlowReader(f).stream())
+    client_flows = [f for f in flows if "retry_of" not in f.metadata["kimi_rotator"]]
+    assert len(client_flows) == 1
+    flow = client_flows[0]
+    attempts = flow.metadata["kimi_rotator"]["attempts"]
+    assert [(a["account"], a["key"], a["outcome"]) for a in attempts] == [
+        ("Account 0", mask_key(keys[0]), "rate_limited"),
+        ("Account 1", mask_key(keys[1]), "success"),
+    ]
+    assert "success" in flow.comment and mask_key(keys[1]) in flow.comment
+    for f in flows:
+        assert f.request.headers["x-api-key"] in {mask_key(k) for k in keys}
