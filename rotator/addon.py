@@ -477,6 +477,10 @@ class KimiRotator:
             self._planned.pop(attempt.id, None)
             self._sent_keys.pop(attempt.id, None)
             outcome = self._attempt_outcomes.pop(attempt.id, None)
+        # The client's flow shows the (masked) key that gave its answer.
+        for name in ("x-api-key", "authorization"):
+            if name in attempt.request.headers:
+                flow.request.headers[name] = attempt.request.headers[name]
         record = attempt.metadata.get(METADATA_KEY, {}).get("attempts", [_attempt_record(lease)])
         flow.metadata[METADATA_KEY]["attempts"].extend(record)
         if outcome is None:

@@ -462,5 +462,6 @@ def test_saved_flows_of_a_retried_request_list_every_attempt(
         ("Account 1", mask_key(keys[1]), "success"),
     ]
     assert "success" in flow.comment and mask_key(keys[1]) in flow.comment
+    assert flow.request.headers["x-api-key"] == mask_key(keys[1])  # the key that answered
     for f in flows:
         assert f.request.headers["x-api-key"] in {mask_key(k) for k in keys}
