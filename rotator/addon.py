@@ -23,7 +23,7 @@ from mitmproxy.log import ALERT
 from rotator import access, policy, storage
 from rotator.keys import mask_key
 from rotator.models import AccountsFile
-from rotator.pool import DEFAULT_MAX_IN_FLIGHT, KeyPool, Lease
+from rotator.pool import DEFAULT_MAX_IN_FLIGHT, KeyPool, Lease, Pending, apply_pending
 from rotator.responses import anthropic_error
 from rotator.strategies import Shortage, Unavailable
 from rotator.usage import USAGES_PATH, window_reset
@@ -113,6 +113,7 @@ class KimiRotator:
         self.max_wait_s = DEFAULT_MAX_WAIT_S
         self._signature: storage.FileSignature | None = None
         self._flush_task: asyncio.Task[None] | None = None
+        self._saving: asyncio.Future[None] | None = None
         # Per-flow state by flow id, kept off flow.metadata because that is saved with
         # the flow (and these hold full keys).
         self._leases: dict[str, Lease] = {}
@@ -194,10 +195,13 @@ class KimiRotator:
         # Runs at start-up and on option changes only, never per request.
         self.path = path
         try:
-            state = storage.read_accounts(path)
+            # Signature first: a change landing between the two is then re-read later.
             self._signature = storage.file_signature(path)
+            state = storage.read_accounts(path)
         except storage.AccountsFileError as e:
-            self._note_file_problem(e)
+            # A warning, not an error: mitmdump exits on errors logged while starting,
+            # and clients should rather be told what is wrong with the file.
+            self._note_file_problem(e, logging.WARNING)
             self.pool = KeyPool(AccountsFile(), self.pool.max_in_flight)
             return
         self.file_problem = None
@@ -216,7 +220,7 @@ class KimiRotator:
         if self._flush_task is None:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_forever())
 
-    def done(self) -> None:
+    async def done(self) -> None:
         # Requests still waiting for an answer are saved as they are by `-w`'s final
         # write, which runs after this hook: mask their keys first.
         for flow, key in self._sent_keys.values():
@@ -224,6 +228,13 @@ class KimiRotator:
         if self._flush_task is not None:
             self._flush_task.cancel()
             self._flush_task = None
+        if self._saving is not None:
+            # A save under way holds changes taken from the pool: let it finish.
+            try:
+                await self._saving
+            except Exception:
+                logger.exception("kimi-rotator: saving the accounts file failed")
+            self._saving = None
         # Shutting down: a last synchronous save is what keeps the counts exact.
         self._flush_now()
 
@@ -244,10 +255,15 @@ class KimiRotator:
     async def _flush_forever(self) -> None:
         while True:
             await asyncio.sleep(self.flush_interval_s)
+            # Shielded: stopping the loop must not drop a save that holds taken changes.
+            self._saving = asyncio.ensure_future(self._flush())
             try:
-                await self._flush()
+                await asyncio.shield(self._saving)
+            except asyncio.CancelledError:
+                raise
             except Exception:  # never let a bad save stop future saves
                 logger.exception("kimi-rotator: saving the accounts file failed")
+            self._saving = None
 
     async def _flush(self) -> None:
         if self.path is None:
@@ -276,19 +292,16 @@ class KimiRotator:
     @staticmethod
     def _sync(
         path: Path,
-        taken: Any,
+        taken: Pending,
         base_active_key: str | None,
         known: storage.FileSignature | None,
     ) -> tuple[AccountsFile, storage.FileSignature | None] | None:
         """Runs in a worker thread: merge our changes into the file, or notice the CLI's."""
-        from rotator.pool import apply_pending
-
         if not taken and storage.file_signature(path) == known:
             return None
-        state = storage.update_accounts(
+        return storage.update_accounts_signed(
             path, lambda disk: apply_pending(disk, taken, base_active_key) if taken else None
         )
-        return state, storage.file_signature(path)
 
     def _adopt(self, result: tuple[AccountsFile, storage.FileSignature | None] | None) -> None:
         if self.file_problem is not None:
@@ -306,12 +319,13 @@ class KimiRotator:
                 len(after), len(after - before), len(before - after),
             )
 
-    def _note_file_problem(self, error: storage.AccountsFileError) -> None:
+    def _note_file_problem(self, error: storage.AccountsFileError, level: int = logging.ERROR) -> None:
         message = str(error)
         if message != self.file_problem:
-            logger.error(
-                "kimi-rotator: cannot read the accounts file %s; serving from the last good state "
-                "and not writing until it is fixed", message,
+            serving = "serving from the last good state" if self.pool.accounts else "no keys to serve"
+            logger.log(
+                level, "kimi-rotator: cannot read the accounts file %s; %s and not writing until it is fixed",
+                message, serving,
             )
         self.file_problem = message
 

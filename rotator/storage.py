@@ -13,6 +13,7 @@ import json
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ from rotator.models import AccountsFile
 ACCOUNTS_ENV = "KIMI_ROTATOR_ACCOUNTS"
 ACCOUNTS_FILENAME = "kimi-accounts.json"
 LOCK_TIMEOUT_S = 10.0
+STALE_TEMP_AGE_S = 60.0
 
 
 class AccountsFileError(Exception):
@@ -130,15 +132,34 @@ def update_accounts(path: Path, change: Callable[[AccountsFile], AccountsFile | 
     mutate and return its argument, or return None to write nothing). Returns the state
     now on disk. Raises AccountsFileError, in which case nothing was written.
     """
+    return update_accounts_signed(path, change)[0]
+
+
+def update_accounts_signed(
+    path: Path, change: Callable[[AccountsFile], AccountsFile | None]
+) -> tuple[AccountsFile, FileSignature | None]:
+    """`update_accounts`, plus the file's signature taken before the lock is released,
+    so a change another process makes right after cannot pass for ours."""
     with _locked(path):
+        _remove_stale_temp_files(path)
         current = read_accounts(path)
         before = current.to_json() if path.exists() else None
         changed = change(current)
-        if changed is None:
-            return current
-        if changed.to_json() != before:
+        if changed is not None and changed.to_json() != before:
             write_accounts(path, changed)
-        return changed
+        return (current if changed is None else changed), file_signature(path)
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    # A writer killed between creating its temporary file and renaming it leaves one
+    # behind, holding keys. Writers hold the lock, so an old one is nobody's.
+    cutoff = time.time() - STALE_TEMP_AGE_S
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
+        except OSError:
+            pass
 
 
 @contextmanager

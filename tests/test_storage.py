@@ -119,3 +119,17 @@ def test_group_readable_file_is_noticed(tmp_path):
     assert not storage.is_readable_by_others(path)
     os.chmod(path, 0o644)
     assert storage.is_readable_by_others(path)
+
+
+def test_temp_files_left_by_killed_writers_are_removed_once_stale(tmp_path):
+    path = tmp_path / "kimi-accounts.json"
+    storage.write_accounts(path, AccountsFile())
+    stale = tmp_path / ".kimi-accounts.json.abc123.tmp"
+    fresh = tmp_path / ".kimi-accounts.json.def456.tmp"
+    for leftover in (stale, fresh):
+        leftover.write_text('{"holds": "a key"}')
+    old = stale.stat().st_mtime - storage.STALE_TEMP_AGE_S - 5
+    os.utime(stale, (old, old))
+    storage.update_accounts(path, lambda state: state)
+    assert not stale.exists()
+    assert fresh.exists()  # could belong to a writer that is still working
