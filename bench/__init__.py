@@ -1,0 +1,1 @@
+"""Benchmarks for kimi-rotator; see bench/README.md. Not collected by pytest."""

@@ -1,0 +1,235 @@
+"""Streaming: does an SSE event reach the client as soon as the server writes it?
+
+The fake Kimi server (bench._stamped_fake: tests.fake_kimi plus a CLOCK_MONOTONIC
+stamp per SSE event written) streams 9 events, ``--event-delay`` apart. A raw-socket
+client reads the stream and notes when each event arrives. Per event, the *leg* is
+arrival minus the server's stamp: the time from the server writing the event to the
+client having it, through whatever sits between.
+
+Arms, alternating in rounds:
+  direct  client -> fake server (the floor: loopback plus the client)
+  bare    mitmdump --set stream_large_bodies=1 (reverse mode)
+  addon   mitmdump -s kimi_rotator_addon.py (reverse mode, 3 keys); the addon streams
+          successful text/event-stream answers itself, from its responseheaders hook
+Bare mitmdump buffers a whole response unless told to stream it, so its SSE would
+arrive all at once at the end; stream_large_bodies=1 makes it stream any body larger
+than 1 byte. (A chunked body's size is unknown, so mitmproxy streams it once the first
+chunk is in; the option also streams the bare arm's request body, which the leg does
+not include.) One stream through a bare mitmdump *without* the option shows the
+buffering for comparison.
+
+    python bench/streaming.py [--quick] [--rounds N] [--streams N] [--event-delay S]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import _common as C  # noqa: E402
+
+TARGET_RATIO = 1.02
+ARMS = ("direct", "bare", "addon")
+
+
+@dataclass
+class Stream:
+    number: int  # the fake server's request number
+    sent_ns: int
+    events: list[tuple[str, int]]  # (event name, arrival ns)
+    stamps: list[int] = field(default_factory=list)  # server write ns, by event index
+
+    def legs_us(self) -> list[float]:
+        return [(t - s) / 1000 for (_, t), s in zip(self.events, self.stamps)]
+
+    def gaps_ms(self) -> list[float]:
+        times = [t for _, t in self.events]
+        return [(b - a) / 1e6 for a, b in zip(times, times[1:])]
+
+    @property
+    def first_leg_us(self) -> float:
+        return self.legs_us()[0]
+
+    @property
+    def first_from_send_ms(self) -> float:
+        return (self.events[0][1] - self.sent_ns) / 1e6
+
+
+def stream_once(port: int, timeout: float) -> Stream:
+    """POST a streaming Messages request over a fresh connection; note each event's arrival."""
+    body = json.dumps({**C.REQUEST_BODY, "stream": True}).encode()
+    request = (
+        f"POST {C.MESSAGES_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+        f"x-api-key: {C.PLACEHOLDER_KEY}\r\nanthropic-version: 2023-06-01\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        deadline = time.monotonic() + timeout
+        sent = time.monotonic_ns()
+        sock.sendall(request)
+        raw = b""
+        head = None
+        chunked = False
+        payload = b""  # decoded body not yet split into events
+        events: list[tuple[str, int]] = []
+        finished = False
+        while not finished:
+            if time.monotonic() > deadline:
+                raise TimeoutError("stream did not finish in time")
+            data = sock.recv(65536)
+            now = time.monotonic_ns()
+            if not data:
+                break
+            raw += data
+            if head is None:
+                end = raw.find(b"\r\n\r\n")
+                if end < 0:
+                    continue
+                head, raw = raw[:end].decode("latin-1"), raw[end + 4:]
+                status = int(head.split(" ", 2)[1])
+                if status != 200:
+                    raise RuntimeError(f"stream answered {status}: {head}")
+                chunked = bool(re.search(r"^transfer-encoding:\s*chunked", head, re.I | re.M))
+            if chunked:
+                while True:
+                    line_end = raw.find(b"\r\n")
+                    if line_end < 0:
+                        break
+                    size = int(raw[:line_end].split(b";")[0], 16)
+                    if size == 0:
+                        finished = True
+                        break
+                    if len(raw) < line_end + 2 + size + 2:
+                        break
+                    payload += raw[line_end + 2:line_end + 2 + size]
+                    raw = raw[line_end + 2 + size + 2:]
+            else:
+                payload, raw = payload + raw, b""
+            while (cut := payload.find(b"\n\n")) >= 0:
+                event, payload = payload[:cut], payload[cut + 2:]
+                m = re.search(rb"^event: (\S+)", event, re.M)
+                events.append((m.group(1).decode() if m else "?", now))
+    finally:
+        sock.close()
+    m = re.search(r"^x-fake-kimi-request:\s*(\d+)", head or "", re.I | re.M)
+    if m is None or not events:
+        raise RuntimeError(f"not a stream from the fake server: {head!r}, {len(events)} events")
+    return Stream(int(m.group(1)), sent, events)
+
+
+def attach_stamps(fake, stream: Stream) -> None:
+    last = len(stream.events) - 1
+    collector = fake._collector  # set by harness.start_fake_kimi_process
+    if collector.wait_for(re.compile(rf"^stamp {stream.number} {last} \d+$", re.M), 5.0) is None:
+        raise RuntimeError(f"no stamps from the fake server for request {stream.number}")
+    found = dict(re.findall(rf"^stamp {stream.number} (\d+) (\d+)$", collector.text(), re.M))
+    stream.stamps = [int(found[str(i)]) for i in range(len(stream.events))]
+
+
+def one_by_one(stream: Stream, delay_s: float) -> bool:
+    """Every event arrived well before the next was written, spaced like the server wrote them."""
+    half_ms = delay_s * 1000 / 2
+    return max(stream.legs_us()) / 1000 < half_ms and min(stream.gaps_ms()) > half_ms
+
+
+def main() -> int:
+    ap = C.parser(__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, help="alternating rounds (default 5; quick 1)")
+    ap.add_argument("--streams", type=int, help="streams per arm per round (default 6; quick 2)")
+    ap.add_argument("--event-delay", type=float, help="seconds between SSE events (default 0.05; quick 0.02)")
+    args = ap.parse_args()
+    rounds = args.rounds or (1 if args.quick else 5)
+    per_round = args.streams or (2 if args.quick else 6)
+    delay = args.event_delay or (0.02 if args.quick else 0.05)
+
+    C.print_header("streaming: SSE event latency through the proxy",
+                   [f"{rounds} alternating round(s) x {per_round} streams per arm, one at a time; "
+                    f"9 events per stream, {delay * 1000:.0f} ms apart (fake --event-delay {delay})"])
+    stream_s = 9 * delay + 1
+    budget = 60 + (rounds * per_round * len(ARMS) + 1) * (stream_s + 1)
+    results: dict[str, list[list[Stream]]] = {arm: [] for arm in ARMS}
+    with C.watchdog(budget), C.workdir("streaming") as work, \
+            C.fake_kimi("--no-record", "--event-delay", str(delay), module="bench._stamped_fake") as (fake, fake_port):
+        accounts = C.make_accounts_file(work / "kimi-accounts.json", 3)
+        proxies = {}
+        try:
+            proxies["bare"] = C.start_proxy(work, "bare", fake_port, addon=False,
+                                            options={"stream_large_bodies": "1"})
+            proxies["addon"] = C.start_proxy(work, "addon", fake_port, addon=True, accounts=accounts)
+            proxies["buffered"] = C.start_proxy(work, "buffered", fake_port, addon=False)
+            ports = {"direct": fake_port, "bare": proxies["bare"].port, "addon": proxies["addon"].port}
+            for arm in ARMS:  # warm-up: connections, imports, first-flow paths
+                stream_once(ports[arm], stream_s + 5)
+            for rnd in range(rounds):
+                shift = rnd % len(ARMS)
+                for arm in ARMS[shift:] + ARMS[:shift]:
+                    streams = []
+                    for _ in range(per_round):
+                        s = stream_once(ports[arm], stream_s + 5)
+                        attach_stamps(fake, s)
+                        streams.append(s)
+                    results[arm].append(streams)
+                    legs = [s.first_leg_us for s in streams]
+                    print(f"  round {rnd + 1} {arm:6}: first-event leg median {C.median(legs):7.0f} µs, "
+                          f"one by one: {all(one_by_one(s, delay) for s in streams)}", flush=True)
+            buffered = stream_once(proxies["buffered"].port, stream_s + 5)
+            attach_stamps(fake, buffered)
+        finally:
+            for proxy in proxies.values():
+                proxy.stop()
+
+    print()
+    print("Per arm (all streams): legs are server write -> client read, in µs")
+    rows = []
+    for arm in ARMS:
+        streams = [s for rnd in results[arm] for s in rnd]
+        first = [s.first_leg_us for s in streams]
+        later = [leg for s in streams for leg in s.legs_us()[1:]]
+        gaps = [g for s in streams for g in s.gaps_ms()]
+        rows.append([arm, len(streams), f"{C.median(first):.0f}", f"{C.percentile(first, 90):.0f}",
+                     f"{C.median(later):.0f}", f"{max(max(s.legs_us()) for s in streams):.0f}",
+                     f"{C.median([s.first_from_send_ms for s in streams]):.2f}",
+                     f"{min(gaps):.1f}..{max(gaps):.1f}",
+                     f"{sum(one_by_one(s, delay) for s in streams)}/{len(streams)}"])
+    first_b = buffered.legs_us()
+    rows.append(["bare, no stream option", 1, f"{first_b[0]:.0f}", "-", f"{C.median(first_b[1:]):.0f}",
+                 f"{max(first_b):.0f}", f"{buffered.first_from_send_ms:.2f}",
+                 f"{min(buffered.gaps_ms()):.1f}..{max(buffered.gaps_ms()):.1f}",
+                 f"{int(one_by_one(buffered, delay))}/1"])
+    C.print_table(["arm", "streams", "1st leg p50", "1st leg p90", "later legs p50", "worst leg",
+                   "send→1st ms", "gaps ms", "one by one"], rows)
+    print(f"(gaps: time between consecutive events at the client; the server wrote them {delay * 1000:.0f} ms "
+          f"apart. 'one by one': every leg < {delay * 500:.0f} ms and every gap > {delay * 500:.0f} ms)")
+    print()
+
+    paired = [C.median([s.first_leg_us for s in a]) / C.median([s.first_leg_us for s in b])
+              for a, b in zip(results["addon"], results["bare"])]
+    ratio = C.median(paired)
+    med = {arm: C.median([s.first_leg_us for rnd in results[arm] for s in rnd]) for arm in ARMS}
+    added_b, added_a = med["bare"] - med["direct"], med["addon"] - med["direct"]
+    streamed = all(one_by_one(s, delay) for arm in ("bare", "addon") for rnd in results[arm] for s in rnd)
+    print(f"first-event leg, addon / bare: {ratio:.3f} (median of per-round ratios, rounds {C.spread(paired)}); "
+          f"target ≤ {TARGET_RATIO}: {C.verdict(ratio <= TARGET_RATIO)}")
+    print(f"added over direct: bare +{added_b:.0f} µs, addon +{added_a:.0f} µs "
+          f"(the proxy hop itself; addon/bare of that = {added_a / added_b:.2f})" if added_b > 0 else
+          f"added over direct: bare {added_b:+.0f} µs, addon {added_a:+.0f} µs")
+    print(f"events arrive one by one through both proxies: {C.verdict(streamed)}; "
+          f"without stream_large_bodies bare mitmdump held the first event {first_b[0] / 1000:.0f} ms "
+          f"(until the stream's end), one by one: {one_by_one(buffered, delay)}")
+    if args.quick:
+        print("(--quick: few streams; the figures are rough)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
