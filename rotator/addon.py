@@ -426,7 +426,8 @@ class KimiRotator:
         if lease is None:
             return
         message = flow.error.msg if flow.error else "connection failed"
-        outcome = policy.classify_connection_error(message, now_ms())
+        answered = flow.response.status_code if flow.response is not None else None
+        outcome = policy.classify_connection_error(message, now_ms(), answered)
         self._settle(flow, lease, outcome)
         if flow.id in self._attempt_outcomes:
             self._attempt_outcomes[flow.id] = outcome

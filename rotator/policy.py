@@ -84,6 +84,7 @@ class Verdict(enum.Enum):
     CLIENT_REJECTED = "client_rejected"
     UPSTREAM_FAULT = "upstream_fault"
     REQUEST_ERROR = "request_error"
+    CLIENT_GONE = "client_gone"  # the client hung up; says nothing about the key
 
 
 class Window(enum.Enum):
@@ -205,13 +206,33 @@ _SUCCESS = Outcome(
 )
 
 
-def classify_connection_error(message: str, now_ms: int) -> Outcome:
-    """Refused, reset or timed-out upstream connection: a failure, not retried.
+# mitmproxy's words when the client, not Kimi, ended the exchange: HTTP/1 clients
+# closing, HTTP/2 clients cancelling a stream, a person killing the flow.
+CLIENT_GONE_PHRASES = ("client disconnected", "stream reset by client (cancel)", "killed")
 
-    The request may have reached Kimi before the connection broke, so resending it
-    could run it twice; the client decides.
+
+def classify_connection_error(message: str, now_ms: int, answered_status: int | None = None) -> Outcome:
+    """An exchange that ended without a complete response.
+
+    The client hanging up is nobody's fault; if Kimi had already begun a successful
+    answer, the key did its job. Otherwise a refused, reset or timed-out upstream
+    connection is a failure, not retried: the request may have reached Kimi before the
+    connection broke, so resending it could run it twice; the client decides.
     """
     detail = _excerpt(_collapse(str(message)))
+    if any(phrase in detail.casefold() for phrase in CLIENT_GONE_PHRASES):
+        if answered_status is not None and 200 <= answered_status < 400:
+            return _SUCCESS
+        return Outcome(
+            verdict=Verdict.CLIENT_GONE,
+            retry_elsewhere=False,
+            health_delta=HEALTH_NEUTRAL,
+            cooldown_until_ms=None,
+            disable=False,
+            window=None,
+            reason=f"the client ended the request: {detail}",
+            counts_as_success=False,
+        )
     return Outcome(
         verdict=Verdict.UPSTREAM_FAULT,
         retry_elsewhere=False,

@@ -301,6 +301,34 @@ def test_sse_events_reach_the_client_one_by_one(
     assert poll(lambda: file_counts(accounts_path, keys[:1]) == {keys[0]: (1, 1)}, FILE_DEADLINE_S)
 
 
+def test_a_client_hanging_up_does_not_hurt_the_key(fake_kimi, keys, write_accounts, start_proxy, accounts_path):
+    """A person interrupting their agent mid-answer is not the key's fault."""
+    write_accounts(keys[:1], "sticky")
+    proxy = start_proxy(fake_kimi)
+    gate = fake_kimi.hold_stream_after_first_event(timeout=5)
+    with client(proxy, "reverse") as c:
+        with c.stream("POST", proxy.url + MESSAGES_PATH, json={**MSG, "stream": True},
+                      headers={"x-api-key": PLACEHOLDER}) as r:
+            assert read_events(r.iter_lines(), limit=1)[0][0] == "message_start"
+        # Leaving the block closes the connection while the server still holds the stream.
+        slow = {**MSG, "stream": True}
+        fake_kimi.set_default(delay=3.0)
+        with pytest.raises(httpx.ReadTimeout):
+            c.post(proxy.url + MESSAGES_PATH, json=slow, headers={"x-api-key": PLACEHOLDER}, timeout=0.3)
+    gate.set()
+
+    def settled() -> dict[str, Any] | None:
+        account = accounts_on_disk(accounts_path)[0]
+        return account if account["totalRequests"] == 2 else None
+
+    account = poll(settled, 6)
+    assert account, proxy.output()
+    assert account["healthScore"] == 100 and account["consecutiveFailures"] == 0
+    # The stream that had begun counts as a success; the request abandoned before any
+    # answer is neither a success nor a failure.
+    assert account["successfulRequests"] == 1
+
+
 # -- 6. other hosts pass untouched ------------------------------------------------------
 
 

@@ -460,3 +460,21 @@ def test_table_shape() -> None:
         assert rule.disable == (rule.verdict in (Verdict.KEY_INVALID, Verdict.ACCOUNT_BANNED)), rule
         if rule.verdict in (Verdict.CLIENT_REJECTED, Verdict.REQUEST_ERROR, Verdict.UPSTREAM_FAULT):
             assert not rule.retry_elsewhere and rule.cooldown_ms is None, rule
+
+
+@pytest.mark.parametrize("message", ["Client disconnected.", "stream reset by client (CANCEL)", "killed"])
+def test_a_client_hanging_up_is_not_the_keys_fault(message):
+    outcome = classify_connection_error(message, NOW)
+    assert outcome.verdict is Verdict.CLIENT_GONE
+    assert (outcome.health_delta, outcome.counts_as_success, outcome.retry_elsewhere) == (0, False, False)
+    assert outcome.cooldown_until_ms is None and not outcome.disable
+
+
+def test_a_client_hanging_up_on_a_started_success_counts_as_success():
+    outcome = classify_connection_error("Client disconnected.", NOW, answered_status=200)
+    assert outcome.verdict is Verdict.SUCCESS and outcome.counts_as_success
+
+
+def test_upstream_breaking_mid_answer_is_still_a_failure():
+    outcome = classify_connection_error("Server disconnected.", NOW, answered_status=200)
+    assert outcome.verdict is Verdict.UPSTREAM_FAULT and outcome.health_delta == -20
