@@ -8,6 +8,7 @@ step. A client token, when configured, is required from every client.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 from collections.abc import Mapping
@@ -38,8 +39,16 @@ TOKEN_REQUIRED = Denial(
 def is_loopback_address(address: Any) -> bool:
     """True for a (host, port, ...) peer address on 127.0.0.0/8 or ::1 (IPv4-mapped too)."""
     try:
-        ip = ipaddress.ip_address(str(address[0]).split("%")[0])
-    except (TypeError, IndexError, ValueError):
+        return _is_loopback_ip(str(address[0]))
+    except (TypeError, IndexError):
+        return False
+
+
+@functools.lru_cache(maxsize=1024)  # asked for every request; clients are few
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped

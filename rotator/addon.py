@@ -14,7 +14,7 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addons.clientplayback import ReplayHandler
@@ -55,28 +55,37 @@ def parse_hosts(hosts: Sequence[str]) -> frozenset[str]:
     return parsed
 
 
-def replace_client_key(headers: http.Headers, key: str) -> None:
+class KeyPlacement(NamedTuple):
+    """Where a pool key went in a request, so it can be masked with one write."""
+
+    header: str
+    prefix: str
+
+    def put(self, headers: http.Headers, key: str) -> None:
+        headers[self.header] = self.prefix + key
+
+    def mask(self, headers: http.Headers, key: str) -> None:
+        self.put(headers, mask_key(key))
+
+
+X_API_KEY = KeyPlacement("x-api-key", "")
+BEARER = KeyPlacement("authorization", "Bearer ")
+
+
+def replace_client_key(headers: http.Headers, key: str) -> KeyPlacement:
     """Put `key` where the client put its own, and nowhere else.
 
     Bearer clients get a Bearer header; everyone else gets x-api-key. Another kind of
     Authorization (say Basic, for proxy auth in reverse mode) is left alone.
     """
-    bearer = headers.get("authorization", "").lower().startswith("bearer ")
+    bearer = headers.get("authorization", "")[:7].lower() == "bearer "
     if bearer and "x-api-key" not in headers:
-        headers["authorization"] = f"Bearer {key}"
-    else:
-        headers["x-api-key"] = key
-        if bearer:
-            del headers["authorization"]
-
-
-def mask_sent_key(headers: http.Headers, key: str) -> None:
-    """Replace the pool key in a request that has gone upstream with its masked form."""
-    masked = mask_key(key)
-    for name in ("x-api-key", "authorization"):
-        value = headers.get(name)
-        if value and key in value:
-            headers[name] = value.replace(key, masked)
+        BEARER.put(headers, key)
+        return BEARER
+    X_API_KEY.put(headers, key)
+    if bearer:
+        del headers["authorization"]
+    return X_API_KEY
 
 
 def parse_seconds(option: str, text: str, least: float, most: float) -> float:
@@ -118,7 +127,7 @@ class KimiRotator:
         # the flow (and these hold full keys).
         self._leases: dict[str, Lease] = {}
         # Flows holding a full key in a request header, until it is masked.
-        self._sent_keys: dict[str, tuple[http.HTTPFlow, str]] = {}
+        self._sent_keys: dict[str, tuple[http.HTTPFlow, str, KeyPlacement]] = {}
         self._planned: dict[str, Lease | UsageProbe] = {}
         self._probes: dict[str, UsageProbe] = {}
         self._attempt_outcomes: dict[str, policy.Outcome | None] = {}
@@ -223,8 +232,8 @@ class KimiRotator:
     async def done(self) -> None:
         # Requests still waiting for an answer are saved as they are by `-w`'s final
         # write, which runs after this hook: mask their keys first.
-        for flow, key in self._sent_keys.values():
-            mask_sent_key(flow.request.headers, key)
+        for flow, key, placement in self._sent_keys.values():
+            placement.mask(flow.request.headers, key)
         if self._flush_task is not None:
             self._flush_task.cancel()
             self._flush_task = None
@@ -346,7 +355,7 @@ class KimiRotator:
             from_loopback=access.is_loopback_address(flow.client_conn.peername),
             allow_remote=ctx.options.kimi_allow_remote,
             client_token=self.client_token,
-            presented=access.presented_credential(flow.request.headers),
+            presented=access.presented_credential(flow.request.headers) if self.client_token else None,
         )
         if denial is not None:
             flow.response = anthropic_error(denial.status, denial.error_type, denial.message)
@@ -369,19 +378,25 @@ class KimiRotator:
     def _send_with(self, flow: http.HTTPFlow, lease: Lease | UsageProbe) -> None:
         if isinstance(lease, UsageProbe):
             flow.request.headers.pop("x-api-key", None)
-            flow.request.headers["authorization"] = f"Bearer {lease.key}"
+            placement = BEARER
+            placement.put(flow.request.headers, lease.key)
         else:
-            replace_client_key(flow.request.headers, lease.key)
+            placement = replace_client_key(flow.request.headers, lease.key)
             self._leases[flow.id] = lease
             attempts = flow.metadata.setdefault(METADATA_KEY, {}).setdefault("attempts", [])
             attempts.append(_attempt_record(lease))
-        self._sent_keys[flow.id] = (flow, lease.key)
+        self._sent_keys[flow.id] = (flow, lease.key, placement)
+
+    def _mask_sent_key(self, flow: http.HTTPFlow) -> None:
+        """Once the request has gone upstream, keep only the masked key in the flow."""
+        sent = self._sent_keys.pop(flow.id, None)
+        if sent is not None:
+            sent[2].mask(flow.request.headers, sent[1])
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        sent = self._sent_keys.get(flow.id)
-        if sent is None or flow.response is None:
+        self._mask_sent_key(flow)
+        if flow.response is None or flow.id not in self._leases:
             return
-        mask_sent_key(flow.request.headers, sent[1])
         content_type = flow.response.headers.get("content-type", "")
         # Errors stay buffered so their bodies can be read and the request retried;
         # success streams as it comes. Our own retries are buffered: their response
@@ -394,10 +409,9 @@ class KimiRotator:
             flow.response.stream = True
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        sent = self._sent_keys.pop(flow.id, None)
-        if sent is None or flow.response is None:
+        self._mask_sent_key(flow)
+        if flow.response is None:
             return
-        mask_sent_key(flow.request.headers, sent[1])
         probe = self._probes.pop(flow.id, None)
         if probe is not None:
             self._apply_usage_answer(probe, flow.response)
@@ -406,7 +420,9 @@ class KimiRotator:
         if lease is None:
             return
         response = flow.response
-        body = None if response.stream else response.get_content(strict=False)
+        # Only error bodies say anything about the key; a success is never read.
+        readable = not response.stream and response.status_code >= 400
+        body = response.get_content(strict=False) if readable else None
         outcome = policy.classify(response.status_code, response.headers, body, now_ms())
         self._settle(flow, lease, outcome)
         if outcome.window is not None:
@@ -417,10 +433,7 @@ class KimiRotator:
             await self._retry_elsewhere(flow, lease)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        sent = self._sent_keys.pop(flow.id, None)
-        if sent is None:
-            return
-        mask_sent_key(flow.request.headers, sent[1])
+        self._mask_sent_key(flow)
         self._probes.pop(flow.id, None)
         lease = self._leases.pop(flow.id, None)
         if lease is None:

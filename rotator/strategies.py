@@ -24,6 +24,7 @@ STAY_HEALTHY = 70
 # Health-based favours keys unused longest: +1 point per idle minute, up to this many.
 FRESHNESS_MAX_POINTS = 10
 _MINUTE_MS = 60_000
+_BEST_POSSIBLE_SCORE = 100 + FRESHNESS_MAX_POINTS
 
 
 class Shortage(enum.Enum):
@@ -106,6 +107,8 @@ def _best_scored(accounts, now_ms, usable) -> int | None:
             score -= 1000  # only when no healthy key exists
         if score > best_score:
             best, best_score = i, score
+            if score >= _BEST_POSSIBLE_SCORE:
+                break  # nothing later can beat it, and ties keep the first
     return best
 
 
