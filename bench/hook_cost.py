@@ -2,7 +2,7 @@
 
 One iteration is what the addon does for one successful request, in its order:
 ``pool.acquire`` (choose a key) and ``replace_client_key`` (request hook),
-``placement.mask`` (responseheaders hook),
+``mask_sent_key`` (responseheaders hook),
 ``policy.classify`` and ``pool.release`` (response hook), with the three ``now_ms()``
 calls the hooks make. Each iteration is timed on its own with time.perf_counter_ns;
 the request headers it rewrites are made fresh, untimed, before it.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import _common as C  # noqa: E402
 from mitmproxy.http import Headers  # noqa: E402
 from rotator import policy  # noqa: E402
-from rotator.addon import now_ms, replace_client_key  # noqa: E402
+from rotator.addon import mask_sent_key, now_ms, replace_client_key  # noqa: E402
 from rotator.models import Account, AccountsFile  # noqa: E402
 from rotator.pool import KeyPool, Lease  # noqa: E402
 
@@ -115,7 +115,7 @@ def run_cell(strategy: str, scenario: str, keys: int, max_iters: int, max_s: flo
         t0 = clock()
         lease = pool.acquire(now_ms())
         placement = replace_client_key(headers, lease.key)
-        placement.mask(headers, lease.key)
+        mask_sent_key(headers, lease.key, placement)
         outcome = policy.classify(200, RESPONSE_HEADERS, RESPONSE_BODY, now_ms())
         pool.release(lease, outcome, now_ms())
         t1 = clock()

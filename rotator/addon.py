@@ -56,36 +56,63 @@ def parse_hosts(hosts: Sequence[str]) -> frozenset[str]:
 
 
 class KeyPlacement(NamedTuple):
-    """Where a pool key went in a request, so it can be masked with one write."""
+    """Where a pool key went in a request's headers, so masking it is one write."""
 
-    header: str
-    prefix: str
-
-    def put(self, headers: http.Headers, key: str) -> None:
-        headers[self.header] = self.prefix + key
-
-    def mask(self, headers: http.Headers, key: str) -> None:
-        self.put(headers, mask_key(key))
-
-
-X_API_KEY = KeyPlacement("x-api-key", "")
-BEARER = KeyPlacement("authorization", "Bearer ")
+    name: bytes  # lower-case header name
+    prefix: bytes  # b"Bearer " or b""
+    index: int  # position in headers.fields when it was put there
 
 
 def replace_client_key(headers: http.Headers, key: str) -> KeyPlacement:
     """Put `key` where the client put its own, and nowhere else.
 
-    Bearer clients get a Bearer header; everyone else gets x-api-key. Another kind of
-    Authorization (say Basic, for proxy auth in reverse mode) is left alone.
+    Bearer clients get a Bearer header; everyone else gets x-api-key (a client sending
+    both gets x-api-key only). Another kind of Authorization (say Basic, for proxy auth
+    in reverse mode) is left alone. Works on the raw fields in one pass: this runs for
+    every request, and each Headers lookup is a scan of its own.
     """
-    bearer = headers.get("authorization", "")[:7].lower() == "bearer "
-    if bearer and "x-api-key" not in headers:
-        BEARER.put(headers, key)
-        return BEARER
-    X_API_KEY.put(headers, key)
-    if bearer:
-        del headers["authorization"]
-    return X_API_KEY
+    fields = list(headers.fields)
+    api_key_at: list[int] = []
+    bearer_at: list[int] = []
+    for i, (name, value) in enumerate(fields):
+        lowered = name.lower()
+        if lowered == b"x-api-key":
+            api_key_at.append(i)
+        elif lowered == b"authorization" and value[:7].lower() == b"bearer ":
+            bearer_at.append(i)
+    secret = key.encode()
+    if bearer_at and not api_key_at:
+        placement = KeyPlacement(b"authorization", b"Bearer ", bearer_at[0])
+        fields[placement.index] = (fields[placement.index][0], b"Bearer " + secret)
+        drop = bearer_at[1:]
+    elif api_key_at:
+        placement = KeyPlacement(b"x-api-key", b"", api_key_at[0])
+        fields[placement.index] = (fields[placement.index][0], secret)
+        drop = api_key_at[1:] + bearer_at
+    else:
+        placement = KeyPlacement(b"x-api-key", b"", len(fields) - len(bearer_at))
+        drop = bearer_at
+        fields.append((b"x-api-key", secret))
+    for i in reversed(drop):
+        del fields[i]
+    headers.fields = tuple(fields)
+    return placement
+
+
+def mask_sent_key(headers: http.Headers, key: str, placement: KeyPlacement | None = None) -> None:
+    """Replace the pool key in a request that has gone upstream with its masked form."""
+    fields = headers.fields
+    secret = key.encode()
+    masked = mask_key(key).encode()
+    if placement is not None and placement.index < len(fields):
+        name, value = fields[placement.index]
+        if name.lower() == placement.name and value == placement.prefix + secret:
+            headers.fields = (
+                *fields[: placement.index], (name, placement.prefix + masked), *fields[placement.index + 1 :]
+            )
+            return
+    # Another addon moved things: look everywhere.
+    headers.fields = tuple((name, value.replace(secret, masked)) for name, value in fields)
 
 
 def parse_seconds(option: str, text: str, least: float, most: float) -> float:
@@ -156,7 +183,7 @@ class KimiRotator:
         loader.add_option(
             "kimi_max_attempts", int, 0,
             f"Attempts per request, each on another key, before the client gets the error. "
-            f"0: every key once, at most {DEFAULT_MAX_ATTEMPTS}.",
+            f"0: every key once plus one after waiting for a key, at most {DEFAULT_MAX_ATTEMPTS}.",
         )
         loader.add_option(
             "kimi_max_wait", str, f"{DEFAULT_MAX_WAIT_S:g}",
@@ -233,7 +260,7 @@ class KimiRotator:
         # Requests still waiting for an answer are saved as they are by `-w`'s final
         # write, which runs after this hook: mask their keys first.
         for flow, key, placement in self._sent_keys.values():
-            placement.mask(flow.request.headers, key)
+            mask_sent_key(flow.request.headers, key, placement)
         if self._flush_task is not None:
             self._flush_task.cancel()
             self._flush_task = None
@@ -378,8 +405,8 @@ class KimiRotator:
     def _send_with(self, flow: http.HTTPFlow, lease: Lease | UsageProbe) -> None:
         if isinstance(lease, UsageProbe):
             flow.request.headers.pop("x-api-key", None)
-            placement = BEARER
-            placement.put(flow.request.headers, lease.key)
+            flow.request.headers["authorization"] = "Bearer placeholder"
+            placement = replace_client_key(flow.request.headers, lease.key)
         else:
             placement = replace_client_key(flow.request.headers, lease.key)
             self._leases[flow.id] = lease
@@ -391,7 +418,7 @@ class KimiRotator:
         """Once the request has gone upstream, keep only the masked key in the flow."""
         sent = self._sent_keys.pop(flow.id, None)
         if sent is not None:
-            sent[2].mask(flow.request.headers, sent[1])
+            mask_sent_key(flow.request.headers, sent[1], sent[2])
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._mask_sent_key(flow)
@@ -488,6 +515,9 @@ class KimiRotator:
 
     async def _send_attempt(self, flow: http.HTTPFlow, lease: Lease) -> policy.Outcome:
         attempt = flow.copy()
+        # Marked as a replay, as mitmproxy's own client replay does, so proxyauth and
+        # other addons treat it as the already-admitted request it is.
+        attempt.is_replay = "request"
         attempt.response = None
         attempt.error = None
         attempt.comment = ""
@@ -555,12 +585,14 @@ class KimiRotator:
         configured = ctx.options.kimi_max_attempts
         if configured > 0:
             return configured
-        return max(1, min(DEFAULT_MAX_ATTEMPTS, len(self.pool.accounts)))
+        # Every key once, plus one on whichever frees up first within kimi_max_wait.
+        return max(1, min(DEFAULT_MAX_ATTEMPTS, len(self.pool.accounts) + 1))
 
     # -- a plan window's exact reset ---------------------------------------------------
     def _ask_usages(self, flow: http.HTTPFlow, key: str, window: policy.Window) -> None:
         """Ask /coding/v1/usages with the exhausted key when its window really resets."""
         probe_flow = flow.copy()
+        probe_flow.is_replay = "request"
         probe_flow.response = None
         probe_flow.error = None
         probe_flow.metadata.pop(METADATA_KEY, None)

@@ -264,7 +264,9 @@ class KeyPool:
         deadline = outcome.cooldown_until_ms
         if deadline is not None:
             level = account.cooldown_level
-            if outcome.verdict in BACKOFF_VERDICTS:
+            # Requests already in flight when the key first cooled are the same episode:
+            # only a refusal after the cooldown ended (the half-open probe) grows it.
+            if outcome.verdict in BACKOFF_VERDICTS and not was_cooling:
                 if level:
                     deadline = now_ms + min(MAX_BACKOFF_MS, max(0, deadline - now_ms) << level)
                 account.cooldown_level = change.cooldown_level = level + 1
@@ -356,4 +358,12 @@ class KeyPool:
         self._state = state
         self._index_by_key = {a.key: i for i, a in enumerate(state.accounts)}
         self._base_active_key = state.active_key()
-        self._at_cap = {k for k, n in self.in_flight.items() if n >= self.max_in_flight}
+        self._at_cap = {
+            key
+            for key, busy in self.in_flight.items()
+            if busy >= self.max_in_flight or (busy and self._is_half_open(key))
+        }
+
+    def _is_half_open(self, key: str) -> bool:
+        account = self.account(key)
+        return account is not None and account.cooldown_level > 0

@@ -8,7 +8,7 @@ from mitmproxy.http import Headers
 from mitmproxy.test import taddons, tflow, tutils
 
 from rotator import storage
-from rotator.addon import BEARER, X_API_KEY, KimiRotator, parse_hosts, replace_client_key
+from rotator.addon import KimiRotator, mask_sent_key, parse_hosts, replace_client_key
 from rotator.models import Account, AccountsFile
 from tests.conftest import fake_key
 
@@ -16,33 +16,42 @@ POOL_KEY = fake_key("pool0")
 
 
 @pytest.mark.parametrize(
-    "client_headers, expected, placement",
+    "client_headers, expected",
     [
-        ({"x-api-key": "placeholder"}, {"x-api-key": POOL_KEY}, X_API_KEY),
-        ({"Authorization": "Bearer placeholder"}, {"authorization": f"Bearer {POOL_KEY}"}, BEARER),
-        ({"Authorization": "bearer placeholder"}, {"authorization": f"Bearer {POOL_KEY}"}, BEARER),
-        ({}, {"x-api-key": POOL_KEY}, X_API_KEY),
+        ({"x-api-key": "placeholder"}, {"x-api-key": POOL_KEY}),
+        ({"Authorization": "Bearer placeholder"}, {"authorization": f"Bearer {POOL_KEY}"}),
+        ({"Authorization": "bearer placeholder"}, {"authorization": f"Bearer {POOL_KEY}"}),
+        ({}, {"x-api-key": POOL_KEY}),
         # Both sent: one key goes where Kimi reads it, the other header is dropped.
-        ({"x-api-key": "a", "Authorization": "Bearer b"}, {"x-api-key": POOL_KEY}, X_API_KEY),
+        ({"x-api-key": "a", "Authorization": "Bearer b"}, {"x-api-key": POOL_KEY}),
         # Basic auth (proxy auth in reverse mode) is not the client's Kimi key: kept.
         (
             {"Authorization": "Basic dXNlcjpwYXNz"},
             {"authorization": "Basic dXNlcjpwYXNz", "x-api-key": POOL_KEY},
-            X_API_KEY,
         ),
     ],
 )
-def test_the_pool_key_goes_where_the_client_put_its_own(client_headers, expected, placement):
+def test_the_pool_key_goes_where_the_client_put_its_own(client_headers, expected):
     headers = Headers(**{"user-agent": "claude-cli/1.0", "x-msh-platform": "x"})
     for name, value in client_headers.items():
         headers[name] = value
-    assert replace_client_key(headers, POOL_KEY) == placement
+    placement = replace_client_key(headers, POOL_KEY)
     credentials = {k.lower(): v for k, v in headers.items() if k.lower() in ("x-api-key", "authorization")}
     assert credentials == expected
     assert headers["user-agent"] == "claude-cli/1.0" and headers["x-msh-platform"] == "x"
-    placement.mask(headers, POOL_KEY)
+    mask_sent_key(headers, POOL_KEY, placement)
     assert POOL_KEY not in str(headers.fields)
-    assert f"{POOL_KEY[:6]}…{POOL_KEY[-4:]}" in headers[placement.header]
+    assert f"{POOL_KEY[:6]}…{POOL_KEY[-4:]}" in headers[placement.name.decode()]
+
+
+def test_masking_finds_the_key_even_if_another_addon_moved_it():
+    headers = Headers(**{"x-api-key": "placeholder"})
+    placement = replace_client_key(headers, POOL_KEY)
+    headers.insert(0, "x-other", "1")
+    headers["x-copied"] = POOL_KEY
+    mask_sent_key(headers, POOL_KEY, placement)
+    assert POOL_KEY.encode() not in b"".join(v for _, v in headers.fields)
+    assert headers["x-api-key"] == headers["x-copied"] == f"{POOL_KEY[:6]}…{POOL_KEY[-4:]}"
 
 
 @pytest.mark.parametrize("hosts", [[], ["https://api.kimi.com"], ["api.kimi.com/coding"], ["api.kimi.com:443"]])
