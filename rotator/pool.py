@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from rotator.health import apply_health_delta, clamp_health
+from rotator.health import HEALTH_MAX, apply_health_delta, clamp_health
 from rotator.keys import mask_key
 from rotator.models import Account, AccountsFile
 from rotator.policy import Outcome, Verdict
@@ -245,13 +245,16 @@ class KeyPool:
             )
         change = self.pending.for_key(lease.key)
         was_cooling = account.rate_limit_reset_time > now_ms
-        if outcome.health_delta:
-            self._add_health(account, change, outcome.health_delta, now_ms)
+        delta = outcome.health_delta
+        if delta < 0 or (delta > 0 and account.health_score < HEALTH_MAX):
+            self._add_health(account, change, delta, now_ms)
         event: str | None = None
         if outcome.counts_as_success:
             account.successful_requests += 1
             change.successes += 1
-            account.consecutive_failures = change.consecutive_failures = 0
+            change.consecutive_failures = 0
+            if account.consecutive_failures:
+                account.consecutive_failures = 0
             if account.cooldown_level:
                 account.cooldown_level = change.cooldown_level = 0
                 event = f"key {lease.label} recovered: back to full traffic"
