@@ -26,6 +26,7 @@ the repository root prepended to ``PYTHONPATH`` (so a ``-s`` script can
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -36,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK_DNS = Path(__file__).resolve().parent / "loopback_dns.py"
@@ -291,3 +292,31 @@ def start_fake_kimi_process(*extra_args: str, timeout: float = 10.0
         raise RuntimeError(f"fake_kimi did not start:\n{out.text()}")
     proc._collector = out  # type: ignore[attr-defined]  # keep the pipe drained
     return proc, int(m.group(1))
+
+
+# -- waiting for, and reading, what a proxy left behind ------------------------------
+
+def poll(probe: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
+    """probe() until it returns something truthy or `timeout` s pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def accounts_on_disk(path: Path) -> list[dict[str, Any]]:
+    """The accounts in the file as raw JSON objects (camelCase), [] if there is no file."""
+    if not path.exists():
+        return []
+    return json.loads(path.read_text())["accounts"]
+
+
+def saved_flows(dump: Path) -> tuple[bytes, list[Any]]:
+    """A `-w` dump's raw bytes (to search for keys) and its flows."""
+    from mitmproxy import io as mitm_io
+
+    raw = dump.read_bytes()
+    with dump.open("rb") as f:
+        return raw, list(mitm_io.FlowReader(f).stream())

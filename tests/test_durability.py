@@ -37,7 +37,7 @@ from rotator.addon import KimiRotator
 from rotator.models import Account, AccountsFile
 from tests.conftest import fake_key
 from tests.fake_kimi import MESSAGES_PATH, FakeKimi
-from tests.harness import REPO_ROOT, Proxy
+from tests.harness import REPO_ROOT, Proxy, poll
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"x-api-key": "sk-kimi-placeholder", "User-Agent": "claude-cli/2.0.14 (external, cli)"}
@@ -119,14 +119,6 @@ def fake_counts(fake: FakeKimi, keys: list[str]) -> dict[str, tuple[int, int]]:
     seen = fake.count_by_key()
     return {k: (seen.get(k, 0), seen.get(k, 0)) for k in keys}
 
-
-def poll(probe: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 def caught_up(path: Path, fake: FakeKimi, keys: list[str], timeout: float = 3.0) -> bool:

@@ -21,19 +21,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from mitmproxy import io as mitm_io
 
 from rotator.keys import mask_key
 from tests.conftest import fake_key
 from tests.fake_kimi import MESSAGES_PATH, USAGES_PATH, FakeKimi, SeenRequest, kimi_error
-from tests.harness import REPO_ROOT, Proxy, _child_env
+from tests.harness import REPO_ROOT, Proxy, _child_env, poll, saved_flows
+from tests.harness import accounts_on_disk as accounts
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 PLACEHOLDER = "sk-kimi-placeholder"
@@ -64,18 +63,6 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def accounts(path: Path) -> list[dict[str, Any]]:
-    return json.loads(path.read_text())["accounts"]
-
-
-def poll(probe: Callable[[], Any], timeout: float = FILE_DEADLINE_S, interval: float = 0.05) -> Any:
-    """probe() until it returns something truthy or `timeout` s pass; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 def messages_by(fake: FakeKimi, key: str) -> list[SeenRequest]:
@@ -162,7 +149,7 @@ def test_limited_keys_are_skipped_and_cooled_with_exact_resets(
     def key1_exact() -> bool:
         return accounts(accounts_path)[1]["rateLimitResetTime"] == weekly_reset_s * 1000
 
-    assert poll(key1_exact), accounts(accounts_path)[1]
+    assert poll(key1_exact, FILE_DEADLINE_S), accounts(accounts_path)[1]
     assert proxy.stop() == 0, proxy.output()
 
     on_disk = accounts(accounts_path)
@@ -232,7 +219,7 @@ def test_every_key_weekly_limited_429_uses_the_exact_resets(
         first = send(c, proxy)
         assert first.status_code == 429, first.text
         exact = [reset * 1000 for reset in resets]
-        assert poll(lambda: [a["rateLimitResetTime"] for a in accounts(accounts_path)] == exact), (
+        assert poll(lambda: [a["rateLimitResetTime"] for a in accounts(accounts_path)] == exact, FILE_DEADLINE_S), (
             accounts(accounts_path)
         )
         r = send(c, proxy)
@@ -295,7 +282,8 @@ def test_disabled_and_cooling_keys_come_back_only_through_the_cli(
         assert len(messages_by(fake_kimi, keys[0])) == 1  # the 401, then never again
         assert len(messages_by(fake_kimi, keys[1])) == 1  # the 429, then cooling
         assert poll(lambda: accounts(accounts_path)[0].get("disabledReason")
-                    and accounts(accounts_path)[1]["rateLimitResetTime"] > now_ms()), accounts(accounts_path)
+                    and accounts(accounts_path)[1]["rateLimitResetTime"] > now_ms(),
+                    FILE_DEADLINE_S), accounts(accounts_path)
         assert len(alert_lines(proxy, mask_key(keys[0]), "disabled")) == 1, proxy.output()
         fake_kimi.clear_responses(keys[0])  # both keys would work again now
 
@@ -403,11 +391,9 @@ def test_saved_dump_lists_every_attempt_without_keys(
     assert r.status_code == 200, r.text
     assert proxy.stop() == 0, proxy.output()
 
-    raw = dump.read_bytes()
+    raw, flows = saved_flows(dump)
     for key in keys:
         assert key.encode() not in raw
-    with dump.open("rb") as f:
-        flows = list(mitm_io.FlowReader(f).stream())
     originals = [f for f in flows if "attempts" in f.metadata.get("kimi_rotator", {})
                  and "retry_of" not in f.metadata["kimi_rotator"]]
     assert len(originals) == 1, [f.metadata for f in flows]
@@ -549,8 +535,7 @@ def test_retry_works_behind_proxyauth(fake_kimi, two_keys, write_accounts, start
     assert proxy.stop() == 0
     assert r.status_code == 200, (r.status_code, r.text)
     assert [(s.key, s.status) for s in fake_kimi.message_requests()] == [(keys[0], 429), (keys[1], 200)]
-    with dump.open("rb") as f:
-        replays = [f for f in mitm_io.FlowReader(f).stream() if "retry_of" in f.metadata.get("kimi_rotator", {})]
+    replays = [f for f in saved_flows(dump)[1] if "retry_of" in f.metadata.get("kimi_rotator", {})]
     assert [f.is_replay for f in replays] == ["request"]
 
 

@@ -18,18 +18,17 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from mitmproxy import io as mitm_io
 
 from rotator.keys import mask_key
 from tests.conftest import fake_key
 from tests.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
-from tests.harness import REPO_ROOT, Proxy
+from tests.harness import REPO_ROOT, Proxy, accounts_on_disk, poll, saved_flows
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 PLACEHOLDER = "sk-kimi-placeholder"
@@ -81,20 +80,6 @@ def send(c: httpx.Client, base: str, key: str | None = PLACEHOLDER, *, bearer: b
     return c.post(base + MESSAGES_PATH, json=body, headers=sent)
 
 
-def accounts_on_disk(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return json.loads(path.read_text())["accounts"]
-
-
-def poll(probe: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
-    """probe() until it returns something truthy or `timeout` s pass; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 def counts_match(path: Path, fake: FakeKimi, keys: list[str]) -> bool:
@@ -444,11 +429,9 @@ def test_saved_flows_name_account_masked_key_and_outcome(
     assert fake_kimi.keys_seen() == [keys[0], keys[1], keys[2], keys[0]]
     assert proxy.stop() == 0, proxy.output()
 
-    raw = dump.read_bytes()
+    raw, flows = saved_flows(dump)
     for key in keys:
         assert key.encode() not in raw
-    with dump.open("rb") as f:
-        flows = list(mitm_io.FlowReader(f).stream())
     assert len(flows) == 4
     expected = [(0, "success"), (1, "rate_limited"), (2, "success"), (0, "success")]
     for flow, (index, outcome) in zip(flows, expected):
@@ -476,11 +459,9 @@ def test_saved_flows_of_a_retried_request_list_every_attempt(
     assert fake_kimi.keys_seen() == [keys[0], keys[1]]
     assert proxy.stop() == 0, proxy.output()
 
-    raw = dump.read_bytes()
+    raw, flows = saved_flows(dump)
     for key in keys:
         assert key.encode() not in raw
-    with dump.open("rb") as f:
-        flows = list(mitm_io.FlowReader(f).stream())
     client_flows = [f for f in flows if "retry_of" not in f.metadata["kimi_rotator"]]
     assert len(client_flows) == 1
     flow = client_flows[0]
