@@ -271,8 +271,8 @@ class KimiRotator:
             except Exception:
                 logger.exception("kimi-rotator: saving the accounts file failed")
             self._saving = None
-        # Shutting down: a last synchronous save is what keeps the counts exact.
-        self._flush_now()
+        # Shutting down: a last save is what keeps the counts exact.
+        await self._flush()
 
     def _warn_if_listening_beyond_loopback(self) -> None:
         proxyserver = ctx.master.addons.get("proxyserver")
@@ -302,23 +302,12 @@ class KimiRotator:
             self._saving = None
 
     async def _flush(self) -> None:
+        """Merge our changes into the file (or pick up the CLI's) in a worker thread."""
         if self.path is None:
             return
         taken, base_active_key = self.pool.take_pending()
         try:
             result = await asyncio.to_thread(self._sync, self.path, taken, base_active_key, self._signature)
-        except storage.AccountsFileError as e:
-            self.pool.give_back(taken)
-            self._note_file_problem(e)
-            return
-        self._adopt(result)
-
-    def _flush_now(self) -> None:
-        if self.path is None:
-            return
-        taken, base_active_key = self.pool.take_pending()
-        try:
-            result = self._sync(self.path, taken, base_active_key, self._signature)
         except storage.AccountsFileError as e:
             self.pool.give_back(taken)
             self._note_file_problem(e)

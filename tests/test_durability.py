@@ -400,7 +400,7 @@ class _WriteRightAfterUnlock:
         return wrapped
 
 
-def test_a_change_right_after_a_flush_is_still_picked_up(tmp_path, keys, monkeypatch):
+async def test_a_change_right_after_a_flush_is_still_picked_up(tmp_path, keys, monkeypatch):
     path = tmp_path / "accounts.json"
     storage.write_accounts(path, AccountsFile(accounts=[Account(key=k) for k in keys[:2]]))
     hook = _WriteRightAfterUnlock(path, keys[2])
@@ -410,11 +410,11 @@ def test_a_change_right_after_a_flush_is_still_picked_up(tmp_path, keys, monkeyp
         tctx.configure(addon, kimi_accounts=str(path))
         addon.pool.acquire(int(time.time() * 1000))  # something to save
         hook.armed = True
-        addon._flush_now()  # what every flush does: merge under the lock, then remember
+        await addon._flush()  # what every flush does: merge under the lock, then remember
         assert hook.fired
         assert len(storage.read_accounts(path).accounts) == 3
         for _ in range(3):  # idle flushes: nothing of ours to save, only the file to watch
-            addon._flush_now()
+            await addon._flush()
         assert [a.key for a in addon.pool.accounts] == keys
 
 
