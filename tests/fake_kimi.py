@@ -180,6 +180,15 @@ def kimi_error(name: str, *, envelope: str = "anthropic") -> tuple[int, dict]:
 # --------------------------------------------------------------------------
 
 
+def origin_form(target: str) -> str:
+    """The path of a request target; servers must accept absolute-form (RFC 9112 3.2.2),
+    which a proxy in front of us may send."""
+    if "://" in target:
+        rest = target.split("://", 1)[1]
+        return "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+    return target
+
+
 @dataclass
 class SeenRequest:
     """One request as the fake server received it."""
@@ -611,7 +620,7 @@ class FakeKimi:
                 key = auth[7:].strip() or None
         now = time.time()
         with self._lock:
-            seen = SeenRequest(next(self._numbers), h.command, h.path, raw, low, key,
+            seen = SeenRequest(next(self._numbers), h.command, origin_form(h.path), raw, low, key,
                                body, now, time.monotonic())
             self.total += 1
             if self.record:

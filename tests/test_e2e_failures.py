@@ -17,6 +17,7 @@ Figures are chosen so the outcome does not depend on timing:
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 import threading
@@ -31,7 +32,8 @@ import pytest
 from rotator.keys import mask_key
 from tests.conftest import fake_key
 from tests.fake_kimi import MESSAGES_PATH, USAGES_PATH, FakeKimi, SeenRequest, kimi_error
-from tests.harness import REPO_ROOT, Proxy, _child_env, poll, saved_flows
+from tests.conftest import ADDON_SCRIPT
+from tests.harness import LOOPBACK_DNS, REPO_ROOT, Proxy, _child_env, poll, saved_flows, start_mitmdump
 from tests.harness import accounts_on_disk as accounts
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
@@ -598,3 +600,48 @@ def test_recovering_key_takes_one_request_at_a_time(
             t.join(CLIENT_TIMEOUT_S)
     assert results == [200] * 3
     assert fake_kimi.max_in_flight_by_key()[keys[0]] == 1, fake_kimi.max_in_flight_by_key()
+
+
+def test_retry_goes_out_through_the_same_upstream_proxy_and_tls_trust(
+    fake_kimi, two_keys, write_accounts, accounts_path, tmp_path
+):
+    """A corporate setup: our proxy forwards to an upstream proxy whose CA it must trust.
+
+    The retried attempt must take the same way as the first, or it fails for such users.
+    """
+    keys = two_keys
+    write_accounts(keys, "round-robin")
+    fake_kimi.set_kimi_error(keys[0], "overloaded", times=1)
+    corporate_dump = tmp_path / "corporate.flows"
+    corporate = start_mitmdump(
+        addons=[LOOPBACK_DNS], options={"loopback_dns_port": str(fake_kimi.port)},
+        confdir=tmp_path / "corporate", extra_args=("-w", str(corporate_dump)),
+    )
+    ours = None
+    try:
+        ours = start_mitmdump(
+            addons=[ADDON_SCRIPT],
+            mode=f"upstream:http://127.0.0.1:{corporate.port}",
+            options={
+                "kimi_accounts": str(accounts_path),
+                # The upstream proxy intercepts TLS: trust its CA, as such users must.
+                "ssl_verify_upstream_trusted_ca": str(corporate.ca_cert),
+            },
+            confdir=tmp_path / "ours",
+        )
+        trust_ours = ssl.create_default_context(cafile=str(ours.ca_cert))
+        with httpx.Client(proxy=ours.url, verify=trust_ours, trust_env=False, timeout=CLIENT_TIMEOUT_S) as c:
+            r = c.post("https://api.kimi.com" + MESSAGES_PATH, json=MSG, headers=CLIENT_HEADERS)
+        assert r.status_code == 200, (r.text, ours.output())
+        seen = fake_kimi.message_requests()
+        assert [(s.key, s.status) for s in seen] == [(keys[0], 429), (keys[1], 200)]
+    finally:
+        if ours is not None:
+            ours.stop()
+        corporate.stop()
+    # Both attempts went through the corporate proxy, in TLS it terminated with the CA
+    # we were told to trust (a retry sent any other way would have failed or bypassed it).
+    _, flows = saved_flows(corporate_dump)
+    assert [f.metadata["loopback_dns.original"] for f in flows] == [["https", "api.kimi.com", 443]] * 2
+    assert [f.client_conn.tls_established for f in flows] == [True, True]
+    assert [f.request.headers["x-api-key"] for f in flows] == keys  # each attempt its own key
