@@ -194,17 +194,21 @@ def classify(
     )
 
 
-_SUCCESS = Outcome(
-    verdict=Verdict.SUCCESS,
-    retry_elsewhere=False,
-    health_delta=HEALTH_SUCCESS,
-    cooldown_until_ms=None,
-    disable=False,
-    window=None,
-    reason=RULES[0].reason,
-    counts_as_success=True,
-)
+def _no_cooldown(verdict: Verdict, health_delta: int, reason: str) -> Outcome:
+    """An outcome that neither cools, disables nor retries: it only counts."""
+    return Outcome(
+        verdict=verdict,
+        retry_elsewhere=False,
+        health_delta=health_delta,
+        cooldown_until_ms=None,
+        disable=False,
+        window=None,
+        reason=reason,
+        counts_as_success=verdict is Verdict.SUCCESS,
+    )
 
+
+_SUCCESS = _no_cooldown(Verdict.SUCCESS, HEALTH_SUCCESS, RULES[0].reason)
 
 # mitmproxy's words when the client, not Kimi, ended the exchange: HTTP/1 clients
 # closing, HTTP/2 clients cancelling a stream, a person killing the flow.
@@ -223,26 +227,9 @@ def classify_connection_error(message: str, now_ms: int, answered_status: int | 
     if any(phrase in detail.casefold() for phrase in CLIENT_GONE_PHRASES):
         if answered_status is not None and 200 <= answered_status < 400:
             return _SUCCESS
-        return Outcome(
-            verdict=Verdict.CLIENT_GONE,
-            retry_elsewhere=False,
-            health_delta=HEALTH_NEUTRAL,
-            cooldown_until_ms=None,
-            disable=False,
-            window=None,
-            reason=f"the client ended the request: {detail}",
-            counts_as_success=False,
-        )
-    return Outcome(
-        verdict=Verdict.UPSTREAM_FAULT,
-        retry_elsewhere=False,
-        health_delta=HEALTH_FAILURE,
-        cooldown_until_ms=None,
-        disable=False,
-        window=None,
-        reason=f"connection to Kimi failed: {detail}" if detail else "connection to Kimi failed",
-        counts_as_success=False,
-    )
+        return _no_cooldown(Verdict.CLIENT_GONE, HEALTH_NEUTRAL, f"the client ended the request: {detail}")
+    reason = f"connection to Kimi failed: {detail}" if detail else "connection to Kimi failed"
+    return _no_cooldown(Verdict.UPSTREAM_FAULT, HEALTH_FAILURE, reason)
 
 
 def find_rule(status: int, match_text: str) -> Rule:
