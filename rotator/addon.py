@@ -552,13 +552,11 @@ class KimiRotator:
                 lease = self.pool.acquire(now)
                 if isinstance(lease, Lease):
                     return lease
-            if lease.shortage in (Shortage.ALL_COOLING, Shortage.THROTTLED):
-                assert lease.available_at_ms is not None
-                if lease.available_at_ms > deadline_ms:
-                    return lease
-                wait_ms = lease.available_at_ms - now
-            elif lease.shortage is Shortage.ALL_SKIPPED and self.pool.is_busy() and now < deadline_ms:
-                wait_ms = deadline_ms - now
+            frees_at = lease.available_at_ms
+            if frees_at is not None and frees_at <= deadline_ms:
+                wait_ms = frees_at - now  # a cooldown or the shared pause ends in time
+            elif self.pool.is_busy(tried) and now < deadline_ms:
+                wait_ms = deadline_ms - now  # a key at its in-flight cap; woken on release
             else:
                 return lease
             released = self._key_released

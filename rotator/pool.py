@@ -219,9 +219,7 @@ class KeyPool:
         change.last_used = now_ms
         busy = self.in_flight.get(key, 0) + 1
         self.in_flight[key] = busy
-        # A key back from a cooldown (half-open) takes one request until it succeeds.
-        if busy >= self.max_in_flight or account.cooldown_level > 0:
-            self._at_cap.add(key)
+        self._update_cap(key, busy, account)
         return Lease(key, chosen, account.name)
 
     def release(self, lease: Lease, outcome: Outcome, now_ms: int) -> str | None:
@@ -231,10 +229,23 @@ class KeyPool:
             self.in_flight[lease.key] = busy
         else:
             self.in_flight.pop(lease.key, None)
-        self._at_cap.discard(lease.key)
         account = self.account(lease.key)
         if account is None:
+            self._at_cap.discard(lease.key)
             return None  # removed while the request was in flight
+        event = self._account_outcome(lease, account, outcome, now_ms)
+        self._update_cap(lease.key, busy, account)
+        return event
+
+    def _update_cap(self, key: str, busy: int, account: Account) -> None:
+        """A key at its in-flight cap is not chosen. A key back from a cooldown
+        (half-open) has a cap of one until a request on it succeeds."""
+        if busy >= self.max_in_flight or (busy and account.cooldown_level):
+            self._at_cap.add(key)
+        else:
+            self._at_cap.discard(key)
+
+    def _account_outcome(self, lease: Lease, account: Account, outcome: Outcome, now_ms: int) -> str | None:
         if outcome.verdict is Verdict.RATE_LIMITED:
             throttle = self._detect_throttle(lease.key, now_ms)
             if throttle is not None:
@@ -361,12 +372,8 @@ class KeyPool:
         self._state = state
         self._index_by_key = {a.key: i for i, a in enumerate(state.accounts)}
         self._base_active_key = state.active_key()
-        self._at_cap = {
-            key
-            for key, busy in self.in_flight.items()
-            if busy >= self.max_in_flight or (busy and self._is_half_open(key))
-        }
-
-    def _is_half_open(self, key: str) -> bool:
-        account = self.account(key)
-        return account is not None and account.cooldown_level > 0
+        self._at_cap = set()
+        for key, busy in self.in_flight.items():
+            account = self.account(key)
+            if account is not None:
+                self._update_cap(key, busy, account)

@@ -78,7 +78,7 @@ def choose_key(
         # round-robin serves the active key; sticky moves on from it.
         start = active if strategy == "round-robin" else active + 1
         chosen = _first_in_order(accounts, start, now_ms, usable)
-    return chosen if chosen is not None else _why_unavailable(accounts, now_ms, skip)
+    return chosen if chosen is not None else _why_unavailable(accounts, now_ms)
 
 
 def _first_in_order(accounts, start, now_ms, usable) -> int | None:
@@ -112,15 +112,12 @@ def _best_scored(accounts, now_ms, usable) -> int | None:
     return best
 
 
-def _why_unavailable(accounts: Sequence[Account], now_ms: int, skip: Container[int]) -> Unavailable:
-    enabled = [i for i, a in enumerate(accounts) if a.disabled_reason is None]
+def _why_unavailable(accounts: Sequence[Account], now_ms: int) -> Unavailable:
+    # Nothing was chosen, so every enabled key is cooling, skipped, or both.
+    enabled = [a for a in accounts if a.disabled_reason is None]
     if not enabled:
         return Unavailable(Shortage.ALL_DISABLED)
-    deadlines = [
-        accounts[i].rate_limit_reset_time
-        for i in enabled
-        if i not in skip and accounts[i].rate_limit_reset_time > now_ms
-    ]
+    deadlines = [a.rate_limit_reset_time for a in enabled if a.rate_limit_reset_time > now_ms]
     if deadlines:
         return Unavailable(Shortage.ALL_COOLING, min(deadlines))
     return Unavailable(Shortage.ALL_SKIPPED)

@@ -239,3 +239,15 @@ def test_failed_flush_gives_its_changes_back():
     taken, _ = pool.take_pending()
     assert taken.changes[KEYS[0]].requests == 2
     assert taken.changes[KEYS[0]].successes == 2
+
+
+def test_a_half_open_key_stays_held_while_an_earlier_request_is_still_out():
+    pool = KeyPool(state(2, strategy="sticky"))
+    first, second = pool.acquire(NOW), pool.acquire(NOW)
+    pool.accounts[0].cooldown_level = 1  # it cooled and came back meanwhile
+    neutral = policy.classify(400, {}, b'{"error":{"message":"bad request"}}', NOW)
+    pool.release(first, neutral, NOW)
+    # One request is still out on the recovering key: it takes no other.
+    assert pool.acquire(NOW, tried={KEYS[1]}) == Unavailable(Shortage.ALL_SKIPPED)
+    pool.release(second, neutral, NOW)
+    assert pool.acquire(NOW, tried={KEYS[1]}).index == 0
