@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from rotator.health import HEALTH_MAX, apply_health_delta, clamp_health
 from rotator.keys import mask_key
@@ -122,9 +123,9 @@ def _apply_change(account: Account, change: PendingChange) -> None:
             setattr(account, name, value)
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """One attempt's hold on a key, from choice to outcome."""
+class Lease(NamedTuple):
+    """One attempt's hold on a key, from choice to outcome (made once per request:
+    a NamedTuple is the cheapest immutable record)."""
 
     key: str
     index: int

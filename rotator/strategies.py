@@ -67,10 +67,11 @@ def choose_key(
         return i not in skip and is_usable(accounts[i], now_ms)
 
     current = accounts[active]
-    if strategy == "sticky" and usable(active) and _is_healthy(current, now_ms):
-        return active
-    if strategy == "health-based" and usable(active):
-        if effective_health(current, now_ms) >= STAY_HEALTHY:
+    if usable(active):
+        # The common case, decided without looking at other keys: sticky stays, and
+        # round-robin serves the key whose turn it is, while it is healthy.
+        floor = STAY_HEALTHY if strategy == "health-based" else HEALTH_SKIP_BELOW
+        if effective_health(current, now_ms) >= floor:
             return active
     if strategy == "health-based":
         chosen = _best_scored(accounts, now_ms, usable)
