@@ -89,6 +89,10 @@ def read_accounts(path: Path) -> AccountsFile:
 
 def parse_accounts(path: Path, raw: bytes) -> AccountsFile:
     try:
+        return AccountsFile.model_validate_json(raw)  # the fast path, for good files
+    except ValidationError:
+        pass  # read it again the slow way, to say exactly what is wrong
+    try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AccountsFileError(path, f"not valid JSON ({e})") from e
@@ -106,7 +110,10 @@ def parse_accounts(path: Path, raw: bytes) -> AccountsFile:
 
 def write_accounts(path: Path, state: AccountsFile) -> None:
     """Replace the file atomically with `state` (mode 0600, its folder 0700)."""
-    data = state.to_json().encode()
+    _write_bytes(path, state.to_json().encode())
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
     try:
         _ensure_private_dir(path.parent)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -145,8 +152,10 @@ def update_accounts_signed(
         current = read_accounts(path)
         before = current.to_json() if path.exists() else None
         changed = change(current)
-        if changed is not None and changed.to_json() != before:
-            write_accounts(path, changed)
+        if changed is not None:
+            after = changed.to_json()
+            if after != before:
+                _write_bytes(path, after.encode())
         return (current if changed is None else changed), file_signature(path)
 
 
