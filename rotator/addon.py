@@ -24,6 +24,7 @@ from rotator import access, policy, storage
 from rotator.keys import mask_key
 from rotator.models import AccountsFile
 from rotator.pool import DEFAULT_MAX_IN_FLIGHT, KeyPool, Lease, Pending, apply_pending
+from rotator.reset_times import seconds_until
 from rotator.responses import anthropic_error
 from rotator.strategies import Shortage, Unavailable
 from rotator.usage import USAGES_PATH, window_reset
@@ -393,11 +394,11 @@ class KimiRotator:
 
     def _send_with(self, flow: http.HTTPFlow, lease: Lease | UsageProbe) -> None:
         if isinstance(lease, UsageProbe):
+            # /usages wants the key as Bearer, whatever the client used.
             flow.request.headers.pop("x-api-key", None)
             flow.request.headers["authorization"] = "Bearer placeholder"
-            placement = replace_client_key(flow.request.headers, lease.key)
-        else:
-            placement = replace_client_key(flow.request.headers, lease.key)
+        placement = replace_client_key(flow.request.headers, lease.key)
+        if isinstance(lease, Lease):
             self._leases[flow.id] = lease
             attempts = flow.metadata.setdefault(METADATA_KEY, {}).setdefault("attempts", [])
             attempts.append(_attempt_record(lease))
@@ -502,27 +503,37 @@ class KimiRotator:
             if isinstance(available, Unavailable):
                 flow.response = self._unavailable_response(available)
 
-    async def _send_attempt(self, flow: http.HTTPFlow, lease: Lease) -> policy.Outcome:
-        attempt = flow.copy()
+    def _copy_to_resend(self, flow: http.HTTPFlow, lease: Lease | UsageProbe, note: dict[str, str]) -> http.HTTPFlow:
+        """A fresh copy of `flow`'s request that our `request` hook will send with `lease`."""
+        copy = flow.copy()
         # Marked as a replay, as mitmproxy's own client replay does, so proxyauth and
         # other addons treat it as the already-admitted request it is.
-        attempt.is_replay = "request"
-        attempt.response = None
-        attempt.error = None
-        attempt.comment = ""
-        attempt.metadata.pop(METADATA_KEY, None)
-        attempt.metadata[METADATA_KEY] = {"retry_of": flow.id}
-        self._planned[attempt.id] = lease
+        copy.is_replay = "request"
+        copy.response = None
+        copy.error = None
+        copy.comment = ""
+        copy.metadata[METADATA_KEY] = note
+        self._planned[copy.id] = lease
+        return copy
+
+    async def _replay(self, copy: http.HTTPFlow) -> None:
+        """Send a copy through mitmproxy (same upstream mode and TLS settings as any flow)."""
+        try:
+            await ReplayHandler(copy, ctx.options).replay()
+        finally:
+            self._planned.pop(copy.id, None)
+            self._sent_keys.pop(copy.id, None)
+
+    async def _send_attempt(self, flow: http.HTTPFlow, lease: Lease) -> policy.Outcome:
+        attempt = self._copy_to_resend(flow, lease, {"retry_of": flow.id})
         self._attempt_outcomes[attempt.id] = None
         try:
-            await ReplayHandler(attempt, ctx.options).replay()
+            await self._replay(attempt)
         except Exception as e:  # a failed resend must not take the client's answer with it
             logger.exception("kimi-rotator: resending on another key failed")
             if self._leases.pop(attempt.id, None) is not None:
                 self.pool.release(lease, policy.classify_connection_error(str(e), now_ms()), now_ms())
         finally:
-            self._planned.pop(attempt.id, None)
-            self._sent_keys.pop(attempt.id, None)
             outcome = self._attempt_outcomes.pop(attempt.id, None)
         # The client's flow shows the (masked) key that gave its answer.
         for name in ("x-api-key", "authorization"):
@@ -578,32 +589,25 @@ class KimiRotator:
     # -- a plan window's exact reset ---------------------------------------------------
     def _ask_usages(self, flow: http.HTTPFlow, key: str, window: policy.Window) -> None:
         """Ask /coding/v1/usages with the exhausted key when its window really resets."""
-        probe_flow = flow.copy()
-        probe_flow.is_replay = "request"
-        probe_flow.response = None
-        probe_flow.error = None
-        probe_flow.metadata.pop(METADATA_KEY, None)
-        probe_flow.metadata[METADATA_KEY] = {"usage_probe": mask_key(key)}
+        probe = UsageProbe(key, window)
+        probe_flow = self._copy_to_resend(flow, probe, {"usage_probe": mask_key(key)})
         request = probe_flow.request
         request.method = "GET"
         request.path = USAGES_PATH
         request.content = b""
         request.headers.pop("content-type", None)
-        self._planned[probe_flow.id] = UsageProbe(key, window)
-        self._probes[probe_flow.id] = UsageProbe(key, window)
+        self._probes[probe_flow.id] = probe
         task = asyncio.get_running_loop().create_task(self._send_probe(probe_flow))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _send_probe(self, probe_flow: http.HTTPFlow) -> None:
         try:
-            await ReplayHandler(probe_flow, ctx.options).replay()
+            await self._replay(probe_flow)
         except Exception:
             logger.warning("kimi-rotator: asking Kimi for the exact reset time failed", exc_info=True)
         finally:
-            self._planned.pop(probe_flow.id, None)
             self._probes.pop(probe_flow.id, None)
-            self._sent_keys.pop(probe_flow.id, None)
 
     def _apply_usage_answer(self, probe: UsageProbe, response: http.Response) -> None:
         if response.status_code != 200:
@@ -637,7 +641,7 @@ class KimiRotator:
         now = now_ms()
         wait_s = 1
         if why.available_at_ms is not None:
-            wait_s = max(1, -(-(why.available_at_ms - now) // 1000))
+            wait_s = max(1, seconds_until(why.available_at_ms, now))
         return anthropic_error(
             429, "rate_limit_error",
             f"kimi-rotator: {why.shortage.value}; the next key is free in {wait_s} s. "
@@ -652,7 +656,7 @@ class KimiRotator:
             if account.disabled_reason is not None:
                 parts.append(f"{label} disabled ({account.disabled_reason})")
             elif account.rate_limit_reset_time > now:
-                seconds = -(-(account.rate_limit_reset_time - now) // 1000)
+                seconds = seconds_until(account.rate_limit_reset_time, now)
                 parts.append(f"{label} free in {seconds} s")
             else:
                 parts.append(f"{label} busy")

@@ -28,6 +28,7 @@ from typing import NoReturn, TextIO
 from rotator.health import HEALTH_SKIP_BELOW, effective_health
 from rotator.keys import KEY_PREFIX, is_kimi_key, mask_key
 from rotator.models import STRATEGIES, Account, AccountsFile
+from rotator.reset_times import seconds_until
 from rotator.storage import (
     AccountsFileError,
     read_accounts,
@@ -149,7 +150,7 @@ def _plural(count: int, word: str) -> str:
 
 def format_duration(ms: int) -> str:
     """`4m 12s`, `45s`, `2h 05m`, `3d 4h`; rounded up so it never shows 0s while waiting."""
-    seconds = max(0, -(-ms // 1000))
+    seconds = seconds_until(ms, 0)
     if seconds < 60:
         return f"{seconds}s"
     minutes, seconds = divmod(seconds, 60)

@@ -17,6 +17,7 @@ from rotator.health import HEALTH_MAX, apply_health_delta, clamp_health
 from rotator.keys import mask_key
 from rotator.models import Account, AccountsFile
 from rotator.policy import Outcome, Verdict
+from rotator.reset_times import seconds_until
 from rotator.strategies import Shortage, Unavailable, choose_key, next_index
 
 DEFAULT_MAX_IN_FLIGHT = 30
@@ -290,7 +291,7 @@ class KeyPool:
                 change.rate_limit_reset_time = max(change.rate_limit_reset_time, deadline)
                 account.cooldown_reason = change.cooldown_reason = outcome.reason
                 if not was_cooling:
-                    seconds = max(0, -(-(deadline - now_ms) // 1000))
+                    seconds = seconds_until(deadline, now_ms)
                     event = f"key {lease.label} cooling for {seconds} s: {outcome.reason}"
         return event
 
@@ -304,7 +305,7 @@ class KeyPool:
         account.rate_limit_reset_time = deadline_ms
         change = self.pending.for_key(key)
         change.rate_limit_reset_time, change.reset_lowered = deadline_ms, True
-        seconds = max(0, -(-(deadline_ms - now_ms) // 1000))
+        seconds = seconds_until(deadline_ms, now_ms)
         index = self._index_by_key[key]
         return f"key [{index}] {account.name or 'unnamed'} ({mask_key(key)}): Kimi says its limit resets in {seconds} s"
 

@@ -59,6 +59,11 @@ _MAX_NUMBER_CHARS = 40
 _Parser = Callable[[str, int], int | None]
 
 
+def seconds_until(deadline_ms: int, now_ms: int) -> int:
+    """Whole seconds from now to the deadline, rounded up (never 0 while it is ahead)."""
+    return max(0, -(-(deadline_ms - now_ms) // MS_PER_SECOND))
+
+
 def later_deadline(a: int | None, b: int | None) -> int | None:
     """The later of two deadlines, None meaning "no deadline".
 
