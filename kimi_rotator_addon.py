@@ -8,6 +8,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rotator.addon import KimiRotator  # noqa: E402
+from rotator.proxy.addon import KimiRotator  # noqa: E402
 
 addons = [KimiRotator()]

@@ -147,14 +147,14 @@ def bench_key(i: int) -> str:
 
 
 def make_accounts_file(path: Path, keys: int, strategy: str = "health-based") -> Path:
-    from rotator import storage
+    from rotator.store.file import write_accounts
     from rotator.models import Account, AccountsFile
 
     state = AccountsFile(
         accounts=[Account(key=bench_key(i), name=f"bench-{i}") for i in range(keys)],
         rotation_strategy=strategy,
     )
-    storage.write_accounts(path, state)
+    write_accounts(path, state)
     return path
 
 

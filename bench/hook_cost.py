@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import _common as C  # noqa: E402
 from mitmproxy.http import Headers  # noqa: E402
 from rotator import policy  # noqa: E402
-from rotator.addon import mask_sent_key, now_ms, replace_client_key  # noqa: E402
+from rotator.clock import now_ms  # noqa: E402
+from rotator.proxy.headers import mask_sent_key, replace_client_key  # noqa: E402
 from rotator.models import Account, AccountsFile  # noqa: E402
 from rotator.pool import KeyPool, Lease  # noqa: E402
 
@@ -41,7 +42,7 @@ SIZES = (3, 100, 1_000, 10_000)
 # The TypeScript plugin's measured cost per request (ms), by number of keys.
 TYPESCRIPT_MS = {3: 6.0, 100: 9.0, 1_000: 40.0}
 TARGET_US = {100: 10.0, 1_000: 40.0}
-FLUSH_EVERY = 1_000  # iterations between (untimed) take_pending, like the 1 s flush
+FLUSH_EVERY = 1_000  # iterations between (untimed) take_changes, like the 1 s flush
 
 # What an Anthropic-SDK client (Claude Code) sends: header handling costs grow with
 # the number of headers, so the set is a realistic one.
@@ -110,7 +111,7 @@ def run_cell(strategy: str, scenario: str, keys: int, max_iters: int, max_s: flo
         if pin is not None:
             state.active_index = pin
         if i % FLUSH_EVERY == 0:
-            pool.take_pending()
+            pool.take_changes()
         headers = REQUEST_HEADERS.copy()
         t0 = clock()
         lease = pool.acquire(now_ms())
@@ -142,7 +143,8 @@ def full_hooks(keys: int, max_iters: int, max_s: float, warmup: int) -> dict[str
 
     from mitmproxy.test import taddons, tflow, tutils
 
-    from rotator.addon import KimiRotator
+    from rotator.proxy.addon import KimiRotator
+    from tests.hooks import call_hook
 
     async def run(path: Path) -> dict[str, list[int]]:
         addon = KimiRotator()
@@ -153,19 +155,19 @@ def full_hooks(keys: int, max_iters: int, max_s: float, warmup: int) -> dict[str
             stop_at = clock() + int(max_s * 1e9)
             for i in range(warmup + max_iters):
                 if i % FLUSH_EVERY == 0:
-                    addon.pool.take_pending()
+                    addon.pool.take_changes()
                 flow = tflow.tflow(req=tutils.treq(host="api.kimi.com", port=443,
                                                    headers=REQUEST_HEADERS.copy()))
                 flow.client_conn.peername = ("127.0.0.1", 50000)
                 response = tutils.tresp(content=RESPONSE_BODY)
                 response.headers = RESPONSE_HEADERS.copy()
                 t0 = clock()
-                await addon.request(flow)
+                await call_hook(addon, "request", flow)
                 t1 = clock()
                 flow.response = response
                 addon.responseheaders(flow)
                 t2 = clock()
-                await addon.response(flow)
+                await call_hook(addon, "response", flow)
                 t3 = clock()
                 if i >= warmup:
                     for name, took in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):

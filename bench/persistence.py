@@ -7,7 +7,7 @@ thread polls ``os.stat`` every 2 ms and counts (inode, mtime, size) changes whil
 drives the proxy (reverse mode to the fake server, 3 keys) at full speed.
 
 Second part, in process: what one save costs as the pool grows (the worker thread's
-read-merge-write of ``KimiRotator._sync``, and ``KeyPool.adopt``, which runs on the
+read-merge-write of ``FileStore.sync``, and ``KeyPool.adopt``, which runs on the
 event loop), after 100 requests' worth of changes.
 
     python bench/persistence.py [--quick] [--seconds S] [--connections N] [--keys N]
@@ -103,9 +103,10 @@ def under_load(seconds: int, connections: int, keys: int) -> None:
 
 
 def flush_cost(repeats: int) -> None:
-    from rotator import policy, storage
-    from rotator.addon import KimiRotator, now_ms
+    from rotator import policy
+    from rotator.clock import now_ms
     from rotator.pool import KeyPool
+    from rotator.store.file import FileStore
 
     print()
     print("one save, in process (after 100 successful requests spread round-robin over the keys):")
@@ -113,20 +114,19 @@ def flush_cost(repeats: int) -> None:
     with C.workdir("flush") as work:
         for keys in FLUSH_COST_SIZES:
             path = C.make_accounts_file(work / f"accounts-{keys}.json", keys, "round-robin")
-            pool = KeyPool(storage.read_accounts(path))
-            signature = storage.file_signature(path)
+            store = FileStore(path)
+            pool = KeyPool(store.load())
             sync_wall, sync_cpu, adopt_wall = [], [], []
             for _ in range(repeats):
                 now = now_ms()
                 for _ in range(100):
                     lease = pool.acquire(now)
                     pool.release(lease, policy.classify(200, None, None, now), now)
-                taken, base_active_key = pool.take_pending()
+                taken = pool.take_changes()
                 t0, c0 = time.perf_counter(), time.thread_time()
-                result = KimiRotator._sync(path, taken, base_active_key, signature)
+                state = store.sync(taken)
                 t1, c1 = time.perf_counter(), time.thread_time()
-                assert result is not None
-                state, signature = result
+                assert state is not None
                 pool.adopt(state)
                 t2 = time.perf_counter()
                 sync_wall.append((t1 - t0) * 1000)

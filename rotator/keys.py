@@ -1,4 +1,4 @@
-"""What a Kimi key looks like, and how it may be shown to a person."""
+"""What a Kimi key looks like, and the one way a key (or anything shaped like one) is shown."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import re
 
 KEY_PREFIX = "sk-kimi-"
 _KEY_SHAPE = re.compile(r"sk-kimi-[A-Za-z0-9_\-]{8,}")
+# Anything that might be a secret key in outside text: Kimi's form (even glued to a
+# word, even a fragment) and other providers' sk- keys.
+_KEY_LIKE = re.compile(r"sk-kimi-[A-Za-z0-9_\-]+|\bsk-[A-Za-z0-9_.\-]{8,}")
 
 
 def is_kimi_key(value: str) -> bool:
@@ -17,3 +20,12 @@ def mask_key(key: str) -> str:
     if len(key) <= 12:
         return "…" + key[-2:] if len(key) > 4 else "…"
     return f"{key[:6]}…{key[-4:]}"
+
+
+def looks_like_key(text: str) -> bool:
+    return _KEY_LIKE.search(text) is not None
+
+
+def scrub(text: str) -> str:
+    """`text` with anything shaped like a key replaced by its masked form."""
+    return _KEY_LIKE.sub(lambda m: mask_key(m.group(0)), text)

@@ -48,6 +48,9 @@ class Account(BaseModel):
     # Cooldowns in a row with no success between them; each one lasts longer, and a
     # key above 0 gets a single request at a time until it succeeds (half-open).
     cooldown_level: int = Field(default=0, ge=0)
+    # When a person last changed each field (by its name on disk): a proxy's older
+    # change to that field does not override it (see rotator.merge).
+    edited_at: dict[str, int] = Field(default_factory=dict)
 
 
 class AccountsFile(BaseModel):
@@ -57,6 +60,7 @@ class AccountsFile(BaseModel):
     accounts: list[Account] = Field(default_factory=list)
     active_index: int = Field(default=0, ge=0)
     rotation_strategy: Strategy = DEFAULT_STRATEGY
+    edited_at: dict[str, int] = Field(default_factory=dict)
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, indent=2) + "\n"

@@ -35,11 +35,11 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from rotator.keys import scrub
 from rotator.reset_times import later_deadline, reset_deadline_from_headers
 
 # Health points per outcome: the TypeScript plugin's numbers, plus a small penalty for
@@ -319,9 +319,6 @@ def _cooldown(rule: Rule, headers: Mapping[str, str] | None, now_ms: int) -> int
     return later_deadline(now_ms + rule.cooldown_ms, announced)
 
 
-_SECRET = re.compile(r"\bsk-[A-Za-z0-9_.\-]{4,}")
-
-
 def _reason(rule: Rule, status: int, message: ErrorText) -> str:
     reason = rule.reason.format(status=status)
     # Rows matched by wording already say what happened; fallbacks quote Kimi so a
@@ -334,7 +331,7 @@ def _reason(rule: Rule, status: int, message: ErrorText) -> str:
 
 def _excerpt(text: str) -> str:
     # A key echoed in an error must not reach logs or the accounts file.
-    text = _SECRET.sub("sk-…", text)
+    text = scrub(text)
     if len(text) <= REASON_DETAIL_CHARS:
         return text
     return text[: REASON_DETAIL_CHARS - 1].rstrip() + "…"

@@ -1,23 +1,29 @@
 """The live key pool: the one object that owns the accounts' state in a running proxy.
 
-Choosing a key and accounting for a response touch memory only. What changed since the
-last flush is kept as a `PendingChange` per key, so a flush can apply *our changes* to
-whatever is on disk now (keys added or removed by the CLI, another proxy's counts)
-instead of overwriting it: counters add up, deadlines keep the later one, and
-manual choices (keys, names, order, strategy, `use-key`) come from the file.
+Choosing a key, accounting for an answer and waiting for a key touch memory only. What
+changed since the last save is recorded as a `merge.PoolChange`, so a save applies *our
+changes* to whatever the file holds by then instead of overwriting it.
+
+Requests that find no key wait in one queue, in arrival order. When a key frees up (an
+answer, a cooldown's end, a file change) the queue is served from its head, a lease at
+a time, and stops at the first request the pool cannot serve: a freed key wakes only
+the requests it can serve.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
-from rotator.health import HEALTH_MAX, apply_health_delta, clamp_health
+from rotator import merge
+from rotator.clock import SYSTEM_CLOCK, Clock, Timer, seconds_until
+from rotator.health import HEALTH_MAX, apply_health_delta
 from rotator.keys import mask_key
 from rotator.models import Account, AccountsFile
 from rotator.policy import Outcome, Verdict
-from rotator.reset_times import seconds_until
+from rotator.status import key_label
 from rotator.strategies import Shortage, Unavailable, choose_key, next_index
 
 DEFAULT_MAX_IN_FLIGHT = 30
@@ -30,98 +36,6 @@ BACKOFF_VERDICTS = frozenset({Verdict.RATE_LIMITED, Verdict.CONCURRENCY_LIMIT, V
 GLOBAL_THROTTLE_KEYS = 3
 GLOBAL_THROTTLE_WINDOW_MS = 5_000
 GLOBAL_PAUSE_MS = 10_000
-
-
-@dataclass(slots=True)
-class PendingChange:
-    """One key's changes since the last flush, in a form that merges with the file's."""
-
-    requests: int = 0
-    successes: int = 0
-    health_delta: int = 0
-    last_used: int = 0
-    rate_limit_reset_time: int = 0
-    # Set when we lowered the deadline on purpose (exact reset learnt, throttle refund):
-    # then our deadline replaces the file's instead of the later one winning.
-    reset_lowered: bool = False
-    # Last-writer-wins fields; None means "not changed by us".
-    consecutive_failures: int | None = None
-    health_rest_since: int | None = None
-    disabled_reason: str | None = None
-    cooldown_reason: str | None = None
-    cooldown_level: int | None = None
-
-
-_LAST_WRITER_WINS = (
-    "consecutive_failures", "health_rest_since", "disabled_reason", "cooldown_reason", "cooldown_level",
-)
-
-
-@dataclass(slots=True)
-class Pending:
-    changes: dict[str, PendingChange] = field(default_factory=dict)
-    # The key we moved the active index to, if we moved it.
-    active_key: str | None = None
-
-    def __bool__(self) -> bool:
-        return bool(self.changes) or self.active_key is not None
-
-    def for_key(self, key: str) -> PendingChange:
-        change = self.changes.get(key)
-        if change is None:
-            change = self.changes[key] = PendingChange()
-        return change
-
-    def absorb(self, later: Pending) -> None:
-        """Fold `later` into this one, as if both had happened in order."""
-        for key, new in later.changes.items():
-            old = self.for_key(key)
-            old.requests += new.requests
-            old.successes += new.successes
-            old.health_delta += new.health_delta
-            old.last_used = max(old.last_used, new.last_used)
-            if new.reset_lowered:
-                old.rate_limit_reset_time, old.reset_lowered = new.rate_limit_reset_time, True
-            else:
-                old.rate_limit_reset_time = max(old.rate_limit_reset_time, new.rate_limit_reset_time)
-            for name in _LAST_WRITER_WINS:
-                value = getattr(new, name)
-                if value is not None:
-                    setattr(old, name, value)
-        if later.active_key is not None:
-            self.active_key = later.active_key
-
-
-def apply_pending(state: AccountsFile, pending: Pending, base_active_key: str | None) -> AccountsFile:
-    """Apply our changes to `state` (mutated and returned): the merge rule in one place.
-
-    Keys that `state` no longer has were removed by someone else and stay removed. The
-    active index moves to our choice only if nobody moved it since we last saw the file.
-    """
-    for account in state.accounts:
-        change = pending.changes.get(account.key)
-        if change is not None:
-            _apply_change(account, change)
-    if pending.active_key is not None and state.active_key() == base_active_key:
-        index = state.index_of(pending.active_key)
-        if index is not None:
-            state.active_index = index
-    return state
-
-
-def _apply_change(account: Account, change: PendingChange) -> None:
-    account.total_requests += change.requests
-    account.successful_requests += change.successes
-    account.health_score = clamp_health(account.health_score + change.health_delta)
-    account.last_used = max(account.last_used, change.last_used)
-    if change.reset_lowered:
-        account.rate_limit_reset_time = change.rate_limit_reset_time
-    else:
-        account.rate_limit_reset_time = max(account.rate_limit_reset_time, change.rate_limit_reset_time)
-    for name in _LAST_WRITER_WINS:
-        value = getattr(change, name)
-        if value is not None:
-            setattr(account, name, value)
 
 
 class Lease(NamedTuple):
@@ -138,7 +52,7 @@ class Lease(NamedTuple):
 
     @property
     def label(self) -> str:
-        return f"[{self.index}] {self.name or 'unnamed'} ({self.masked_key})"
+        return key_label(self.index, self.name, self.key)
 
 
 class _SkipKeys:
@@ -165,14 +79,26 @@ class _RecentLimit:
     previous_health: int
 
 
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    tried: Collection[str]
+    deadline_ms: int
+    future: asyncio.Future[Lease | Unavailable]
+
+
 class KeyPool:
-    def __init__(self, state: AccountsFile, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+    def __init__(
+        self, state: AccountsFile, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.max_in_flight = max_in_flight
+        self.clock = clock
         self.in_flight: dict[str, int] = {}
         self._at_cap: set[str] = set()
-        self.pending = Pending()
+        self.changes = merge.PoolChange()
         self.paused_until_ms = 0
         self._recent_limits: list[_RecentLimit] = []
+        self._waiters: list[_Waiter] = []
+        self._timer: Timer | None = None
         self._adopt(state)
 
     # -- reading ---------------------------------------------------------------
@@ -183,6 +109,10 @@ class KeyPool:
     @property
     def accounts(self) -> list[Account]:
         return self._state.accounts
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
 
     def account(self, key: str) -> Account | None:
         index = self._index_by_key.get(key)
@@ -197,10 +127,6 @@ class KeyPool:
         skip = _SkipKeys(state.accounts, excluded) if excluded else ()
         return choose_key(state.accounts, state.rotation_strategy, state.active_index, now_ms, skip)
 
-    def is_busy(self, tried: Collection[str] = ()) -> bool:
-        """Whether some key not yet tried is only held back by its in-flight cap."""
-        return any(key not in tried for key in self._at_cap)
-
     # -- the hot path ------------------------------------------------------------
     def acquire(self, now_ms: int, tried: Collection[str] = ()) -> Lease | Unavailable:
         """Choose a key for one attempt and count the attempt on it."""
@@ -213,31 +139,56 @@ class KeyPool:
         new_active = next_index(chosen, len(state.accounts), state.rotation_strategy)
         if new_active != state.active_index:
             state.active_index = new_active
-            self.pending.active_key = state.accounts[new_active].key
+            self.changes.move_active(state.accounts[new_active].key, now_ms)
         account.total_requests += 1
         account.last_used = now_ms
-        change = self.pending.for_key(key)
-        change.requests += 1
-        change.last_used = now_ms
+        change = self.changes.for_key(key)
+        change.add("total_requests", 1, now_ms)
+        change.later("last_used", now_ms, now_ms)
         busy = self.in_flight.get(key, 0) + 1
         self.in_flight[key] = busy
         self._update_cap(key, busy, account)
         return Lease(key, chosen, account.name)
 
+    def acquire_preferring_untried(self, now_ms: int, tried: Collection[str]) -> Lease | Unavailable:
+        """A key not yet tried for this request, else a tried one that can serve again
+        (its cooldown over, or the shared pause ended)."""
+        lease = self.acquire(now_ms, tried)
+        if tried and not isinstance(lease, Lease):
+            lease = self.acquire(now_ms)
+        return lease
+
     def release(self, lease: Lease, outcome: Outcome, now_ms: int) -> str | None:
         """Account for an attempt's outcome; returns a log line if the key's state changed."""
-        busy = self.in_flight.get(lease.key, 1) - 1
-        if busy > 0:
-            self.in_flight[lease.key] = busy
-        else:
-            self.in_flight.pop(lease.key, None)
+        self._free_slot(lease.key)
         account = self.account(lease.key)
-        if account is None:
-            self._at_cap.discard(lease.key)
-            return None  # removed while the request was in flight
-        event = self._account_outcome(lease, account, outcome, now_ms)
-        self._update_cap(lease.key, busy, account)
+        event = None if account is None else self._account_outcome(lease, account, outcome, now_ms)
+        self._after_slot_freed(lease.key, account)
         return event
+
+    def abandon(self, lease: Lease) -> None:
+        """An attempt that was never sent (its client left first): as if never chosen."""
+        self._free_slot(lease.key)
+        account = self.account(lease.key)
+        if account is not None and account.total_requests > 0:
+            account.total_requests -= 1
+            self.changes.for_key(lease.key).add("total_requests", -1, self.clock.now_ms())
+        self._after_slot_freed(lease.key, account)
+
+    def _free_slot(self, key: str) -> None:
+        busy = self.in_flight.get(key, 1) - 1
+        if busy > 0:
+            self.in_flight[key] = busy
+        else:
+            self.in_flight.pop(key, None)
+
+    def _after_slot_freed(self, key: str, account: Account | None) -> None:
+        if account is None:
+            self._at_cap.discard(key)  # removed while the request was in flight
+        else:
+            self._update_cap(key, self.in_flight.get(key, 0), account)
+        if self._waiters:
+            self._serve_waiters()
 
     def _update_cap(self, key: str, busy: int, account: Account) -> None:
         """A key at its in-flight cap is not chosen. A key back from a cooldown
@@ -256,7 +207,7 @@ class KeyPool:
                 _RecentLimit(now_ms, lease.key, account.rate_limit_reset_time, account.cooldown_level,
                              account.health_score)
             )
-        change = self.pending.for_key(lease.key)
+        change = self.changes.for_key(lease.key)
         was_cooling = account.rate_limit_reset_time > now_ms
         delta = outcome.health_delta
         if delta < 0 or (delta > 0 and account.health_score < HEALTH_MAX):
@@ -264,18 +215,19 @@ class KeyPool:
         event: str | None = None
         if outcome.counts_as_success:
             account.successful_requests += 1
-            change.successes += 1
-            change.consecutive_failures = 0
-            if account.consecutive_failures:
-                account.consecutive_failures = 0
+            change.add("successful_requests", 1, now_ms)
+            account.consecutive_failures = 0
+            change.set("consecutive_failures", 0, now_ms)
             if account.cooldown_level:
-                account.cooldown_level = change.cooldown_level = 0
+                account.cooldown_level = 0
+                change.set("cooldown_level", 0, now_ms)
                 event = f"key {lease.label} recovered: back to full traffic"
         elif outcome.health_delta < 0:
             account.consecutive_failures += 1
-            change.consecutive_failures = account.consecutive_failures
+            change.set("consecutive_failures", account.consecutive_failures, now_ms)
         if outcome.disable and account.disabled_reason is None:
-            account.disabled_reason = change.disabled_reason = outcome.reason
+            account.disabled_reason = outcome.reason
+            change.set("disabled_reason", outcome.reason, now_ms)
             event = f"key {lease.label} disabled: {outcome.reason}; run `kimi-rotator enable-key` to use it again"
         deadline = outcome.cooldown_until_ms
         if deadline is not None:
@@ -285,11 +237,13 @@ class KeyPool:
             if outcome.verdict in BACKOFF_VERDICTS and not was_cooling:
                 if level:
                     deadline = now_ms + min(MAX_BACKOFF_MS, max(0, deadline - now_ms) << level)
-                account.cooldown_level = change.cooldown_level = level + 1
+                account.cooldown_level = level + 1
+                change.set("cooldown_level", level + 1, now_ms)
             if deadline > account.rate_limit_reset_time:
                 account.rate_limit_reset_time = deadline
-                change.rate_limit_reset_time = max(change.rate_limit_reset_time, deadline)
-                account.cooldown_reason = change.cooldown_reason = outcome.reason
+                change.later("rate_limit_reset_time", deadline, now_ms)
+                account.cooldown_reason = outcome.reason
+                change.set("cooldown_reason", outcome.reason, now_ms)
                 if not was_cooling:
                     seconds = seconds_until(deadline, now_ms)
                     event = f"key {lease.label} cooling for {seconds} s: {outcome.reason}"
@@ -303,17 +257,19 @@ class KeyPool:
         if deadline_ms == account.rate_limit_reset_time:
             return None
         account.rate_limit_reset_time = deadline_ms
-        change = self.pending.for_key(key)
-        change.rate_limit_reset_time, change.reset_lowered = deadline_ms, True
+        self.changes.for_key(key).set("rate_limit_reset_time", deadline_ms, now_ms)
+        if self._waiters:
+            self._serve_waiters()
         seconds = seconds_until(deadline_ms, now_ms)
         index = self._index_by_key[key]
-        return f"key [{index}] {account.name or 'unnamed'} ({mask_key(key)}): Kimi says its limit resets in {seconds} s"
+        return f"key {key_label(index, account.name, key)}: Kimi says its limit resets in {seconds} s"
 
-    def _add_health(self, account: Account, change: PendingChange, delta: int, now_ms: int) -> None:
+    def _add_health(self, account: Account, change: merge.KeyChange, delta: int, now_ms: int) -> None:
         new = apply_health_delta(account, delta, now_ms)
-        change.health_delta += new.score - account.health_score
+        change.add("health_score", new.score - account.health_score, now_ms)
         account.health_score = new.score
-        account.health_rest_since = change.health_rest_since = new.rest_since
+        account.health_rest_since = new.rest_since
+        change.set("health_rest_since", new.rest_since, now_ms)
 
     def _detect_throttle(self, key: str, now_ms: int) -> str | None:
         """None: charge this rate limit to the key. Otherwise Kimi is throttling everyone:
@@ -341,39 +297,116 @@ class KeyPool:
         account = self.account(limit.key)
         if account is None:
             return
-        change = self.pending.for_key(limit.key)
-        account.rate_limit_reset_time = change.rate_limit_reset_time = limit.previous_deadline
-        change.reset_lowered = True
-        account.cooldown_level = change.cooldown_level = limit.previous_level
+        change = self.changes.for_key(limit.key)
+        account.rate_limit_reset_time = limit.previous_deadline
+        change.set("rate_limit_reset_time", limit.previous_deadline, now_ms)
+        account.cooldown_level = limit.previous_level
+        change.set("cooldown_level", limit.previous_level, now_ms)
         refund = limit.previous_health - account.health_score
         if refund > 0:
             self._add_health(account, change, refund, now_ms)
         if account.consecutive_failures:
             account.consecutive_failures -= 1
-            change.consecutive_failures = account.consecutive_failures
+            change.set("consecutive_failures", account.consecutive_failures, now_ms)
+
+    # -- waiting for a key ---------------------------------------------------------
+    async def acquire_waiting(self, deadline_ms: int, tried: Collection[str] = ()) -> Lease | Unavailable:
+        """A key, waiting in line (not spinning) up to `deadline_ms` for one to free up."""
+        now = self.clock.now_ms()
+        got = self.acquire_preferring_untried(now, tried)
+        if isinstance(got, Lease) or not self._worth_waiting(got, now, deadline_ms):
+            return got
+        waiter = _Waiter(tried, deadline_ms, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        self._schedule(now, got)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            # Served just as the request was given up: hand the key back uncounted.
+            if waiter.future.done() and not waiter.future.cancelled():
+                result = waiter.future.result()
+                if isinstance(result, Lease):
+                    self.abandon(result)
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _worth_waiting(self, why: Unavailable, now: int, deadline_ms: int) -> bool:
+        if now >= deadline_ms:
+            return False
+        frees_at = why.available_at_ms
+        if frees_at is not None and frees_at <= deadline_ms:
+            return True  # a cooldown or the shared pause ends in time
+        return bool(self._at_cap)  # a key at its in-flight cap frees on its next answer
+
+    def _serve_waiters(self) -> None:
+        """Hand keys to waiting requests in order, as long as the pool has one to give."""
+        now = self.clock.now_ms()
+        served = 0
+        shortage: Unavailable | None = None
+        for waiter in self._waiters:
+            if waiter.future.done():  # given up meanwhile
+                served += 1
+                continue
+            got = self.acquire_preferring_untried(now, waiter.tried)
+            if isinstance(got, Lease):
+                waiter.future.set_result(got)
+                served += 1
+                continue
+            shortage = got
+            break
+        del self._waiters[:served]
+        # Whoever is left may have run out of time, or out of reasons to wait.
+        if shortage is not None:
+            keep: list[_Waiter] = []
+            for waiter in self._waiters:
+                if waiter.future.done():
+                    continue
+                if self._worth_waiting(shortage, now, waiter.deadline_ms):
+                    keep.append(waiter)
+                else:
+                    waiter.future.set_result(shortage)
+            self._waiters = keep
+        self._schedule(now, shortage)
+
+    def _schedule(self, now: int, shortage: Unavailable | None) -> None:
+        """One timer for the queue: the soonest of a key freeing and a waiter's deadline."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._waiters:
+            return
+        wake = min(w.deadline_ms for w in self._waiters)
+        if shortage is not None and shortage.available_at_ms is not None:
+            wake = min(wake, shortage.available_at_ms)
+        self._timer = self.clock.call_at(max(wake, now + 1), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._serve_waiters()
 
     # -- persistence -------------------------------------------------------------
-    def take_pending(self) -> tuple[Pending, str | None]:
-        """Hand over the changes to flush, with the active key they were based on."""
-        taken, self.pending = self.pending, Pending()
-        return taken, self._base_active_key
+    def take_changes(self) -> merge.PoolChange:
+        """Hand over the changes to save; newer ones collect in a fresh record."""
+        taken, self.changes = self.changes, merge.PoolChange()
+        return taken
 
-    def give_back(self, taken: Pending) -> None:
-        """A flush failed: keep its changes for the next one."""
-        taken.absorb(self.pending)
-        self.pending = taken
+    def give_back(self, taken: merge.PoolChange) -> None:
+        """A save failed: keep its changes for the next one."""
+        taken.absorb(self.changes)
+        self.changes = taken
 
     def adopt(self, on_disk: AccountsFile) -> None:
-        """Take the file's state as the new base, with changes since the flush on top."""
-        disk_active_key = on_disk.active_key()
-        apply_pending(on_disk, self.pending, disk_active_key)
+        """Take the file's state as the new base, with changes since the save on top."""
+        merge.apply(on_disk, self.changes)
         self._adopt(on_disk)
-        self._base_active_key = disk_active_key
+        if self._waiters:
+            self._serve_waiters()
 
     def _adopt(self, state: AccountsFile) -> None:
         self._state = state
         self._index_by_key = {a.key: i for i, a in enumerate(state.accounts)}
-        self._base_active_key = state.active_key()
         self._at_cap = set()
         for key, busy in self.in_flight.items():
             account = self.account(key)

@@ -29,7 +29,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
-MS_PER_SECOND = 1000
+from rotator.clock import MS_PER_SECOND
+
 MAX_AHEAD_MS = 31 * 24 * 60 * 60 * MS_PER_SECOND
 EPOCH_SECONDS_ABOVE = 10**9
 EPOCH_MS_ABOVE = 10**12
@@ -57,11 +58,6 @@ _MS_CEILING = 10**15
 _MAX_NUMBER_CHARS = 40
 
 _Parser = Callable[[str, int], int | None]
-
-
-def seconds_until(deadline_ms: int, now_ms: int) -> int:
-    """Whole seconds from now to the deadline, rounded up (never 0 while it is ahead)."""
-    return max(0, -(-(deadline_ms - now_ms) // MS_PER_SECOND))
 
 
 def later_deadline(a: int | None, b: int | None) -> int | None:

@@ -7,10 +7,13 @@ from mitmproxy import exceptions
 from mitmproxy.http import Headers
 from mitmproxy.test import taddons, tflow, tutils
 
-from rotator import storage
-from rotator.addon import KimiRotator, mask_sent_key, parse_hosts, replace_client_key
 from rotator.models import Account, AccountsFile
+from rotator.proxy.addon import KimiRotator
+from rotator.proxy.headers import mask_sent_key, replace_client_key
+from rotator.proxy.options import parse_hosts
+from rotator.store import file as storage
 from tests.conftest import fake_key
+from tests.hooks import call_hook
 
 POOL_KEY = fake_key("pool0")
 
@@ -104,7 +107,7 @@ async def test_no_keys_answers_with_an_anthropic_error(tmp_path):
     with taddons.context(addon) as tctx:
         configure_with_keys(tctx, addon, tmp_path, [])
         flow = kimi_flow(**{"x-api-key": "placeholder"})
-        await addon.request(flow)
+        await call_hook(addon, "request", flow)
         body = json.loads(flow.response.content)
         assert flow.response.status_code == 503
         assert body["type"] == "error" and "kimi-rotator add-key" in body["error"]["message"]
@@ -117,7 +120,7 @@ async def test_unreadable_accounts_file_is_explained_to_the_client(tmp_path):
     with taddons.context(addon) as tctx:
         tctx.configure(addon, kimi_accounts=str(path))
         flow = kimi_flow()
-        await addon.request(flow)
+        await call_hook(addon, "request", flow)
         message = json.loads(flow.response.content)["error"]["message"]
         assert str(path) in message and "not valid JSON" in message
     assert path.read_text() == "{broken"
@@ -128,12 +131,12 @@ async def test_key_injected_then_masked_once_the_response_arrives(tmp_path):
     with taddons.context(addon) as tctx:
         configure_with_keys(tctx, addon, tmp_path, [POOL_KEY])
         flow = kimi_flow(**{"x-api-key": "placeholder"})
-        await addon.request(flow)
+        await call_hook(addon, "request", flow)
         assert flow.request.headers["x-api-key"] == POOL_KEY
         flow.response = tutils.tresp(status_code=200, content=b"{}")
         addon.responseheaders(flow)
         assert flow.request.headers["x-api-key"] == "sk-kim…" + POOL_KEY[-4:]
-        await addon.response(flow)
+        await call_hook(addon, "response", flow)
         attempts = flow.metadata["kimi_rotator"]["attempts"]
         assert attempts == [
             {"account": "", "index": 0, "key": "sk-kim…" + POOL_KEY[-4:], "outcome": "success", "reason": "ok"}
@@ -147,7 +150,7 @@ async def test_other_hosts_are_left_alone(tmp_path):
         configure_with_keys(tctx, addon, tmp_path, [POOL_KEY])
         for host in ("api.kimi.com.evil.test", "evilapi.kimi.com", "kimi.com", "api-kimi.com"):
             flow = kimi_flow(host=host, **{"x-api-key": "mine"})
-            await addon.request(flow)
+            await call_hook(addon, "request", flow)
             assert flow.request.headers["x-api-key"] == "mine" and flow.response is None
         assert addon.pool.accounts[0].total_requests == 0
 
@@ -158,10 +161,10 @@ async def test_plain_http_to_a_remote_kimi_host_is_upgraded_to_https(tmp_path):
         configure_with_keys(tctx, addon, tmp_path, [POOL_KEY], kimi_hosts=["api.kimi.com", "127.0.0.1"])
         remote = kimi_flow()
         remote.request.scheme, remote.request.port = "http", 80
-        await addon.request(remote)
+        await call_hook(addon, "request", remote)
         assert (remote.request.scheme, remote.request.port) == ("https", 443)
         assert remote.request.headers["x-api-key"] == POOL_KEY
         local = kimi_flow(host="127.0.0.1")
         local.request.scheme, local.request.port = "http", 8000
-        await addon.request(local)
+        await call_hook(addon, "request", local)
         assert (local.request.scheme, local.request.port) == ("http", 8000)

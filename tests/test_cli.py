@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rotator import cli
+from rotator import cli, status
 from rotator.keys import mask_key
 
 NOW = 1_750_000_000_000
@@ -104,7 +104,7 @@ class Runner:
 
 @pytest.fixture(autouse=True)
 def fixed_clock(monkeypatch):
-    monkeypatch.setattr(cli, "_now_ms", lambda: NOW)
+    monkeypatch.setattr(cli, "now_ms", lambda: NOW)
     monkeypatch.setattr(sys, "argv", ["kimi-rotator"])
     monkeypatch.delenv("KIMI_ROTATOR_ACCOUNTS", raising=False)
 
@@ -668,7 +668,7 @@ def test_prog_is_the_invoked_name(run, monkeypatch):
      (7_500_000, "2h 05m"), (90_000_000, "1d 1h")],
 )
 def test_format_duration(ms, text):
-    assert cli.format_duration(ms) == text
+    assert status.format_duration(ms) == text
 
 
 def test_python_dash_m_help():

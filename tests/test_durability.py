@@ -32,9 +32,10 @@ import pytest
 from filelock import FileLock
 from mitmproxy.test import taddons
 
-from rotator import policy, storage
-from rotator.addon import KimiRotator
+from rotator import policy
 from rotator.models import Account, AccountsFile
+from rotator.proxy.addon import KimiRotator
+from rotator.store import file as storage
 from tests.conftest import fake_key
 from tests.fake_kimi import MESSAGES_PATH, FakeKimi
 from tests.harness import REPO_ROOT, Proxy, poll
@@ -410,11 +411,11 @@ async def test_a_change_right_after_a_flush_is_still_picked_up(tmp_path, keys, m
         tctx.configure(addon, kimi_accounts=str(path))
         addon.pool.acquire(int(time.time() * 1000))  # something to save
         hook.armed = True
-        await addon._flush()  # what every flush does: merge under the lock, then remember
+        await addon.sync.save_once()  # what every flush does: merge under the lock, then remember
         assert hook.fired
         assert len(storage.read_accounts(path).accounts) == 3
         for _ in range(3):  # idle flushes: nothing of ours to save, only the file to watch
-            await addon._flush()
+            await addon.sync.save_once()
         assert [a.key for a in addon.pool.accounts] == keys
 
 
@@ -629,7 +630,7 @@ async def test_stopping_while_a_save_waits_for_its_thread_loses_nothing(tmp_path
             busy = [loop.run_in_executor(None, gate.wait, 10) for _ in range(40)]
             addon.running()
             await asyncio.sleep(0.3)
-            assert not addon.pool.pending  # the save took them and waits for a thread
+            assert not addon.pool.changes  # the save took them and waits for a thread
             stopping = addon.done()  # SIGINT now (a fix may make done() a coroutine)
             if asyncio.iscoroutine(stopping):
                 stopping = asyncio.ensure_future(stopping)

@@ -30,10 +30,23 @@ import httpx
 import pytest
 
 from rotator.keys import mask_key
-from tests.conftest import fake_key
-from tests.fake_kimi import MESSAGES_PATH, USAGES_PATH, FakeKimi, SeenRequest, kimi_error
-from tests.conftest import ADDON_SCRIPT
-from tests.harness import LOOPBACK_DNS, REPO_ROOT, Proxy, _child_env, poll, saved_flows, start_mitmdump
+from tests.conftest import ADDON_SCRIPT, fake_key
+from tests.fake_kimi import (
+    MESSAGES_PATH,
+    USAGES_PATH,
+    FakeKimi,
+    SeenRequest,
+    kimi_error,
+)
+from tests.harness import (
+    LOOPBACK_DNS,
+    REPO_ROOT,
+    Proxy,
+    _child_env,
+    poll,
+    saved_flows,
+    start_mitmdump,
+)
 from tests.harness import accounts_on_disk as accounts
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}

@@ -412,7 +412,7 @@ def test_fallback_reasons_hide_keys_and_stay_short() -> None:
     body = envelope("authentication_error", "Key sk-kimi-AbCdEf0123456789xyz is not allowed here " + "z" * 500)
     reason = classify(401, {}, body, NOW).reason
     assert "AbCdEf" not in reason
-    assert reason.startswith("HTTP 401: key not accepted: authentication_error: Key sk-… is not allowed here zz")
+    assert reason.startswith("HTTP 401: key not accepted: authentication_error: Key sk-kim…9xyz is not allowed here zz")
     assert reason.endswith("…")
     assert len(reason) <= len("HTTP 401: key not accepted: authentication_error: ") + policy.REASON_DETAIL_CHARS
 

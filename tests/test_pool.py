@@ -1,8 +1,8 @@
 """The live pool: choosing, accounting, and merging our changes with the file's."""
 
-from rotator import policy
+from rotator import merge, policy
 from rotator.models import Account, AccountsFile
-from rotator.pool import KeyPool, Pending, apply_pending
+from rotator.pool import KeyPool
 from rotator.strategies import Shortage, Unavailable
 
 NOW = 1_800_000_000_000
@@ -108,10 +108,10 @@ def test_a_burst_of_rate_limits_on_many_keys_pauses_everyone_once():
     assert pool.accounts[3].rate_limit_reset_time == 0
     assert not isinstance(pool.acquire(NOW + 12_000), Unavailable)
     # The refunds reach the file too: the lowered deadlines replace the raised ones.
-    taken, base = pool.take_pending()
+    taken = pool.take_changes()
     disk = state(4)
     disk.accounts[0].rate_limit_reset_time = NOW + 60_000  # flushed before the refund
-    merged = apply_pending(disk, taken, base)
+    merged = merge.apply(disk, taken)
     assert merged.accounts[0].rate_limit_reset_time == 0
 
 
@@ -169,76 +169,34 @@ def test_release_of_a_key_removed_meanwhile_is_ignored():
     assert pool.in_flight == {}
 
 
-# -- merging ------------------------------------------------------------------------
-
-
-def test_counts_from_two_writers_add_up():
-    disk = state(2)
-    disk.accounts[0].total_requests = 10  # another proxy's counts
-    pending = Pending()
-    change = pending.for_key(KEYS[0])
-    change.requests, change.successes, change.health_delta = 3, 2, -11
-    merged = apply_pending(disk, pending, base_active_key=KEYS[0])
-    assert merged.accounts[0].total_requests == 13
-    assert merged.accounts[0].successful_requests == 2
-    assert merged.accounts[0].health_score == 89
-
-
-def test_merge_keeps_the_later_deadline_and_other_writers_keys():
-    disk = state(3)
-    disk.accounts[1].rate_limit_reset_time = NOW + 500
-    pending = Pending()
-    pending.for_key(KEYS[1]).rate_limit_reset_time = NOW + 100
-    pending.for_key("sk-kimi-FAKEremovedbyCLI0000000").requests = 4
-    merged = apply_pending(disk, pending, base_active_key=KEYS[0])
-    assert merged.accounts[1].rate_limit_reset_time == NOW + 500
-    assert [a.key for a in merged.accounts] == KEYS[:3]
-
-
-def test_active_key_moves_only_if_nobody_else_moved_it():
-    pending = Pending(active_key=KEYS[2])
-    untouched = apply_pending(state(3, active_index=0), pending, base_active_key=KEYS[0])
-    assert untouched.active_index == 2
-    moved_by_cli = apply_pending(state(3, active_index=1), pending, base_active_key=KEYS[0])
-    assert moved_by_cli.active_index == 1
-
-
-def test_manual_fields_come_from_the_file():
-    disk = state(2, strategy="sticky")
-    disk.accounts[0].name = "renamed"
-    disk.accounts[0].disabled_reason = None  # enable-key ran
-    pending = Pending()
-    pending.for_key(KEYS[0]).requests = 1
-    merged = apply_pending(disk, pending, base_active_key=KEYS[0])
-    assert merged.rotation_strategy == "sticky"
-    assert merged.accounts[0].name == "renamed" and merged.accounts[0].disabled_reason is None
+# -- handing changes to the save loop -------------------------------------------------
 
 
 def test_flush_cycle_loses_nothing_that_happened_during_the_write():
     pool = KeyPool(state(2))
     pool.release(pool.acquire(NOW), OK, NOW)
-    taken, base = pool.take_pending()
+    taken = pool.take_changes()
     # While the write is in flight, another request completes.
     pool.release(pool.acquire(NOW), OK, NOW)
-    on_disk = apply_pending(state(2), taken, base)  # what the worker thread wrote
+    on_disk = merge.apply(state(2), taken)  # what the worker thread wrote
     assert [a.total_requests for a in on_disk.accounts] == [1, 0]
     pool.adopt(on_disk)
     assert [a.total_requests for a in pool.accounts] == [1, 1]
     assert [a.successful_requests for a in pool.accounts] == [1, 1]
     # The next flush carries only the second request.
-    taken, base = pool.take_pending()
-    assert sum(c.requests for c in taken.changes.values()) == 1
+    taken = pool.take_changes()
+    assert sum(c.fields["total_requests"].value for c in taken.keys.values()) == 1
 
 
 def test_failed_flush_gives_its_changes_back():
     pool = KeyPool(state(1))
     pool.release(pool.acquire(NOW), OK, NOW)
-    taken, _ = pool.take_pending()
+    taken = pool.take_changes()
     pool.release(pool.acquire(NOW), OK, NOW)
     pool.give_back(taken)
-    taken, _ = pool.take_pending()
-    assert taken.changes[KEYS[0]].requests == 2
-    assert taken.changes[KEYS[0]].successes == 2
+    taken = pool.take_changes()
+    assert taken.keys[KEYS[0]].fields["total_requests"].value == 2
+    assert taken.keys[KEYS[0]].fields["successful_requests"].value == 2
 
 
 def test_a_half_open_key_stays_held_while_an_earlier_request_is_still_out():

@@ -1,7 +1,11 @@
 import pytest
 from mitmproxy.http import Headers
 
-from rotator.reset_times import MAX_AHEAD_MS, later_deadline, reset_deadline_from_headers
+from rotator.reset_times import (
+    MAX_AHEAD_MS,
+    later_deadline,
+    reset_deadline_from_headers,
+)
 
 NOW = 1_800_000_000_000  # 2027-01-15T08:00:00Z
 S = 1000

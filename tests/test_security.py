@@ -35,8 +35,8 @@ from mitmproxy import exceptions
 from mitmproxy.addons import proxyauth
 from mitmproxy.test import taddons, tflow, tutils
 
-from rotator.addon import KimiRotator
 from rotator.keys import mask_key
+from rotator.proxy.addon import KimiRotator
 from tests.fake_kimi import FakeKimi
 from tests.harness import REPO_ROOT
 

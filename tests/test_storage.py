@@ -4,8 +4,8 @@ import stat
 
 import pytest
 
-from rotator import storage
 from rotator.models import Account, AccountsFile
+from rotator.store import file as storage
 
 PLUGIN_FILE = {
     "version": 1,

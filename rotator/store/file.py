@@ -1,4 +1,4 @@
-"""The accounts file on disk: where it is, reading it, and changing it safely.
+"""The accounts file as a state store: where it is, reading it, and changing it safely.
 
 Every writer (the CLI and each running proxy) changes the file the same way: take the
 cross-process lock, read the file, apply its change to what it read, write a temporary
@@ -23,7 +23,9 @@ import platformdirs
 from filelock import FileLock, Timeout
 from pydantic import ValidationError
 
+from rotator import merge
 from rotator.models import AccountsFile
+from rotator.store import StoreError
 
 ACCOUNTS_ENV = "KIMI_ROTATOR_ACCOUNTS"
 ACCOUNTS_FILENAME = "kimi-accounts.json"
@@ -31,7 +33,7 @@ LOCK_TIMEOUT_S = 10.0
 STALE_TEMP_AGE_S = 60.0
 
 
-class AccountsFileError(Exception):
+class AccountsFileError(StoreError):
     """The accounts file can't be read or written; the message names file and problem."""
 
     def __init__(self, path: Path, problem: str) -> None:
@@ -213,3 +215,46 @@ def _fsync_dir(folder: Path) -> None:
 
 def _os_problem(e: OSError) -> str:
     return e.strerror or str(e)
+
+
+class FileStore:
+    """The `StateStore` on one accounts file, shared by the CLI and every local proxy."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.location = str(path)
+        self._signature: FileSignature | None = None
+        # After a failed read, never trust the signature: nothing said it is good.
+        self._last_read_failed = False
+
+    def read(self) -> AccountsFile:
+        return read_accounts(self.path)
+
+    def edit(self, change: Callable[[AccountsFile], AccountsFile | None]) -> AccountsFile:
+        return update_accounts(self.path, change)
+
+    def load(self) -> AccountsFile:
+        try:
+            # Signature first: a change landing between the two is then re-read later.
+            self._signature = file_signature(self.path)
+            state = read_accounts(self.path)
+        except AccountsFileError:
+            self._last_read_failed = True
+            raise
+        self._last_read_failed = False
+        return state
+
+    def sync(self, changes: merge.PoolChange) -> AccountsFile | None:
+        """Merge `changes` into the file; the state it holds now, or None if neither we nor
+        anyone else changed it since we last read it. Blocking: call from a worker thread."""
+        if not changes and not self._last_read_failed and file_signature(self.path) == self._signature:
+            return None
+        try:
+            state, self._signature = update_accounts_signed(
+                self.path, lambda disk: merge.apply(disk, changes) if changes else None
+            )
+        except AccountsFileError:
+            self._last_read_failed = True
+            raise
+        self._last_read_failed = False
+        return state

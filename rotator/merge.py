@@ -1,0 +1,182 @@
+"""How a proxy's changes meet the state they land on: the change record and ONE rule table.
+
+A running proxy never writes its whole memory over the file: it records what it changed
+(`PoolChange`, per key a `KeyChange`) and applies that record to whatever the file holds
+when it saves, so keys, names and order the CLI changed meanwhile, and another proxy's
+counts, survive. Every save path goes through `apply`, and combining two records (a
+failed save's changes with newer ones) through `KeyChange.absorb`; both read `RULES`:
+
+- ADD: counters and health points; each side's increments count (health stays 0..100).
+- LATER: moments (last use, cooldown deadlines); the later one wins. A change may
+  *replace* instead (an exact reset learnt from Kimi, a refunded cooldown): lowering a
+  deadline on purpose is then saved like any other value.
+- SET: the latest writer wins, and None (cleared) is a value like any other.
+
+A person's change wins by time, not by save order: the CLI stamps each field it touches
+in `edited_at`, and a proxy's change to that field made before the stamp is dropped,
+even if the proxy saves it later (it could not have known).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic.alias_generators import to_camel
+
+from rotator.health import clamp_health
+from rotator.models import Account, AccountsFile
+
+
+class Rule(enum.Enum):
+    ADD = "add"
+    LATER = "later"
+    SET = "set"
+
+
+RULES: dict[str, Rule] = {
+    "total_requests": Rule.ADD,
+    "successful_requests": Rule.ADD,
+    "health_score": Rule.ADD,
+    "last_used": Rule.LATER,
+    "rate_limit_reset_time": Rule.LATER,
+    "consecutive_failures": Rule.SET,
+    "health_rest_since": Rule.SET,
+    "disabled_reason": Rule.SET,
+    "cooldown_reason": Rule.SET,
+    "cooldown_level": Rule.SET,
+}
+_CLAMPED = {"health_score": clamp_health}
+# Top-level field a proxy changes: the key it moved the pool to.
+ACTIVE_INDEX = "active_index"
+
+_DISK_NAME = {name: to_camel(name) for name in (*RULES, ACTIVE_INDEX, "rotation_strategy", "name")}
+
+
+def disk_name(attr: str) -> str:
+    """The field's name in the file, as `edited_at` records it."""
+    return _DISK_NAME.get(attr) or to_camel(attr)
+
+
+@dataclass(slots=True)
+class FieldChange:
+    value: Any
+    at_ms: int  # when the change (its latest part) was made
+    replace: bool = False  # for LATER fields: this value replaces, lowering included
+
+
+@dataclass(slots=True)
+class KeyChange:
+    """One key's changes since the last save, by attribute name."""
+
+    fields: dict[str, FieldChange] = field(default_factory=dict)
+
+    def add(self, attr: str, delta: int, at_ms: int) -> None:
+        found = self.fields.get(attr)
+        if found is None:
+            self.fields[attr] = FieldChange(delta, at_ms)
+        else:
+            found.value += delta
+            found.at_ms = at_ms
+
+    def later(self, attr: str, value: int, at_ms: int) -> None:
+        found = self.fields.get(attr)
+        if found is None:
+            self.fields[attr] = FieldChange(value, at_ms)
+        elif value >= found.value:
+            found.value = value
+            found.at_ms = at_ms
+
+    def set(self, attr: str, value: Any, at_ms: int) -> None:
+        """A SET field's new value, or a LATER field's replacement (it may be lower)."""
+        self.fields[attr] = FieldChange(value, at_ms, replace=RULES[attr] is Rule.LATER)
+
+    def absorb(self, newer: KeyChange) -> None:
+        """Fold `newer` into this record, as if both had happened in order."""
+        for attr, new in newer.fields.items():
+            old = self.fields.get(attr)
+            if old is None:
+                self.fields[attr] = FieldChange(new.value, new.at_ms, new.replace)
+                continue
+            rule = RULES[attr]
+            if rule is Rule.ADD:
+                old.value += new.value
+            elif rule is Rule.LATER and not new.replace:
+                old.value = max(old.value, new.value)  # a replacement stays one, raised
+            else:
+                old.value, old.replace = new.value, new.replace
+            old.at_ms = max(old.at_ms, new.at_ms)
+
+
+@dataclass(slots=True)
+class PoolChange:
+    """What a proxy changed since its last save: per key, and the key it moved to."""
+
+    keys: dict[str, KeyChange] = field(default_factory=dict)
+    active_key: FieldChange | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.keys) or self.active_key is not None
+
+    def for_key(self, key: str) -> KeyChange:
+        change = self.keys.get(key)
+        if change is None:
+            change = self.keys[key] = KeyChange()
+        return change
+
+    def move_active(self, key: str, at_ms: int) -> None:
+        self.active_key = FieldChange(key, at_ms)
+
+    def absorb(self, newer: PoolChange) -> None:
+        for key, change in newer.keys.items():
+            self.for_key(key).absorb(change)
+        if newer.active_key is not None:
+            self.active_key = newer.active_key
+
+
+def apply(state: AccountsFile, change: PoolChange) -> AccountsFile:
+    """Apply a proxy's `change` to `state` (mutated and returned).
+
+    Keys `state` no longer has were removed by someone else and stay removed.
+    """
+    if change.keys:
+        for account in state.accounts:
+            key_change = change.keys.get(account.key)
+            if key_change is not None:
+                apply_to_account(account, key_change)
+    moved = change.active_key
+    if moved is not None and not _older_than_person(state.edited_at, ACTIVE_INDEX, moved.at_ms):
+        index = state.index_of(moved.value)
+        if index is not None:
+            state.active_index = index
+    return state
+
+
+def apply_to_account(account: Account, change: KeyChange) -> None:
+    edited = account.edited_at
+    for attr, new in change.fields.items():
+        rule = RULES[attr]
+        # Counts are never undone: a person's edit only outranks values.
+        if edited and rule is not Rule.ADD and _older_than_person(edited, attr, new.at_ms):
+            continue
+        if rule is Rule.ADD:
+            value = getattr(account, attr) + new.value
+            clamp = _CLAMPED.get(attr)
+            setattr(account, attr, clamp(value) if clamp else value)
+        elif rule is Rule.LATER and not new.replace:
+            if new.value > getattr(account, attr):
+                setattr(account, attr, new.value)
+        else:
+            setattr(account, attr, new.value)
+
+
+def _older_than_person(edited_at: dict[str, int], attr: str, at_ms: int) -> bool:
+    stamp = edited_at.get(disk_name(attr))
+    return stamp is not None and at_ms < stamp
+
+
+def stamp_person_edit(target: Account | AccountsFile, attrs: tuple[str, ...], at_ms: int) -> None:
+    """Record that a person set these fields at `at_ms`, even to the value they had."""
+    for attr in attrs:
+        target.edited_at[disk_name(attr)] = at_ms

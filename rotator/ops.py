@@ -1,0 +1,171 @@
+"""The named changes a person makes to the pool: add, remove, rotate, use, enable, ...
+
+Each `Op` changes a state in place and returns what to tell the person, or raises
+`OpError` before changing anything. Every field an op sets is stamped as a person's
+edit (`merge.stamp_person_edit`), even when it already held that value: the store may
+lag a running proxy's memory, and the stamp is what keeps the proxy's older change from
+overriding the person's. The CLI runs ops; mitmproxy commands are meant to as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from rotator import merge
+from rotator.keys import mask_key
+from rotator.models import STRATEGIES, Account, AccountsFile, Strategy
+from rotator.status import STATUS_ACTIVE, key_label, status_text, view_key
+from rotator.store import StateStore
+
+Op = Callable[[AccountsFile], str]
+
+ENABLE_FIELDS = ("disabled_reason", "consecutive_failures")
+CLEAR_LIMIT_FIELDS = ("rate_limit_reset_time", "cooldown_reason", "cooldown_level")
+
+
+class OpError(Exception):
+    """The change can't be made (a bad index, a duplicate key, ...); nothing was written."""
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def describe(index: int, account: Account) -> str:
+    return key_label(index, account.name, account.key)
+
+
+def account_at(state: AccountsFile, index: int) -> Account:
+    count = len(state.accounts)
+    if count == 0:
+        raise OpError(f"index {index} out of range (no keys configured)")
+    if not 0 <= index < count:
+        raise OpError(f"index {index} out of range ({plural(count, 'key')}: 0-{count - 1})")
+    return state.accounts[index]
+
+
+def run(store: StateStore, op: Op) -> str:
+    """Try `op` on a snapshot (so a refusal writes nothing), then make it for real."""
+    op(store.read())
+    result: list[str] = []
+
+    def locked_change(state: AccountsFile) -> AccountsFile | None:
+        before = state.to_json()
+        result.append(op(state))
+        return None if state.to_json() == before else state
+
+    store.edit(locked_change)
+    return result[0]
+
+
+def add_key(key: str, name: str | None, now_ms: int) -> Op:
+    def change(state: AccountsFile) -> str:
+        existing = state.index_of(key)
+        if existing is not None:
+            raise OpError(
+                f"key {mask_key(key)} is already in the list at [{existing}] {state.accounts[existing].name}"
+            )
+        index = len(state.accounts)
+        state.accounts.append(Account(key=key, name=name or f"Account {index + 1}", added_at=now_ms))
+        return f"Added {describe(index, state.accounts[index])}. {plural(index + 1, 'key')}."
+
+    return change
+
+
+def remove_key(index: int) -> Op:
+    def change(state: AccountsFile) -> str:
+        removed = account_at(state, index)
+        del state.accounts[index]
+        count = len(state.accounts)
+        active = state.active_index
+        if index < active:
+            active -= 1
+        state.active_index = min(active, count - 1) if count else 0
+        message = f"Removed {describe(index, removed)}. {plural(count, 'key')} left."
+        if count:
+            message += f"\nActive key: {describe(state.active_index, state.accounts[state.active_index])}"
+        return message
+
+    return change
+
+
+def rotate(now_ms: int) -> Op:
+    def change(state: AccountsFile) -> str:
+        count = len(state.accounts)
+        if count == 0:
+            raise OpError("no keys configured to rotate between; add one with add-key")
+        current = state.active_index
+        state.active_index = (current + 1) % count if 0 <= current < count else 0
+        merge.stamp_person_edit(state, (merge.ACTIVE_INDEX,), now_ms)
+        return _now_using("Rotated to", state, now_ms)
+
+    return change
+
+
+def use_key(index: int, now_ms: int) -> Op:
+    def change(state: AccountsFile) -> str:
+        account_at(state, index)
+        state.active_index = index
+        merge.stamp_person_edit(state, (merge.ACTIVE_INDEX,), now_ms)
+        return _now_using("Now using", state, now_ms)
+
+    return change
+
+
+def _now_using(verb: str, state: AccountsFile, now_ms: int) -> str:
+    index = state.active_index
+    message = f"{verb} {describe(index, state.accounts[index])}."
+    status = status_text(view_key(index, state.accounts[index], index, now_ms), now_ms)
+    if status != STATUS_ACTIVE:
+        message += f"\nNote: {status}"
+    return message
+
+
+def set_strategy(strategy: str, now_ms: int) -> Op:
+    if strategy not in STRATEGIES:
+        raise OpError(f"unknown strategy {strategy!r} (choose one of: {', '.join(STRATEGIES)})")
+    chosen: Strategy = strategy  # type: ignore[assignment]  # checked just above
+
+    def change(state: AccountsFile) -> str:
+        state.rotation_strategy = chosen
+        merge.stamp_person_edit(state, ("rotation_strategy",), now_ms)
+        return f"Rotation strategy set to: {chosen}"
+
+    return change
+
+
+def enable_key(index: int, now_ms: int) -> Op:
+    def change(state: AccountsFile) -> str:
+        account = account_at(state, index)
+        was = account.disabled_reason
+        account.disabled_reason = None
+        account.consecutive_failures = 0
+        merge.stamp_person_edit(account, ENABLE_FIELDS, now_ms)
+        if was is None:
+            return f"{describe(index, account)} was not disabled; it stays enabled."
+        return f"Enabled {describe(index, account)} (was disabled: {was})."
+
+    return change
+
+
+def clear_limits(target: int | Literal["all"], now_ms: int) -> Op:
+    def change(state: AccountsFile) -> str:
+        if target == "all":
+            chosen = list(range(len(state.accounts)))
+        else:
+            account_at(state, target)
+            chosen = [target]
+        for i in chosen:
+            account = state.accounts[i]
+            account.rate_limit_reset_time = 0
+            account.cooldown_reason = None
+            account.cooldown_level = 0  # the next cooldown starts short again
+            merge.stamp_person_edit(account, CLEAR_LIMIT_FIELDS, now_ms)
+        if target == "all":
+            if not chosen:
+                return "No keys configured; nothing to clear."
+            return f"Cleared rate limits on all {plural(len(chosen), 'key')}."
+        return f"Cleared rate limits on {describe(chosen[0], state.accounts[chosen[0]])}."
+
+    return change

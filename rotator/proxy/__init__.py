@@ -1,0 +1,1 @@
+"""The mitmproxy side of kimi-rotator: the only package that imports mitmproxy."""

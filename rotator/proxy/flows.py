@@ -1,0 +1,86 @@
+"""One record per flow the addon handles, and the ledger that holds them.
+
+A record says what the flow is (a client's request, our resend of one, our quota
+probe), which key it carries and where, its hold on the pool, its deadline and its
+attempts. Records live here, never in `flow.metadata`, which is display data saved with
+the flow. Forgetting a record always masks its key first, whatever path got there.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import http
+
+from rotator.policy import Outcome, Window
+from rotator.pool import Lease
+from rotator.proxy.headers import KeyPlacement, mask_sent_key, replace_client_key
+
+METADATA_KEY = "kimi_rotator"
+
+
+class FlowKind(enum.Enum):
+    CLIENT = "client"  # a client's request, served with a pool key
+    ATTEMPT = "attempt"  # our resend of a client's request on another key
+    PROBE = "probe"  # our /usages request for a key's exact reset
+
+
+@dataclass(slots=True, eq=False)
+class FlowRecord:
+    kind: FlowKind
+    flow: http.HTTPFlow
+    key: str  # the full key this flow carries, or will
+    lease: Lease | None = None  # the pool's hold on the key, until the answer settles it
+    deadline_ms: int = 0  # when waiting and retrying for this request stop
+    placement: KeyPlacement | None = None  # where the key sits in the headers, until masked
+    outcome: Outcome | None = None  # what the answer meant for the key
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # CLIENT: one note per attempt
+    window: Window | None = None  # PROBE: the window whose reset it asks
+
+
+def attempt_note(lease: Lease) -> dict[str, Any]:
+    return {"account": lease.name, "index": lease.index, "key": lease.masked_key}
+
+
+class FlowLedger:
+    def __init__(self) -> None:
+        self._records: dict[str, FlowRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def open(self, record: FlowRecord) -> FlowRecord:
+        self._records[record.flow.id] = record
+        return record
+
+    def get(self, flow_id: str) -> FlowRecord | None:
+        return self._records.get(flow_id)
+
+    def put_key(self, record: FlowRecord, *, bearer: bool = False) -> None:
+        """Put the record's key in its request, replacing the client's own."""
+        record.placement = replace_client_key(record.flow.request.headers, record.key, bearer=bearer)
+
+    def mask(self, record: FlowRecord) -> None:
+        """Keep only the masked key in the flow (once its request has gone upstream)."""
+        if record.placement is not None:
+            mask_sent_key(record.flow.request.headers, record.key, record.placement)
+            record.placement = None
+
+    def forget(self, flow_id: str) -> FlowRecord | None:
+        """Drop a flow's record, masking its key first."""
+        record = self._records.pop(flow_id, None)
+        if record is not None:
+            self.mask(record)
+        return record
+
+    def mask_all(self) -> None:
+        """At shutdown: flows still in flight are saved as they are, so mask them now."""
+        for record in self._records.values():
+            self.mask(record)
+
+    def show_attempts(self, record: FlowRecord) -> None:
+        """Copy the attempts into the flow's metadata, for mitmweb and saved flows."""
+        shown = record.flow.metadata.setdefault(METADATA_KEY, {})
+        shown["attempts"] = [dict(note) for note in record.attempts]

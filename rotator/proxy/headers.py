@@ -1,0 +1,79 @@
+"""Putting a pool key in a request's headers, and masking it once the request has gone."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from mitmproxy import http
+
+from rotator.keys import mask_key
+
+
+class KeyPlacement(NamedTuple):
+    """Where a pool key went in a request's headers, so masking it is one write."""
+
+    name: bytes  # lower-case header name
+    prefix: bytes  # b"Bearer " or b""
+    index: int  # position in headers.fields when it was put there
+
+
+def replace_client_key(headers: http.Headers, key: str, *, bearer: bool = False) -> KeyPlacement:
+    """Put `key` where the client put its own, and nowhere else.
+
+    Bearer clients get a Bearer header; everyone else gets x-api-key (a client sending
+    both gets x-api-key only); `bearer` forces the Bearer form. Another kind of
+    Authorization (say Basic, for proxy auth in reverse mode) is left alone. Works on the
+    raw fields in one pass: this runs for every request, and each Headers lookup is a
+    scan of its own.
+    """
+    fields = list(headers.fields)
+    api_key_at: list[int] = []
+    bearer_at: list[int] = []
+    for i, (name, value) in enumerate(fields):
+        lowered = name.lower()
+        if lowered == b"x-api-key":
+            api_key_at.append(i)
+        elif lowered == b"authorization" and value[:7].lower() == b"bearer ":
+            bearer_at.append(i)
+    secret = key.encode()
+    if bearer:
+        drop = api_key_at + bearer_at[1:]
+        if bearer_at:
+            placement = KeyPlacement(b"authorization", b"Bearer ", bearer_at[0])
+            fields[placement.index] = (fields[placement.index][0], b"Bearer " + secret)
+        else:
+            placement = KeyPlacement(b"authorization", b"Bearer ", len(fields))
+            fields.append((b"authorization", b"Bearer " + secret))
+    elif bearer_at and not api_key_at:
+        placement = KeyPlacement(b"authorization", b"Bearer ", bearer_at[0])
+        fields[placement.index] = (fields[placement.index][0], b"Bearer " + secret)
+        drop = bearer_at[1:]
+    elif api_key_at:
+        placement = KeyPlacement(b"x-api-key", b"", api_key_at[0])
+        fields[placement.index] = (fields[placement.index][0], secret)
+        drop = api_key_at[1:] + bearer_at
+    else:
+        placement = KeyPlacement(b"x-api-key", b"", len(fields))
+        drop = bearer_at
+        fields.append((b"x-api-key", secret))
+    for i in sorted(drop, reverse=True):
+        del fields[i]
+    headers.fields = tuple(fields)
+    shift = sum(1 for i in drop if i < placement.index)
+    return placement._replace(index=placement.index - shift) if shift else placement
+
+
+def mask_sent_key(headers: http.Headers, key: str, placement: KeyPlacement | None = None) -> None:
+    """Replace the pool key in a request that has gone upstream with its masked form."""
+    fields = headers.fields
+    secret = key.encode()
+    masked = mask_key(key).encode()
+    if placement is not None and placement.index < len(fields):
+        name, value = fields[placement.index]
+        if name.lower() == placement.name and value == placement.prefix + secret:
+            headers.fields = (
+                *fields[: placement.index], (name, placement.prefix + masked), *fields[placement.index + 1 :]
+            )
+            return
+    # Another addon moved things: look everywhere.
+    headers.fields = tuple((name, value.replace(secret, masked)) for name, value in fields)

@@ -1,0 +1,59 @@
+"""Sending requests of the proxy's own through mitmproxy: the one user of `ReplayHandler`.
+
+A retry resends a copy of a client's request; a quota probe sends a fresh request that
+no client made. Both go through mitmproxy's own connection handling, so the upstream
+proxy mode, TLS trust and every other addon apply to them as to any flow.
+`ReplayHandler` is not public API, which is why it is confined to this module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from mitmproxy import connection, ctx, http
+from mitmproxy.addons.clientplayback import ReplayHandler
+
+
+def copy_to_resend(flow: http.HTTPFlow) -> http.HTTPFlow:
+    """A fresh copy of `flow`'s request, with no answer yet."""
+    copy = flow.copy()
+    # Marked as a replay, as mitmproxy's own client replay does, so proxyauth and
+    # other addons treat it as the already-admitted request it is.
+    copy.is_replay = "request"
+    copy.response = None
+    copy.error = None
+    copy.comment = ""
+    copy.metadata.clear()
+    return copy
+
+
+def client_identity(request: http.Request) -> list[tuple[bytes, bytes]]:
+    """The headers by which Kimi knows the client (User-Agent, X-Msh-*): requests of our
+    own made on a client's behalf carry them unchanged, never forged."""
+    return [
+        (name, value) for name, value in request.headers.fields
+        if name.lower() == b"user-agent" or name.lower().startswith(b"x-msh-")
+    ]
+
+
+def fresh_request(
+    method: str, scheme: str, host: str, port: int, path: str, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> http.HTTPFlow:
+    """A request of the proxy's own, from no client, to `scheme://host:port/path`."""
+    now = time.time()
+    client = connection.Client(peername=("127.0.0.1", 0), sockname=("127.0.0.1", 0), timestamp_start=now)
+    flow = http.HTTPFlow(client, connection.Server(address=(host, port)))
+    authority = host if (scheme, port) in (("https", 443), ("http", 80)) else f"{host}:{port}"
+    flow.request = http.Request(
+        host, port, method.encode(), scheme.encode(), b"", path.encode(), b"HTTP/1.1",
+        http.Headers([(b"host", authority.encode()), *headers]), b"", None, now, now,
+    )
+    flow.is_replay = "request"
+    return flow
+
+
+async def send(flow: http.HTTPFlow) -> None:
+    """Send `flow` through mitmproxy; its hooks run as for any flow. Returns once it has
+    an answer or an error."""
+    await ReplayHandler(flow, ctx.options).replay()

@@ -1,0 +1,168 @@
+"""One read model of a key (`KeyView`) and every way it is shown.
+
+The CLI's list, its JSON, the proxy's log lines and its own error answers all describe a
+key from a `KeyView`, so a key reads the same everywhere and only ever masked. Stats,
+the status page and mitmproxy commands are meant to reuse it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rotator.clock import seconds_until
+from rotator.health import HEALTH_SKIP_BELOW, effective_health
+from rotator.keys import mask_key
+from rotator.models import Account, AccountsFile
+
+BAR_CELLS = 10
+SUMMARY_MOST = 20
+
+
+class KeyState(enum.Enum):
+    ACTIVE = "active"
+    COOLING = "cooling"
+    DISABLED = "disabled"
+    LOW_HEALTH = "low_health"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyView:
+    index: int
+    name: str
+    masked_key: str
+    active: bool
+    health: int  # with resting recovery applied
+    total_requests: int
+    successful_requests: int
+    state: KeyState
+    rate_limit_reset_time: int  # the cooldown's end (past when not cooling)
+    disabled_reason: str | None
+    cooldown_reason: str | None
+    last_used: int
+
+    @property
+    def label(self) -> str:
+        return label(self.index, self.name, self.masked_key)
+
+
+def label(index: int, name: str, masked_key: str) -> str:
+    """`[0] Personal (sk-kim…abcd)`: how a key is named in every message."""
+    return f"[{index}] {name or 'unnamed'} ({masked_key})"
+
+
+def key_label(index: int, name: str, key: str) -> str:
+    return label(index, name, mask_key(key))
+
+
+def view_key(index: int, account: Account, active_index: int, now: int) -> KeyView:
+    health = effective_health(account, now)
+    if account.disabled_reason is not None:
+        state = KeyState.DISABLED
+    elif account.rate_limit_reset_time > now:
+        state = KeyState.COOLING
+    elif health < HEALTH_SKIP_BELOW:
+        state = KeyState.LOW_HEALTH
+    else:
+        state = KeyState.ACTIVE
+    return KeyView(
+        index=index,
+        name=account.name,
+        masked_key=mask_key(account.key),
+        active=index == active_index,
+        health=health,
+        total_requests=account.total_requests,
+        successful_requests=account.successful_requests,
+        state=state,
+        rate_limit_reset_time=account.rate_limit_reset_time,
+        disabled_reason=account.disabled_reason,
+        cooldown_reason=account.cooldown_reason,
+        last_used=account.last_used,
+    )
+
+
+def view_pool(state: AccountsFile, now: int) -> list[KeyView]:
+    return [view_key(i, a, state.active_index, now) for i, a in enumerate(state.accounts)]
+
+
+# -- text for people ------------------------------------------------------------------
+
+STATUS_ACTIVE = "✓ Active"
+
+
+def format_duration(ms: int) -> str:
+    """`4m 12s`, `45s`, `2h 05m`, `3d 4h`; rounded up so it never shows 0s while waiting."""
+    seconds = seconds_until(ms, 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h"
+
+
+def health_bar(health: int) -> str:
+    filled = max(0, min(BAR_CELLS, int(health / 10 + 0.5)))  # round half up
+    return "█" * filled + "░" * (BAR_CELLS - filled)
+
+
+def status_text(view: KeyView, now: int) -> str:
+    if view.state is KeyState.DISABLED:
+        return f"✗ Disabled: {view.disabled_reason}"
+    if view.state is KeyState.COOLING:
+        text = f"⏳ Cooling down (free in {format_duration(view.rate_limit_reset_time - now)})"
+        return f"{text}: {view.cooldown_reason}" if view.cooldown_reason else text
+    if view.state is KeyState.LOW_HEALTH:
+        return "⚠ Low health (skipped until it recovers)"
+    return STATUS_ACTIVE
+
+
+def list_block(view: KeyView, now: int) -> list[str]:
+    """The list-keys block for one key (the TypeScript plugin's layout)."""
+    return [
+        f"{'●' if view.active else '○'} [{view.index}] {view.name}",
+        f"   Key: {view.masked_key}",
+        f"   Health: {health_bar(view.health)} {view.health}%",
+        f"   Requests: {view.successful_requests}/{view.total_requests} successful",
+        f"   Status: {status_text(view, now)}",
+    ]
+
+
+def as_json(view: KeyView, now: int) -> dict[str, object]:
+    return {
+        "index": view.index,
+        "active": view.active,
+        "name": view.name,
+        "maskedKey": view.masked_key,
+        "health": view.health,
+        "totalRequests": view.total_requests,
+        "successfulRequests": view.successful_requests,
+        "rateLimitResetTime": view.rate_limit_reset_time,
+        "cooling": view.rate_limit_reset_time > now,
+        "disabledReason": view.disabled_reason,
+        "cooldownReason": view.cooldown_reason,
+        "lastUsed": view.last_used,
+        "status": status_text(view, now),
+    }
+
+
+def summary(views: Sequence[KeyView], now: int, most: int = SUMMARY_MOST) -> str:
+    """One line on every key, for the proxy's own error answers: `Keys: [0] sk-kim…abcd
+    free in 12 s; [1] sk-kim…wxyz disabled (…).`"""
+    parts = []
+    for view in views[:most]:
+        short = f"[{view.index}] {view.masked_key}"
+        if view.state is KeyState.DISABLED:
+            parts.append(f"{short} disabled ({view.disabled_reason})")
+        elif view.rate_limit_reset_time > now:
+            parts.append(f"{short} free in {seconds_until(view.rate_limit_reset_time, now)} s")
+        else:
+            parts.append(f"{short} busy")
+    if len(views) > most:
+        parts.append(f"and {len(views) - most} more")
+    return "Keys: " + "; ".join(parts) + "."

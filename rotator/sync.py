@@ -1,0 +1,110 @@
+"""The save loop: a pool's changes go to its store about once an interval, and the
+store's state (another process's changes included) comes back into the pool.
+
+It knows the `StateStore` interface only. Stores block, so each call runs in a worker
+thread, never on the proxy's event loop. A store that can't be read is reported once
+per distinct problem; the pool keeps serving from its last good state, keeps its
+changes for the next try, and says so once the store is readable again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from rotator.models import AccountsFile
+from rotator.pool import KeyPool
+from rotator.store import StateStore, StoreError
+
+logger = logging.getLogger(__name__)
+# mitmproxy's ALERT level (INFO + 1), named by value: this module runs without mitmproxy.
+ALERT = logging.INFO + 1
+
+
+class PoolSync:
+    def __init__(self, store: StateStore, pool: KeyPool, interval_s: float) -> None:
+        self.store = store
+        self.pool = pool
+        self.interval_s = interval_s
+        self.problem: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._saving: asyncio.Future[None] | None = None
+
+    def load(self) -> AccountsFile | None:
+        """Read the store at start (blocking; start-up and option changes only)."""
+        try:
+            state = self.store.load()
+        except StoreError as e:
+            # A warning, not an error: mitmdump exits on errors logged while starting,
+            # and clients should rather be told what is wrong with the store.
+            self._note_problem(e, logging.WARNING)
+            return None
+        self.problem = None
+        self.pool.adopt(state)
+        return state
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._save_forever())
+
+    async def stop(self) -> None:
+        """Stop the loop, let a save under way finish, and save once more."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._saving is not None:
+            # A save under way holds changes taken from the pool: let it finish.
+            try:
+                await self._saving
+            except Exception:
+                logger.exception("kimi-rotator: saving to %s failed", self.store.location)
+            self._saving = None
+        # Shutting down: a last save is what keeps the counts exact.
+        await self.save_once()
+
+    async def _save_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            # Shielded: stopping the loop must not drop a save that holds taken changes.
+            self._saving = asyncio.ensure_future(self.save_once())
+            try:
+                await asyncio.shield(self._saving)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let a bad save stop future saves
+                logger.exception("kimi-rotator: saving to %s failed", self.store.location)
+            self._saving = None
+
+    async def save_once(self) -> None:
+        taken = self.pool.take_changes()
+        try:
+            state = await asyncio.to_thread(self.store.sync, taken)
+        except StoreError as e:
+            self.pool.give_back(taken)
+            self._note_problem(e, logging.ERROR)
+            return
+        if self.problem is not None:
+            logger.log(ALERT, "kimi-rotator: %s is readable again", self.store.location)
+            self.problem = None
+        if state is not None:
+            self._adopt(state)
+
+    def _adopt(self, state: AccountsFile) -> None:
+        before = {a.key for a in self.pool.accounts}
+        self.pool.adopt(state)
+        after = {a.key for a in state.accounts}
+        if before != after:
+            logger.log(
+                ALERT, "kimi-rotator: accounts file changed: %d key(s) now (%d added, %d removed)",
+                len(after), len(after - before), len(before - after),
+            )
+
+    def _note_problem(self, error: StoreError, level: int) -> None:
+        message = str(error)
+        if message != self.problem:
+            serving = "serving from the last good state" if self.pool.accounts else "no keys to serve"
+            logger.log(
+                level, "kimi-rotator: cannot read the accounts file %s; %s and not writing until it is fixed",
+                message, serving,
+            )
+        self.problem = message

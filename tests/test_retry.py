@@ -1,0 +1,310 @@
+"""Waiting, retries, deadlines and quota probes, in process: a fake clock and a fake
+upstream stand in for time and Kimi, so hours of cooldown take microseconds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import taddons
+
+from rotator import policy
+from rotator.keys import mask_key
+from rotator.models import Account, AccountsFile
+from rotator.pool import KeyPool, Lease
+from rotator.proxy.addon import KimiRotator
+from rotator.store import file as storage
+from rotator.strategies import Shortage, Unavailable
+from tests.conftest import fake_key
+from tests.hooks import FakeClock, call_hook, kimi_flow, run_virtual
+
+KEYS = [fake_key(f"retry{i}") for i in range(3)]
+OK = policy.classify(200, {}, b"{}", 0)
+USAGES = "/coding/v1/usages"
+
+
+def kimi_error(status: int, message: str, headers: dict[str, str] | None = None) -> http.Response:
+    body = json.dumps({"type": "error", "error": {"type": "x", "message": message}})
+    return http.Response.make(status, body, {"content-type": "application/json", **(headers or {})})
+
+
+def success() -> http.Response:
+    return http.Response.make(200, b'{"type":"message"}', {"content-type": "application/json"})
+
+
+Answer = Callable[[http.HTTPFlow, str], "http.Response | Exception | None"]
+
+
+class FakeUpstream:
+    """Plays mitmproxy and Kimi for flows: runs the addon's hooks around an answer.
+
+    `answer(flow, key)` gets each request with the full key it carried, and returns a
+    response, an exception to raise after the key went on (a resend that blew up), or
+    None to hang until cancelled.
+    """
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.addon: KimiRotator | None = None
+        self.seen: list[tuple[str, str]] = []  # (path, key) as upstream saw them
+
+    async def __call__(self, flow: http.HTTPFlow) -> None:
+        addon = self.addon
+        assert addon is not None
+        await call_hook(addon, "request", flow)
+        if flow.response is not None:
+            return  # the proxy answered itself
+        key = flow.request.headers.get("x-api-key") or flow.request.headers.get("authorization", "")
+        key = key.removeprefix("Bearer ")
+        self.seen.append((flow.request.path, key))
+        result = self.answer(flow, key)
+        if result is None:
+            await asyncio.Event().wait()
+        if isinstance(result, Exception):
+            raise result
+        assert isinstance(result, http.Response)
+        flow.response = result
+        await call_hook(addon, "responseheaders", flow)
+        await call_hook(addon, "response", flow)
+
+    def keys_sent(self, path: str = "/coding/v1/messages") -> list[str]:
+        return [key for seen_path, key in self.seen if seen_path == path]
+
+
+def write_pool(path: Path, keys: list[str], **fields_by_index: dict[str, Any]) -> Path:
+    accounts = []
+    for i, key in enumerate(keys):
+        accounts.append(Account(key=key, name=f"Account {i}", **fields_by_index.get(f"k{i}", {})))
+    storage.write_accounts(path, AccountsFile(accounts=accounts, rotation_strategy="round-robin"))
+    return path
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def proxy(tmp_path: Path, clock: FakeClock):
+    """start(answer, keys, **options) -> (addon, upstream): the addon in taddons, its
+    own requests and the client's going to the fake upstream."""
+    contexts: list[Any] = []
+
+    def start(answer: Answer, keys: list[str] = KEYS, fields: dict[str, dict[str, Any]] | None = None,
+              **options: Any) -> tuple[KimiRotator, FakeUpstream]:
+        path = write_pool(tmp_path / "accounts.json", keys, **(fields or {}))
+        upstream = FakeUpstream(answer)
+        addon = KimiRotator(clock=clock, send=upstream)
+        upstream.addon = addon
+        tctx = taddons.context(addon)
+        contexts.append(tctx)
+        tctx.__enter__()
+        tctx.configure(addon, kimi_accounts=str(path), kimi_hosts=["api.kimi.com"], **options)
+        return addon, upstream
+
+    yield start
+    for tctx in contexts:
+        tctx.__exit__(None, None, None)
+
+
+# -- waiting in line ---------------------------------------------------------------------
+
+
+async def test_a_freed_key_serves_waiters_in_order_and_wakes_no_one_else(clock: FakeClock) -> None:
+    pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0])]), max_in_flight=1, clock=clock)
+    held = pool.acquire(clock.now)
+    assert isinstance(held, Lease)
+    deadline = clock.now + 30_000
+    waiters = [asyncio.ensure_future(pool.acquire_waiting(deadline)) for _ in range(50)]
+    await asyncio.sleep(0)
+    assert pool.waiting == 50
+    choices = 0
+    acquire = pool.acquire
+
+    def counting_acquire(*args: Any) -> Any:
+        nonlocal choices
+        choices += 1
+        return acquire(*args)
+
+    pool.acquire = counting_acquire  # type: ignore[method-assign]
+    pool.release(held, OK, clock.now)
+    await asyncio.sleep(0)
+    # One key freed: the first waiter has it, one more look found nothing, the rest slept.
+    assert [w.done() for w in waiters[:3]] == [True, False, False]
+    assert choices <= 2
+    first = waiters[0].result()
+    assert isinstance(first, Lease)
+    pool.release(first, OK, clock.now)
+    await asyncio.sleep(0)
+    assert waiters[1].done() and not waiters[2].done()
+    for waiter in waiters[2:]:
+        waiter.cancel()
+    await asyncio.gather(*waiters[2:], return_exceptions=True)
+
+
+async def test_a_waiter_gives_up_at_its_deadline_and_is_told_why(clock: FakeClock) -> None:
+    pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0])]), max_in_flight=1, clock=clock)
+    pool.acquire(clock.now)
+    start = clock.now
+    (result,) = await run_virtual(clock, pool.acquire_waiting(start + 30_000))
+    assert result == Unavailable(Shortage.ALL_SKIPPED)
+    assert clock.now == start + 30_000
+    assert pool.waiting == 0
+
+
+async def test_a_waiter_served_just_as_it_is_given_up_hands_the_key_back(clock: FakeClock) -> None:
+    pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0])]), max_in_flight=1, clock=clock)
+    held = pool.acquire(clock.now)
+    waiter = asyncio.ensure_future(pool.acquire_waiting(clock.now + 30_000))
+    await asyncio.sleep(0)
+    pool.release(held, OK, clock.now)  # hands the key to the waiter...
+    waiter.cancel()  # ...whose client left before it could use it
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert pool.in_flight == {}
+    assert pool.accounts[0].total_requests == 1  # only the request that was sent
+
+
+async def test_a_cooling_key_serves_the_waiter_when_its_cooldown_ends(clock: FakeClock) -> None:
+    account = Account(key=KEYS[0], rate_limit_reset_time=clock.now + 12_000)
+    pool = KeyPool(AccountsFile(accounts=[account]), clock=clock)
+    start = clock.now
+    (lease,) = await run_virtual(clock, pool.acquire_waiting(start + 30_000))
+    assert isinstance(lease, Lease)
+    assert clock.now == start + 12_000
+
+
+# -- one deadline per request ------------------------------------------------------------------
+
+
+async def test_waiting_and_retries_share_one_deadline(proxy, clock: FakeClock) -> None:
+    start = clock.now
+    # The only key cools 20 s; after that wait it answers 429 for another 15 s, which
+    # would end 35 s after the request came: beyond its 30 s, so no second wait.
+    addon, upstream = proxy(
+        lambda flow, key: kimi_error(429, "rate limited", {"retry-after": "15"}),
+        keys=KEYS[:1], fields={"k0": {"rate_limit_reset_time": start + 20_000}},
+        kimi_max_wait="30",
+    )
+    flow = kimi_flow()
+    await run_virtual(clock, upstream(flow))
+    assert len(upstream.keys_sent()) == 1
+    assert clock.now - start == 20_000
+    assert flow.response is not None and flow.response.status_code == 429
+    assert flow.response.headers["retry-after"] == "15"
+    assert "no other key" in flow.comment
+
+
+async def test_retries_within_the_deadline_still_happen(proxy, clock: FakeClock) -> None:
+    answers = iter([kimi_error(429, "concurrent request limit reached")] * 3 + [success()])
+    addon, upstream = proxy(lambda flow, key: next(answers), kimi_max_wait="30")
+    flow = kimi_flow()
+    start = clock.now
+    await run_virtual(clock, upstream(flow))
+    # Three keys refused at once; the fourth attempt waited for the first to cool (10 s).
+    assert upstream.keys_sent() == [KEYS[0], KEYS[1], KEYS[2], KEYS[0]]
+    assert clock.now - start == 10_000
+    assert flow.response is not None and flow.response.status_code == 200
+
+
+# -- attempts live in the flow's record --------------------------------------------------------
+
+
+async def test_a_replayed_saved_flow_starts_with_no_attempts_counted(proxy, clock: FakeClock) -> None:
+    answers = iter([kimi_error(401, "Invalid Authentication"), success()])
+    addon, upstream = proxy(lambda flow, key: next(answers))
+    flow = kimi_flow()
+    # What a saved flow carries from its first life: five attempts, all refused.
+    old = [{"account": "Account 0", "index": 0, "key": mask_key(KEYS[0]), "outcome": "rate_limited"}] * 5
+    flow.metadata["kimi_rotator"] = {"attempts": old}
+    await run_virtual(clock, upstream(flow))
+    assert upstream.keys_sent() == [KEYS[0], KEYS[1]]
+    assert flow.response is not None and flow.response.status_code == 200
+    shown = flow.metadata["kimi_rotator"]["attempts"]
+    assert [(a["index"], a["outcome"]) for a in shown] == [(0, "key_invalid"), (1, "success")]
+
+
+# -- keys never stay in a flow ---------------------------------------------------------------------
+
+
+async def test_a_resend_that_blows_up_leaves_no_full_key_anywhere(proxy, clock: FakeClock) -> None:
+    calls = 0
+
+    def answer(flow: http.HTTPFlow, key: str) -> http.Response | Exception:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return kimi_error(429, "too many requests")
+        return RuntimeError("connection handler crashed")  # after the key went on
+
+    addon, upstream = proxy(answer, keys=KEYS[:2])
+    flow = kimi_flow()
+    await run_virtual(clock, upstream(flow))
+    assert flow.response is not None and flow.response.status_code == 502
+    text = repr(flow.get_state())
+    for key in KEYS:
+        assert key not in text
+    assert flow.request.headers["x-api-key"] == mask_key(KEYS[1])
+    assert len(addon.ledger) == 0
+    assert addon.pool.in_flight == {}
+
+
+async def test_a_flow_in_flight_at_shutdown_is_masked(proxy, clock: FakeClock) -> None:
+    addon, upstream = proxy(lambda flow, key: None)
+    flow = kimi_flow()
+    task = asyncio.ensure_future(upstream(flow))
+    await asyncio.sleep(0)
+    assert flow.request.headers["x-api-key"] == KEYS[0]  # out, no answer yet
+    await addon.done()
+    assert flow.request.headers["x-api-key"] == mask_key(KEYS[0])
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+# -- asking /usages: once per key -----------------------------------------------------------------
+
+
+async def test_many_refusals_of_one_key_send_one_probe(proxy, clock: FakeClock) -> None:
+    def answer(flow: http.HTTPFlow, key: str) -> http.Response | None:
+        if flow.request.path == USAGES:
+            return None  # held until the test lets go
+        return kimi_error(429, "You've reached your 5-hour usage limit")
+
+    addon, upstream = proxy(answer, keys=KEYS[:1], kimi_max_attempts=1)
+    flows = [kimi_flow() for _ in range(30)]
+    await asyncio.gather(*(upstream(f) for f in flows))
+    await asyncio.sleep(0)
+    assert len(upstream.keys_sent(USAGES)) == 1
+    assert upstream.keys_sent(USAGES) == [KEYS[0]]
+    probe_tasks = list(addon._probing.values())
+    assert len(probe_tasks) == 1
+    # Stopping the proxy ends the probe instead of leaving it running.
+    await addon.done()
+    assert all(t.done() for t in probe_tasks)
+
+
+async def test_the_probe_answer_sets_the_exact_reset(proxy, clock: FakeClock) -> None:
+    reset_at = clock.now + 2 * 3600_000
+
+    def answer(flow: http.HTTPFlow, key: str) -> http.Response:
+        if flow.request.path == USAGES:
+            assert flow.request.headers["authorization"] == f"Bearer {key}"
+            body = {"limits": [{"window": {"duration": 300, "timeUnit": "TIME_UNIT_MINUTE"},
+                                "detail": {"resetTime": str(reset_at)}}]}
+            return http.Response.make(200, json.dumps(body), {"content-type": "application/json"})
+        return kimi_error(429, "You've reached your 5-hour usage limit")
+
+    addon, upstream = proxy(answer, keys=KEYS[:1], kimi_max_attempts=1)
+    flow = kimi_flow()
+    flow.request.headers["user-agent"] = "claude-cli/2.0"
+    await upstream(flow)
+    await asyncio.gather(*addon._probing.values())
+    assert addon.pool.accounts[0].rate_limit_reset_time == reset_at
+    probe_flows = [path for path, _ in upstream.seen if path == USAGES]
+    assert probe_flows == [USAGES]
+    assert len(addon.ledger) == 0
