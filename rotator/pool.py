@@ -3,22 +3,18 @@
 Choosing a key, accounting for an answer and waiting for a key touch memory only. What
 changed since the last save is recorded as a `merge.PoolChange`, so a save applies *our
 changes* to whatever the file holds by then instead of overwriting it.
-
-Requests that find no key wait in one queue, in arrival order. When a key frees up (an
-answer, a cooldown's end, a file change) the queue is served from its head, a lease at
-a time, and stops at the first request the pool cannot serve: a freed key wakes only
-the requests it can serve.
+Requests that find no key wait in `rotator.waitline`, which the pool tells whenever a
+key may have freed up (`key_freed`).
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from rotator import merge
-from rotator.clock import SYSTEM_CLOCK, Clock, Timer, seconds_until
+from rotator.clock import SYSTEM_CLOCK, Clock, seconds_until
 from rotator.health import HEALTH_MAX, apply_health_delta
 from rotator.keys import mask_key
 from rotator.models import Account, AccountsFile
@@ -79,11 +75,8 @@ class _RecentLimit:
     previous_health: int
 
 
-@dataclass(slots=True, eq=False)
-class _Waiter:
-    tried: Collection[str]
-    deadline_ms: int
-    future: asyncio.Future[Lease | Unavailable]
+def _nobody_waits() -> None:
+    pass
 
 
 class KeyPool:
@@ -97,8 +90,9 @@ class KeyPool:
         self.changes = merge.PoolChange()
         self.paused_until_ms = 0
         self._recent_limits: list[_RecentLimit] = []
-        self._waiters: list[_Waiter] = []
-        self._timer: Timer | None = None
+        # Called whenever a key may have freed up: an answer, a lowered deadline, a
+        # change from the store. The wait line sets it.
+        self.key_freed: Callable[[], None] = _nobody_waits
         self._adopt(state)
 
     # -- reading ---------------------------------------------------------------
@@ -111,8 +105,9 @@ class KeyPool:
         return self._state.accounts
 
     @property
-    def waiting(self) -> int:
-        return len(self._waiters)
+    def has_busy_keys(self) -> bool:
+        """Whether a key is held back only by its in-flight cap (it frees on an answer)."""
+        return bool(self._at_cap)
 
     def account(self, key: str) -> Account | None:
         index = self._index_by_key.get(key)
@@ -187,8 +182,7 @@ class KeyPool:
             self._at_cap.discard(key)  # removed while the request was in flight
         else:
             self._update_cap(key, self.in_flight.get(key, 0), account)
-        if self._waiters:
-            self._serve_waiters()
+        self.key_freed()
 
     def _update_cap(self, key: str, busy: int, account: Account) -> None:
         """A key at its in-flight cap is not chosen. A key back from a cooldown
@@ -258,8 +252,7 @@ class KeyPool:
             return None
         account.rate_limit_reset_time = deadline_ms
         self.changes.for_key(key).set("rate_limit_reset_time", deadline_ms, now_ms)
-        if self._waiters:
-            self._serve_waiters()
+        self.key_freed()
         seconds = seconds_until(deadline_ms, now_ms)
         index = self._index_by_key[key]
         return f"key {key_label(index, account.name, key)}: Kimi says its limit resets in {seconds} s"
@@ -309,83 +302,6 @@ class KeyPool:
             account.consecutive_failures -= 1
             change.set("consecutive_failures", account.consecutive_failures, now_ms)
 
-    # -- waiting for a key ---------------------------------------------------------
-    async def acquire_waiting(self, deadline_ms: int, tried: Collection[str] = ()) -> Lease | Unavailable:
-        """A key, waiting in line (not spinning) up to `deadline_ms` for one to free up."""
-        now = self.clock.now_ms()
-        got = self.acquire_preferring_untried(now, tried)
-        if isinstance(got, Lease) or not self._worth_waiting(got, now, deadline_ms):
-            return got
-        waiter = _Waiter(tried, deadline_ms, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
-        self._schedule(now, got)
-        try:
-            return await waiter.future
-        except asyncio.CancelledError:
-            # Served just as the request was given up: hand the key back uncounted.
-            if waiter.future.done() and not waiter.future.cancelled():
-                result = waiter.future.result()
-                if isinstance(result, Lease):
-                    self.abandon(result)
-            raise
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-    def _worth_waiting(self, why: Unavailable, now: int, deadline_ms: int) -> bool:
-        if now >= deadline_ms:
-            return False
-        frees_at = why.available_at_ms
-        if frees_at is not None and frees_at <= deadline_ms:
-            return True  # a cooldown or the shared pause ends in time
-        return bool(self._at_cap)  # a key at its in-flight cap frees on its next answer
-
-    def _serve_waiters(self) -> None:
-        """Hand keys to waiting requests in order, as long as the pool has one to give."""
-        now = self.clock.now_ms()
-        served = 0
-        shortage: Unavailable | None = None
-        for waiter in self._waiters:
-            if waiter.future.done():  # given up meanwhile
-                served += 1
-                continue
-            got = self.acquire_preferring_untried(now, waiter.tried)
-            if isinstance(got, Lease):
-                waiter.future.set_result(got)
-                served += 1
-                continue
-            shortage = got
-            break
-        del self._waiters[:served]
-        # Whoever is left may have run out of time, or out of reasons to wait.
-        if shortage is not None:
-            keep: list[_Waiter] = []
-            for waiter in self._waiters:
-                if waiter.future.done():
-                    continue
-                if self._worth_waiting(shortage, now, waiter.deadline_ms):
-                    keep.append(waiter)
-                else:
-                    waiter.future.set_result(shortage)
-            self._waiters = keep
-        self._schedule(now, shortage)
-
-    def _schedule(self, now: int, shortage: Unavailable | None) -> None:
-        """One timer for the queue: the soonest of a key freeing and a waiter's deadline."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._waiters:
-            return
-        wake = min(w.deadline_ms for w in self._waiters)
-        if shortage is not None and shortage.available_at_ms is not None:
-            wake = min(wake, shortage.available_at_ms)
-        self._timer = self.clock.call_at(max(wake, now + 1), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._serve_waiters()
-
     # -- persistence -------------------------------------------------------------
     def take_changes(self) -> merge.PoolChange:
         """Hand over the changes to save; newer ones collect in a fresh record."""
@@ -401,8 +317,7 @@ class KeyPool:
         """Take the file's state as the new base, with changes since the save on top."""
         merge.apply(on_disk, self.changes)
         self._adopt(on_disk)
-        if self._waiters:
-            self._serve_waiters()
+        self.key_freed()
 
     def _adopt(self, state: AccountsFile) -> None:
         self._state = state

@@ -20,6 +20,7 @@ from rotator.pool import KeyPool, Lease
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
 from rotator.strategies import Shortage, Unavailable
+from rotator.waitline import WaitLine
 from tests.conftest import fake_key
 from tests.hooks import FakeClock, call_hook, kimi_flow, run_virtual
 
@@ -117,12 +118,13 @@ def proxy(tmp_path: Path, clock: FakeClock):
 
 async def test_a_freed_key_serves_waiters_in_order_and_wakes_no_one_else(clock: FakeClock) -> None:
     pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0])]), max_in_flight=1, clock=clock)
+    line = WaitLine(pool)
     held = pool.acquire(clock.now)
     assert isinstance(held, Lease)
     deadline = clock.now + 30_000
-    waiters = [asyncio.ensure_future(pool.acquire_waiting(deadline)) for _ in range(50)]
+    waiters = [asyncio.ensure_future(line.acquire(deadline)) for _ in range(50)]
     await asyncio.sleep(0)
-    assert pool.waiting == 50
+    assert len(line) == 50
     choices = 0
     acquire = pool.acquire
 
@@ -149,18 +151,20 @@ async def test_a_freed_key_serves_waiters_in_order_and_wakes_no_one_else(clock: 
 
 async def test_a_waiter_gives_up_at_its_deadline_and_is_told_why(clock: FakeClock) -> None:
     pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0])]), max_in_flight=1, clock=clock)
+    line = WaitLine(pool)
     pool.acquire(clock.now)
     start = clock.now
-    (result,) = await run_virtual(clock, pool.acquire_waiting(start + 30_000))
+    (result,) = await run_virtual(clock, line.acquire(start + 30_000))
     assert result == Unavailable(Shortage.ALL_SKIPPED)
     assert clock.now == start + 30_000
-    assert pool.waiting == 0
+    assert len(line) == 0
 
 
 async def test_a_waiter_served_just_as_it_is_given_up_hands_the_key_back(clock: FakeClock) -> None:
     pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0])]), max_in_flight=1, clock=clock)
+    line = WaitLine(pool)
     held = pool.acquire(clock.now)
-    waiter = asyncio.ensure_future(pool.acquire_waiting(clock.now + 30_000))
+    waiter = asyncio.ensure_future(line.acquire(clock.now + 30_000))
     await asyncio.sleep(0)
     pool.release(held, OK, clock.now)  # hands the key to the waiter...
     waiter.cancel()  # ...whose client left before it could use it
@@ -173,8 +177,9 @@ async def test_a_waiter_served_just_as_it_is_given_up_hands_the_key_back(clock: 
 async def test_a_cooling_key_serves_the_waiter_when_its_cooldown_ends(clock: FakeClock) -> None:
     account = Account(key=KEYS[0], rate_limit_reset_time=clock.now + 12_000)
     pool = KeyPool(AccountsFile(accounts=[account]), clock=clock)
+    line = WaitLine(pool)
     start = clock.now
-    (lease,) = await run_virtual(clock, pool.acquire_waiting(start + 30_000))
+    (lease,) = await run_virtual(clock, line.acquire(start + 30_000))
     assert isinstance(lease, Lease)
     assert clock.now == start + 12_000
 
@@ -281,10 +286,12 @@ async def test_many_refusals_of_one_key_send_one_probe(proxy, clock: FakeClock) 
     await asyncio.sleep(0)
     assert len(upstream.keys_sent(USAGES)) == 1
     assert upstream.keys_sent(USAGES) == [KEYS[0]]
-    probe_tasks = list(addon._probing.values())
-    assert len(probe_tasks) == 1
+    assert len(addon.probes) == 1
+    probe_tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert probe_tasks
     # Stopping the proxy ends the probe instead of leaving it running.
     await addon.done()
+    assert len(addon.probes) == 0
     assert all(t.done() for t in probe_tasks)
 
 
@@ -303,7 +310,9 @@ async def test_the_probe_answer_sets_the_exact_reset(proxy, clock: FakeClock) ->
     flow = kimi_flow()
     flow.request.headers["user-agent"] = "claude-cli/2.0"
     await upstream(flow)
-    await asyncio.gather(*addon._probing.values())
+    for _ in range(10):  # the probe runs in a task of its own
+        await asyncio.sleep(0)
+    assert len(addon.probes) == 0
     assert addon.pool.accounts[0].rate_limit_reset_time == reset_at
     probe_flows = [path for path, _ in upstream.seen if path == USAGES]
     assert probe_flows == [USAGES]

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, http
 from mitmproxy.log import ALERT
 
 from rotator import access, policy
 from rotator.clock import SYSTEM_CLOCK, Clock
-from rotator.keys import mask_key
 from rotator.models import AccountsFile
-from rotator.pool import DEFAULT_MAX_IN_FLIGHT, KeyPool, Lease
+from rotator.pool import KeyPool, Lease
 from rotator.proxy import answers, retry, upstream
 from rotator.proxy.flows import (
     METADATA_KEY,
@@ -32,123 +31,50 @@ from rotator.proxy.flows import (
     attempt_note,
 )
 from rotator.proxy.options import (
-    CLIENT_TOKEN_ENV,
-    DEFAULT_KIMI_HOSTS,
-    DEFAULT_MAX_WAIT_S,
+    Settings,
+    add_options,
     normalize_host,
-    parse_hosts,
-    parse_seconds,
-    read_client_token,
+    read_settings,
+    warn_if_listening_beyond_loopback,
 )
+from rotator.proxy.probes import UsageProbes
 from rotator.store.file import (
-    ACCOUNTS_ENV,
-    ACCOUNTS_FILENAME,
     FileStore,
-    resolve_accounts_path,
 )
 from rotator.strategies import Unavailable
 from rotator.sync import PoolSync
-from rotator.usage import USAGES_PATH, window_reset
+from rotator.waitline import WaitLine
 
 logger = logging.getLogger(__name__)
 
-Send = Callable[[http.HTTPFlow], Awaitable[None]]
-
-
 class KimiRotator:
-    def __init__(self, clock: Clock = SYSTEM_CLOCK, send: Send = upstream.send) -> None:
+    def __init__(self, clock: Clock = SYSTEM_CLOCK, send: upstream.Send = upstream.send) -> None:
         self.clock = clock
         self.send_upstream = send  # how requests of our own go out (injected in tests)
-        self.hosts: frozenset[str] = frozenset(DEFAULT_KIMI_HOSTS)
-        self.client_token: str | None = None
-        self.flush_interval_s = 1.0
-        self.max_wait_ms = int(DEFAULT_MAX_WAIT_S * 1000)
-        self.max_attempts_option = 0
-        self.allow_remote = False
-        self.pool = KeyPool(AccountsFile(), clock=clock)
-        self.sync: PoolSync | None = None
+        self.settings = Settings()
         self.ledger = FlowLedger()
+        self._use_pool(KeyPool(AccountsFile(), clock=clock))
+        self.sync: PoolSync | None = None
         self._running = False
-        self._probing: dict[str, asyncio.Task[None]] = {}  # one /usages probe per key at most
         self._background: set[asyncio.Task[None]] = set()
 
     def load(self, loader: Any) -> None:
-        loader.add_option(
-            "kimi_accounts", str, "",
-            f"Accounts file. Default: ${ACCOUNTS_ENV}, else the user config folder's "
-            f"kimi-rotator/{ACCOUNTS_FILENAME}.",
-        )
-        loader.add_option(
-            "kimi_hosts", Sequence[str], list(DEFAULT_KIMI_HOSTS),
-            "Hosts that get pool keys (exact names, case-insensitive). Others pass untouched.",
-        )
-        loader.add_option(
-            # Seconds as text: mitmproxy's --set cannot parse float options.
-            "kimi_flush_interval", str, "1.0",
-            "Seconds between saves of the pool's state (and checks for changes by the CLI).",
-        )
-        loader.add_option(
-            "kimi_max_in_flight", int, DEFAULT_MAX_IN_FLIGHT,
-            "Requests one key may have in flight at once; a key at its cap is not chosen.",
-        )
-        loader.add_option(
-            "kimi_max_attempts", int, 0,
-            f"Attempts per request, each on another key, before the client gets the error. "
-            f"0: every key once plus one after waiting for a key, at most {retry.DEFAULT_MAX_ATTEMPTS}.",
-        )
-        loader.add_option(
-            "kimi_max_wait", str, f"{DEFAULT_MAX_WAIT_S:g}",
-            "Seconds a request may wait for a cooling or busy key (retries included) before it is answered 429.",
-        )
-        loader.add_option(
-            "kimi_allow_remote", bool, False,
-            "Serve clients that are not on this machine. Needs proxyauth or a client token.",
-        )
-        loader.add_option(
-            "kimi_client_token_file", str, "",
-            f"File holding a token every client must send as its key (or set ${CLIENT_TOKEN_ENV}).",
-        )
+        add_options(loader)
 
     def configure(self, updated: set[str]) -> None:
-        options = ctx.options
-        if "kimi_hosts" in updated:
-            try:
-                self.hosts = parse_hosts(options.kimi_hosts)
-            except ValueError as e:
-                raise exceptions.OptionsError(f"kimi_hosts: {e}") from e
-        if "kimi_flush_interval" in updated:
-            self.flush_interval_s = parse_seconds("kimi_flush_interval", options.kimi_flush_interval, 0.05, 3600)
-            if self.sync is not None:
-                self.sync.interval_s = self.flush_interval_s
+        self.settings = read_settings(self.settings, ctx.options, updated)
+        if "kimi_flush_interval" in updated and self.sync is not None:
+            self.sync.interval_s = self.settings.flush_interval_s
         if "kimi_max_in_flight" in updated:
-            if options.kimi_max_in_flight < 1:
-                raise exceptions.OptionsError("kimi_max_in_flight must be at least 1")
-            self.pool.max_in_flight = options.kimi_max_in_flight
-        if "kimi_max_attempts" in updated:
-            if options.kimi_max_attempts < 0:
-                raise exceptions.OptionsError("kimi_max_attempts must be 0 (automatic) or more")
-            self.max_attempts_option = options.kimi_max_attempts
-        if "kimi_max_wait" in updated:
-            self.max_wait_ms = int(parse_seconds("kimi_max_wait", options.kimi_max_wait, 0, 3600) * 1000)
-        if "kimi_client_token_file" in updated:
-            self.client_token = read_client_token(options.kimi_client_token_file)
-        if {"kimi_allow_remote", "proxyauth", "kimi_client_token_file"} & updated:
-            proxy_auth = options.proxyauth if "proxyauth" in options else None
-            if options.kimi_allow_remote and not (proxy_auth or self.client_token):
-                raise exceptions.OptionsError(
-                    "kimi_allow_remote needs proxyauth or a client token "
-                    f"(kimi_client_token_file or ${CLIENT_TOKEN_ENV}): otherwise anyone who "
-                    "can reach the proxy spends your keys"
-                )
-            self.allow_remote = options.kimi_allow_remote
+            self.pool.max_in_flight = self.settings.max_in_flight
         if "kimi_accounts" in updated:
-            self._open_store(FileStore(resolve_accounts_path(options.kimi_accounts or None)))
+            self._open_store(FileStore(self.settings.accounts_path))
 
     def _open_store(self, store: FileStore) -> None:
         # Runs at start-up and on option changes only, never per request.
         previous = self.sync
-        self.pool = KeyPool(AccountsFile(), self.pool.max_in_flight, self.clock)
-        self.sync = PoolSync(store, self.pool, self.flush_interval_s)
+        self._use_pool(KeyPool(AccountsFile(), self.pool.max_in_flight, self.clock))
+        self.sync = PoolSync(store, self.pool, self.settings.flush_interval_s)
         state = self.sync.load()
         if previous is not None and self._running:
             self._in_background(previous.stop())  # the old store gets its last changes
@@ -165,10 +91,15 @@ class KimiRotator:
                 len(state.accounts), store.location, state.rotation_strategy,
             )
 
+    def _use_pool(self, pool: KeyPool) -> None:
+        self.pool = pool
+        self.line = WaitLine(pool)
+        self.probes = UsageProbes(self.ledger, pool, self.send_upstream, self.clock)
+
     # -- lifecycle ---------------------------------------------------------------
     def running(self) -> None:
         self._running = True
-        self._warn_if_listening_beyond_loopback()
+        warn_if_listening_beyond_loopback(self.settings.allow_remote)
         if self.sync is not None:
             self.sync.start()
 
@@ -176,25 +107,12 @@ class KimiRotator:
         # Requests still waiting for an answer are saved as they are by `-w`'s final
         # write, which runs after this hook: mask their keys first.
         self.ledger.mask_all()
-        for task in [*self._probing.values(), *self._background]:
+        await self.probes.stop()
+        for task in self._background:
             task.cancel()
-        await asyncio.gather(*self._probing.values(), *self._background, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self.sync is not None:
             await self.sync.stop()
-
-    def _warn_if_listening_beyond_loopback(self) -> None:
-        proxyserver = ctx.master.addons.get("proxyserver")
-        addresses = proxyserver.listen_addrs() if proxyserver else []
-        exposed = [a for a in addresses if not access.is_loopback_address(a)]
-        if exposed:
-            where = ", ".join(f"{a[0]}:{a[1]}" for a in exposed)
-            if self.allow_remote:
-                logger.warning("kimi-rotator: listening on %s; remote clients may use the pool", where)
-            else:
-                logger.warning(
-                    "kimi-rotator: listening on %s, beyond this machine; only local clients get keys, "
-                    "others get 403. Use --listen-host 127.0.0.1 to stay local.", where,
-                )
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -205,7 +123,7 @@ class KimiRotator:
     def is_kimi_request(self, flow: http.HTTPFlow) -> bool:
         # request.host is where mitmproxy will connect (the CONNECT target, the URL's
         # host, or the reverse-mode target), never just the client's Host header.
-        return normalize_host(flow.request.host) in self.hosts
+        return normalize_host(flow.request.host) in self.settings.hosts
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         record = self.ledger.get(flow.id)
@@ -217,9 +135,9 @@ class KimiRotator:
             return None
         denial = access.check_client(
             from_loopback=access.is_loopback_address(flow.client_conn.peername),
-            allow_remote=self.allow_remote,
-            client_token=self.client_token,
-            presented=access.presented_credential(flow.request.headers) if self.client_token else None,
+            allow_remote=self.settings.allow_remote,
+            client_token=self.settings.client_token,
+            presented=access.presented_credential(flow.request.headers) if self.settings.client_token else None,
         )
         if denial is not None:
             flow.response = answers.refused(denial)
@@ -231,7 +149,7 @@ class KimiRotator:
             if flow.request.port == 80:
                 flow.request.port = 443
         now = self.clock.now_ms()
-        deadline = now + self.max_wait_ms  # one deadline for waiting and every retry
+        deadline = now + self.settings.max_wait_ms  # one deadline for waiting and every retry
         lease = self.pool.acquire(now)
         if isinstance(lease, Lease):
             self._send_with(flow, lease, deadline)
@@ -239,7 +157,7 @@ class KimiRotator:
         return self._wait_for_key(flow, deadline)
 
     async def _wait_for_key(self, flow: http.HTTPFlow, deadline_ms: int) -> None:
-        lease = await self.pool.acquire_waiting(deadline_ms)
+        lease = await self.line.acquire(deadline_ms)
         if isinstance(lease, Unavailable):
             flow.response = self._no_key_answer(lease)
             flow.comment = f"kimi-rotator: no key: {lease.shortage.value}"
@@ -274,7 +192,7 @@ class KimiRotator:
             return None
         response = flow.response
         if record.kind is FlowKind.PROBE:
-            self._apply_usage_answer(record, response)
+            self.probes.answered(record, response)
             return None
         lease = record.lease
         if lease is None:
@@ -285,7 +203,7 @@ class KimiRotator:
         outcome = policy.classify(response.status_code, response.headers, body, self.clock.now_ms())
         self._settle(record, outcome)
         if outcome.window is not None:
-            self._probe_usages(record, outcome.window)
+            self.probes.ask(record, outcome.window)
         if record.kind is FlowKind.CLIENT:
             if outcome.retry_elsewhere and not response.stream:
                 return self._retry(record, lease)
@@ -326,10 +244,10 @@ class KimiRotator:
             return await self._send_attempt(client, lease)
 
         why = await retry.retry_elsewhere(
-            self.pool, send,
+            self.line, send,
             tried={failed.key},
             attempts_made=len(client.attempts),
-            most_attempts=retry.max_attempts(self.max_attempts_option, len(self.pool.accounts)),
+            most_attempts=retry.max_attempts(self.settings.max_attempts, len(self.pool.accounts)),
             deadline_ms=client.deadline_ms,
         )
         if why is not None:
@@ -379,39 +297,3 @@ class KimiRotator:
         return answers.no_key(
             why, self.pool.state, self.clock.now_ms(), self.sync.store.location, self.sync.problem
         )
-
-    # -- a plan window's exact reset ---------------------------------------------------
-    def _probe_usages(self, refused: FlowRecord, window: policy.Window) -> None:
-        """Ask /coding/v1/usages with the exhausted key when its window really resets:
-        one probe per key at a time, however many requests it refused."""
-        key = refused.key
-        if key in self._probing:
-            return
-        request = refused.flow.request
-        probe = upstream.fresh_request(
-            "GET", request.scheme, request.host, request.port, USAGES_PATH, upstream.client_identity(request)
-        )
-        probe.metadata[METADATA_KEY] = {"usage_probe": mask_key(key)}
-        self.ledger.open(FlowRecord(FlowKind.PROBE, probe, key, window=window))
-        task = asyncio.get_running_loop().create_task(self._send_probe(probe))
-        self._probing[key] = task
-        task.add_done_callback(lambda _: self._probing.pop(key, None))
-
-    async def _send_probe(self, probe: http.HTTPFlow) -> None:
-        try:
-            await self.send_upstream(probe)
-        except Exception:
-            logger.warning("kimi-rotator: asking Kimi for the exact reset time failed", exc_info=True)
-        finally:
-            self.ledger.forget(probe.id)
-
-    def _apply_usage_answer(self, probe: FlowRecord, response: http.Response) -> None:
-        if response.status_code != 200 or probe.window is None:
-            return
-        now = self.clock.now_ms()
-        deadline = window_reset(response.get_content(strict=False) or b"", probe.window, now)
-        if deadline is None:
-            return
-        event = self.pool.set_exact_reset(probe.key, deadline, now)
-        if event:
-            logger.log(ALERT, "kimi-rotator: %s", event)

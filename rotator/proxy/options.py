@@ -1,17 +1,78 @@
-"""The addon's options, read once: parsing and checking each value, with a message that
-names the option when it is wrong."""
+"""The addon's options: registering them, parsing and checking each value once, with a
+message that names the option when it is wrong, and warning about a risky listen address."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from mitmproxy import exceptions
+from mitmproxy import ctx, exceptions
+
+from rotator import access
+from rotator.pool import DEFAULT_MAX_IN_FLIGHT
+from rotator.proxy.retry import DEFAULT_MAX_ATTEMPTS
+from rotator.store.file import ACCOUNTS_ENV, ACCOUNTS_FILENAME, resolve_accounts_path
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_KIMI_HOSTS = ("api.kimi.com",)
 DEFAULT_MAX_WAIT_S = 30.0
 CLIENT_TOKEN_ENV = "KIMI_ROTATOR_CLIENT_TOKEN"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The options as the addon uses them, parsed and checked."""
+
+    hosts: frozenset[str] = frozenset(DEFAULT_KIMI_HOSTS)
+    accounts_path: Path = field(default_factory=lambda: resolve_accounts_path(None))
+    flush_interval_s: float = 1.0
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_attempts: int = 0  # 0: automatic
+    max_wait_ms: int = int(DEFAULT_MAX_WAIT_S * 1000)
+    allow_remote: bool = False
+    client_token: str | None = None
+
+
+def read_settings(current: Settings, options: Any, updated: set[str]) -> Settings:
+    """`current` with the `updated` options read from `options`; OptionsError names a bad one."""
+    changes: dict[str, Any] = {}
+    if "kimi_hosts" in updated:
+        try:
+            changes["hosts"] = parse_hosts(options.kimi_hosts)
+        except ValueError as e:
+            raise exceptions.OptionsError(f"kimi_hosts: {e}") from e
+    if "kimi_accounts" in updated:
+        changes["accounts_path"] = resolve_accounts_path(options.kimi_accounts or None)
+    if "kimi_flush_interval" in updated:
+        changes["flush_interval_s"] = parse_seconds("kimi_flush_interval", options.kimi_flush_interval, 0.05, 3600)
+    if "kimi_max_in_flight" in updated:
+        if options.kimi_max_in_flight < 1:
+            raise exceptions.OptionsError("kimi_max_in_flight must be at least 1")
+        changes["max_in_flight"] = options.kimi_max_in_flight
+    if "kimi_max_attempts" in updated:
+        if options.kimi_max_attempts < 0:
+            raise exceptions.OptionsError("kimi_max_attempts must be 0 (automatic) or more")
+        changes["max_attempts"] = options.kimi_max_attempts
+    if "kimi_max_wait" in updated:
+        changes["max_wait_ms"] = int(parse_seconds("kimi_max_wait", options.kimi_max_wait, 0, 3600) * 1000)
+    if "kimi_client_token_file" in updated:
+        changes["client_token"] = read_client_token(options.kimi_client_token_file)
+    if {"kimi_allow_remote", "proxyauth", "kimi_client_token_file"} & updated:
+        token = changes.get("client_token", current.client_token)
+        proxy_auth = options.proxyauth if "proxyauth" in options else None
+        if options.kimi_allow_remote and not (proxy_auth or token):
+            raise exceptions.OptionsError(
+                "kimi_allow_remote needs proxyauth or a client token "
+                f"(kimi_client_token_file or ${CLIENT_TOKEN_ENV}): otherwise anyone who "
+                "can reach the proxy spends your keys"
+            )
+        changes["allow_remote"] = options.kimi_allow_remote
+    return replace(current, **changes)
 
 
 def normalize_host(host: str) -> str:
@@ -49,3 +110,57 @@ def read_client_token(path: str) -> str | None:
             raise exceptions.OptionsError(f"kimi_client_token_file: {path} is empty")
         return token
     return os.environ.get(CLIENT_TOKEN_ENV, "").strip() or None
+
+
+def add_options(loader: Any) -> None:
+    """Register the addon's options (mitmproxy's `load` hook)."""
+    loader.add_option(
+        "kimi_accounts", str, "",
+        f"Accounts file. Default: ${ACCOUNTS_ENV}, else the user config folder's "
+        f"kimi-rotator/{ACCOUNTS_FILENAME}.",
+    )
+    loader.add_option(
+        "kimi_hosts", Sequence[str], list(DEFAULT_KIMI_HOSTS),
+        "Hosts that get pool keys (exact names, case-insensitive). Others pass untouched.",
+    )
+    loader.add_option(
+        # Seconds as text: mitmproxy's --set cannot parse float options.
+        "kimi_flush_interval", str, "1.0",
+        "Seconds between saves of the pool's state (and checks for changes by the CLI).",
+    )
+    loader.add_option(
+        "kimi_max_in_flight", int, DEFAULT_MAX_IN_FLIGHT,
+        "Requests one key may have in flight at once; a key at its cap is not chosen.",
+    )
+    loader.add_option(
+        "kimi_max_attempts", int, 0,
+        f"Attempts per request, each on another key, before the client gets the error. "
+        f"0: every key once plus one after waiting for a key, at most {DEFAULT_MAX_ATTEMPTS}.",
+    )
+    loader.add_option(
+        "kimi_max_wait", str, f"{DEFAULT_MAX_WAIT_S:g}",
+        "Seconds a request may wait for a cooling or busy key (retries included) before it is answered 429.",
+    )
+    loader.add_option(
+        "kimi_allow_remote", bool, False,
+        "Serve clients that are not on this machine. Needs proxyauth or a client token.",
+    )
+    loader.add_option(
+        "kimi_client_token_file", str, "",
+        f"File holding a token every client must send as its key (or set ${CLIENT_TOKEN_ENV}).",
+    )
+
+
+def warn_if_listening_beyond_loopback(allow_remote: bool) -> None:
+    proxyserver = ctx.master.addons.get("proxyserver")
+    addresses = proxyserver.listen_addrs() if proxyserver else []
+    exposed = [a for a in addresses if not access.is_loopback_address(a)]
+    if exposed:
+        where = ", ".join(f"{a[0]}:{a[1]}" for a in exposed)
+        if allow_remote:
+            logger.warning("kimi-rotator: listening on %s; remote clients may use the pool", where)
+        else:
+            logger.warning(
+                "kimi-rotator: listening on %s, beyond this machine; only local clients get keys, "
+                "others get 403. Use --listen-host 127.0.0.1 to stay local.", where,
+            )

@@ -1,8 +1,8 @@
 """Retrying a refused request on other keys, within one deadline for the whole request.
 
-The loop knows the pool, a way to send one attempt, and the request's deadline; the
-clock is the pool's and the sending is injected, so tests run it with a fake clock and
-a fake sender, no proxy needed.
+The loop knows the wait line (and through it the pool), a way to send one attempt, and
+the request's deadline; the clock is the pool's and the sending is injected, so tests run
+it with a fake clock and a fake sender, no proxy needed.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from rotator.policy import Outcome
-from rotator.pool import KeyPool, Lease
+from rotator.pool import Lease
 from rotator.strategies import Unavailable
+from rotator.waitline import WaitLine
 
 DEFAULT_MAX_ATTEMPTS = 5
 
@@ -27,7 +28,7 @@ def max_attempts(configured: int, key_count: int) -> int:
 
 
 async def retry_elsewhere(
-    pool: KeyPool,
+    line: WaitLine,
     send: SendAttempt,
     *,
     tried: set[str],
@@ -43,7 +44,7 @@ async def retry_elsewhere(
     """
     attempts = attempts_made
     while attempts < most_attempts:
-        lease = await pool.acquire_waiting(deadline_ms, tried)
+        lease = await line.acquire(deadline_ms, tried)
         if isinstance(lease, Unavailable):
             return lease
         tried.add(lease.key)
@@ -52,5 +53,6 @@ async def retry_elsewhere(
         if not outcome.retry_elsewhere:
             return None
     # Out of attempts, every one refused: if no key can serve now, say when one can.
+    pool = line.pool
     available = pool.peek(pool.clock.now_ms())
     return available if isinstance(available, Unavailable) else None

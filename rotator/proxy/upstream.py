@@ -9,7 +9,7 @@ proxy mode, TLS trust and every other addon apply to them as to any flow.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from mitmproxy import connection, ctx, http
 from mitmproxy.addons.clientplayback import ReplayHandler
@@ -51,6 +51,9 @@ def fresh_request(
     )
     flow.is_replay = "request"
     return flow
+
+
+Send = Callable[[http.HTTPFlow], Awaitable[None]]
 
 
 async def send(flow: http.HTTPFlow) -> None:
