@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 KEY_PREFIX = "sk-kimi-"
@@ -15,6 +16,7 @@ def is_kimi_key(value: str) -> bool:
     return _KEY_SHAPE.fullmatch(value) is not None
 
 
+@functools.lru_cache(maxsize=4096)  # asked several times for every request; keys are few
 def mask_key(key: str) -> str:
     """`sk-kim…abcd`: enough to tell keys apart, never enough to use one."""
     if len(key) <= 12:

@@ -37,15 +37,15 @@ from rotator.proxy.options import (
     read_settings,
     warn_if_listening_beyond_loopback,
 )
+from rotator.proxy.headers import is_event_stream
 from rotator.proxy.probes import UsageProbes
-from rotator.store.file import (
-    FileStore,
-)
+from rotator.store.file import FileStore
 from rotator.strategies import Unavailable
 from rotator.sync import PoolSync
 from rotator.waitline import WaitLine
 
 logger = logging.getLogger(__name__)
+
 
 class KimiRotator:
     def __init__(self, clock: Clock = SYSTEM_CLOCK, send: upstream.Send = upstream.send) -> None:
@@ -182,7 +182,7 @@ class KimiRotator:
             record.kind is FlowKind.CLIENT
             and response is not None
             and response.status_code < 400
-            and response.headers.get("content-type", "").startswith("text/event-stream")
+            and is_event_stream(response.headers)
         ):
             response.stream = True
 
@@ -200,14 +200,15 @@ class KimiRotator:
         # Only error bodies say anything about the key; a success is never read.
         readable = not response.stream and response.status_code >= 400
         body = response.get_content(strict=False) if readable else None
-        outcome = policy.classify(response.status_code, response.headers, body, self.clock.now_ms())
-        self._settle(record, outcome)
+        now = self.clock.now_ms()
+        outcome = policy.classify(response.status_code, response.headers, body, now)
+        self._settle(record, outcome, now)
         if outcome.window is not None:
             self.probes.ask(record, outcome.window)
         if record.kind is FlowKind.CLIENT:
             if outcome.retry_elsewhere and not response.stream:
                 return self._retry(record, lease)
-            self._show_fresh_attempts(record)
+            self.ledger.show_attempts_afresh(record)
         return None
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -216,24 +217,26 @@ class KimiRotator:
             return
         message = flow.error.msg if flow.error else "connection failed"
         answered = flow.response.status_code if flow.response is not None else None
-        self._settle(record, policy.classify_connection_error(message, self.clock.now_ms(), answered))
+        now = self.clock.now_ms()
+        self._settle(record, policy.classify_connection_error(message, now, answered), now)
         if record.kind is FlowKind.CLIENT:
-            self._show_fresh_attempts(record)
+            self.ledger.show_attempts_afresh(record)
 
-    def _settle(self, record: FlowRecord, outcome: policy.Outcome) -> None:
+    def _settle(self, record: FlowRecord, outcome: policy.Outcome, now: int) -> None:
         lease = record.lease
         assert lease is not None
         record.lease = None
         record.outcome = outcome
-        event = self.pool.release(lease, outcome, self.clock.now_ms())
+        event = self.pool.release(lease, outcome, now)
         if event:
             logger.log(ALERT, "kimi-rotator: %s", event)
+        verdict = outcome.verdict.value
         note = record.attempts[-1]
-        note["outcome"] = outcome.verdict.value
+        note["outcome"] = verdict
         note["reason"] = outcome.reason
         if record.kind is FlowKind.ATTEMPT:
             self.ledger.show_attempts(record)
-        record.flow.comment = f"kimi-rotator: {lease.label} → {outcome.verdict.value}"
+        record.flow.comment = f"kimi-rotator: {lease.label} → {verdict}"
 
     # -- retrying on another key ---------------------------------------------------
     async def _retry(self, client: FlowRecord, failed: Lease) -> None:
@@ -253,7 +256,7 @@ class KimiRotator:
         if why is not None:
             client.flow.response = self._no_key_answer(why)
             client.flow.comment += f"; no other key: {why.shortage.value}"
-        self._show_fresh_attempts(client)
+        self.ledger.show_attempts_afresh(client)
 
     async def _send_attempt(self, client: FlowRecord, lease: Lease) -> policy.Outcome:
         flow = client.flow
@@ -270,7 +273,8 @@ class KimiRotator:
         finally:
             self.ledger.forget(copy.id)  # masks the key, whatever happened
         if attempt.lease is not None:  # no answer and no error reached the hooks
-            self._settle(attempt, policy.classify_connection_error(detail, self.clock.now_ms()))
+            now = self.clock.now_ms()
+            self._settle(attempt, policy.classify_connection_error(detail, now), now)
         assert attempt.outcome is not None
         client.attempts.extend(attempt.attempts)
         # The client's flow shows the (masked) key that gave its answer.
@@ -285,12 +289,6 @@ class KimiRotator:
             f"kimi-rotator: {lease.label} → {attempt.outcome.verdict.value} (attempt {len(client.attempts)})"
         )
         return attempt.outcome
-
-    def _show_fresh_attempts(self, client: FlowRecord) -> None:
-        # A replayed saved flow arrives with its old attempts in its metadata: the
-        # record's list, counted afresh, replaces them.
-        client.flow.metadata.pop(METADATA_KEY, None)
-        self.ledger.show_attempts(client)
 
     def _no_key_answer(self, why: Unavailable) -> http.Response:
         assert self.sync is not None
