@@ -18,10 +18,17 @@ def is_kimi_key(value: str) -> bool:
 
 @functools.lru_cache(maxsize=4096)  # asked several times for every request; keys are few
 def mask_key(key: str) -> str:
-    """`sk-kim…abcd`: enough to tell keys apart, never enough to use one."""
+    """`sk-kim…abcd`: enough to tell keys apart, never enough to use one.
+
+    Always printable: a "key" from a hand-edited file may hold anything, and its ends
+    are shown in logs and the terminal."""
     if len(key) <= 12:
-        return "…" + key[-2:] if len(key) > 4 else "…"
-    return f"{key[:6]}…{key[-4:]}"
+        masked = "…" + key[-2:] if len(key) > 4 else "…"
+    else:
+        masked = f"{key[:6]}…{key[-4:]}"
+    if masked.isprintable():
+        return masked
+    return "".join(c if c.isprintable() else "?" for c in masked)
 
 
 def looks_like_key(text: str) -> bool:

@@ -4,14 +4,24 @@ Field names on disk are camelCase (`healthScore`, `rateLimitResetTime`, ...) so 
 written by the plugin loads unchanged and the plugin can read ours. Fields this project
 adds are optional, and unknown fields are kept so a round trip loses nothing.
 Times are milliseconds since the Unix epoch.
+
+Text fields that people and Kimi fill in (names, reasons) are cleaned as they are read
+(`rotator.text.clean_line`), so whatever reads a model (the proxy's logs, list-keys,
+mitmweb) gets one printable line. Anything else is kept as it was, even half an emoji
+(a lone UTF-16 surrogate), which is written back as the JSON escape it came as.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticSerializationError
+
+from rotator.text import NAME_MOST, REASON_MOST, clean_line
 
 Strategy = Literal["round-robin", "health-based", "sticky"]
 STRATEGIES: tuple[Strategy, ...] = ("round-robin", "health-based", "sticky")
@@ -52,6 +62,25 @@ class Account(BaseModel):
     # change to that field does not override it (see rotator.merge).
     edited_at: dict[str, int] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _clean_name(cls, value: str) -> str:
+        return clean_line(value, NAME_MOST)
+
+    @field_validator("disabled_reason", "cooldown_reason")
+    @classmethod
+    def _clean_reason(cls, value: str | None) -> str | None:
+        return None if value is None else clean_line(value, REASON_MOST)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogates(text: str) -> str:
+    # In JSON text a raw character can only stand inside a string, where its \uXXXX
+    # escape means the same: the result is valid UTF-8 and reads back unchanged.
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
+
 
 class AccountsFile(BaseModel):
     model_config = _CONFIG
@@ -63,7 +92,12 @@ class AccountsFile(BaseModel):
     edited_at: dict[str, int] = Field(default_factory=dict)
 
     def to_json(self) -> str:
-        return self.model_dump_json(by_alias=True, indent=2) + "\n"
+        try:
+            return self.model_dump_json(by_alias=True, indent=2) + "\n"
+        except PydanticSerializationError:
+            # Only a lone surrogate (kept in an unknown field, or a key) gets here.
+            document = self.model_dump(by_alias=True, mode="python")
+            return _escape_surrogates(json.dumps(document, indent=2, ensure_ascii=False)) + "\n"
 
     def index_of(self, key: str) -> int | None:
         for i, account in enumerate(self.accounts):

@@ -29,6 +29,10 @@ Decisions the table encodes
 - Phrases are matched in the error message(s) of a JSON body; a body that is not JSON,
   or JSON without a message field, is searched whole.
 - Only SUCCESS counts as a success; CLIENT_REJECTED and REQUEST_ERROR are neutral.
+- Kimi's words in a reason (a fallback row quotes `error.type` and the message; a
+  connection error quotes mitmproxy) are outside text: `text.clean_line` makes each one
+  printable line with keys masked and a capped length, so what reaches the file, the
+  log and list-keys can't forge lines, drive the terminal or break a save.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from rotator.keys import scrub
 from rotator.reset_times import later_deadline, reset_deadline_from_headers
+from rotator.text import REASON_MOST, cap, clean_line
 
 # Health points per outcome: the TypeScript plugin's numbers, plus a small penalty for
 # overload so that a key seeing many of them still drifts down.
@@ -69,7 +73,8 @@ BILLING_CYCLE_COOLDOWN_MS = 1 * DAY_MS
 MEMBERSHIP_COOLDOWN_MS = 1 * DAY_MS
 
 BODY_SCAN_LIMIT = 64 * 1024  # error bodies are small; a huge body is not worth reading whole
-REASON_DETAIL_CHARS = 120
+REASON_DETAIL_CHARS = 120  # of Kimi's message, quoted in a reason
+REASON_TYPE_CHARS = 60  # of Kimi's error.type, quoted in a reason
 
 
 class Verdict(enum.Enum):
@@ -223,7 +228,7 @@ def classify_connection_error(message: str, now_ms: int, answered_status: int | 
     connection is a failure, not retried: the request may have reached Kimi before the
     connection broke, so resending it could run it twice; the client decides.
     """
-    detail = _excerpt(_collapse(str(message)))
+    detail = _quote(str(message), REASON_DETAIL_CHARS)
     if any(phrase in detail.casefold() for phrase in CLIENT_GONE_PHRASES):
         if answered_status is not None and 200 <= answered_status < 400:
             return _SUCCESS
@@ -247,7 +252,7 @@ def find_rule(status: int, match_text: str) -> Rule:
 
 @dataclass(frozen=True, slots=True)
 class ErrorText:
-    text: str  # message(s) as sent, whitespace collapsed, for people
+    text: str  # message(s) as sent, as one clean line (`text.clean_line`), for people
     match_text: str  # normalised, for phrase matching
     error_type: str | None
 
@@ -268,7 +273,7 @@ def read_error(body: bytes | bytearray | memoryview | str | None) -> ErrorText:
     parsed = _parse_json(text)
     messages = _messages(parsed) if isinstance(parsed, dict) else []
     error_type = _error_type(parsed) if isinstance(parsed, dict) else None
-    shown = _collapse(" | ".join(messages) if messages else text)
+    shown = _quote(" | ".join(messages) if messages else text, BODY_SCAN_LIMIT)
     return ErrorText(text=shown, match_text=normalise(shown), error_type=error_type)
 
 
@@ -325,16 +330,14 @@ def _reason(rule: Rule, status: int, message: ErrorText) -> str:
     # person can tell what the table missed.
     if rule.phrases or rule.verdict is Verdict.SUCCESS:
         return reason
-    parts = [p for p in (message.error_type, _excerpt(message.text)) if p]
-    return f"{reason}: {': '.join(parts)}" if parts else reason
+    error_type = clean_line(message.error_type or "", REASON_TYPE_CHARS)
+    parts = [p for p in (error_type, clean_line(message.text, REASON_DETAIL_CHARS)) if p]
+    return clean_line(f"{reason}: {': '.join(parts)}", REASON_MOST) if parts else reason
 
 
-def _excerpt(text: str) -> str:
-    # A key echoed in an error must not reach logs or the accounts file.
-    text = scrub(text)
-    if len(text) <= REASON_DETAIL_CHARS:
-        return text
-    return text[: REASON_DETAIL_CHARS - 1].rstrip() + "…"
+def _quote(text: str, most: int) -> str:
+    """Outside words as a reason may quote them: clean, single-spaced, at most `most` long."""
+    return cap(_collapse(clean_line(text, BODY_SCAN_LIMIT)), most)
 
 
 def _collapse(text: str) -> str:
