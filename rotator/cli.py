@@ -10,7 +10,10 @@ Exit codes: 0 success, 1 the accounts file can't be read or written, 2 usage err
 (bad arguments, a key that isn't a Kimi key, an index out of range, ...).
 
 Full keys are never printed: only masked forms appear in any output, and every line
-written goes through `keys.scrub`, which masks anything shaped like a key.
+written goes through `text.clean_lines`, which masks anything shaped like a key and
+drops what a terminal would act on (escapes, controls, bidi overrides). Names given on
+the command line are refused, not cleaned, when they hold such characters or are too
+long: a person should know what they typed was not stored as typed.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from typing import NoReturn, TextIO
 
 from rotator import ops
 from rotator.clock import now_ms
-from rotator.keys import KEY_PREFIX, is_kimi_key, looks_like_key, mask_key, scrub
+from rotator.keys import KEY_PREFIX, is_kimi_key, looks_like_key, mask_key
 from rotator.models import STRATEGIES
 from rotator.status import as_json, list_block, view_pool
+from rotator.text import NAME_MOST, clean_lines, refusal
 from rotator.store.file import (
     AccountsFileError,
     FileStore,
@@ -101,8 +105,8 @@ def _can_encode(stream: TextIO, text: str) -> bool:
 
 
 def _emit(stream: TextIO, text: str) -> None:
-    """Write one or more lines, masked, in a form the stream's encoding can carry."""
-    text = scrub(text)
+    """Write one or more lines, clean and masked, in a form the stream's encoding can carry."""
+    text = clean_lines(text)
     if not _can_encode(stream, text):
         text = text.translate(_ASCII_GLYPHS)
         encoding = getattr(stream, "encoding", None) or "utf-8"
@@ -179,10 +183,28 @@ def _add_key(args: argparse.Namespace, cx: Context) -> ops.Op:
     if not is_kimi_key(key):
         shown = f" (got {mask_key(key)})" if key else ""
         raise CliError(f"not a Kimi API key (they start with {KEY_PREFIX}){shown}")
-    name = (args.name or "").strip() or None
-    if name is not None and looks_like_key(name):
+    return ops.add_key(key, _checked_name(args.name), cx.now_ms)
+
+
+def _checked_name(raw: str | None) -> str | None:
+    name = (raw or "").strip()
+    if not name:
+        return None
+    problem = refusal(name, NAME_MOST)
+    if problem is not None:
+        raise CliError(f"NAME {problem}")
+    if looks_like_key(name):
         raise CliError("NAME looks like an API key; give the key first: add-key KEY [NAME]")
-    return ops.add_key(key, name, cx.now_ms)
+    return name
+
+
+def _key_target(text: str) -> int | str:
+    """remove-key's TARGET: an index, else a name or masked key (`ops.names`)."""
+    return parse_index(text) if _INDEX_SHAPE.fullmatch(text) else text
+
+
+def _remove_key(args: argparse.Namespace, cx: Context) -> ops.Op:
+    return ops.remove_key(_key_target(args.target), args.expect)
 
 
 def _list_keys(args: argparse.Namespace, cx: Context) -> None:
@@ -227,6 +249,13 @@ def _index_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index", metavar="INDEX", type=parse_index)
 
 
+def _remove_key_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="INDEX|NAME|KEY",
+                        help="the key's index, its name, or its masked key (sk-kim...abcd) as list-keys shows")
+    parser.add_argument("--expect", metavar="NAME|KEY",
+                        help="remove nothing unless the key at INDEX is still this one")
+
+
 def _add_key_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("key", metavar="KEY", help="the key (sk-kimi-...), or - to read it from stdin")
     parser.add_argument("name", metavar="NAME", nargs="?", help='a label (default "Account N")')
@@ -239,8 +268,8 @@ def _json_argument(parser: argparse.ArgumentParser) -> None:
 VERBS: tuple[Verb, ...] = (
     Verb("add-key", "Add a Kimi API key to the pool.", _add_key_arguments, make_op=_add_key),
     Verb("list-keys", "Show every key with its health, requests and status.", _json_argument, show=_list_keys),
-    Verb("remove-key", "Remove the key at INDEX.", _index_argument,
-         make_op=lambda a, cx: ops.remove_key(a.index)),
+    Verb("remove-key", "Remove a key, named by its index, its name or its masked key.",
+         _remove_key_arguments, make_op=_remove_key),
     Verb("rotate", "Make the next key the active one.", _no_arguments,
          make_op=lambda a, cx: ops.rotate(cx.now_ms)),
     Verb("use-key", "Make the key at INDEX the active one.", _index_argument,

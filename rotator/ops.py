@@ -17,6 +17,7 @@ from rotator.keys import mask_key
 from rotator.models import STRATEGIES, Account, AccountsFile, Strategy
 from rotator.status import STATUS_ACTIVE, key_label, status_text, view_key
 from rotator.store import StateStore
+from rotator.text import clean_line
 
 Op = Callable[[AccountsFile], str]
 
@@ -43,6 +44,31 @@ def account_at(state: AccountsFile, index: int) -> Account:
     if not 0 <= index < count:
         raise OpError(f"index {index} out of range ({plural(count, 'key')}: 0-{count - 1})")
     return state.accounts[index]
+
+
+def names(account: Account, ref: str) -> bool:
+    """Whether `ref` names `account` as list-keys shows it: its name or its masked key
+    (`sk-kim…abcd`, or `sk-kim...abcd` as typed), or the key itself."""
+    masked = mask_key(account.key)
+    return ref in (account.name, masked, masked.replace("…", "..."), account.key)
+
+
+def _quoted(ref: str) -> str:
+    return repr(clean_line(ref, 60))
+
+
+def find_key(state: AccountsFile, ref: str) -> int:
+    """The index of the one key `ref` names (see `names`)."""
+    found = [i for i, account in enumerate(state.accounts) if names(account, ref)]
+    if not found:
+        raise OpError(
+            f"{_quoted(ref)} is neither an INDEX (a whole number 0 or more) nor the name"
+            " or masked key of a key (see list-keys)"
+        )
+    if len(found) > 1:
+        where = ", ".join(f"[{i}]" for i in found)
+        raise OpError(f"{plural(len(found), 'key')} match {_quoted(ref)} ({where}); give the index instead")
+    return found[0]
 
 
 def run(store: StateStore, op: Op) -> str:
@@ -73,9 +99,20 @@ def add_key(key: str, name: str | None, now_ms: int) -> Op:
     return change
 
 
-def remove_key(index: int) -> Op:
+def remove_key(target: int | str, expect: str | None = None) -> Op:
+    """Remove the key at `target` (an index) or named by it (see `names`); with
+    `expect`, only if that key is still the one `expect` names. Resolved on the state
+    as it is under the lock, so a key another process removed meanwhile can't make
+    this remove a different one."""
+
     def change(state: AccountsFile) -> str:
+        index = target if isinstance(target, int) else find_key(state, target)
         removed = account_at(state, index)
+        if expect is not None and not names(removed, expect):
+            raise OpError(
+                f"[{index}] is now {removed.name or 'unnamed'} ({mask_key(removed.key)}), "
+                f"not {_quoted(expect)}; nothing removed (see list-keys)"
+            )
         del state.accounts[index]
         count = len(state.accounts)
         active = state.active_index
