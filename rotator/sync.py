@@ -2,9 +2,10 @@
 store's state (another process's changes included) comes back into the pool.
 
 It knows the `StateStore` interface only. Stores block, so each call runs in a worker
-thread, never on the proxy's event loop. A store that can't be read is reported once
-per distinct problem; the pool keeps serving from its last good state, keeps its
-changes for the next try, and says so once the store is readable again.
+thread, never on the proxy's event loop. A store that can't be read, written or locked
+is reported once per distinct problem, as what it is; the pool keeps serving from its
+last good state, keeps its changes for the next try (whatever a save failed on), and
+says so once the store works again.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class PoolSync:
         self.pool = pool
         self.interval_s = interval_s
         self.problem: str | None = None
+        self._problem_action = "read"
         self._task: asyncio.Task[None] | None = None
         self._saving: asyncio.Future[None] | None = None
 
@@ -83,8 +85,16 @@ class PoolSync:
             self.pool.give_back(taken)
             self._note_problem(e, logging.ERROR)
             return
+        except Exception:
+            # Not saved (a store writes last): keep the counts, and let the caller log it.
+            # (Not on cancellation: the thread may still be saving them.)
+            self.pool.give_back(taken)
+            raise
         if self.problem is not None:
-            logger.log(ALERT, "kimi-rotator: %s is readable again", self.store.location)
+            if self._problem_action == "read":
+                logger.log(ALERT, "kimi-rotator: %s is readable again", self.store.location)
+            else:
+                logger.log(ALERT, "kimi-rotator: saving to %s works again", self.store.location)
             self.problem = None
         if state is not None:
             self._adopt(state)
@@ -102,9 +112,18 @@ class PoolSync:
     def _note_problem(self, error: StoreError, level: int) -> None:
         message = str(error)
         if message != self.problem:
-            serving = "serving from the last good state" if self.pool.accounts else "no keys to serve"
-            logger.log(
-                level, "kimi-rotator: cannot read the accounts file %s; %s and not writing until it is fixed",
-                message, serving,
-            )
+            logger.log(level, "kimi-rotator: %s", problem_line(error.action, message, bool(self.pool.accounts)))
         self.problem = message
+        self._problem_action = error.action
+
+
+def problem_line(action: str, message: str, has_keys: bool) -> str:
+    """The one log line for a store that failed to `action` ("read", "write", "lock")."""
+    serving = "serving from the last good state" if has_keys else "no keys to serve"
+    if action == "read":
+        return f"cannot read the accounts file {message}; {serving} and not writing until it is fixed"
+    verb = "lock" if action == "lock" else "write"
+    return (
+        f"cannot {verb} the accounts file {message}; {serving}, keeping this proxy's "
+        "counts in memory and trying again at every save"
+    )

@@ -15,7 +15,9 @@ from rotator.models import AccountsFile
 
 class StoreError(Exception):
     """The store can't be read or written; the message says where and what. Nothing was
-    written."""
+    written. `action` says what failed, for messages: "read", "write" or "lock"."""
+
+    action: str = "read"
 
 
 class StateStore(Protocol):

@@ -4,7 +4,11 @@ Every writer (the CLI and each running proxy) changes the file the same way: tak
 cross-process lock, read the file, apply its change to what it read, write a temporary
 file beside it, fsync, and rename it over the old one. A crash leaves the old or the new
 file whole, and a change made by another process between our reads is never lost.
-A file that cannot be read is never written.
+A file that cannot be read is never written, nor one nested too deeply to write back.
+
+A symlinked accounts file (dotfile managers link config files) is written through: the
+temporary file, the rename and the lock are all beside the link's target, so the link
+stays a link, the rename stays atomic, and every path to one file shares one lock.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import NamedTuple
 import platformdirs
 from filelock import FileLock, Timeout
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from rotator import merge
 from rotator.models import AccountsFile
@@ -31,15 +36,20 @@ ACCOUNTS_ENV = "KIMI_ROTATOR_ACCOUNTS"
 ACCOUNTS_FILENAME = "kimi-accounts.json"
 LOCK_TIMEOUT_S = 10.0
 STALE_TEMP_AGE_S = 60.0
+# Deeper JSON than this is refused on read: Python's json and pydantic's serialiser
+# stop somewhere above it (a RecursionError, or a file that reads but cannot be saved).
+MAX_DEPTH = 200
+TOO_DEEP = f"nested too deeply (JSON arrays or objects more than {MAX_DEPTH} levels deep)"
 
 
 class AccountsFileError(StoreError):
     """The accounts file can't be read or written; the message names file and problem."""
 
-    def __init__(self, path: Path, problem: str) -> None:
+    def __init__(self, path: Path, problem: str, action: str = "read") -> None:
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
+        self.action = action
 
 
 class FileSignature(NamedTuple):
@@ -96,8 +106,13 @@ def parse_accounts(path: Path, raw: bytes) -> AccountsFile:
         pass  # read it again the slow way, to say exactly what is wrong
     try:
         data = json.loads(raw)
+    except RecursionError as e:
+        raise AccountsFileError(path, TOO_DEEP) from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AccountsFileError(path, f"not valid JSON ({e})") from e
+    # The fast path refuses deep files itself (its limit is below MAX_DEPTH).
+    if json_depth(data) > MAX_DEPTH:
+        raise AccountsFileError(path, TOO_DEEP)
     if isinstance(data, dict) and "version" in data and data["version"] != 1:
         raise AccountsFileError(
             path, f"unsupported version {data['version']!r} (this kimi-rotator reads version 1)"
@@ -110,28 +125,67 @@ def parse_accounts(path: Path, raw: bytes) -> AccountsFile:
         raise AccountsFileError(path, f"invalid accounts file at {where}: {first['msg']}") from e
 
 
+def json_depth(value: object) -> int:
+    """How deeply `value` (parsed JSON) nests arrays and objects; without recursion."""
+    deepest = 0
+    todo: list[tuple[object, int]] = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in item if isinstance(child, (list, dict)))
+    return deepest
+
+
+def write_target(path: Path) -> Path:
+    """The file a write to `path` replaces: `path`, or the file its symlink points to
+    (which need not exist yet: it is created, in a folder that must exist)."""
+    if not path.is_symlink():
+        return path
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError) as e:  # a loop of links
+        raise AccountsFileError(path, f"is a symbolic link that cannot be followed ({e})", "write") from e
+    if not target.parent.is_dir():
+        raise AccountsFileError(
+            path, f"is a symbolic link to {target}, whose folder does not exist; create it or fix the link", "write"
+        )
+    return target
+
+
 def write_accounts(path: Path, state: AccountsFile) -> None:
     """Replace the file atomically with `state` (mode 0600, its folder 0700)."""
-    _write_bytes(path, state.to_json().encode())
+    _write_bytes(path, _serialise(path, state).encode())
+
+
+def _serialise(path: Path, state: AccountsFile) -> str:
+    try:
+        return state.to_json()
+    except (PydanticSerializationError, ValueError, RecursionError) as e:
+        # The file was read, so this is a bug or a value no JSON can hold: say so, write nothing.
+        raise AccountsFileError(path, f"cannot be saved as JSON ({str(e).splitlines()[0]})", "write") from e
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
+    target = write_target(path)
     try:
-        _ensure_private_dir(path.parent)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _ensure_private_dir(target.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as tmp:
                 os.fchmod(tmp.fileno(), 0o600)
                 tmp.write(data)
                 tmp.flush()
                 os.fsync(tmp.fileno())
-            os.replace(tmp_name, path)
+            os.replace(tmp_name, target)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        _fsync_dir(target.parent)
     except OSError as e:
-        raise AccountsFileError(path, _os_problem(e)) from e
+        raise AccountsFileError(path, _os_problem(e), "write") from e
 
 
 def update_accounts(path: Path, change: Callable[[AccountsFile], AccountsFile | None]) -> AccountsFile:
@@ -150,22 +204,31 @@ def update_accounts_signed(
     """`update_accounts`, plus the file's signature taken before the lock is released,
     so a change another process makes right after cannot pass for ours."""
     with _locked(path):
-        _remove_stale_temp_files(path)
+        _remove_stale_temp_files(write_target(path))
         current = read_accounts(path)
-        before = current.to_json() if path.exists() else None
+        before = _serialise(path, current) if path.exists() else None
         changed = change(current)
         if changed is not None:
-            after = changed.to_json()
+            after = _serialise(path, changed)
             if after != before:
                 _write_bytes(path, after.encode())
-        return (current if changed is None else changed), file_signature(path)
+        return (current if changed is None else changed), _signature_after_write(path)
 
 
-def _remove_stale_temp_files(path: Path) -> None:
+def _signature_after_write(path: Path) -> FileSignature | None:
+    # The change is on disk: failing now would have the caller try it again (counting
+    # twice). No signature just makes the next sync read the file again.
+    try:
+        return file_signature(path)
+    except AccountsFileError:
+        return None
+
+
+def _remove_stale_temp_files(target: Path) -> None:
     # A writer killed between creating its temporary file and renaming it leaves one
     # behind, holding keys. Writers hold the lock, so an old one is nobody's.
     cutoff = time.time() - STALE_TEMP_AGE_S
-    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+    for leftover in target.parent.glob(f".{target.name}.*.tmp"):
         try:
             if leftover.stat().st_mtime < cutoff:
                 leftover.unlink()
@@ -175,19 +238,22 @@ def _remove_stale_temp_files(path: Path) -> None:
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    # Beside the target, not the link: a writer using the link and one using the real
+    # path (or another link to it) must take the same lock, or one loses the other's change.
+    target = write_target(path)
     try:
-        _ensure_private_dir(path.parent)
+        _ensure_private_dir(target.parent)
     except OSError as e:
-        raise AccountsFileError(path, _os_problem(e)) from e
-    lock = FileLock(str(path.with_name(path.name + ".lock")), timeout=LOCK_TIMEOUT_S)
+        raise AccountsFileError(path, _os_problem(e), "write") from e
+    lock = FileLock(str(target.with_name(target.name + ".lock")), timeout=LOCK_TIMEOUT_S)
     try:
         lock.acquire()
     except Timeout as e:
         raise AccountsFileError(
-            path, f"another process has held its lock for over {LOCK_TIMEOUT_S:g} s"
+            path, f"another process has held its lock for over {LOCK_TIMEOUT_S:g} s", "lock"
         ) from e
     except OSError as e:
-        raise AccountsFileError(path, f"cannot take its lock ({_os_problem(e)})") from e
+        raise AccountsFileError(path, f"cannot take its lock ({_os_problem(e)})", "lock") from e
     try:
         yield
     finally:

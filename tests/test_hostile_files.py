@@ -1,0 +1,324 @@
+"""Odd and hostile accounts files (issue 13: 5, 7, 11, 12): deeply nested JSON,
+symlinked files, a truncated file at start, and write or lock failures worded as
+what they are.
+
+The CLI runs as a subprocess (``python -m rotator.cli``), the proxy as a real
+``mitmdump`` in reverse mode in front of the fake Kimi server (which answers 200 to
+everything here); the save loop is driven in process where a failure must be forced.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from filelock import FileLock, Timeout
+
+from rotator.models import Account, AccountsFile
+from rotator.pool import KeyPool, Lease
+from rotator.store import file as storage
+from rotator.store.file import FileStore
+from rotator.sync import PoolSync
+from tests.conftest import fake_key
+from tests.fake_kimi import MESSAGES_PATH, FakeKimi
+from tests.harness import REPO_ROOT, Proxy, accounts_on_disk, poll
+
+MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+HEADERS = {"x-api-key": "sk-kimi-placeholder", "User-Agent": "claude-cli/2.0.14 (external, cli)"}
+PROBLEM_LOG = "cannot read the accounts file"
+TOO_DEEP = "nested too deeply"
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def send(c: httpx.Client, proxy: Proxy) -> httpx.Response:
+    return c.post(proxy.url + MESSAGES_PATH, json=MSG, headers=HEADERS)
+
+
+def new_client() -> httpx.Client:
+    return httpx.Client(trust_env=False, timeout=30)
+
+
+def cli(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != storage.ACCOUNTS_ENV}
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run(
+        [sys.executable, "-m", "rotator.cli", "--accounts", str(path), *args],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def counts(path: Path) -> list[tuple[str, int, int]]:
+    """(key, totalRequests, successfulRequests) per entry, in file order."""
+    return [(a["key"], a.get("totalRequests", 0), a.get("successfulRequests", 0)) for a in accounts_on_disk(path)]
+
+
+def first_entry_counts(path: Path) -> dict[str, tuple[int, int]]:
+    found: dict[str, tuple[int, int]] = {}
+    for key, total, ok in counts(path):
+        found.setdefault(key, (total, ok))
+    return found
+
+
+def fake_counts(fake: FakeKimi, keys: list[str]) -> dict[str, tuple[int, int]]:
+    seen = fake.count_by_key()
+    return {k: (seen.get(k, 0), seen.get(k, 0)) for k in keys}
+
+
+def caught_up(path: Path, fake: FakeKimi, keys: list[str], timeout: float = 3.0) -> bool:
+    return bool(poll(lambda: first_entry_counts(path) == fake_counts(fake, keys), timeout))
+
+
+def swap_in(path: Path, data: bytes) -> None:
+    """Replace the file's bytes in one step, under the writers' lock."""
+    with storage._locked(path):
+        tmp = path.with_name(path.name + ".test-swap")
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+
+
+def raw_file(accounts: list[dict[str, object]], **top: object) -> bytes:
+    return json.dumps({"version": 1, "accounts": accounts, "rotationStrategy": "round-robin", **top}).encode()
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+DEEP_FILES = {
+    "top-level": lambda keys: nested(5000).encode(),
+    "in-a-field-1200": lambda keys: (
+        '{"version": 1, "accounts": [{"key": "%s", "notes": %s}]}' % (keys[0], nested(1200))
+    ).encode(),
+    # Readable by Python's json, but deeper than the file can be written back.
+    "in-a-field-400": lambda keys: (
+        '{"version": 1, "accounts": [{"key": "%s", "notes": %s}]}' % (keys[0], nested(400))
+    ).encode(),
+}
+
+
+# -- 5. deeply nested JSON ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", DEEP_FILES)
+def test_cli_refuses_deeply_nested_json_in_one_line(kind, keys, accounts_path, write_accounts):
+    write_accounts(keys)
+    swap_in(accounts_path, DEEP_FILES[kind](keys))
+    before = accounts_path.read_bytes()
+    for args in (["list-keys"], ["add-key", fake_key("deep"), "New"], ["use-key", "0"]):
+        done = cli(accounts_path, *args)
+        assert done.returncode == 1, (args, done)
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1, (args, done.stderr)
+        assert str(accounts_path) in lines[0] and TOO_DEEP in lines[0], lines
+        assert accounts_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["top-level", "in-a-field-1200"])
+def test_proxy_started_on_deeply_nested_json_explains_it_to_clients(
+    kind, fake_kimi, keys, accounts_path, write_accounts, start_proxy
+):
+    write_accounts(keys)
+    swap_in(accounts_path, DEEP_FILES[kind](keys))
+    before = accounts_path.read_bytes()
+    proxy = start_proxy(fake_kimi)  # before the fix: mitmdump exited at start
+    assert poll(lambda: PROBLEM_LOG in proxy.output(), 3), proxy.output()
+    with new_client() as c:
+        answer = send(c, proxy)
+        assert answer.status_code == 503
+        message = answer.json()["error"]["message"]
+        assert str(accounts_path) in message and TOO_DEEP in message, message
+    assert fake_kimi.keys_seen() == []
+    assert accounts_path.read_bytes() == before
+    assert "Traceback" not in proxy.output()
+
+
+def test_running_proxy_survives_deeply_nested_json_and_loses_no_count(
+    fake_kimi, keys, accounts_path, write_accounts, start_proxy
+):
+    write_accounts(keys)
+    proxy = start_proxy(fake_kimi)  # saves every 0.2 s
+    with new_client() as c:
+        assert all(send(c, proxy).status_code == 200 for _ in range(6))
+        assert caught_up(accounts_path, fake_kimi, keys)
+        good = accounts_path.read_bytes()
+        swap_in(accounts_path, DEEP_FILES["in-a-field-1200"](keys))
+        mark = len(proxy.output())
+        assert poll(lambda: PROBLEM_LOG in proxy.output()[mark:], 3), proxy.output()
+        for _ in range(30):  # over several save intervals
+            assert send(c, proxy).status_code == 200
+        swap_in(accounts_path, good)
+        assert caught_up(accounts_path, fake_kimi, keys), (counts(accounts_path), fake_kimi.count_by_key())
+    out = proxy.output()
+    assert "Traceback" not in out and "RecursionError" not in out, out
+
+
+# -- 7. a symlinked accounts file --------------------------------------------------------
+
+
+@pytest.fixture
+def linked(tmp_path: Path, accounts_path: Path) -> Path:
+    """The accounts path as a symlink to a file in a dotfiles folder; returns the target."""
+    target = tmp_path / "dotfiles" / "kimi-accounts.json"
+    target.parent.mkdir()
+    accounts_path.parent.mkdir(parents=True)
+    accounts_path.symlink_to(target)
+    return target
+
+
+def test_cli_writes_through_a_symlink_to_its_target(keys, accounts_path, linked):
+    storage.write_accounts(linked, AccountsFile(accounts=[Account(key=keys[0], name="Old")]))
+    done = cli(accounts_path, "add-key", keys[1], "New")
+    assert done.returncode == 0, done
+    assert accounts_path.is_symlink() and accounts_path.resolve() == linked
+    assert [a["key"] for a in accounts_on_disk(linked)] == keys[:2]
+    assert list(linked.parent.glob(".*.tmp")) == [] and list(accounts_path.parent.glob(".*.tmp")) == []
+
+
+def test_a_dangling_symlink_gets_its_target_created(keys, accounts_path, linked):
+    assert not linked.exists()
+    done = cli(accounts_path, "add-key", keys[0], "First")
+    assert done.returncode == 0, done
+    assert accounts_path.is_symlink() and accounts_path.resolve() == linked
+    assert [a["key"] for a in accounts_on_disk(linked)] == keys[:1]
+
+
+def test_a_symlink_into_a_missing_folder_is_refused_and_left_alone(keys, tmp_path, accounts_path):
+    accounts_path.parent.mkdir(parents=True)
+    target = tmp_path / "not-cloned-yet" / "kimi-accounts.json"
+    accounts_path.symlink_to(target)
+    done = cli(accounts_path, "add-key", keys[0], "First")
+    assert done.returncode == 1, done
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and str(accounts_path) in lines[0] and "symbolic link" in lines[0], lines
+    assert accounts_path.is_symlink() and os.readlink(accounts_path) == str(target)
+    assert not target.parent.exists()
+
+
+def test_proxy_counts_go_to_the_symlinks_target(fake_kimi, keys, accounts_path, linked, start_proxy):
+    storage.write_accounts(linked, AccountsFile(accounts=[Account(key=k) for k in keys], rotation_strategy="round-robin"))
+    proxy = start_proxy(fake_kimi)
+    with new_client() as c:
+        assert all(send(c, proxy).status_code == 200 for _ in range(9))
+        assert caught_up(linked, fake_kimi, keys), (counts(linked), proxy.output())
+        assert cli(accounts_path, "add-key", fake_key("linked-new"), "New").returncode == 0
+        assert poll(lambda: "1 added" in proxy.output(), 3), proxy.output()
+        assert all(send(c, proxy).status_code == 200 for _ in range(4))
+        assert caught_up(linked, fake_kimi, [*keys, fake_key("linked-new")])
+    proxy.stop()
+    assert accounts_path.is_symlink() and accounts_path.resolve() == linked
+    assert first_entry_counts(linked) == fake_counts(fake_kimi, [*keys, fake_key("linked-new")])
+
+
+def test_the_lock_is_shared_by_the_link_and_its_target(keys, accounts_path, linked):
+    # Two writers, one through the link and one through the real path, must not both
+    # read the same old state: their changes would overwrite each other.
+    storage.write_accounts(linked, AccountsFile(accounts=[Account(key=keys[0])]))
+    with storage._locked(linked):
+        lock_file = FileLock(str(linked.with_name(linked.name + ".lock")), timeout=0)
+        with pytest.raises(Timeout):
+            lock_file.acquire()
+        done: list[AccountsFile] = []
+        writer = threading.Thread(
+            target=lambda: done.append(storage.update_accounts(
+                accounts_path, lambda s: s.accounts.append(Account(key=keys[1])) or s))
+        )
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive(), "a write through the link did not wait for the target's lock"
+    writer.join(15)
+    assert [a["key"] for a in accounts_on_disk(linked)] == keys[:2]
+
+
+# -- 11. an unreadable file stays unreadable --------------------------------------------------
+
+
+def test_proxy_on_a_truncated_file_never_calls_it_readable_again(fake_kimi, keys, accounts_path, write_accounts,
+                                                                start_proxy):
+    write_accounts(keys)
+    good = accounts_path.read_bytes()
+    swap_in(accounts_path, good[: len(good) // 2])
+    proxy = start_proxy(fake_kimi, options={"kimi_flush_interval": "0.2"})
+    assert poll(lambda: PROBLEM_LOG in proxy.output(), 3), proxy.output()
+    start = time.monotonic()
+    with new_client() as c:
+        # Over two save intervals, measured by the saves' own effect: none.
+        assert not poll(lambda: "readable again" in proxy.output(), 0.7)
+        assert time.monotonic() - start > 0.4
+        answer = send(c, proxy)
+    assert answer.status_code == 503
+    message = answer.json()["error"]["message"]
+    assert "not valid JSON" in message and str(accounts_path) in message, message
+    assert "add-key" not in message
+    assert proxy.output().count(PROBLEM_LOG) == 1
+
+
+# -- 12. write and lock failures ----------------------------------------------------------
+
+
+def _store_with_changes(tmp_path: Path) -> tuple[FileStore, KeyPool, PoolSync]:
+    path = tmp_path / "kimi-accounts.json"
+    storage.write_accounts(path, AccountsFile(accounts=[Account(key=fake_key("w0"))]))
+    store = FileStore(path)
+    pool = KeyPool(AccountsFile())
+    sync = PoolSync(store, pool, 1.0)
+    assert sync.load() is not None
+    lease = pool.acquire(pool.clock.now_ms())
+    assert isinstance(lease, Lease)
+    return store, pool, sync
+
+
+async def test_a_full_disk_is_reported_as_a_write_failure(tmp_path, monkeypatch, caplog):
+    store, pool, sync = _store_with_changes(tmp_path)
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage.os, "fsync", no_space)
+    with caplog.at_level(logging.INFO):
+        await sync.save_once()
+    assert "cannot write the accounts file" in caplog.text and "No space left" in caplog.text, caplog.text
+    assert "cannot read" not in caplog.text
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO):
+        await sync.save_once()
+    assert storage.read_accounts(store.path).accounts[0].total_requests == 1  # kept, then saved
+    assert "works again" in caplog.text and "readable again" not in caplog.text
+
+
+async def test_a_held_lock_is_reported_as_a_lock_timeout(tmp_path, monkeypatch, caplog):
+    store, pool, sync = _store_with_changes(tmp_path)
+    monkeypatch.setattr(storage, "LOCK_TIMEOUT_S", 0.2)
+    holder = FileLock(str(store.path.with_name(store.path.name + ".lock")))
+    done = threading.Event()
+    taken = threading.Event()
+
+    def hold() -> None:
+        with holder:
+            taken.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    taken.wait(5)
+    try:
+        with caplog.at_level(logging.INFO):
+            await sync.save_once()
+    finally:
+        done.set()
+        thread.join(5)
+    assert "cannot lock the accounts file" in caplog.text and "held its lock" in caplog.text, caplog.text
+    assert "cannot read" not in caplog.text
+    await sync.save_once()
+    assert storage.read_accounts(store.path).accounts[0].total_requests == 1
