@@ -138,12 +138,15 @@ class PoolChange:
 def apply(state: AccountsFile, change: PoolChange) -> AccountsFile:
     """Apply a proxy's `change` to `state` (mutated and returned).
 
-    Keys `state` no longer has were removed by someone else and stay removed.
+    Keys `state` no longer has were removed by someone else and stay removed. A key the
+    file lists twice is one key: its first entry takes the change (`rotator.oddities`).
     """
     if change.keys:
+        applied: set[str] = set()
         for account in state.accounts:
             key_change = change.keys.get(account.key)
-            if key_change is not None:
+            if key_change is not None and account.key not in applied:
+                applied.add(account.key)
                 apply_to_account(account, key_change)
     moved = change.active_key
     if moved is not None and not _older_than_person(state.edited_at, ACTIVE_INDEX, moved.at_ms):

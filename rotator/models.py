@@ -17,7 +17,7 @@ import json
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticSerializationError
 
@@ -90,6 +90,22 @@ class AccountsFile(BaseModel):
     active_index: int = Field(default=0, ge=0)
     rotation_strategy: Strategy = DEFAULT_STRATEGY
     edited_at: dict[str, int] = Field(default_factory=dict)
+    # An activeIndex past the last key, as read (then used as 0, what the proxy serves):
+    # said by `rotator.oddities`; the file keeps it until the next write.
+    _active_index_read: int | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _active_index_in_range(self) -> AccountsFile:
+        if self.active_index and self.active_index >= len(self.accounts):
+            if self.accounts:
+                self._active_index_read = self.active_index
+            self.active_index = 0
+        return self
+
+    @property
+    def active_index_read(self) -> int | None:
+        """The out-of-range activeIndex the file had, if it had one."""
+        return self._active_index_read
 
     def to_json(self) -> str:
         try:

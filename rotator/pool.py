@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from rotator import merge
+from rotator import merge, oddities
 from rotator.clock import SYSTEM_CLOCK, Clock, seconds_until
 from rotator.health import HEALTH_MAX, apply_health_delta
 from rotator.keys import mask_key
@@ -320,8 +320,8 @@ class KeyPool:
         self.key_freed()
 
     def _adopt(self, state: AccountsFile) -> None:
-        self._state = state
-        self._index_by_key = {a.key: i for i, a in enumerate(state.accounts)}
+        self._state = state = oddities.in_use(state)  # a key listed twice: its first entry
+        self._index_by_key = oddities.first_index_by_key(state.accounts)
         self._at_cap = set()
         for key, busy in self.in_flight.items():
             account = self.account(key)

@@ -5,7 +5,8 @@ It knows the `StateStore` interface only. Stores block, so each call runs in a w
 thread, never on the proxy's event loop. A store that can't be read, written or locked
 is reported once per distinct problem, as what it is; the pool keeps serving from its
 last good state, keeps its changes for the next try (whatever a save failed on), and
-says so once the store works again.
+says so once the store works again. What is odd in the store but usable (a key listed
+twice, activeIndex out of range: `rotator.oddities`) is said once, when it appears.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from rotator import oddities
 from rotator.models import AccountsFile
 from rotator.pool import KeyPool
 from rotator.store import StateStore, StoreError
@@ -29,6 +31,7 @@ class PoolSync:
         self.interval_s = interval_s
         self.problem: str | None = None
         self._problem_action = "read"
+        self._notes: frozenset[str] = frozenset()
         self._task: asyncio.Task[None] | None = None
         self._saving: asyncio.Future[None] | None = None
 
@@ -42,6 +45,7 @@ class PoolSync:
             self._note_problem(e, logging.WARNING)
             return None
         self.problem = None
+        self._say_notes(state)
         self.pool.adopt(state)
         return state
 
@@ -100,6 +104,7 @@ class PoolSync:
             self._adopt(state)
 
     def _adopt(self, state: AccountsFile) -> None:
+        self._say_notes(state)
         before = {a.key for a in self.pool.accounts}
         self.pool.adopt(state)
         after = {a.key for a in state.accounts}
@@ -108,6 +113,12 @@ class PoolSync:
                 ALERT, "kimi-rotator: accounts file changed: %d key(s) now (%d added, %d removed)",
                 len(after), len(after - before), len(before - after),
             )
+
+    def _say_notes(self, state: AccountsFile) -> None:
+        notes = frozenset(oddities.notes(state))
+        for note in sorted(notes - self._notes):
+            logger.warning("kimi-rotator: %s: %s", self.store.location, note)
+        self._notes = notes
 
     def _note_problem(self, error: StoreError, level: int) -> None:
         message = str(error)

@@ -1,6 +1,6 @@
-"""Odd and hostile accounts files (issue 13: 5, 7, 11, 12): deeply nested JSON,
-symlinked files, a truncated file at start, and write or lock failures worded as
-what they are.
+"""Odd and hostile accounts files (issue 13: 5, 7, 9, 11, 12): deeply nested JSON,
+symlinked files, duplicate keys, a truncated file at start, activeIndex out of range,
+and write or lock failures worded as what they are.
 
 The CLI runs as a subprocess (``python -m rotator.cli``), the proxy as a real
 ``mitmdump`` in reverse mode in front of the fake Kimi server (which answers 200 to
@@ -241,6 +241,38 @@ def test_the_lock_is_shared_by_the_link_and_its_target(keys, accounts_path, link
     assert [a["key"] for a in accounts_on_disk(linked)] == keys[:2]
 
 
+# -- 9. duplicate keys --------------------------------------------------------------------
+
+
+def test_a_duplicate_key_is_one_key_counted_once_and_said_once(fake_kimi, keys, accounts_path, start_proxy):
+    a, b = keys[:2]
+    accounts_path.parent.mkdir(parents=True)
+    accounts_path.write_bytes(raw_file([{"key": a, "name": "A"}, {"key": b, "name": "B"},
+                                        {"key": a, "name": "A again", "totalRequests": 5}]))
+    proxy = start_proxy(fake_kimi)
+    with new_client() as c:
+        assert all(send(c, proxy).status_code == 200 for _ in range(10))
+        assert caught_up(accounts_path, fake_kimi, [a, b]), (counts(accounts_path), fake_kimi.count_by_key())
+        time.sleep(0.6)  # three more save intervals
+    proxy.stop()
+    assert fake_kimi.count_by_key() == {a: 5, b: 5}  # one key, one turn each
+    assert counts(accounts_path) == [(a, 5, 5), (b, 5, 5), (a, 5, 0)]  # the duplicate kept, untouched
+    out = proxy.output()
+    assert out.count("listed 2 times") == 1, out
+
+
+def test_list_keys_can_say_which_entries_are_duplicates(keys, tmp_path):
+    path = tmp_path / "kimi-accounts.json"
+    path.write_bytes(raw_file([{"key": keys[0]}, {"key": keys[1]}, {"key": keys[0]}, {"key": keys[0]}]))
+    from rotator import oddities
+
+    state = storage.read_accounts(path)
+    notes = oddities.notes(state)
+    assert len(notes) == 1, notes
+    assert "[0]" in notes[0] and "[2]" in notes[0] and "[3]" in notes[0] and keys[0] not in notes[0]
+    assert "remove-key 3" in notes[0]  # the last one first, so the other index stays right
+
+
 # -- 11. an unreadable file stays unreadable --------------------------------------------------
 
 
@@ -264,7 +296,36 @@ def test_proxy_on_a_truncated_file_never_calls_it_readable_again(fake_kimi, keys
     assert proxy.output().count(PROBLEM_LOG) == 1
 
 
-# -- 12. write and lock failures ----------------------------------------------------------
+# -- 12. activeIndex out of range, write and lock failures --------------------------------
+
+
+def test_active_index_out_of_range_is_key_0_and_is_said(keys, accounts_path):
+    accounts_path.parent.mkdir(parents=True)
+    accounts_path.write_bytes(raw_file([{"key": k, "name": f"K{i}"} for i, k in enumerate(keys)], activeIndex=7))
+    before = accounts_path.read_bytes()
+    listed = cli(accounts_path, "list-keys", "--json")
+    assert listed.returncode == 0, listed
+    assert json.loads(listed.stdout)["activeIndex"] == 0
+    text = cli(accounts_path, "list-keys").stdout
+    assert "● [0]" in text, text
+    assert accounts_path.read_bytes() == before  # only read: the user's value stays
+    from rotator import oddities
+
+    state = storage.read_accounts(accounts_path)
+    assert any("activeIndex 7" in note and "[0]" in note for note in oddities.notes(state))
+    assert cli(accounts_path, "rotate").returncode == 0  # moves on from what was shown
+    assert json.loads(accounts_path.read_text())["activeIndex"] == 1
+
+
+def test_proxy_says_once_that_active_index_is_out_of_range(fake_kimi, keys, accounts_path, start_proxy):
+    accounts_path.parent.mkdir(parents=True)
+    accounts_path.write_bytes(raw_file([{"key": k} for k in keys], activeIndex=9, rotationStrategy="sticky"))
+    proxy = start_proxy(fake_kimi)
+    with new_client() as c:
+        assert all(send(c, proxy).status_code == 200 for _ in range(3))
+    assert caught_up(accounts_path, fake_kimi, keys)
+    assert fake_kimi.count_by_key() == {keys[0]: 3}
+    assert proxy.output().count("activeIndex 9") == 1, proxy.output()
 
 
 def _store_with_changes(tmp_path: Path) -> tuple[FileStore, KeyPool, PoolSync]:

@@ -1,0 +1,72 @@
+"""What is odd in an accounts file but still usable: how the pool treats it, and the line
+that tells the user. Nothing here changes the user's entries: they are their data.
+
+- A key listed more than once is one key: its first entry. Later entries are kept as
+  they are, never counted and never chosen (the pool sees them as disabled).
+- An `activeIndex` past the last key is read as 0 (see `AccountsFile`); the file keeps
+  the user's value until the next write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rotator.keys import mask_key
+from rotator.models import Account, AccountsFile
+
+
+def first_index_by_key(accounts: Sequence[Account]) -> dict[str, int]:
+    """Each key's index: its first entry."""
+    index: dict[str, int] = {}
+    for i, account in enumerate(accounts):
+        index.setdefault(account.key, i)
+    return index
+
+
+def duplicates(accounts: Sequence[Account]) -> dict[int, int]:
+    """Index of each later entry of a key listed more than once -> its first entry."""
+    first: dict[str, int] = {}
+    later: dict[int, int] = {}
+    for i, account in enumerate(accounts):
+        found = first.setdefault(account.key, i)
+        if found != i:
+            later[i] = found
+    return later
+
+
+def in_use(state: AccountsFile) -> AccountsFile:
+    """The state a pool serves from: `state` itself unless a key is listed twice; then a
+    copy in which each later entry is disabled (a copy of the entry too: the file's is
+    left alone) and an activeIndex on one moves to its first entry."""
+    later = duplicates(state.accounts)
+    if not later:
+        return state
+    accounts = list(state.accounts)
+    for i, first in later.items():
+        accounts[i] = accounts[i].model_copy(update={"disabled_reason": f"duplicate of [{first}]; not used"})
+    view = state.model_copy(update={"accounts": accounts})
+    view.active_index = later.get(view.active_index, view.active_index)
+    return view
+
+
+def notes(state: AccountsFile) -> list[str]:
+    """One line per oddity in `state`, for the CLI (as a warning) and the proxy's log."""
+    found: list[str] = []
+    read_index = state.active_index_read
+    if read_index is not None:
+        found.append(
+            f"activeIndex {read_index} is out of range ({len(state.accounts)} keys); key [0] is the "
+            "active one until another is chosen (use-key, rotate)"
+        )
+    by_first: dict[int, list[int]] = {}
+    for later, first in duplicates(state.accounts).items():
+        by_first.setdefault(first, []).append(later)
+    for first, later_ones in by_first.items():
+        listed = ", ".join(f"[{i}]" for i in [first, *later_ones])
+        removes = " then ".join(f"remove-key {i}" for i in reversed(later_ones))
+        found.append(
+            f"key {mask_key(state.accounts[first].key)} is listed {len(later_ones) + 1} times ({listed}); "
+            f"only [{first}] is used and counted, the others are left as they are "
+            f"(to remove them: kimi-rotator {removes})"
+        )
+    return found
