@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TextIO
 
-from rotator import ops
+from rotator import oddities, ops
 from rotator.clock import now_ms
 from rotator.keys import KEY_PREFIX, is_kimi_key, looks_like_key, mask_key
 from rotator.models import STRATEGIES
@@ -212,6 +212,8 @@ def _list_keys(args: argparse.Namespace, cx: Context) -> None:
     state = cx.store.read()
     if is_readable_by_others(path):
         _err(f"{cx.prog}: warning: {path} can be read by other users; protect your keys with: chmod 600 {path}")
+    for note in oddities.notes(state):
+        _err(f"{cx.prog}: warning: {path}: {note}")
     views = view_pool(state, cx.now_ms)
     if args.json:
         doc = {

@@ -273,6 +273,22 @@ def test_list_keys_can_say_which_entries_are_duplicates(keys, tmp_path):
     assert "remove-key 3" in notes[0]  # the last one first, so the other index stays right
 
 
+def test_list_keys_warns_about_duplicates_and_leaves_them(keys, tmp_path):
+    from tests.harness import run_cli
+
+    path = tmp_path / "kimi-accounts.json"
+    raw = raw_file([{"key": keys[0], "name": "A"}, {"key": keys[1], "name": "B"}, {"key": keys[0], "name": "A again"}])
+    path.write_bytes(raw)
+    path.chmod(0o600)
+    listed = run_cli(path, "list-keys", in_process=True)
+    assert listed.returncode == 0, listed.stderr
+    warnings = [line for line in listed.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1, listed.stderr
+    assert "listed 2 times ([0], [2])" in warnings[0] and "remove-key 2" in warnings[0]
+    assert keys[0] not in listed.stderr + listed.stdout
+    assert path.read_bytes() == raw  # the user's entries stay as they are
+
+
 # -- 11. an unreadable file stays unreadable --------------------------------------------------
 
 
