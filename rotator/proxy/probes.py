@@ -17,7 +17,7 @@ from rotator.clock import Clock
 from rotator.keys import mask_key
 from rotator.policy import Window
 from rotator.pool import KeyPool
-from rotator.proxy import upstream
+from rotator.proxy import bodies, upstream
 from rotator.proxy.flows import METADATA_KEY, FlowKind, FlowLedger, FlowRecord
 from rotator.proxy.upstream import Send
 from rotator.usage import USAGES_PATH, window_reset
@@ -70,7 +70,8 @@ class UsageProbes:
         if response.status_code != 200 or probe.window is None:
             return
         now = self.clock.now_ms()
-        deadline = window_reset(response.get_content(strict=False) or b"", probe.window, now)
+        # Read no further than an error body: an answer from upstream may be a bomb too.
+        deadline = window_reset(bodies.body_start(response) or b"", probe.window, now)
         if deadline is None:
             return
         event = self.pool.set_exact_reset(probe.key, deadline, now)
