@@ -7,12 +7,18 @@ rescans the pool for nothing. One timer covers the whole line: the soonest of a 
 leaving its cooldown and a request reaching its deadline. Kept apart from the pool so
 the pool stays synchronous and the waiting, the only part that needs asyncio, is one
 small piece.
+
+A request whose client has left is given up, not served: its place is dropped when the
+line next moves (the proxy sees a client leave only by looking: mitmproxy runs no hook
+for it while the request's own hook is pending), and a key it got just then goes back
+uncounted.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+import enum
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from rotator.clock import Timer
@@ -20,11 +26,26 @@ from rotator.pool import KeyPool, Lease
 from rotator.strategies import Unavailable
 
 
+class Abandoned(enum.Enum):
+    """The request was given up while it waited (its client left): no key, none counted."""
+
+    CLIENT_LEFT = "the client left"
+
+
+ABANDONED = Abandoned.CLIENT_LEFT
+Gone = Callable[[], bool]  # whether the request's client has left
+
+
+def never_gone() -> bool:
+    return False
+
+
 @dataclass(slots=True, eq=False)
 class _Waiter:
     tried: Collection[str]
     deadline_ms: int
-    future: asyncio.Future[Lease | Unavailable]
+    future: asyncio.Future[Lease | Unavailable | Abandoned]
+    gone: Gone
 
 
 class WaitLine:
@@ -37,13 +58,25 @@ class WaitLine:
     def __len__(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self, deadline_ms: int, tried: Collection[str] = ()) -> Lease | Unavailable:
-        """A key, waiting in line (not spinning) up to `deadline_ms` for one to free up."""
+    async def acquire(
+        self, deadline_ms: int, tried: Collection[str] = (), gone: Gone = never_gone
+    ) -> Lease | Unavailable | Abandoned:
+        """A key, waiting in line (not spinning) up to `deadline_ms` for one to free up;
+        ABANDONED once `gone()` says the request's client has left."""
+        got = await self._wait(deadline_ms, tried, gone)
+        if isinstance(got, Lease) and gone():
+            self.pool.abandon(got)  # never sent: as if never chosen
+            return ABANDONED
+        return got
+
+    async def _wait(self, deadline_ms: int, tried: Collection[str], gone: Gone) -> Lease | Unavailable | Abandoned:
+        if gone():
+            return ABANDONED
         now = self.pool.clock.now_ms()
         got = self.pool.acquire_preferring_untried(now, tried)
         if isinstance(got, Lease) or not self._worth_waiting(got, now, deadline_ms):
             return got
-        waiter = _Waiter(tried, deadline_ms, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(tried, deadline_ms, asyncio.get_running_loop().create_future(), gone)
         self._waiters.append(waiter)
         self._schedule(now, got)
         try:
@@ -78,6 +111,10 @@ class WaitLine:
             if waiter.future.done():  # given up meanwhile
                 served += 1
                 continue
+            if waiter.gone():
+                waiter.future.set_result(ABANDONED)
+                served += 1
+                continue
             got = self.pool.acquire_preferring_untried(now, waiter.tried)
             if isinstance(got, Lease):
                 waiter.future.set_result(got)
@@ -92,7 +129,9 @@ class WaitLine:
             for waiter in self._waiters:
                 if waiter.future.done():
                     continue
-                if self._worth_waiting(shortage, now, waiter.deadline_ms):
+                if waiter.gone():
+                    waiter.future.set_result(ABANDONED)
+                elif self._worth_waiting(shortage, now, waiter.deadline_ms):
                     keep.append(waiter)
                 else:
                     waiter.future.set_result(shortage)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 
 from rotator.policy import Outcome, Window
 from rotator.pool import Lease
@@ -38,6 +39,18 @@ class FlowRecord:
     outcome: Outcome | None = None  # what the answer meant for the key
     attempts: list[dict[str, Any]] = field(default_factory=list)  # CLIENT: one note per attempt
     window: Window | None = None  # PROBE: the window whose reset it asks
+
+
+def client_gone(flow: http.HTTPFlow) -> bool:
+    """Whether the client has left (or the flow was killed) while the addon held it.
+
+    Read, not awaited: while a hook of a flow is pending, mitmproxy queues the client's
+    disconnection for the flow and runs no hook for it (`client_disconnected` comes after
+    the hook returns, and the hook's task is not cancelled) in 11.0 and 12.x alike; what
+    changes at once is the client connection's state (it can no longer be read from).
+    An HTTP/2 client cancelling one stream is seen only when its connection closes.
+    """
+    return flow.error is not None or not flow.client_conn.state & ConnectionState.CAN_READ
 
 
 def attempt_note(lease: Lease) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from rotator.policy import Outcome
 from rotator.pool import Lease
 from rotator.strategies import Unavailable
-from rotator.waitline import WaitLine
+from rotator.waitline import Abandoned, Gone, WaitLine, never_gone
 
 DEFAULT_MAX_ATTEMPTS = 5
 
@@ -35,17 +35,19 @@ async def retry_elsewhere(
     attempts_made: int,
     most_attempts: int,
     deadline_ms: int,
-) -> Unavailable | None:
+    gone: Gone = never_gone,
+) -> Unavailable | Abandoned | None:
     """Send the request again with other keys until one answers without a key fault.
 
     `tried` holds the keys already used for this request (it grows). None: the last
     attempt's answer stands. Unavailable: no key could serve in time, and the client
-    should be told why and when one will.
+    should be told why and when one will. ABANDONED: the client left (`gone()`), so
+    nothing more was sent.
     """
     attempts = attempts_made
     while attempts < most_attempts:
-        lease = await line.acquire(deadline_ms, tried)
-        if isinstance(lease, Unavailable):
+        lease = await line.acquire(deadline_ms, tried, gone)
+        if not isinstance(lease, Lease):
             return lease
         tried.add(lease.key)
         attempts += 1
