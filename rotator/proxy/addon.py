@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from mitmproxy import ctx, http
@@ -22,13 +22,14 @@ from rotator import access, policy
 from rotator.clock import SYSTEM_CLOCK, Clock
 from rotator.models import AccountsFile
 from rotator.pool import KeyPool, Lease
-from rotator.proxy import answers, retry, upstream
+from rotator.proxy import answers, bodies, retry, upstream
 from rotator.proxy.flows import (
     METADATA_KEY,
     FlowKind,
     FlowLedger,
     FlowRecord,
     attempt_note,
+    client_gone,
 )
 from rotator.proxy.options import (
     Settings,
@@ -42,7 +43,7 @@ from rotator.proxy.probes import UsageProbes
 from rotator.store.file import FileStore
 from rotator.strategies import Unavailable
 from rotator.sync import PoolSync
-from rotator.waitline import WaitLine
+from rotator.waitline import ABANDONED, WaitLine
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +58,18 @@ class KimiRotator:
         self.sync: PoolSync | None = None
         self._running = False
         self._background: set[asyncio.Task[None]] = set()
+        # A hook only while request bodies may be streamed (see configure).
+        self.requestheaders: Callable[[http.HTTPFlow], Awaitable[None] | None] | None = None
 
     def load(self, loader: Any) -> None:
         add_options(loader)
 
     def configure(self, updated: set[str]) -> None:
         self.settings = read_settings(self.settings, ctx.options, updated)
+        if "stream_large_bodies" in updated:
+            # Without streamed request bodies, requests need no hook before `request`:
+            # mitmproxy then calls none, and the hot path pays nothing for this one.
+            self.requestheaders = self._before_streaming if self.settings.stream_limit is not None else None
         if "kimi_flush_interval" in updated and self.sync is not None:
             self.sync.interval_s = self.settings.flush_interval_s
         if "kimi_max_in_flight" in updated:
@@ -79,17 +86,8 @@ class KimiRotator:
         if previous is not None and self._running:
             self._in_background(previous.stop())  # the old store gets its last changes
             self.sync.start()
-        if state is None:
-            return
-        if not state.accounts:
-            logger.warning(
-                "kimi-rotator: no Kimi API keys in %s; add one with: kimi-rotator add-key sk-kimi-…", store.location
-            )
-        else:
-            logger.log(
-                ALERT, "kimi-rotator: %d key(s) from %s, strategy %s",
-                len(state.accounts), store.location, state.rotation_strategy,
-            )
+        if state is not None:
+            _announce_keys(state, store.location)
 
     def _use_pool(self, pool: KeyPool) -> None:
         self.pool = pool
@@ -133,6 +131,21 @@ class KimiRotator:
             return None
         if flow.response is not None or not self.is_kimi_request(flow):
             return None
+        if flow.request.stream:  # its headers are gone already, with the client's own key
+            flow.comment = "kimi-rotator: no pool key: its body was streamed before one could be put on"
+            return None
+        return self._admit(flow)
+
+    def _before_streaming(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """requestheaders, with stream_large_bodies: a streamed body's headers go upstream
+        before `request` runs, so such a request gets its key now."""
+        if not bodies.may_stream(flow.request) or self.ledger.get(flow.id) is not None:
+            return None
+        if flow.response is not None or not self.is_kimi_request(flow):
+            return None
+        return self._admit(flow, streamed=True)
+
+    def _admit(self, flow: http.HTTPFlow, streamed: bool = False) -> Awaitable[None] | None:
         denial = access.check_client(
             from_loopback=access.is_loopback_address(flow.client_conn.peername),
             allow_remote=self.settings.allow_remote,
@@ -140,8 +153,7 @@ class KimiRotator:
             presented=access.presented_credential(flow.request.headers) if self.settings.client_token else None,
         )
         if denial is not None:
-            flow.response = answers.refused(denial)
-            flow.comment = f"kimi-rotator: refused ({denial.status})"
+            answers.give(flow, answers.refused(denial), f"kimi-rotator: refused ({denial.status})", streamed=streamed)
             return None
         if flow.request.scheme == "http" and not access.is_loopback_host(flow.request.host):
             # A key must never cross a network in clear text.
@@ -154,15 +166,17 @@ class KimiRotator:
         if isinstance(lease, Lease):
             self._send_with(flow, lease, deadline)
             return None
-        return self._wait_for_key(flow, deadline)
+        return self._wait_for_key(flow, deadline, streamed)
 
-    async def _wait_for_key(self, flow: http.HTTPFlow, deadline_ms: int) -> None:
-        lease = await self.line.acquire(deadline_ms)
-        if isinstance(lease, Unavailable):
-            flow.response = self._no_key_answer(lease)
-            flow.comment = f"kimi-rotator: no key: {lease.shortage.value}"
-            return
-        self._send_with(flow, lease, deadline_ms)
+    async def _wait_for_key(self, flow: http.HTTPFlow, deadline_ms: int, streamed: bool) -> None:
+        lease = await self.line.acquire(deadline_ms, gone=lambda: client_gone(flow))
+        if lease is ABANDONED:  # not sent, not counted
+            answers.close(flow, "kimi-rotator: the client left while waiting for a key")
+        elif isinstance(lease, Unavailable):
+            comment = f"kimi-rotator: no key: {lease.shortage.value}"
+            answers.give(flow, self._no_key_answer(lease), comment, streamed=streamed)
+        else:
+            self._send_with(flow, lease, deadline_ms)
 
     def _send_with(self, flow: http.HTTPFlow, lease: Lease, deadline_ms: int) -> None:
         record = self.ledger.open(FlowRecord(FlowKind.CLIENT, flow, lease.key, lease, deadline_ms))
@@ -199,7 +213,7 @@ class KimiRotator:
             return None
         # Only error bodies say anything about the key; a success is never read.
         readable = not response.stream and response.status_code >= 400
-        body = response.get_content(strict=False) if readable else None
+        body = bodies.body_start(response) if readable else None
         now = self.clock.now_ms()
         outcome = policy.classify(response.status_code, response.headers, body, now)
         self._settle(record, outcome, now)
@@ -207,7 +221,9 @@ class KimiRotator:
             self.probes.ask(record, outcome.window)
         if record.kind is FlowKind.CLIENT:
             if outcome.retry_elsewhere and not response.stream:
-                return self._retry(record, lease)
+                if not bodies.is_streamed(flow.request):
+                    return self._retry(record, lease)
+                flow.comment += f"; {bodies.NOT_RESENT}"
             self.ledger.show_attempts_afresh(record)
         return None
 
@@ -223,20 +239,7 @@ class KimiRotator:
             self.ledger.show_attempts_afresh(record)
 
     def _settle(self, record: FlowRecord, outcome: policy.Outcome, now: int) -> None:
-        lease = record.lease
-        assert lease is not None
-        record.lease = None
-        record.outcome = outcome
-        event = self.pool.release(lease, outcome, now)
-        if event:
-            logger.log(ALERT, "kimi-rotator: %s", event)
-        verdict = outcome.verdict.value
-        note = record.attempts[-1]
-        note["outcome"] = verdict
-        note["reason"] = outcome.reason
-        if record.kind is FlowKind.ATTEMPT:
-            self.ledger.show_attempts(record)
-        record.flow.comment = f"kimi-rotator: {lease.label} → {verdict}"
+        _settle(self.pool, self.ledger, record, outcome, now)
 
     # -- retrying on another key ---------------------------------------------------
     async def _retry(self, client: FlowRecord, failed: Lease) -> None:
@@ -252,8 +255,11 @@ class KimiRotator:
             attempts_made=len(client.attempts),
             most_attempts=retry.max_attempts(self.settings.max_attempts, len(self.pool.accounts)),
             deadline_ms=client.deadline_ms,
+            gone=lambda: client_gone(client.flow),
         )
-        if why is not None:
+        if why is ABANDONED:
+            client.flow.comment += "; the client left: not retried"
+        elif why is not None:
             client.flow.response = self._no_key_answer(why)
             client.flow.comment += f"; no other key: {why.shortage.value}"
         self.ledger.show_attempts_afresh(client)
@@ -277,14 +283,7 @@ class KimiRotator:
             self._settle(attempt, policy.classify_connection_error(detail, now), now)
         assert attempt.outcome is not None
         client.attempts.extend(attempt.attempts)
-        # The client's flow shows the (masked) key that gave its answer.
-        for name in ("x-api-key", "authorization"):
-            if name in copy.request.headers:
-                flow.request.headers[name] = copy.request.headers[name]
-        if copy.response is not None:
-            flow.response = copy.response
-        else:
-            flow.response = answers.resend_failed(copy.error.msg if copy.error else detail)
+        answers.take_resent(flow, copy, detail)
         flow.comment = (
             f"kimi-rotator: {lease.label} → {attempt.outcome.verdict.value} (attempt {len(client.attempts)})"
         )
@@ -295,3 +294,31 @@ class KimiRotator:
         return answers.no_key(
             why, self.pool.state, self.clock.now_ms(), self.sync.store.location, self.sync.problem
         )
+
+
+def _announce_keys(state: AccountsFile, location: str) -> None:
+    if not state.accounts:
+        logger.warning("kimi-rotator: no Kimi API keys in %s; add one with: kimi-rotator add-key sk-kimi-…", location)
+    else:
+        logger.log(
+            ALERT, "kimi-rotator: %d key(s) from %s, strategy %s",
+            len(state.accounts), location, state.rotation_strategy,
+        )
+
+
+def _settle(pool: KeyPool, ledger: FlowLedger, record: FlowRecord, outcome: policy.Outcome, now: int) -> None:
+    """End a record's hold on its key with what the answer meant, and show it."""
+    lease = record.lease
+    assert lease is not None
+    record.lease = None
+    record.outcome = outcome
+    event = pool.release(lease, outcome, now)
+    if event:
+        logger.log(ALERT, "kimi-rotator: %s", event)
+    verdict = outcome.verdict.value
+    note = record.attempts[-1]
+    note["outcome"] = verdict
+    note["reason"] = outcome.reason
+    if record.kind is FlowKind.ATTEMPT:
+        ledger.show_attempts(record)
+    record.flow.comment = f"kimi-rotator: {lease.label} → {verdict}"

@@ -7,6 +7,7 @@ import json
 from mitmproxy import http
 
 from rotator.access import Denial
+from rotator.proxy import bodies
 from rotator.clock import seconds_until
 from rotator.models import AccountsFile
 from rotator.status import summary, view_pool
@@ -56,3 +57,33 @@ def no_key(why: Unavailable, state: AccountsFile, now: int, location: str, store
 
 def resend_failed(detail: str) -> http.Response:
     return anthropic_error(502, "api_error", f"kimi-rotator: resending on another key failed: {detail}")
+
+
+def take_resent(flow: http.HTTPFlow, copy: http.HTTPFlow, detail: str) -> None:
+    """The client's flow takes a resend's answer (or a 502 saying why there is none) and
+    shows the (masked) key that gave it."""
+    for name in ("x-api-key", "authorization"):
+        if name in copy.request.headers:
+            flow.request.headers[name] = copy.request.headers[name]
+    if copy.response is not None:
+        flow.response = copy.response
+    else:
+        flow.response = resend_failed(copy.error.msg if copy.error else detail)
+
+
+def give(flow: http.HTTPFlow, answer: http.Response, comment: str, *, streamed: bool = False) -> None:
+    """Answer `flow` ourselves; a request whose body mitmproxy streams cannot be
+    answered (mitmproxy refuses a response set on it), so it is closed instead."""
+    if streamed:
+        close(flow, f"{comment}; {bodies.CLOSED}")
+        bodies.tell_once_about_closing()
+    else:
+        flow.response = answer
+        flow.comment = comment
+
+
+def close(flow: http.HTTPFlow, comment: str) -> None:
+    """End `flow` without an answer and without sending it upstream."""
+    if flow.killable:
+        flow.kill()
+    flow.comment = comment

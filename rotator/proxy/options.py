@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions
+from mitmproxy.utils import human
 
 from rotator import access
 from rotator.pool import DEFAULT_MAX_IN_FLIGHT
@@ -36,6 +38,9 @@ class Settings:
     max_wait_ms: int = int(DEFAULT_MAX_WAIT_S * 1000)
     allow_remote: bool = False
     client_token: str | None = None
+    # mitmproxy's stream_large_bodies, in bytes: request bodies over it (or of unknown
+    # size) are streamed, and their headers go upstream before the `request` hook runs.
+    stream_limit: int | None = None
 
 
 def read_settings(current: Settings, options: Any, updated: set[str]) -> Settings:
@@ -46,6 +51,11 @@ def read_settings(current: Settings, options: Any, updated: set[str]) -> Setting
             changes["hosts"] = parse_hosts(options.kimi_hosts)
         except ValueError as e:
             raise exceptions.OptionsError(f"kimi_hosts: {e}") from e
+    if "stream_large_bodies" in updated:
+        try:
+            changes["stream_limit"] = human.parse_size(options.stream_large_bodies or None)
+        except ValueError as e:  # mitmproxy's proxyserver says so too
+            raise exceptions.OptionsError(f"stream_large_bodies: {e}") from e
     if "kimi_accounts" in updated:
         changes["accounts_path"] = resolve_accounts_path(options.kimi_accounts or None)
     if "kimi_flush_interval" in updated:
@@ -79,8 +89,14 @@ def normalize_host(host: str) -> str:
     return host.strip().rstrip(".").lower()
 
 
+_HOST_SEPARATORS = re.compile(r"[,\s]+")
+
+
 def parse_hosts(hosts: Sequence[str]) -> frozenset[str]:
-    parsed = frozenset(normalize_host(h) for h in hosts if h.strip())
+    """The host names in `hosts`; each value may hold several, separated by commas or
+    whitespace (`--set kimi_hosts=a,b` gives one value; a host name has no comma)."""
+    names = (name for value in hosts for name in _HOST_SEPARATORS.split(value))
+    parsed = frozenset(normalize_host(name) for name in names if name)
     for host in parsed:
         if "/" in host or ":" in host and not host.startswith("["):
             raise ValueError(f"{host!r} is not a host name (no scheme, port or path)")
@@ -121,7 +137,8 @@ def add_options(loader: Any) -> None:
     )
     loader.add_option(
         "kimi_hosts", Sequence[str], list(DEFAULT_KIMI_HOSTS),
-        "Hosts that get pool keys (exact names, case-insensitive). Others pass untouched.",
+        "Hosts that get pool keys (exact names, case-insensitive; separate several with commas "
+        "or repeat the option). Others pass untouched.",
     )
     loader.add_option(
         # Seconds as text: mitmproxy's --set cannot parse float options.

@@ -1,0 +1,405 @@
+"""Hostile or odd traffic through a real mitmdump (issue 13: defects 1, 6, 8 and 10).
+
+- 1: `stream_large_bodies`: a request body over the limit has its headers sent before the
+  `request` hook runs; the pool key must be on them, and a refusal of such a request is
+  passed on (its body cannot be resent).
+- 6: a gzip bomb in an error body is read only as far as the policy scans.
+- 8: a client that hangs up while its request waits for a key, or for a retry, spends
+  no quota and is not counted.
+- 10: `--set kimi_hosts=a,b` means two hosts.
+
+Real proxies in reverse mode in front of tests/fake_kimi.py, all on 127.0.0.1; the
+in-process tests use mitmproxy's test helpers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from mitmproxy import http
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.test import taddons, tflow, tutils
+
+from rotator.keys import mask_key
+from rotator.models import Account, AccountsFile
+from rotator.policy import BODY_SCAN_LIMIT
+from rotator.proxy.addon import KimiRotator
+from rotator.proxy.options import parse_hosts
+from rotator.store import file as storage
+from tests.conftest import fake_key
+from tests.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
+from tests.harness import Proxy, poll, saved_flows
+from tests.harness import accounts_on_disk as accounts
+from tests.hooks import call_hook
+
+PLACEHOLDER = "sk-kimi-placeholder"
+CLIENT_HEADERS = {"x-api-key": PLACEHOLDER, "anthropic-version": "2023-06-01"}
+FILE_DEADLINE_S = 10.0
+
+
+def big_message(size: int = 8 * 1024) -> dict:
+    return {"model": "kimi-for-coding", "max_tokens": 16,
+            "messages": [{"role": "user", "content": "x" * size}]}
+
+
+def client(timeout: float = 15.0) -> httpx.Client:
+    return httpx.Client(trust_env=False, timeout=timeout)
+
+
+def messages(fake: FakeKimi) -> list:
+    return fake.message_requests()
+
+
+@pytest.fixture
+def two_keys() -> list[str]:
+    return [fake_key(f"key{i}") for i in range(2)]
+
+
+# -- 1. stream_large_bodies --------------------------------------------------------------
+
+
+def chunks(payload: bytes, size: int = 1024) -> Iterator[bytes]:
+    for i in range(0, len(payload), size):
+        yield payload[i:i + size]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_streamed_request_body_goes_out_with_a_pool_key(
+    fake_kimi, two_keys, write_accounts, start_proxy, accounts_path, framing
+):
+    write_accounts(two_keys, "round-robin")
+    # What Kimi answers the placeholder: if it ever got there, a pool key would be blamed.
+    fake_kimi.set_kimi_error(PLACEHOLDER, "invalid_auth")
+    proxy = start_proxy(fake_kimi, options={"stream_large_bodies": "1k"})
+    payload = json.dumps(big_message()).encode()
+
+    with client() as c:
+        for _ in range(3):
+            if framing == "chunked":
+                r = c.post(proxy.url + MESSAGES_PATH, content=chunks(payload),
+                           headers={**CLIENT_HEADERS, "content-type": "application/json"})
+            else:
+                r = c.post(proxy.url + MESSAGES_PATH, content=payload,
+                           headers={**CLIENT_HEADERS, "content-type": "application/json"})
+            assert r.status_code == 200, r.text
+    seen = messages(fake_kimi)
+    assert [s.key for s in seen] == [two_keys[0], two_keys[1], two_keys[0]]
+    assert all(s.body == payload for s in seen)
+    assert proxy.stop() == 0, proxy.output()
+    on_disk = accounts(accounts_path)
+    assert [a.get("disabledReason") for a in on_disk] == [None, None], on_disk
+    assert [a["totalRequests"] for a in on_disk] == [2, 1], on_disk
+
+
+def test_a_refused_streamed_request_is_passed_on_not_resent(
+    fake_kimi, two_keys, write_accounts, start_proxy, accounts_path, tmp_path
+):
+    write_accounts(two_keys, "round-robin")
+    fake_kimi.set_kimi_error(two_keys[0], "overloaded", headers={"retry-after": "30"})
+    dump = tmp_path / "flows.mitm"
+    proxy = start_proxy(fake_kimi, options={"stream_large_bodies": "1k"}, extra_args=("-w", str(dump)))
+
+    with client() as c:
+        r = c.post(proxy.url + MESSAGES_PATH, json=big_message(), headers=CLIENT_HEADERS)
+        # Not resendable: the client gets Kimi's refusal at once, not a retry without a body.
+        assert r.status_code == 429, r.text
+        assert [s.key for s in messages(fake_kimi)] == [two_keys[0]]
+        # A small body is still retried elsewhere.
+        small = c.post(proxy.url + MESSAGES_PATH, json=big_message(10), headers=CLIENT_HEADERS)
+        assert small.status_code == 200, small.text
+    assert proxy.stop() == 0, proxy.output()
+    on_disk = accounts(accounts_path)
+    assert on_disk[0]["rateLimitResetTime"] > time.time() * 1000  # the key did carry it
+    _, flows = saved_flows(dump)
+    refused = [f for f in flows if f.response is not None and f.response.status_code == 429]
+    assert len(refused) == 1, [f.comment for f in flows]
+    assert "streamed" in refused[0].comment and "not retried" in refused[0].comment, refused[0].comment
+
+
+def kimi_flow(stream: bool, key: str | None = PLACEHOLDER) -> http.HTTPFlow:
+    request = tutils.treq(host="api.kimi.com", port=443, path=b"/coding/v1/messages")
+    request.scheme = "https"
+    if key is not None:
+        request.headers["x-api-key"] = key
+    request.stream = stream
+    flow = tflow.tflow(req=request)
+    flow.client_conn.peername = ("127.0.0.1", 50000)
+    return flow
+
+
+def context(addon: KimiRotator) -> taddons.context:
+    """mitmproxy's test context, with the proxyserver addon that owns stream_large_bodies."""
+    return taddons.context(Proxyserver(), addon)
+
+
+def configure_with_keys(tctx, addon: KimiRotator, tmp_path: Path, keys: list[str], **options) -> None:
+    path = tmp_path / "accounts.json"
+    storage.write_accounts(path, AccountsFile(accounts=[Account(key=k) for k in keys]))
+    tctx.configure(addon, kimi_accounts=str(path), **options)
+
+
+async def test_requestheaders_puts_the_key_on_a_streamed_request_only(tmp_path):
+    key = fake_key("pool0")
+    addon = KimiRotator()
+    with context(addon) as tctx:
+        configure_with_keys(tctx, addon, tmp_path, [key], stream_large_bodies="1k")
+        streamed = kimi_flow(stream=True)
+        await call_hook(addon, "requestheaders", streamed)
+        assert streamed.request.headers["x-api-key"] == key
+        assert addon.pool.in_flight == {key: 1}
+        await call_hook(addon, "request", streamed)  # the body has been streamed meanwhile
+        assert addon.pool.in_flight == {key: 1}  # one lease, not two
+        assert addon.pool.accounts[0].total_requests == 1
+
+        normal = kimi_flow(stream=False)
+        normal.request.headers["content-length"] = "10"
+        await call_hook(addon, "requestheaders", normal)
+        assert normal.request.headers["x-api-key"] == PLACEHOLDER  # the request hook does it
+        await call_hook(addon, "request", normal)
+        assert normal.request.headers["x-api-key"] == key
+
+
+async def test_without_stream_large_bodies_there_is_no_requestheaders_hook(tmp_path):
+    addon = KimiRotator()
+    with context(addon) as tctx:
+        configure_with_keys(tctx, addon, tmp_path, [fake_key("pool0")])
+        assert getattr(addon, "requestheaders", None) is None  # the hot path costs nothing more
+        tctx.configure(addon, stream_large_bodies="1m")
+        assert getattr(addon, "requestheaders", None) is not None
+        tctx.configure(addon, stream_large_bodies=None)
+        assert getattr(addon, "requestheaders", None) is None
+
+
+async def test_a_request_streamed_before_any_key_is_not_charged(tmp_path):
+    key = fake_key("pool0")
+    addon = KimiRotator()
+    with context(addon) as tctx:
+        configure_with_keys(tctx, addon, tmp_path, [key])
+        # Its headers went out already (streamed with no requestheaders chance): no key now.
+        flow = kimi_flow(stream=True)
+        await call_hook(addon, "request", flow)
+        assert flow.request.headers["x-api-key"] == PLACEHOLDER
+        assert addon.pool.in_flight == {}
+        assert addon.pool.accounts[0].total_requests == 0
+        assert "streamed" in flow.comment
+
+
+async def test_a_streamed_request_with_no_key_is_closed_not_crashed(tmp_path):
+    addon = KimiRotator()
+    with context(addon) as tctx:
+        configure_with_keys(tctx, addon, tmp_path, [], stream_large_bodies="1k")
+        flow = kimi_flow(stream=True)
+        await call_hook(addon, "requestheaders", flow)
+        # mitmproxy cannot answer a request it streams: set a response and it crashes.
+        assert flow.response is None
+        assert flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
+        assert "no key" in flow.comment
+
+
+# -- 6. gzip bombs ------------------------------------------------------------------------
+
+
+def bomb(error: str, total: int) -> bytes:
+    """Kimi's `error` answer padded with `total` bytes of spaces, gzipped (~1/1000)."""
+    head = json.dumps(kimi_error(error)[1])[:-2].encode()  # open the error object
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    out = [compressor.compress(head + b', "pad": "')]
+    block = b" " * (1 << 20)
+    for _ in range(total >> 20):
+        out.append(compressor.compress(block))
+    out.append(compressor.compress(b'"}}'))
+    out.append(compressor.flush())
+    return b"".join(out)
+
+
+def peak_rss_kib(proxy: Proxy) -> int:
+    status = Path(f"/proc/{proxy.process.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
+
+GZIP_JSON = {"content-type": "application/json", "content-encoding": "gzip"}
+
+
+def test_a_gzip_bomb_in_an_error_body_is_read_only_as_far_as_it_is_scanned(
+    fake_kimi, two_keys, write_accounts, start_proxy, accounts_path
+):
+    write_accounts(two_keys, "round-robin")
+    size = 200 << 20  # 200 MiB of padding each, about 200 KB on the wire
+    # (The warm-up below goes to key 0, the first message to key 1.)
+    # Key 1: its weekly limit, in a bomb; the request is retried on key 0.
+    fake_kimi.set_response(two_keys[1], 403, bomb("weekly", size), GZIP_JSON, times=1)
+    # Key 0: serves that, then answers a 500 bomb, passed on as Kimi sent it.
+    fake_kimi.set_response(two_keys[0], 200, times=1)
+    server_error = bomb("server_error", size)
+    fake_kimi.add_response(two_keys[0], 500, server_error, GZIP_JSON, times=1)
+    proxy = start_proxy(fake_kimi)
+
+    with client() as c:
+        warm = c.get(proxy.url + "/coding/v1/models", headers=CLIENT_HEADERS)  # a normal flow first
+        assert warm.status_code == 200
+        before = peak_rss_kib(proxy)
+        first = c.post(proxy.url + MESSAGES_PATH, json=big_message(10), headers=CLIENT_HEADERS)
+        assert first.status_code == 200, first.text
+        with c.stream("POST", proxy.url + MESSAGES_PATH, json=big_message(10), headers=CLIENT_HEADERS) as second:
+            assert second.status_code == 500
+            # The client still gets the (compressed) body untouched.
+            assert second.headers["content-encoding"] == "gzip"
+            assert b"".join(second.iter_raw()) == server_error
+        grown = peak_rss_kib(proxy) - before
+    assert grown < 40 * 1024, f"mitmdump's peak memory grew by {grown // 1024} MiB"
+    assert [s.key for s in messages(fake_kimi)] == [two_keys[1], two_keys[0], two_keys[0]]
+    assert proxy.stop() == 0, proxy.output()
+    # Still read as the weekly limit (7 days, not a 5-minute refusal): the wording is in
+    # the first 64 KiB.
+    on_disk = accounts(accounts_path)
+    assert on_disk[1]["rateLimitResetTime"] > (time.time() + 86400) * 1000, on_disk
+
+
+def encoded(name: str, data: bytes) -> bytes:
+    if name == "gzip":
+        return gzip.compress(data)
+    if name == "deflate":
+        return zlib.compress(data)
+    if name == "deflateraw":
+        c = zlib.compressobj(6, zlib.DEFLATED, -15)
+        return c.compress(data) + c.flush()
+    from mitmproxy.net import encoding
+
+    return encoding.encode(data, name)
+
+
+@pytest.mark.parametrize("name", ["gzip", "deflate", "deflateraw", "br", "zstd", "identity"])
+def test_error_bodies_are_decoded_no_further_than_the_scan_limit(name):
+    text = b'{"error": {"message": "too many requests"}, "pad": "' + b" " * (4 << 20) + b'"}'
+    header = "deflate" if name == "deflateraw" else name
+    response = tutils.tresp(content=b"")
+    response.headers["content-encoding"] = header
+    response.raw_content = encoded(name, text)
+    from rotator.proxy import bodies
+
+    got = bodies.body_start(response)
+    if got is None:  # a decoder that cannot stop at a limit is not used
+        assert name == "br"
+        return
+    assert got == text[:BODY_SCAN_LIMIT]
+    assert response.raw_content == encoded(name, text)  # the client's copy is untouched
+
+
+def test_broken_or_unknown_encodings_give_the_raw_prefix():
+    from rotator.proxy import bodies
+
+    response = tutils.tresp(content=b"")
+    response.headers["content-encoding"] = "gzip"
+    response.raw_content = b"not gzip" * 20000
+    assert bodies.body_start(response) == (b"not gzip" * 20000)[:BODY_SCAN_LIMIT]
+    response.headers["content-encoding"] = "x-unknown"
+    assert bodies.body_start(response) == (b"not gzip" * 20000)[:BODY_SCAN_LIMIT]
+
+
+# -- 8. clients that leave ---------------------------------------------------------------
+
+
+def test_no_retry_goes_out_after_the_client_has_left(
+    fake_kimi, write_accounts, start_proxy, accounts_path
+):
+    key = fake_key("only")
+    write_accounts([key])
+    fake_kimi.set_kimi_error(key, "overloaded", times=1, headers={"retry-after": "3"})
+    proxy = start_proxy(fake_kimi, options={"kimi_max_wait": "20"})
+
+    with client(timeout=1.0) as impatient:
+        with pytest.raises(httpx.TimeoutException):
+            impatient.post(proxy.url + MESSAGES_PATH, json=big_message(10), headers=CLIENT_HEADERS)
+    assert len(messages(fake_kimi)) == 1
+    # A patient client behind it: served when the key frees, after the one that left
+    # would have been resent.
+    with client() as patient:
+        r = patient.post(proxy.url + MESSAGES_PATH, json=big_message(10), headers=CLIENT_HEADERS)
+    assert r.status_code == 200, r.text
+    assert [s.status for s in messages(fake_kimi)] == [429, 200]
+    assert proxy.stop() == 0, proxy.output()
+    assert accounts(accounts_path)[0]["totalRequests"] == 2
+
+
+def test_requests_abandoned_while_waiting_for_a_key_are_not_counted(
+    fake_kimi, write_accounts, start_proxy, accounts_path
+):
+    key = fake_key("only")
+    write_accounts([key])
+    fake_kimi.set_kimi_error(key, "overloaded", times=1, headers={"retry-after": "3"})
+    proxy = start_proxy(fake_kimi, options={"kimi_max_wait": "20", "kimi_max_attempts": "1"})
+
+    with client() as c:
+        first = c.post(proxy.url + MESSAGES_PATH, json=big_message(10), headers=CLIENT_HEADERS)
+        assert first.status_code == 429  # one attempt only: passed on, the key cools 3 s
+    for _ in range(4):
+        with client(timeout=0.5) as impatient:
+            with pytest.raises(httpx.TimeoutException):
+                impatient.post(proxy.url + MESSAGES_PATH, json=big_message(10), headers=CLIENT_HEADERS)
+    with client() as patient:
+        r = patient.post(proxy.url + MESSAGES_PATH, json=big_message(10), headers=CLIENT_HEADERS)
+    assert r.status_code == 200, r.text
+    assert [s.status for s in messages(fake_kimi)] == [429, 200]
+    assert proxy.stop() == 0, proxy.output()
+    on_disk = accounts(accounts_path)[0]
+    assert (on_disk["totalRequests"], on_disk["successfulRequests"]) == (2, 1), on_disk
+
+
+# -- 10. kimi_hosts -------------------------------------------------------------------------
+
+
+def test_comma_separated_hosts_are_several_hosts():
+    assert parse_hosts(["api.kimi.com,api.moonshot.ai"]) == {"api.kimi.com", "api.moonshot.ai"}
+    assert parse_hosts(["API.kimi.com , api.moonshot.ai.", "x.test"]) == {
+        "api.kimi.com", "api.moonshot.ai", "x.test"}
+    with pytest.raises(ValueError):
+        parse_hosts([" , "])
+
+
+def test_kimi_hosts_from_the_command_line_split_on_commas(tmp_path):
+    addon = KimiRotator()
+    with context(addon) as tctx:
+        configure_with_keys(tctx, addon, tmp_path, [fake_key("pool0")])
+        tctx.options.set("kimi_hosts=api.kimi.com,api.moonshot.ai")  # as --set parses it
+        assert addon.settings.hosts == {"api.kimi.com", "api.moonshot.ai"}
+        for host in ("api.kimi.com", "api.moonshot.ai"):
+            flow = tflow.tflow(req=tutils.treq(host=host, port=443))
+            assert addon.is_kimi_request(flow)
+
+
+def test_kimi_hosts_with_a_comma_reach_the_pool_end_to_end(
+    fake_kimi, write_accounts, start_proxy
+):
+    key = fake_key("pool0")
+    write_accounts([key])
+    proxy = start_proxy(fake_kimi, options={"kimi_hosts": "api.kimi.com,127.0.0.1"})
+    with client() as c:
+        r = c.post(proxy.url + MESSAGES_PATH, json=big_message(10), headers=CLIENT_HEADERS)
+    assert r.status_code == 200, r.text
+    assert [s.key for s in messages(fake_kimi)] == [key]
+    assert mask_key(key) not in r.text
+
+
+def test_a_streamed_request_that_no_key_can_serve_is_closed_without_a_crash(
+    fake_kimi, write_accounts, start_proxy
+):
+    write_accounts([])
+    proxy = start_proxy(fake_kimi, options={"stream_large_bodies": "1k"})
+    with client() as c:
+        with pytest.raises(httpx.TransportError):
+            c.post(proxy.url + MESSAGES_PATH, json=big_message(), headers=CLIENT_HEADERS)
+        # A small body still gets the proxy's own answer, saying what to do.
+        small = c.post(proxy.url + MESSAGES_PATH, json=big_message(10), headers=CLIENT_HEADERS)
+    assert small.status_code == 503 and "add-key" in small.text, small.text
+    assert messages(fake_kimi) == []
+    assert proxy.stop() == 0
+    output = proxy.output()
+    assert "crashed" not in output and "Traceback" not in output, output
+    assert output.count("could not be served") == 1, output  # said once, with what to do
