@@ -14,6 +14,7 @@ from tests.fake_kimi import FakeKimi
 from tests.harness import LOOPBACK_DNS, REPO_ROOT, Proxy, start_mitmdump
 
 ADDON_SCRIPT = REPO_ROOT / "kimi_rotator_addon.py"
+FLUSH_INTERVAL_S = 0.2  # start_proxy's kimi_flush_interval: a proxy saves this often
 _counter = itertools.count()
 
 
@@ -70,7 +71,7 @@ def start_proxy(tmp_path: Path, accounts_path: Path) -> Iterator[Callable[..., P
         env: dict[str, str] | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> Proxy:
-        opts = {"kimi_accounts": str(accounts_path), "kimi_flush_interval": "0.2"}
+        opts = {"kimi_accounts": str(accounts_path), "kimi_flush_interval": str(FLUSH_INTERVAL_S)}
         addons: list[Path] = [ADDON_SCRIPT, *extra_addons]
         if mode == "reverse":
             mitm_mode: str | None = f"reverse:{fake.url}"

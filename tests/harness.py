@@ -1,4 +1,7 @@
-"""Run a real ``mitmdump`` subprocess for end-to-end tests (loopback only).
+"""The tests' shared tools: a real ``mitmdump`` subprocess for end-to-end tests
+(loopback only), and the one way each to run the CLI (``run_cli``), read an SSE stream
+(``sse_events``), read the accounts file's counts (``counts_on_disk``, against the fake
+server's ``counts_seen``) and wait for something to happen (``poll``).
 
 ::
 
@@ -49,11 +52,11 @@ READY_RE = re.compile(r"^HARNESS-READY listen=(\S*) deferred=(\S*)$", re.M)
 # Loaded last into mitmdump (written into the run's confdir as a script).
 # mitmdump prints its "listening at" line *before* its final startup error check:
 # errors logged by an addon's load/configure/running make it print "Error logged
-# during startup, exiting..." and exit 1 right after. This addon prints a marker
-# shortly after ``running`` - by then such an exit has already happened - and
-# reports ``--set`` options that no addon claimed (mitmdump ignores those silently).
+# during startup, exiting..." and exit 1 right after. That check ends with
+# ``errorcheck.finish()``; this addon prints its marker from there, so the marker means
+# "startup is over and passed the check" (no sleep). It also reports ``--set`` options
+# that no addon claimed (mitmdump ignores those silently).
 READY_SCRIPT = """\
-import asyncio
 from mitmproxy import ctx
 
 
@@ -63,12 +66,18 @@ class HarnessReady:
         addrs = ps.listen_addrs() if ps else []
         listen = ",".join(f"{a[0]}:{a[1]}" for a in addrs)
         deferred = ",".join(sorted(getattr(ctx.options, "deferred", {}) or {}))
+        marker = f"HARNESS-READY listen={listen} deferred={deferred}"
+        check = ctx.master.addons.get("errorcheck")
+        if check is None:  # no startup check to wait for
+            print(marker, flush=True)
+            return
+        finish = check.finish
 
-        async def announce():
-            await asyncio.sleep(0.05)
-            print(f"HARNESS-READY listen={listen} deferred={deferred}", flush=True)
+        def finished():
+            finish()
+            print(marker, flush=True)
 
-        self.task = asyncio.get_running_loop().create_task(announce())
+        check.finish = finished
 
 
 addons = [HarnessReady()]
@@ -320,3 +329,113 @@ def saved_flows(dump: Path) -> tuple[bytes, list[Any]]:
     raw = dump.read_bytes()
     with dump.open("rb") as f:
         return raw, list(mitm_io.FlowReader(f).stream())
+
+
+def counts_on_disk(path: Path, keys: Iterable[str] | None = None) -> dict[str, tuple[int, int]]:
+    """(totalRequests, successfulRequests) per key, as the accounts file has them now:
+    every key in the file, or only those of `keys` that are in it."""
+    by_key = {a["key"]: (a.get("totalRequests", 0), a.get("successfulRequests", 0))
+              for a in accounts_on_disk(path)}
+    return by_key if keys is None else {k: by_key[k] for k in keys if k in by_key}
+
+
+def counts_seen(fake: Any, keys: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """(requests, 2xx answers) per key as the fake Kimi server logged them: what
+    `counts_on_disk` must say once the proxy has saved."""
+    total = fake.count_by_key()
+    ok: dict[str, int] = {}
+    for r in fake.requests:
+        if r.key is not None and r.status is not None and 200 <= r.status < 300:
+            ok[r.key] = ok.get(r.key, 0) + 1
+    return {k: (total.get(k, 0), ok.get(k, 0)) for k in keys}
+
+
+# -- server-sent events ----------------------------------------------------------------
+
+def sse_events(source: str | bytes | Iterable[str], limit: int | None = None
+               ) -> list[tuple[str | None, Any]]:
+    """(event name, JSON data) of each event in an SSE stream, in order.
+
+    `source` is a whole body (str or bytes) or an iterator of lines without their line
+    ends (``httpx.Response.iter_lines()``). An event ends at its blank line; its
+    ``data:`` lines are joined with newlines. With `limit`, reading stops right after
+    the blank line of the `limit`-th event, so the rest of an iterator can be read
+    later (``first = sse_events(lines, 1)`` ... ``rest = sse_events(lines)``). Any
+    other line than ``event:``, ``data:``, a comment or a blank one is an error, and
+    so is an event cut off before its blank line.
+    """
+    if isinstance(source, bytes):
+        source = source.decode("utf-8")
+    lines = iter(source.splitlines() if isinstance(source, str) else source)
+    events: list[tuple[str | None, Any]] = []
+    name: str | None = None
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data:
+                events.append((name, json.loads("\n".join(data))))
+                if limit is not None and len(events) >= limit:
+                    return events
+            name, data = None, []
+            continue
+        field_name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field_name == "event":
+            name = value
+        elif field_name == "data":
+            data.append(value)
+        elif field_name != "":  # ":..." is a comment
+            raise AssertionError(f"not an SSE line: {line!r}")
+    assert not data and name is None, f"stream ended inside an event: {name!r} {data!r}"
+    return events
+
+
+# -- the CLI ---------------------------------------------------------------------------
+
+def run_cli(accounts: Path | str | None, *args: str, stdin: str | None = None,
+            in_process: bool = False, encoding: str = "utf-8",
+            env: Mapping[str, str] | None = None,
+            timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``kimi-rotator [--accounts ACCOUNTS] ARGS...``; its exit code, stdout and stderr.
+
+    By default as its own process (``python -m rotator.cli`` from the repository root,
+    as a person runs it next to a proxy; ``KIMI_ROTATOR_ACCOUNTS`` is not passed on
+    unless `env` sets it). With `in_process`, through ``rotator.cli.main`` in this
+    process (fast, and a test may replace its clock or ``sys.argv``): standard output
+    is written in `encoding` (as a terminal's would be), `stdin` is what it reads.
+    """
+    argv = (["--accounts", str(accounts)] if accounts is not None else []) + list(args)
+    if in_process:
+        return _run_cli_in_process(argv, stdin, encoding)
+    child_env = _child_env(None)
+    child_env.pop("KIMI_ROTATOR_ACCOUNTS", None)
+    child_env["PYTHONIOENCODING"] = encoding
+    child_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "rotator.cli", *argv], input=stdin, capture_output=True,
+        text=True, encoding=encoding, cwd=str(REPO_ROOT), env=child_env, timeout=timeout)
+
+
+def _run_cli_in_process(argv: list[str], stdin: str | None, encoding: str
+                        ) -> subprocess.CompletedProcess[str]:
+    import contextlib
+    import io
+
+    from rotator import cli
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding=encoding, write_through=True)
+    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+    saved_stdin = sys.stdin
+    try:
+        if stdin is not None:
+            sys.stdin = io.StringIO(stdin)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(argv)
+    finally:
+        sys.stdin = saved_stdin
+
+    def text(stream: io.TextIOWrapper) -> str:
+        stream.flush()
+        return stream.buffer.getvalue().decode(stream.encoding)  # type: ignore[attr-defined]
+
+    return subprocess.CompletedProcess(["kimi-rotator", *argv], code, text(out), text(err))
