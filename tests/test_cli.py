@@ -1,4 +1,4 @@
-"""The key-management CLI, run in-process through `main([...])`.
+"""The key-management CLI, run in-process through `main([...])` (tests.harness.run_cli).
 
 Every test's captured output is scanned afterwards for full keys: no output of the
 CLI may ever contain one.
@@ -6,12 +6,14 @@ CLI may ever contain one.
 
 from __future__ import annotations
 
+import errno
+import builtins
+import contextlib
 import io
 import json
 import os
 import re
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 
 from rotator import cli, status
 from rotator.keys import mask_key
+from tests.harness import run_cli
 
 NOW = 1_750_000_000_000
 MIN = 60_000
@@ -72,26 +75,25 @@ PLUGIN_FILE = {
 
 
 class Runner:
-    def __init__(self, capsys: pytest.CaptureFixture[str], path: Path) -> None:
-        self.capsys = capsys
+    def __init__(self, path: Path) -> None:
         self.path = path
         self.seen: list[str] = []
 
-    def __call__(self, *args: str, accounts: bool = True) -> tuple[int, str, str]:
-        argv = (["--accounts", str(self.path)] if accounts else []) + list(args)
-        code = cli.main(argv)
-        out, err = self.capsys.readouterr()
-        self.seen += [out, err]
-        return code, out, err
+    def __call__(self, *args: str, accounts: bool = True, stdin: str | None = None,
+                 encoding: str = "utf-8") -> tuple[int, str, str]:
+        done = run_cli(self.path if accounts else None, *args, stdin=stdin, in_process=True,
+                       encoding=encoding)
+        self.seen += [done.stdout, done.stderr]
+        return done.returncode, done.stdout, done.stderr
 
     def ok(self, *args: str) -> str:
         code, out, err = self(*args)
         assert (code, err) == (0, ""), err
         return out
 
-    def fails(self, *args: str, code: int = 2) -> str:
+    def fails(self, *args: str, code: int = 2, stdin: str | None = None) -> str:
         """Run a command that must fail: the code, one stderr line, no stdout."""
-        got, out, err = self(*args)
+        got, out, err = self(*args, stdin=stdin)
         assert got == code, (got, out, err)
         assert out == ""
         assert err.count("\n") == 1 and err.endswith("\n"), err
@@ -111,7 +113,7 @@ def fixed_clock(monkeypatch):
 
 @pytest.fixture
 def run(capsys, tmp_path):
-    runner = Runner(capsys, tmp_path / "kimi-accounts.json")
+    runner = Runner(tmp_path / "kimi-accounts.json")
     yield runner
     out, err = capsys.readouterr()
     for text in [*runner.seen, out, err]:
@@ -176,9 +178,10 @@ def test_add_key_creates_the_file_and_appends(run):
     assert stat.S_IMODE(run.path.stat().st_mode) == 0o600
 
 
-def test_add_key_reads_the_key_from_stdin(run, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO(KEY3 + "\n"))
-    assert run.ok("add-key", "-", "Piped") == f"Added [0] Piped ({mask_key(KEY3)}). 1 key.\n"
+def test_add_key_reads_the_key_from_stdin(run):
+    code, out, err = run("add-key", "-", "Piped", stdin=KEY3 + "\n")
+    assert (code, err) == (0, ""), err
+    assert out == f"Added [0] Piped ({mask_key(KEY3)}). 1 key.\n"
     assert run.data()["accounts"][0]["key"] == KEY3
 
 
@@ -192,9 +195,8 @@ def test_add_key_refuses_what_is_not_a_kimi_key(run, bad):
     assert run.path.read_bytes() == raw
 
 
-def test_add_key_refuses_a_bad_key_from_stdin(run, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO(NOT_KIMI + "\n"))
-    err = run.fails("add-key", "-")
+def test_add_key_refuses_a_bad_key_from_stdin(run):
+    err = run.fails("add-key", "-", stdin=NOT_KIMI + "\n")
     assert "not a Kimi API key" in err and mask_key(NOT_KIMI) in err
     assert not run.path.exists()
 
@@ -345,15 +347,12 @@ def test_list_keys_warns_when_others_can_read_the_file(run):
     assert err.count("\n") == 1
 
 
-def test_list_keys_falls_back_to_ascii(run, monkeypatch):
+def test_list_keys_falls_back_to_ascii(run):
     write(run.path, {"version": 1, "accounts": [
         account(KEY1, "Café", healthScore=80, lastUsed=NOW),
         account(KEY2, "B", rateLimitResetTime=NOW + MIN)]})
-    raw = io.BytesIO()
-    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
-    assert cli.main(["--accounts", str(run.path), "list-keys"]) == 0
-    text = raw.getvalue().decode("ascii")
-    run.seen.append(text)
+    code, text, _ = run("list-keys", encoding="ascii")  # a terminal that can't show the glyphs
+    assert code == 0
     assert "* [0] Caf?\n" in text
     assert "   Key: sk-kim...0001\n" in text
     assert "   Health: ########-- 80%\n" in text
@@ -585,20 +584,54 @@ def test_directory_in_place_of_the_file(run, args):
     assert run.path.is_dir() and list(run.path.iterdir()) == []
 
 
-@pytest.mark.skipif(
-    hasattr(os, "geteuid") and os.geteuid() == 0,
-    reason="running as root: chmod 000 does not stop root reading the file "
-    "(test_directory_in_place_of_the_file covers an unreadable path)",
-)
+@contextlib.contextmanager
+def unreadable(path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`path` can't be opened for reading while this lasts: chmod 000, or, for root
+    (whom the mode doesn't stop), every open of that one path fails as the kernel would
+    fail it for anyone else: PermissionError(EACCES)."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0)
+        try:
+            yield
+        finally:
+            os.chmod(path, 0o600)
+        return
+    target = os.path.realpath(path)
+
+    def denied(file: object) -> bool:
+        return isinstance(file, (str, bytes, os.PathLike)) and os.path.realpath(os.fsdecode(file)) == target
+
+    def refuse(file: object) -> PermissionError:
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(file))  # type: ignore[arg-type]
+
+    real_io_open, real_os_open = io.open, os.open
+
+    def io_open(file, *args, **kwargs):
+        if denied(file):
+            raise refuse(file)
+        return real_io_open(file, *args, **kwargs)
+
+    def os_open(file, *args, **kwargs):
+        if denied(file):
+            raise refuse(file)
+        return real_os_open(file, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        # pathlib's read_bytes opens through io.open; open() and os.open for any other way.
+        patch.setattr(io, "open", io_open)
+        patch.setattr(builtins, "open", io_open)
+        patch.setattr(os, "open", os_open)
+        with pytest.raises(PermissionError):
+            path.read_bytes()  # the patch really stands in for the mode
+        yield
+
+
 @pytest.mark.parametrize("args", ALL_VERBS, ids=" ".join)
-def test_unreadable_file(run, args):
+def test_unreadable_file(run, args, monkeypatch):
     raw = write(run.path, three_keys())
-    os.chmod(run.path, 0)
-    try:
+    with unreadable(run.path, monkeypatch):
         err = run.fails(*args, code=1)
-        assert err.startswith(f"kimi-rotator: error: {run.path}: "), err
-    finally:
-        os.chmod(run.path, 0o600)
+    assert err.startswith(f"kimi-rotator: error: {run.path}: Permission denied"), err
     assert run.path.read_bytes() == raw
 
 
@@ -672,13 +705,7 @@ def test_format_duration(ms, text):
 
 
 def test_python_dash_m_help():
-    result = subprocess.run(
-        [sys.executable, "-m", "rotator.cli", "--help"],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli(None, "--help")  # its own process: python -m rotator.cli
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: kimi-rotator ")
     for verb in ("add-key", "list-keys", "remove-key", "rotate", "use-key", "set-strategy",
