@@ -77,6 +77,7 @@ def test_hosts_are_normalised():
         ("kimi_max_in_flight", 0, "kimi_max_in_flight"),
         ("kimi_max_attempts", -1, "kimi_max_attempts"),
         ("kimi_max_wait", "-1", "kimi_max_wait"),
+        ("kimi_max_wait", "soon", "kimi_max_wait"),
         ("kimi_allow_remote", True, "kimi_allow_remote needs proxyauth"),
         ("kimi_client_token_file", "/nonexistent/token", "kimi_client_token_file"),
     ],

@@ -362,15 +362,23 @@ def test_added_key_serves_and_removed_key_stops_within_two_seconds(
 
 
 def test_proxy_started_without_a_file_serves_a_key_added_later(fake_kimi, accounts_path, start_proxy):
+    assert not accounts_path.exists()
     proxy = start_proxy(fake_kimi, options={"kimi_flush_interval": "1.0"})
+    started = proxy.output()
+    assert "no Kimi API keys" in started and "add-key" in started, started
     key = fake_key("firstkey")
     with new_client() as c:
         answer = send(c, proxy)
-        assert answer.status_code == 503 and "add-key" in answer.json()["error"]["message"]
+        assert answer.status_code == 503
+        body = answer.json()
+        assert body["type"] == "error"
+        assert isinstance(body["error"]["type"], str) and body["error"]["type"]
+        assert "kimi-rotator add-key" in body["error"]["message"]
+        assert fake_kimi.requests == []  # answered by the proxy itself
         assert not accounts_path.exists()  # nothing to save: no file is created
         cli_ok(accounts_path, "add-key", key, "First")
         assert poll(lambda: send(c, proxy).status_code == 200, 2.0, interval=0.05), proxy.output()
-    assert fake_kimi.keys_seen()[-1] == key
+    assert fake_kimi.keys_seen() == [key]
     assert caught_up(accounts_path, fake_kimi, [key])
     proxy.stop()
     assert file_counts(accounts_path) == fake_counts(fake_kimi, [key])

@@ -404,13 +404,17 @@ def test_saved_dump_lists_every_attempt_without_keys(
     with client() as c:
         r = send(c, proxy)
     assert r.status_code == 200, r.text
+    assert [s.key for s in fake_kimi.message_requests()] == keys
     assert proxy.stop() == 0, proxy.output()
 
     raw, flows = saved_flows(dump)
     for key in keys:
         assert key.encode() not in raw
-    originals = [f for f in flows if "attempts" in f.metadata.get("kimi_rotator", {})
-                 and "retry_of" not in f.metadata["kimi_rotator"]]
+    # Every saved flow is the addon's, and each shows a masked key.
+    assert all("kimi_rotator" in f.metadata for f in flows), [f.metadata for f in flows]
+    for f in flows:
+        assert f.request.headers["x-api-key"] in {mask_key(k) for k in keys}
+    originals = [f for f in flows if "retry_of" not in f.metadata["kimi_rotator"]]
     assert len(originals) == 1, [f.metadata for f in flows]
     original = originals[0]
     expected = [(0, "rate_limited"), (1, "concurrency_limit"), (2, "success")]
@@ -420,6 +424,9 @@ def test_saved_dump_lists_every_attempt_without_keys(
         assert attempt["account"] == f"Account {index}"
         assert attempt["key"] == mask_key(keys[index])
     assert original.response.status_code == 200
+    # The client's flow shows the key that answered, in its header and its comment.
+    assert original.request.headers["x-api-key"] == mask_key(keys[2])
+    assert "success" in original.comment and mask_key(keys[2]) in original.comment
 
     replays = [f for f in flows if f.metadata.get("kimi_rotator", {}).get("retry_of") == original.id]
     assert len(replays) == 2, [f.metadata for f in flows]

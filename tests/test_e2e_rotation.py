@@ -11,11 +11,8 @@ client got for the failed request.
 from __future__ import annotations
 
 import json
-import os
 import re
 import ssl
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,9 +23,8 @@ import httpx
 import pytest
 
 from rotator.keys import mask_key
-from tests.conftest import fake_key
 from tests.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
-from tests.harness import REPO_ROOT, Proxy, accounts_on_disk, poll, saved_flows
+from tests.harness import Proxy, accounts_on_disk, poll, saved_flows
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 PLACEHOLDER = "sk-kimi-placeholder"
@@ -115,12 +111,6 @@ def read_events(lines: Iterator[str], limit: int | None = None) -> list[tuple[st
             if limit is not None and len(events) >= limit:
                 break
     return events
-
-
-def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "KIMI_ROTATOR_ACCOUNTS"}
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
 
 
 def now_ms() -> int:
@@ -314,93 +304,21 @@ def test_a_client_hanging_up_does_not_hurt_the_key(fake_kimi, keys, write_accoun
     assert account["successfulRequests"] == 1
 
 
-# -- 6. other hosts pass untouched ------------------------------------------------------
+# -- 6. other hosts pass untouched: tests/test_security.py
+#    test_other_hosts_and_lookalikes_get_no_key_pass_unchanged_and_are_not_counted
+# -- 8. no keys, then a key added with the CLI: tests/test_durability.py
+#    test_proxy_started_without_a_file_serves_a_key_added_later
 
 
-def test_other_hosts_keep_the_clients_headers_and_are_not_counted(
-    fake_kimi, keys, write_accounts, start_proxy, accounts_path
-):
-    write_accounts(keys, "round-robin")
-    proxy = start_proxy(fake_kimi, "regular")
-    own = "sk-kimi-clientown" + "0" * 23
-    own_bearer = "sk-kimi-clientbearer" + "1" * 20
-    with client(proxy, "regular") as c:
-        passed = [
-            send(c, "http://other.example", own),
-            send(c, "http://other.example", own_bearer, bearer=True),
-            # A name that merely starts with a Kimi host is another host.
-            send(c, "http://api.kimi.com.evil.test", own),
-        ]
-        kimi = send(c, "http://api.kimi.com")  # a counted request, to know a flush happened
-    assert [r.status_code for r in passed + [kimi]] == [200] * 4, proxy.output()
-
-    seen = fake_kimi.message_requests()
-    assert [s.key for s in seen] == [own, own_bearer, own, keys[0]]
-    for answer, s in zip(passed, seen):
-        sent = [(k.lower(), v) for k, v in answer.request.headers.multi_items()]
-        assert sorted((k.lower(), v) for k, v in s.raw_headers) == sorted(sent)
-    assert "authorization" not in seen[0].headers
-    assert "x-api-key" not in seen[1].headers
-
-    # The Kimi request came last: once its success is saved, anything the addon had
-    # counted for the earlier pass-through flows is saved too.
-    assert poll(
-        lambda: sum(a["successfulRequests"] for a in accounts_on_disk(accounts_path)) > 0, FILE_DEADLINE_S
-    )
-    assert file_counts(accounts_path, keys) == {keys[0]: (1, 1), keys[1]: (0, 0), keys[2]: (0, 0)}
-    on_disk = accounts_path.read_text()
-    assert own not in on_disk and own_bearer not in on_disk
+# -- 9. a bad option value stops the proxy with a clear message -------------------------------
+# Every bad value is checked in-process (tests/test_addon.py
+# test_bad_options_stop_the_proxy_with_a_message); this is the one real mitmdump start.
 
 
-# -- 8. no keys: a clear error, and keys added later are picked up --------------------------
-
-
-def test_no_keys_then_a_key_added_with_the_cli(fake_kimi, start_proxy, accounts_path):
-    assert not accounts_path.exists()
-    proxy = start_proxy(fake_kimi)
-    out = proxy.output()
-    assert "no Kimi API keys" in out and "add-key" in out, out
-
-    with client(proxy, "reverse") as c:
-        r = send(c, proxy.url)
-        assert r.status_code == 503
-        body = r.json()
-        assert body["type"] == "error"
-        assert isinstance(body["error"]["type"], str) and body["error"]["type"]
-        assert "kimi-rotator add-key" in body["error"]["message"]
-        assert fake_kimi.requests == []
-
-        new_key = fake_key("added")
-        cli = subprocess.run(
-            [sys.executable, "-m", "rotator.cli", "--accounts", str(accounts_path), "add-key", new_key, "Later"],
-            cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=30,
-        )
-        assert cli.returncode == 0, cli.stderr
-        deadline = time.monotonic() + FILE_DEADLINE_S
-        while True:
-            r = send(c, proxy.url)
-            if r.status_code != 503 or time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
-    assert r.status_code == 200, (r.text, proxy.output())
-    assert fake_kimi.keys_seen() == [new_key]
-
-
-# -- 9. bad option values stop the proxy with a clear message -------------------------------
-
-
-@pytest.mark.parametrize(
-    ("options", "name"),
-    [
-        ({"kimi_flush_interval": "0"}, "kimi_flush_interval"),
-        ({"kimi_hosts": "https://api.kimi.com/x"}, "kimi_hosts"),
-        ({"kimi_max_attempts": "-1"}, "kimi_max_attempts"),
-        ({"kimi_max_wait": "soon"}, "kimi_max_wait"),
-    ],
-)
-def test_bad_option_value_stops_the_proxy(options, name, fake_kimi, start_proxy):
+def test_bad_option_value_stops_the_proxy(fake_kimi, start_proxy):
+    name = "kimi_max_wait"
     with pytest.raises(RuntimeError) as failed:
-        start_proxy(fake_kimi, options=options)
+        start_proxy(fake_kimi, options={name: "soon"})
     report = str(failed.value)
     code = re.search(r"\(exit code (-?\d+)\)", report)
     assert code and int(code.group(1)) > 0, report  # exited by itself, was not killed
@@ -445,32 +363,5 @@ def test_saved_flows_name_account_masked_key_and_outcome(
         assert flow.request.headers["x-api-key"] == mask_key(keys[index])
 
 
-def test_saved_flows_of_a_retried_request_list_every_attempt(
-    fake_kimi, keys, write_accounts, start_proxy, tmp_path
-):
-    write_accounts(keys, "round-robin")
-    status, body = kimi_error("too_many_requests")
-    fake_kimi.set_response(keys[0], status, body, times=1)
-    dump = tmp_path / "flows.mitm"
-    proxy = start_proxy(fake_kimi, extra_args=("-w", str(dump)))  # retry on: the default
-    with client(proxy, "reverse") as c:
-        r = send(c, proxy.url)
-    assert r.status_code == 200, proxy.output()
-    assert fake_kimi.keys_seen() == [keys[0], keys[1]]
-    assert proxy.stop() == 0, proxy.output()
-
-    raw, flows = saved_flows(dump)
-    for key in keys:
-        assert key.encode() not in raw
-    client_flows = [f for f in flows if "retry_of" not in f.metadata["kimi_rotator"]]
-    assert len(client_flows) == 1
-    flow = client_flows[0]
-    attempts = flow.metadata["kimi_rotator"]["attempts"]
-    assert [(a["account"], a["key"], a["outcome"]) for a in attempts] == [
-        ("Account 0", mask_key(keys[0]), "rate_limited"),
-        ("Account 1", mask_key(keys[1]), "success"),
-    ]
-    assert "success" in flow.comment and mask_key(keys[1]) in flow.comment
-    assert flow.request.headers["x-api-key"] == mask_key(keys[1])  # the key that answered
-    for f in flows:
-        assert f.request.headers["x-api-key"] in {mask_key(k) for k in keys}
+# A retried request in a saved dump: tests/test_e2e_failures.py
+# test_saved_dump_lists_every_attempt_without_keys.

@@ -38,7 +38,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from rotator.keys import mask_key
 from rotator.proxy.addon import KimiRotator
 from tests.fake_kimi import FakeKimi
-from tests.harness import REPO_ROOT
+from tests.harness import REPO_ROOT, counts_on_disk, poll
 
 PLACEHOLDER = "sk-kimi-placeholder-from-the-client"
 TOKEN = "client-token-7f3a9c"
@@ -143,34 +143,52 @@ def open_tunnel(port: int, target: str) -> socket.socket:
 # ------------------------------------------------------- 1. host matching, regular mode
 
 
-def test_lookalike_hosts_get_no_key_and_pass_through_unchanged(
-    fake_kimi: FakeKimi, keys: list[str], write_accounts, start_proxy, more_fakes
+def test_other_hosts_and_lookalikes_get_no_key_pass_unchanged_and_are_not_counted(
+    fake_kimi: FakeKimi, keys: list[str], write_accounts, start_proxy, more_fakes, accounts_path
 ) -> None:
-    write_accounts(keys)
-    lookalikes = {host: more_fakes() for host in LOOKALIKES}
-    proxy = start_proxy(fake_kimi, mode="regular", options={"loopback_dns_map": dns_map(lookalikes)})
+    """On the wire, through a real proxy: what tests/test_addon.py
+    test_other_hosts_are_left_alone decides in-process for the same names."""
+    write_accounts(keys, "round-robin")
+    others = {host: more_fakes() for host in ("other.example", *LOOKALIKES)}
+    proxy = start_proxy(fake_kimi, mode="regular", options={"loopback_dns_map": dns_map(others)})
+    own = "sk-kimi-clientown" + "0" * 23
+    own_bearer = "sk-kimi-clientbearer" + "1" * 20
+    sends = [("other.example", {"x-api-key": own}),
+             ("other.example", {"Authorization": f"Bearer {own_bearer}"}),
+             # A name that merely looks like (or starts with) a Kimi host is another host.
+             *((host, {"x-api-key": own}) for host in LOOKALIKES)]
     body = message_body()
     with httpx.Client(proxy=proxy.url, timeout=10, trust_env=False) as client:
-        for host, fake in lookalikes.items():
+        for host, auth in sends:
+            fake = others[host]
             r = client.post(f"http://{host}{MESSAGES}?q=1", content=body, headers={
-                "x-api-key": PLACEHOLDER, "content-type": "application/json",
-                "anthropic-version": "2023-06-01", "x-custom": "Keep Me",
+                **auth, "content-type": "application/json", "anthropic-version": "2023-06-01",
+                "User-Agent": "claude-cli/2.0.14 (external, cli)", "X-Msh-Platform": "kimi_cli",
+                "x-custom": "Keep Me",
             })
             assert r.status_code == 200, (host, r.text)
-            assert len(fake.requests) == 1, host
-            seen = fake.requests[0]
-            assert seen.key == PLACEHOLDER, f"{host} got {seen.key!r}"
-            assert (seen.method, seen.path, seen.body) == ("POST", f"{MESSAGES}?q=1", body)
+            seen = fake.requests[-1]
+            assert r.headers.get("x-fake-kimi-request") == str(seen.number) == str(len(fake.requests))
+            assert seen.key == (own_bearer if "Authorization" in auth else own), f"{host} got {seen.key!r}"
+            assert (seen.method, seen.path, seen.body, seen.host) == ("POST", f"{MESSAGES}?q=1", body, host)
             sent = [(k.decode(), v.decode()) for k, v in r.request.headers.raw]
             assert end_to_end_headers(seen.raw_headers) == end_to_end_headers(sent), host
-            assert r.headers.get("x-fake-kimi-request") == "1"
-        # Control: the real host, through the same proxy, does get a pool key.
+            assert sorted((k.lower(), v) for k, v in seen.raw_headers) == sorted(
+                (k.lower(), v) for k, v in sent), host
+            assert ("authorization" if "x-api-key" in auth else "x-api-key") not in seen.headers, host
+        # Control: the real host, through the same proxy, does get a pool key; it comes
+        # last, so once its success is saved anything counted for the others is too.
         r = client.post(f"http://api.kimi.com{MESSAGES}", content=body,
                         headers={"x-api-key": PLACEHOLDER, "content-type": "application/json"})
         assert r.status_code == 200, r.text
-    assert fake_kimi.keys_seen() and set(fake_kimi.keys_seen()) <= set(keys)
-    for host, fake in lookalikes.items():
+    assert [len(fake.requests) for fake in others.values()] == [2] + [1] * len(LOOKALIKES)
+    assert fake_kimi.keys_seen() == [keys[0]]
+    for host, fake in others.items():
         assert_no_pool_key_seen(fake, keys, host)
+    assert poll(lambda: sum(ok for _, ok in counts_on_disk(accounts_path).values()) > 0, 5), proxy.output()
+    assert counts_on_disk(accounts_path) == {keys[0]: (1, 1), keys[1]: (0, 0), keys[2]: (0, 0)}
+    on_disk = accounts_path.read_text()
+    assert own not in on_disk and own_bearer not in on_disk
 
 
 def test_spoofed_host_header_gets_no_key_and_the_destination_decides(
