@@ -10,21 +10,17 @@ client got for the failed request.
 
 from __future__ import annotations
 
-import json
 import re
 import ssl
 import time
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from rotator.keys import mask_key
 from tests.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
-from tests.harness import Proxy, accounts_on_disk, poll, saved_flows
+from tests.harness import Proxy, accounts_on_disk, counts_on_disk, counts_seen, poll, saved_flows, sse_events
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 PLACEHOLDER = "sk-kimi-placeholder"
@@ -76,41 +72,8 @@ def send(c: httpx.Client, base: str, key: str | None = PLACEHOLDER, *, bearer: b
     return c.post(base + MESSAGES_PATH, json=body, headers=sent)
 
 
-
-
 def counts_match(path: Path, fake: FakeKimi, keys: list[str]) -> bool:
-    expected = expected_counts(fake, keys)
-    return file_counts(path, keys) == expected
-
-
-def file_counts(path: Path, keys: list[str]) -> dict[str, tuple[int, int]]:
-    by_key = {a["key"]: a for a in accounts_on_disk(path)}
-    return {
-        k: (by_key[k].get("totalRequests", 0), by_key[k].get("successfulRequests", 0))
-        for k in keys
-        if k in by_key
-    }
-
-
-def expected_counts(fake: FakeKimi, keys: list[str]) -> dict[str, tuple[int, int]]:
-    """(requests, 2xx answers) per key, as the fake server logged them."""
-    total = fake.count_by_key()
-    ok = Counter(r.key for r in fake.requests if r.status is not None and 200 <= r.status < 300)
-    return {k: (total.get(k, 0), ok.get(k, 0)) for k in keys}
-
-
-def read_events(lines: Iterator[str], limit: int | None = None) -> list[tuple[str, dict]]:
-    """SSE events from `lines` (stops after `limit` events)."""
-    events: list[tuple[str, dict]] = []
-    name = None
-    for line in lines:
-        if line.startswith("event: "):
-            name = line[len("event: "):]
-        elif line.startswith("data: "):
-            events.append((name, json.loads(line[len("data: "):])))
-            if limit is not None and len(events) >= limit:
-                break
-    return events
+    return counts_on_disk(path, keys) == counts_seen(fake, keys)
 
 
 def now_ms() -> int:
@@ -218,11 +181,11 @@ def test_counts_reach_the_file_while_running(fake_kimi, keys, write_accounts, st
     with client(proxy, "reverse") as c:
         statuses = [send(c, proxy.url).status_code for _ in range(7)]
     assert statuses == [200, 200, 500, 200, 200, 200, 200], proxy.output()
-    expected = expected_counts(fake_kimi, keys)
+    expected = counts_seen(fake_kimi, keys)
     assert expected == {keys[0]: (3, 3), keys[1]: (2, 2), keys[2]: (2, 1)}
 
     assert poll(lambda: counts_match(accounts_path, fake_kimi, keys), FILE_DEADLINE_S), (
-        file_counts(accounts_path, keys), expected)
+        counts_on_disk(accounts_path, keys), expected)
     assert proxy.returncode is None  # saved by the running proxy, not by a shutdown
 
 
@@ -235,11 +198,11 @@ def test_counts_are_saved_on_stop(fake_kimi, keys, write_accounts, start_proxy, 
         for _ in range(5):
             send(c, proxy.url)
     assert fake_kimi.count_by_key() == {keys[0]: 2, keys[1]: 2, keys[2]: 1}
-    assert file_counts(accounts_path, keys) == {k: (0, 0) for k in keys}
+    assert counts_on_disk(accounts_path, keys) == {k: (0, 0) for k in keys}
 
     assert proxy.stop() == 0, proxy.output()
-    assert file_counts(accounts_path, keys) == expected_counts(fake_kimi, keys)
-    assert file_counts(accounts_path, keys)[keys[1]] == (2, 1)
+    assert counts_on_disk(accounts_path, keys) == counts_seen(fake_kimi, keys)
+    assert counts_on_disk(accounts_path, keys)[keys[1]] == (2, 1)
 
 
 # -- 5. SSE events reach the client one by one ------------------------------------------
@@ -259,12 +222,12 @@ def test_sse_events_reach_the_client_one_by_one(
         assert r.status_code == 200, proxy.output()
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = r.iter_lines()
-        first = read_events(lines, limit=1)
+        first = sse_events(lines, limit=1)
         # The first event arrived while the server was still holding the rest (had the
         # proxy buffered it, it would only come once the gate timed out).
         held = gate.wait_reached(5) and not gate.timed_out
         gate.set()
-        rest = read_events(lines)
+        rest = sse_events(lines)
     assert [name for name, _ in first] == ["message_start"]
     assert held, "the first event only arrived after the server released the stream"
     events = first + rest
@@ -273,7 +236,7 @@ def test_sse_events_reach_the_client_one_by_one(
     assert text == "hello from fake kimi #1"
     assert fake_kimi.keys_seen() == [keys[0]]
     # A streamed success is counted like any other.
-    assert poll(lambda: file_counts(accounts_path, keys[:1]) == {keys[0]: (1, 1)}, FILE_DEADLINE_S)
+    assert poll(lambda: counts_on_disk(accounts_path, keys[:1]) == {keys[0]: (1, 1)}, FILE_DEADLINE_S)
 
 
 def test_a_client_hanging_up_does_not_hurt_the_key(fake_kimi, keys, write_accounts, start_proxy, accounts_path):
@@ -284,7 +247,7 @@ def test_a_client_hanging_up_does_not_hurt_the_key(fake_kimi, keys, write_accoun
     with client(proxy, "reverse") as c:
         with c.stream("POST", proxy.url + MESSAGES_PATH, json={**MSG, "stream": True},
                       headers={"x-api-key": PLACEHOLDER}) as r:
-            assert read_events(r.iter_lines(), limit=1)[0][0] == "message_start"
+            assert sse_events(r.iter_lines(), limit=1)[0][0] == "message_start"
         # Leaving the block closes the connection while the server still holds the stream.
         slow = {**MSG, "stream": True}
         fake_kimi.set_default(delay=3.0)
@@ -292,16 +255,12 @@ def test_a_client_hanging_up_does_not_hurt_the_key(fake_kimi, keys, write_accoun
             c.post(proxy.url + MESSAGES_PATH, json=slow, headers={"x-api-key": PLACEHOLDER}, timeout=0.3)
     gate.set()
 
-    def settled() -> dict[str, Any] | None:
-        account = accounts_on_disk(accounts_path)[0]
-        return account if account["totalRequests"] == 2 else None
-
-    account = poll(settled, 6)
-    assert account, proxy.output()
+    assert poll(lambda: counts_on_disk(accounts_path)[keys[0]][0] == 2, 6), proxy.output()
+    account = accounts_on_disk(accounts_path)[0]
     assert account["healthScore"] == 100 and account["consecutiveFailures"] == 0
     # The stream that had begun counts as a success; the request abandoned before any
     # answer is neither a success nor a failure.
-    assert account["successfulRequests"] == 1
+    assert counts_on_disk(accounts_path)[keys[0]] == (2, 1)
 
 
 # -- 6. other hosts pass untouched: tests/test_security.py
@@ -343,7 +302,7 @@ def test_saved_flows_name_account_masked_key_and_outcome(
             send(c, proxy.url)  # key 0 ok, key 1 rate limited, key 2 ok
         with c.stream("POST", proxy.url + MESSAGES_PATH, json={**MSG, "stream": True},
                       headers={"x-api-key": PLACEHOLDER}) as r:
-            assert len(read_events(r.iter_lines())) == len(STREAM_EVENTS)  # key 0 again
+            assert len(sse_events(r.iter_lines())) == len(STREAM_EVENTS)  # key 0 again
     assert fake_kimi.keys_seen() == [keys[0], keys[1], keys[2], keys[0]]
     assert proxy.stop() == 0, proxy.output()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import signal
 import ssl
 import threading
@@ -19,7 +18,7 @@ from tests.fake_kimi import (
     kimi_error,
     mid_stream_error_events,
 )
-from tests.harness import LOOPBACK_DNS, start_fake_kimi_process, start_mitmdump
+from tests.harness import LOOPBACK_DNS, poll, sse_events, start_fake_kimi_process, start_mitmdump
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16,
        "messages": [{"role": "user", "content": "hi"}]}
@@ -45,16 +44,6 @@ def post(client: httpx.Client, url: str, key: str | None = "sk-kimi-a", *,
         headers["Authorization" if bearer else "x-api-key"] = (
             f"Bearer {key}" if bearer else key)
     return client.post(url + MESSAGES_PATH, json=body, headers=headers, **kw)
-
-
-def read_events(lines) -> list[tuple[str, dict]]:
-    events, name = [], None
-    for line in lines:
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            events.append((name, json.loads(line[6:])))
-    return events
 
 
 # --------------------------------------------------------------------------
@@ -137,10 +126,10 @@ def test_sse_events_arrive_one_by_one(kimi, client):
     # exactly the first event (its "event:", "data:" and blank line) came early
     assert [line.split(":")[0] for line in before] == ["event", "data", ""]
     assert before[0] == "event: message_start"
-    events = read_events(line for _, line in arrivals)
+    events = sse_events(line for _, line in arrivals)
     names = [n for n, _ in events]
     assert names[0] == "message_start" and events[0][1]["message"]["content"] == []
-    assert read_events(after)[0][0] == "content_block_start"
+    assert sse_events(after)[0][0] == "content_block_start"
     assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     deltas = [d for n, d in events if n == "content_block_delta"]
     assert len(deltas) >= 3
@@ -155,11 +144,11 @@ def test_sse_close_framing_and_mid_stream_error(client):
                            headers={"x-api-key": "a"}) as r:
             assert r.headers.get("connection") == "close"
             assert "transfer-encoding" not in r.headers
-            names = [n for n, _ in read_events(r.iter_lines())]
+            names = [n for n, _ in sse_events(r.iter_lines())]
         assert names[0] == "message_start" and names[-1] == "message_stop"
         k.set_response("a", 200, sse_events=mid_stream_error_events(), times=1)
         r = post(client, k.url, "a", body={**MSG, "stream": True})
-        events = read_events(r.text.splitlines())
+        events = sse_events(r.text.splitlines())
         assert r.status_code == 200
         assert [n for n, _ in events][:3] == ["message_start", "content_block_start",
                                               "content_block_delta"]
@@ -262,8 +251,7 @@ def test_in_flight_tracking_and_stop(client):
     threads = [threading.Thread(target=post, args=(client, k.url, "a")) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.15)
-    assert k.in_flight_by_key() == {"a": 3}
+    assert poll(lambda: k.in_flight_by_key() == {"a": 3}, 1.0), k.in_flight_by_key()  # each held 0.3 s
     for t in threads:
         t.join()
     assert k.max_in_flight_by_key() == {"a": 3} and k.in_flight_by_key() == {}

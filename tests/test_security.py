@@ -14,17 +14,12 @@ Nothing leaves 127.0.0.1: upstreams are FakeKimi servers; 192.0.2.7 and 2001:db8
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
-import os
 import socket
 import ssl
 import stat
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +33,8 @@ from mitmproxy.test import taddons, tflow, tutils
 from rotator.keys import mask_key
 from rotator.proxy.addon import KimiRotator
 from tests.fake_kimi import FakeKimi
-from tests.harness import REPO_ROOT, counts_on_disk, poll
+from tests.harness import counts_on_disk, poll, run_cli, sse_events
+from tests.hooks import call_hook
 
 PLACEHOLDER = "sk-kimi-placeholder-from-the-client"
 TOKEN = "client-token-7f3a9c"
@@ -255,15 +251,6 @@ def test_https_connect_matches_the_tunnel_destination_not_host_or_sni(
 # ------------------------------------------------- 2. local clients only (in-process)
 
 
-async def call_hook(addon: Any, name: str, flow: Any) -> None:
-    hook = getattr(addon, name, None)
-    if hook is None:
-        return
-    result = hook(flow) if flow is not None else hook()
-    if inspect.isawaitable(result):
-        await result
-
-
 def kimi_flow(peer: tuple[Any, ...], key: str | None = PLACEHOLDER, host: str = "api.kimi.com"):
     flow = tflow.tflow()
     flow.request.scheme = "https"
@@ -461,7 +448,7 @@ def test_no_pool_key_in_flow_dump_har_or_console(
         with client.stream("POST", base + MESSAGES, content=message_body(stream=True),
                            headers={"x-api-key": PLACEHOLDER}) as sse:
             assert sse.headers["content-type"].startswith("text/event-stream")
-            assert b"message_stop" in sse.read()
+            assert [name for name, _ in sse_events(sse.read())][-1] == "message_stop"
         statuses.append(client.get(base + "/coding/v1/models", headers={"x-api-key": PLACEHOLDER}).status_code)
         # A Kimi host whose upstream refuses the connection: the error hook path.
         dead = client.post(f"http://dead.kimi.test{MESSAGES}", content=message_body(),
@@ -507,10 +494,8 @@ def test_no_pool_key_in_dump_of_flow_in_flight_at_shutdown(
 
     thread = threading.Thread(target=client, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 5
-    while not fake_kimi.requests and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert fake_kimi.requests and fake_kimi.requests[0].key in keys
+    assert poll(lambda: fake_kimi.requests, 5, interval=0.01)  # in flight now: the fake holds it 3 s
+    assert fake_kimi.requests[0].key in keys
     proxy.stop()
     thread.join(10)
     assert dump.exists() and dump.stat().st_size > 0, "the in-flight flow was not saved at all"
@@ -539,28 +524,12 @@ def test_accounts_file_stays_0600_after_the_proxy_writes(
     r = httpx.post(proxy.url + MESSAGES, content=message_body(), headers={"x-api-key": PLACEHOLDER},
                    timeout=10, trust_env=False)
     assert r.status_code == 200
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if any(a.get("totalRequests") for a in json.loads(path.read_text())["accounts"]):
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("the proxy did not flush its counts within 5 s")
+    assert poll(lambda: any(total for total, _ in counts_on_disk(path).values()), 5), (
+        "the proxy did not flush its counts within 5 s")
     assert_private(path, "after the proxy's flush")
     assert proxy.stop() == 0
     assert_private(path, "after the proxy's final save")
     assert_no_pool_key(proxy.output(), keys, "mitmdump output")
-
-
-def run_cli(path: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "KIMI_ROTATOR_ACCOUNTS"}
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONIOENCODING"] = "utf-8"
-    return subprocess.run(
-        [sys.executable, "-m", "rotator.cli", "--accounts", str(path), *args],
-        input=stdin, capture_output=True, text=True, encoding="utf-8", cwd=REPO_ROOT,
-        env=env, timeout=30,
-    )
 
 
 def test_cli_output_never_holds_a_key_and_the_file_stays_private(keys, tmp_path: Path) -> None:
