@@ -18,8 +18,6 @@ import os
 import random
 import signal
 import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,13 +34,14 @@ from rotator import policy
 from rotator.models import Account, AccountsFile
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
-from tests.conftest import fake_key
+from tests.conftest import FLUSH_INTERVAL_S, fake_key
 from tests.fake_kimi import MESSAGES_PATH, FakeKimi
-from tests.harness import REPO_ROOT, Proxy, poll
+from tests.harness import Proxy, counts_on_disk, counts_seen, poll, run_cli
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"x-api-key": "sk-kimi-placeholder", "User-Agent": "claude-cli/2.0.14 (external, cli)"}
 PROBLEM_LOG = "cannot read the accounts file"
+WATCHED_SAVES = 5  # save intervals watched after the proxy reported a bad file
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -108,40 +107,16 @@ class Load:
         return self.statuses
 
 
-def file_counts(path: Path) -> dict[str, tuple[int, int]]:
-    """(totalRequests, successfulRequests) per key, as the file has them now."""
-    data = json.loads(path.read_bytes())
-    return {a["key"]: (a.get("totalRequests", 0), a.get("successfulRequests", 0))
-            for a in data["accounts"]}
-
-
-def fake_counts(fake: FakeKimi, keys: list[str]) -> dict[str, tuple[int, int]]:
-    """What the file should say for `keys`: the fake answered every request 200."""
-    seen = fake.count_by_key()
-    return {k: (seen.get(k, 0), seen.get(k, 0)) for k in keys}
-
-
-
 def caught_up(path: Path, fake: FakeKimi, keys: list[str], timeout: float = 3.0) -> bool:
     """Wait until the file's counts for `keys` equal the fake's: the periodic saves have
     caught up. Done before stopping a proxy wherever the final save is not what the test
     is about, so a save still pending at SIGINT can't decide the outcome (see
     test_stopping_while_a_save_waits_for_its_thread_loses_nothing)."""
-    return bool(poll(lambda: file_counts(path) == fake_counts(fake, keys), timeout))
-
-
-def cli(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m rotator.cli --accounts PATH ARGS...` as a separate process."""
-    env = {k: v for k, v in os.environ.items() if k != storage.ACCOUNTS_ENV}
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.run(
-        [sys.executable, "-m", "rotator.cli", "--accounts", str(path), *args],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60,
-    )
+    return bool(poll(lambda: counts_on_disk(path) == counts_seen(fake, keys), timeout))
 
 
 def cli_ok(path: Path, *args: str) -> str:
-    done = cli(path, *args)
+    done = run_cli(path, *args)
     assert done.returncode == 0, (args, done.stdout, done.stderr)
     return done.stdout
 
@@ -282,17 +257,17 @@ def test_cli_changes_under_load_lose_no_key_and_no_count(fake_kimi, keys, accoun
     statuses = load.join()
     kept_keys = keys + kept
     assert caught_up(accounts_path, fake_kimi, kept_keys), (
-        file_counts(accounts_path), fake_counts(fake_kimi, kept_keys))
+        counts_on_disk(accounts_path), counts_seen(fake_kimi, kept_keys))
     proxy.stop()
 
     assert statuses and set(statuses) == {200}, (sorted(set(map(str, statuses))), proxy.output()[-3000:])
     assert len(statuses) >= 200, len(statuses)
-    on_disk = file_counts(accounts_path)
+    on_disk = counts_on_disk(accounts_path)
     assert [a.key for a in storage.read_accounts(accounts_path).accounts] == keys + kept
     assert not set(removed) & set(on_disk)
     # Keys still in the file carry exactly the traffic the fake saw for them (removed
     # keys took their counts with them).
-    assert on_disk == fake_counts(fake_kimi, keys + kept)
+    assert on_disk == counts_seen(fake_kimi, keys + kept)
     assert all(on_disk[k][0] > 0 for k in keys)
     # The proxy really did use keys the CLI added while it ran.
     assert set(fake_kimi.count_by_key()) & set(temp), "no added key was ever used"
@@ -310,14 +285,14 @@ def test_two_proxies_on_one_file_add_up_exactly(fake_kimi, keys, accounts_path, 
     load = Load([first, second], threads=8, total=400).start()
     statuses = load.join()
     # Counts are already merged while both run, before any final save.
-    assert caught_up(accounts_path, fake_kimi, keys, 5), (file_counts(accounts_path), fake_counts(fake_kimi, keys))
+    assert caught_up(accounts_path, fake_kimi, keys, 5), (counts_on_disk(accounts_path), counts_seen(fake_kimi, keys))
     first.stop()
     second.stop()
 
     assert set(statuses) == {200} and len(statuses) == 400, sorted(set(map(str, statuses)))
     assert len(load.by_proxy) == 2 and min(load.by_proxy.values()) >= 80, load.by_proxy
     assert sum(fake_kimi.count_by_key().values()) == 400
-    assert file_counts(accounts_path) == fake_counts(fake_kimi, keys)
+    assert counts_on_disk(accounts_path) == counts_seen(fake_kimi, keys)
 
 
 # -- 4. hot reload -----------------------------------------------------------------------
@@ -381,7 +356,7 @@ def test_proxy_started_without_a_file_serves_a_key_added_later(fake_kimi, accoun
     assert fake_kimi.keys_seen() == [key]
     assert caught_up(accounts_path, fake_kimi, [key])
     proxy.stop()
-    assert file_counts(accounts_path) == fake_counts(fake_kimi, [key])
+    assert counts_on_disk(accounts_path) == counts_seen(fake_kimi, [key])
 
 
 class _WriteRightAfterUnlock:
@@ -465,7 +440,7 @@ def test_cli_refuses_a_bad_file_in_one_line_and_leaves_it_alone(kind, keys, acco
     break_file(accounts_path, kind)
     before = snapshot(accounts_path)
     for args in (["list-keys"], ["add-key", fake_key("cli-bad"), "New"], ["remove-key", "0"], ["use-key", "1"]):
-        done = cli(accounts_path, *args)
+        done = run_cli(accounts_path, *args)
         assert done.returncode == 1, (args, done)
         lines = done.stderr.splitlines()
         assert len(lines) == 1, (args, done.stderr)
@@ -483,23 +458,25 @@ def test_running_proxy_survives_a_bad_file_and_merges_once_it_is_fixed(
     proxy = start_proxy(fake_kimi)  # flushes every 0.2 s
     with new_client() as c:
         assert all(send(c, proxy).status_code == 200 for _ in range(9))
-        assert poll(lambda: file_counts(accounts_path) == fake_counts(fake_kimi, keys), 3)
+        assert poll(lambda: counts_on_disk(accounts_path) == counts_seen(fake_kimi, keys), 3)
 
         good = break_file(accounts_path, kind)
         broken = snapshot(accounts_path)
         before_break = len(fake_kimi.keys_seen())
         # Requests keep flowing over many flush intervals; the file is left as it is.
-        served = 0
-        end = time.monotonic() + 1.5
-        while time.monotonic() < end:
+        # The proxy says so at its first save that fails, and only then: requests go on
+        # for WATCHED_SAVES more of its save intervals after that line.
+        served, logged_at = 0, None
+        give_up = time.monotonic() + 10
+        while logged_at is None or served < 20 or time.monotonic() - logged_at < WATCHED_SAVES * FLUSH_INTERVAL_S:
+            assert time.monotonic() < give_up, (served, logged_at, proxy.output())
             assert send(c, proxy).status_code == 200
             served += 1
             assert snapshot(accounts_path) == broken
+            if logged_at is None and PROBLEM_LOG in proxy.output():
+                logged_at = time.monotonic()
             time.sleep(0.02)
-        assert served >= 20
         assert set(fake_kimi.keys_seen()[before_break:]) == set(keys)  # the last good pool
-        assert poll(lambda: PROBLEM_LOG in proxy.output(), 2), proxy.output()
-        time.sleep(0.5)  # a few more flush intervals
         out = proxy.output()
         assert out.count(PROBLEM_LOG) == 1, out
         line = next(line for line in out.splitlines() if PROBLEM_LOG in line)
@@ -509,14 +486,14 @@ def test_running_proxy_survives_a_bad_file_and_merges_once_it_is_fixed(
 
         # Fixed by putting the last good file back: what was served meanwhile is merged.
         restore_file(accounts_path, good)
-        assert poll(lambda: file_counts(accounts_path) == fake_counts(fake_kimi, keys), 3), (
-            file_counts(accounts_path), fake_counts(fake_kimi, keys), proxy.output())
+        assert poll(lambda: counts_on_disk(accounts_path) == counts_seen(fake_kimi, keys), 3), (
+            counts_on_disk(accounts_path), counts_seen(fake_kimi, keys), proxy.output())
         assert poll(lambda: "readable again" in proxy.output(), 2), proxy.output()
         assert all(send(c, proxy).status_code == 200 for _ in range(3))
     assert caught_up(accounts_path, fake_kimi, keys)
     proxy.stop()
     assert proxy.output().count(PROBLEM_LOG) == 1
-    assert file_counts(accounts_path) == fake_counts(fake_kimi, keys)
+    assert counts_on_disk(accounts_path) == counts_seen(fake_kimi, keys)
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
@@ -535,7 +512,9 @@ def test_proxy_started_on_a_bad_file_explains_it_to_clients(
         assert str(accounts_path) in body["error"]["message"]
         assert EXPECTED_PROBLEM[kind] in body["error"]["message"]
         assert fake_kimi.keys_seen() == []
-        time.sleep(0.6)  # three flush intervals
+        # Nothing to wait for: over three of the proxy's own save intervals, nothing
+        # may happen (no second log line, no write).
+        time.sleep(3 * FLUSH_INTERVAL_S)
         assert send(c, proxy).status_code == 503
         assert snapshot(accounts_path) == broken
         assert proxy.output().count(PROBLEM_LOG) == 1
@@ -548,7 +527,7 @@ def test_proxy_started_on_a_bad_file_explains_it_to_clients(
         assert poll(served, 3, interval=0.1), proxy.output()
     assert caught_up(accounts_path, fake_kimi, keys)
     proxy.stop()
-    assert file_counts(accounts_path) == fake_counts(fake_kimi, keys)
+    assert counts_on_disk(accounts_path) == counts_seen(fake_kimi, keys)
 
 
 # -- 6. saving stays off the hot path ----------------------------------------------------
@@ -561,6 +540,7 @@ def test_under_load_the_file_is_written_once_per_flush_interval_not_per_request(
     proxy = start_proxy(fake_kimi, options={"kimi_flush_interval": "1.0"})
     writes = 0
     stop = threading.Event()
+    watching = threading.Event()
 
     def watch() -> None:
         # Every save is an atomic replace: a new inode (and mtime) each time.
@@ -572,11 +552,12 @@ def test_under_load_the_file_is_written_once_per_flush_interval_not_per_request(
             if last is not None and sig != last:
                 writes += 1
             last = sig
+            watching.set()  # the file as it was before the load is known
             time.sleep(0.002)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    time.sleep(0.05)
+    assert watching.wait(5)
     statuses = Load([proxy], threads=8, total=100_000, seconds=3.0).start().join()
     stop.set()
     watcher.join(5)
@@ -586,7 +567,7 @@ def test_under_load_the_file_is_written_once_per_flush_interval_not_per_request(
     assert set(statuses) == {200}, sorted(set(map(str, statuses)))
     assert len(statuses) >= 100, len(statuses)
     assert 1 <= writes <= 6, (writes, len(statuses))
-    assert file_counts(accounts_path) == fake_counts(fake_kimi, keys)
+    assert counts_on_disk(accounts_path) == counts_seen(fake_kimi, keys)
     print(f"\n{len(statuses)} requests in 3 s, {writes} writes of the file")
 
 
@@ -604,19 +585,19 @@ def test_counts_add_up_across_a_restart(interval, fake_kimi, keys, accounts_path
     if periodic:
         assert caught_up(accounts_path, fake_kimi, keys)
     assert first.stop() == 0, first.output()
-    counts = file_counts(accounts_path)
-    assert (sum(t for t, _ in counts.values()), counts) == (60, fake_counts(fake_kimi, keys)), first.output()
+    counts = counts_on_disk(accounts_path)
+    assert (sum(t for t, _ in counts.values()), counts) == (60, counts_seen(fake_kimi, keys)), first.output()
 
     second = start_proxy(fake_kimi, options={"kimi_flush_interval": interval})
     assert set(Load([second], threads=4, total=40).start().join()) == {200}
     if periodic:
         assert caught_up(accounts_path, fake_kimi, keys)
     assert second.stop() == 0, second.output()
-    counts = file_counts(accounts_path)
+    counts = counts_on_disk(accounts_path)
     assert sum(fake_kimi.count_by_key().values()) == 100
     assert (sum(t for t, _ in counts.values()), sum(s for _, s in counts.values())) == (100, 100), (
         counts, second.output())
-    assert counts == fake_counts(fake_kimi, keys)
+    assert counts == counts_seen(fake_kimi, keys)
 
 
 async def test_stopping_while_a_save_waits_for_its_thread_loses_nothing(tmp_path, keys):
@@ -637,17 +618,29 @@ async def test_stopping_while_a_save_waits_for_its_thread_loses_nothing(tmp_path
             # disk): the next save's thread has to wait in the queue.
             busy = [loop.run_in_executor(None, gate.wait, 10) for _ in range(40)]
             addon.running()
-            await asyncio.sleep(0.3)
-            assert not addon.pool.changes  # the save took them and waits for a thread
+            # The first save (0.05 s on) takes the changes and waits for a thread.
+            await until(lambda: not addon.pool.changes)
             stopping = addon.done()  # SIGINT now (a fix may make done() a coroutine)
             if asyncio.iscoroutine(stopping):
                 stopping = asyncio.ensure_future(stopping)
-            await asyncio.sleep(0.1)  # the loop runs what the cancellation scheduled
+                # Stopping has begun: the save loop is cancelled, its save still waits.
+                await until(lambda: addon.sync._task is None)
+                assert not stopping.done()
             gate.set()
             if isinstance(stopping, asyncio.Future):
                 await asyncio.wait_for(stopping, 10)
     finally:
         gate.set()
         await asyncio.gather(*busy)
-    await asyncio.sleep(0.2)  # a save still running in a thread ends
-    assert file_counts(path) == {k: (n, n) for k, n in zip(keys, (5, 0, 0))}
+    expected = {k: (n, n) for k, n in zip(keys, (5, 0, 0))}
+    if not isinstance(stopping, asyncio.Future):  # done() did not wait: its save may still run
+        await until(lambda: counts_on_disk(path) == expected)
+    assert counts_on_disk(path) == expected
+
+
+async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    """Let the event loop run until `condition()` holds (at most `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.005)

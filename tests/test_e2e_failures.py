@@ -16,14 +16,10 @@ Figures are chosen so the outcome does not depend on timing:
 
 from __future__ import annotations
 
-import json
 import ssl
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -40,11 +36,12 @@ from tests.fake_kimi import (
 )
 from tests.harness import (
     LOOPBACK_DNS,
-    REPO_ROOT,
     Proxy,
-    _child_env,
+    counts_on_disk,
     poll,
+    run_cli,
     saved_flows,
+    sse_events,
     start_mitmdump,
 )
 from tests.harness import accounts_on_disk as accounts
@@ -84,23 +81,6 @@ def messages_by(fake: FakeKimi, key: str) -> list[SeenRequest]:
     return [r for r in fake.message_requests() if r.key == key]
 
 
-def parse_sse(text: str) -> list[tuple[str | None, Any]]:
-    """(event name, parsed data) for each event of a whole SSE body."""
-    events: list[tuple[str | None, Any]] = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        if not block.strip():
-            continue
-        name = None
-        data: list[str] = []
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[len("event:"):].strip()
-            elif line.startswith("data:"):
-                data.append(line[len("data:"):].strip())
-        events.append((name, json.loads("\n".join(data))))
-    return events
-
-
 def assert_complete_stream(events: list[tuple[str | None, Any]]) -> None:
     """A whole, well-formed Anthropic message stream from the fake server."""
     names = [name for name, _ in events]
@@ -112,13 +92,6 @@ def assert_complete_stream(events: list[tuple[str | None, Any]]) -> None:
         assert data["type"] == name
     text = "".join(data["delta"]["text"] for name, data in events if name == "content_block_delta")
     assert text.startswith("hello from fake kimi #"), text
-
-
-def run_cli(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rotator.cli", "--accounts", str(path), *args],
-        cwd=REPO_ROOT, env=_child_env(None), capture_output=True, text=True, timeout=60,
-    )
 
 
 def error_message(response: httpx.Response) -> str:
@@ -156,7 +129,7 @@ def test_limited_keys_are_skipped_and_cooled_with_exact_resets(
             assert r.status_code == 200, (i, r.text)
             if streamed:
                 assert r.headers["content-type"].startswith("text/event-stream")
-                assert_complete_stream(parse_sse(r.text))
+                assert_complete_stream(sse_events(r.text))
             else:
                 assert r.json()["content"][0]["text"].startswith("hello from fake kimi #")
 
@@ -175,10 +148,10 @@ def test_limited_keys_are_skipped_and_cooled_with_exact_resets(
     probes = [r for r in fake_kimi.requests if r.path.split("?")[0] == USAGES_PATH]
     assert [p.key for p in probes] == [keys[1]]
     assert probes[0].headers["authorization"] == f"Bearer {keys[1]}"
-    for key, account in zip(keys, on_disk):
+    counts = counts_on_disk(accounts_path)
+    for key in keys:
         seen = messages_by(fake_kimi, key)
-        assert account["totalRequests"] == len(seen), (key, account)
-        assert account["successfulRequests"] == sum(r.status == 200 for r in seen), (key, account)
+        assert counts[key] == (len(seen), sum(r.status == 200 for r in seen)), (key, counts)
     assert [len(messages_by(fake_kimi, k)) for k in keys] == [1, 1, 50]
     # One line per state change, not one per request.
     assert len(alert_lines(proxy, mask_key(keys[0]), "cooling for")) == 1, proxy.output()
@@ -276,9 +249,14 @@ def wait_until_used(c: httpx.Client, proxy: Proxy, fake: FakeKimi, key: str, tim
                     within: float) -> float:
     """Send requests until the fake has seen `key` `times` times; seconds it took."""
     started = time.monotonic()
-    while len(messages_by(fake, key)) < times and time.monotonic() - started < within:
+
+    def used() -> bool:
+        if len(messages_by(fake, key)) >= times:
+            return True
         assert send(c, proxy).status_code == 200
-        time.sleep(0.05)
+        return False
+
+    poll(used, within, interval=0.05)
     return time.monotonic() - started
 
 
@@ -353,7 +331,7 @@ def test_refusals_that_are_not_the_keys_fault_pass_through_unretried(
         assert account["rateLimitResetTime"] == 0, account  # none cooling
         assert account.get("cooldownLevel", 0) == 0, account
         assert account.get("disabledReason") is None, account
-        assert (account["totalRequests"], account["successfulRequests"]) == (1, 0), account
+    assert counts_on_disk(accounts_path) == {key: (1, 0) for key in keys}
 
 
 # -- 5. a burst of rate limits on every key is a global throttle -------------------------------
@@ -455,17 +433,13 @@ def test_sse_streams_on_first_key_and_arrives_whole_after_a_retry(
                       headers=CLIENT_HEADERS) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
-            first = []
-            for line in lines:
-                first.append(line)
-                if line == "" and any(x.startswith("data:") for x in first):
-                    break
+            first = sse_events(lines, limit=1)  # up to the blank line that ends it
             assert gate.wait_reached(5) and not gate.is_set() and not gate.timed_out
-            assert first[0] == "event: message_start", first
+            assert [name for name, _ in first] == ["message_start"], first
             gate.set()
-            rest = "\n".join(lines)
+            rest = sse_events(lines)
         assert not gate.timed_out
-        assert_complete_stream(parse_sse("\n".join(first) + "\n" + rest))
+        assert_complete_stream(first + rest)
 
         # First key (now key 1) rate limited, key 0 serves the stream. A retried attempt
         # is buffered by the addon and handed to the original flow whole: the client
@@ -475,7 +449,7 @@ def test_sse_streams_on_first_key_and_arrives_whole_after_a_retry(
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/event-stream")
     assert r.text.endswith("\n\n")
-    assert_complete_stream(parse_sse(r.text))
+    assert_complete_stream(sse_events(r.text))
     assert [(s.key, s.status) for s in fake_kimi.message_requests()] == [
         (keys[0], 200), (keys[1], 429), (keys[0], 200)
     ]
@@ -574,11 +548,8 @@ def test_key_failing_again_after_its_cooldown_cools_twice_as_long(
 
     with client() as c:
         assert send(c, proxy).status_code == 200  # key 0: 429, cools 0.4 s; key 1 serves
-        first = messages_by(fake_kimi, keys[0])[0]
-        time.sleep(max(0.0, first.time + 0.5 - time.time()))
-        deadline = time.monotonic() + 5
-        while len(messages_by(fake_kimi, keys[0])) < 2 and time.monotonic() < deadline:
-            assert send(c, proxy).status_code == 200  # key 0 again: 429 again
+        # Key 1 serves until key 0's cooldown is over; then key 0 gets one: 429 again.
+        wait_until_used(c, proxy, fake_kimi, keys[0], 2, within=5.0)
     again = messages_by(fake_kimi, keys[0])
     assert [s.status for s in again] == [429, 429]
     assert proxy.stop() == 0
@@ -602,8 +573,10 @@ def test_recovering_key_takes_one_request_at_a_time(
 
     with client() as c:
         assert send(c, proxy).status_code == 200  # key 0: 429, cools 0.4 s; key 1 serves
-        limited = messages_by(fake_kimi, keys[0])[0]
-        time.sleep(max(0.0, limited.time + 0.5 - time.time()))
+        # Wait out key 0's cooldown: until the deadline the proxy set, as it saved it.
+        reset_ms = poll(lambda: accounts(accounts_path)[0]["rateLimitResetTime"], FILE_DEADLINE_S)
+        assert reset_ms, accounts(accounts_path)
+        time.sleep(max(0.0, reset_ms / 1000 - time.time()) + 0.01)
         results: list[int] = []
 
         def one() -> None:
@@ -612,9 +585,9 @@ def test_recovering_key_takes_one_request_at_a_time(
         threads = [threading.Thread(target=one) for _ in range(3)]
         threads[0].start()  # round-robin: key 0, back from its cooldown (half-open)
         # A flush saves that request while it is still in flight (the fake holds it 1.2 s).
-        assert poll(lambda: accounts(accounts_path)[0]["totalRequests"] == 2, timeout=1.0)
+        assert poll(lambda: counts_on_disk(accounts_path)[keys[0]][0] == 2, timeout=1.0)
         threads[1].start()  # key 1
-        time.sleep(0.1)
+        assert poll(lambda: len(messages_by(fake_kimi, keys[1])) == 2, 5), fake_kimi.keys_seen()
         threads[2].start()  # key 0 is still on its one trial request: key 1 again
         for t in threads:
             t.join(CLIENT_TIMEOUT_S)
