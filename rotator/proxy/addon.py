@@ -23,8 +23,8 @@ from rotator.clock import SYSTEM_CLOCK, Clock
 from rotator.models import AccountsFile
 from rotator.pool import KeyPool, Lease
 from rotator.proxy import answers, bodies, retry, upstream
+from rotator.proxy.attempts import Attempts
 from rotator.proxy.flows import (
-    METADATA_KEY,
     FlowKind,
     FlowLedger,
     FlowRecord,
@@ -93,6 +93,7 @@ class KimiRotator:
         self.pool = pool
         self.line = WaitLine(pool)
         self.probes = UsageProbes(self.ledger, pool, self.send_upstream, self.clock)
+        self.attempts = Attempts(pool, self.line, self.ledger, self.send_upstream, self.clock, self._no_key_answer)
 
     # -- lifecycle ---------------------------------------------------------------
     def running(self) -> None:
@@ -216,13 +217,13 @@ class KimiRotator:
         body = bodies.body_start(response) if readable else None
         now = self.clock.now_ms()
         outcome = policy.classify(response.status_code, response.headers, body, now)
-        self._settle(record, outcome, now)
+        self.attempts.settle(record, outcome, now)
         if outcome.window is not None:
             self.probes.ask(record, outcome.window)
         if record.kind is FlowKind.CLIENT:
             if outcome.retry_elsewhere and not response.stream:
                 if not bodies.is_streamed(flow.request):
-                    return self._retry(record, lease)
+                    return self.attempts.retry(record, lease, self._most_attempts())
                 flow.comment += f"; {bodies.NOT_RESENT}"
             self.ledger.show_attempts_afresh(record)
         return None
@@ -234,60 +235,12 @@ class KimiRotator:
         message = flow.error.msg if flow.error else "connection failed"
         answered = flow.response.status_code if flow.response is not None else None
         now = self.clock.now_ms()
-        self._settle(record, policy.classify_connection_error(message, now, answered), now)
+        self.attempts.settle(record, policy.classify_connection_error(message, now, answered), now)
         if record.kind is FlowKind.CLIENT:
             self.ledger.show_attempts_afresh(record)
 
-    def _settle(self, record: FlowRecord, outcome: policy.Outcome, now: int) -> None:
-        _settle(self.pool, self.ledger, record, outcome, now)
-
-    # -- retrying on another key ---------------------------------------------------
-    async def _retry(self, client: FlowRecord, failed: Lease) -> None:
-        """Resend on other keys; the client sees only the last answer. Each attempt is a
-        flow of its own, counted on its own key and listed in the client flow's metadata."""
-
-        async def send(lease: Lease) -> policy.Outcome:
-            return await self._send_attempt(client, lease)
-
-        why = await retry.retry_elsewhere(
-            self.line, send,
-            tried={failed.key},
-            attempts_made=len(client.attempts),
-            most_attempts=retry.max_attempts(self.settings.max_attempts, len(self.pool.accounts)),
-            deadline_ms=client.deadline_ms,
-            gone=lambda: client_gone(client.flow),
-        )
-        if why is ABANDONED:
-            client.flow.comment += "; the client left: not retried"
-        elif why is not None:
-            client.flow.response = self._no_key_answer(why)
-            client.flow.comment += f"; no other key: {why.shortage.value}"
-        self.ledger.show_attempts_afresh(client)
-
-    async def _send_attempt(self, client: FlowRecord, lease: Lease) -> policy.Outcome:
-        flow = client.flow
-        copy = upstream.copy_to_resend(flow)
-        copy.metadata[METADATA_KEY] = {"retry_of": flow.id}
-        attempt = self.ledger.open(FlowRecord(FlowKind.ATTEMPT, copy, lease.key, lease, client.deadline_ms))
-        attempt.attempts.append(attempt_note(lease))
-        detail = "no answer"
-        try:
-            await self.send_upstream(copy)
-        except Exception as e:  # a failed resend must not take the client's answer with it
-            logger.exception("kimi-rotator: resending on another key failed")
-            detail = str(e) or type(e).__name__
-        finally:
-            self.ledger.forget(copy.id)  # masks the key, whatever happened
-        if attempt.lease is not None:  # no answer and no error reached the hooks
-            now = self.clock.now_ms()
-            self._settle(attempt, policy.classify_connection_error(detail, now), now)
-        assert attempt.outcome is not None
-        client.attempts.extend(attempt.attempts)
-        answers.take_resent(flow, copy, detail)
-        flow.comment = (
-            f"kimi-rotator: {lease.label} → {attempt.outcome.verdict.value} (attempt {len(client.attempts)})"
-        )
-        return attempt.outcome
+    def _most_attempts(self) -> int:
+        return retry.max_attempts(self.settings.max_attempts, len(self.pool.accounts))
 
     def _no_key_answer(self, why: Unavailable) -> http.Response:
         assert self.sync is not None
@@ -304,21 +257,3 @@ def _announce_keys(state: AccountsFile, location: str) -> None:
             ALERT, "kimi-rotator: %d key(s) from %s, strategy %s",
             len(state.accounts), location, state.rotation_strategy,
         )
-
-
-def _settle(pool: KeyPool, ledger: FlowLedger, record: FlowRecord, outcome: policy.Outcome, now: int) -> None:
-    """End a record's hold on its key with what the answer meant, and show it."""
-    lease = record.lease
-    assert lease is not None
-    record.lease = None
-    record.outcome = outcome
-    event = pool.release(lease, outcome, now)
-    if event:
-        logger.log(ALERT, "kimi-rotator: %s", event)
-    verdict = outcome.verdict.value
-    note = record.attempts[-1]
-    note["outcome"] = verdict
-    note["reason"] = outcome.reason
-    if record.kind is FlowKind.ATTEMPT:
-        ledger.show_attempts(record)
-    record.flow.comment = f"kimi-rotator: {lease.label} → {verdict}"

@@ -1,0 +1,104 @@
+"""How one attempt on a key ends, and the attempts that follow a refusal.
+
+`settle` ends an attempt's hold on its key with what the answer meant (the pool counts
+it, the flow shows it); `retry` resends a refused client request on other keys, each
+resend a flow of its own, within the request's one deadline. The addon's hooks call
+both; nothing here reads options or the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from mitmproxy import http
+from mitmproxy.log import ALERT
+
+from rotator import policy
+from rotator.clock import Clock
+from rotator.pool import KeyPool, Lease
+from rotator.proxy import answers, retry, upstream
+from rotator.proxy.flows import METADATA_KEY, FlowKind, FlowLedger, FlowRecord, attempt_note, client_gone
+from rotator.strategies import Unavailable
+from rotator.waitline import ABANDONED, WaitLine
+
+logger = logging.getLogger(__name__)
+
+NoKeyAnswer = Callable[[Unavailable], http.Response]
+
+
+class Attempts:
+    def __init__(
+        self, pool: KeyPool, line: WaitLine, ledger: FlowLedger, send: upstream.Send, clock: Clock,
+        no_key_answer: NoKeyAnswer,
+    ) -> None:
+        self.pool = pool
+        self.line = line
+        self.ledger = ledger
+        self.send = send
+        self.clock = clock
+        self.no_key_answer = no_key_answer
+
+    def settle(self, record: FlowRecord, outcome: policy.Outcome, now: int) -> None:
+        """End the record's hold on its key with what the answer meant, and show it."""
+        lease = record.lease
+        assert lease is not None
+        record.lease = None
+        record.outcome = outcome
+        event = self.pool.release(lease, outcome, now)
+        if event:
+            logger.log(ALERT, "kimi-rotator: %s", event)
+        verdict = outcome.verdict.value
+        note = record.attempts[-1]
+        note["outcome"] = verdict
+        note["reason"] = outcome.reason
+        if record.kind is FlowKind.ATTEMPT:
+            self.ledger.show_attempts(record)
+        record.flow.comment = f"kimi-rotator: {lease.label} → {verdict}"
+
+    async def retry(self, client: FlowRecord, failed: Lease, most_attempts: int) -> None:
+        """Resend on other keys; the client sees only the last answer. Each attempt is
+        counted on its own key and listed in the client flow's metadata."""
+
+        async def send(lease: Lease) -> policy.Outcome:
+            return await self._resend(client, lease)
+
+        why = await retry.retry_elsewhere(
+            self.line, send,
+            tried={failed.key},
+            attempts_made=len(client.attempts),
+            most_attempts=most_attempts,
+            deadline_ms=client.deadline_ms,
+            gone=lambda: client_gone(client.flow),
+        )
+        if why is ABANDONED:
+            client.flow.comment += "; the client left: not retried"
+        elif why is not None:
+            client.flow.response = self.no_key_answer(why)
+            client.flow.comment += f"; no other key: {why.shortage.value}"
+        self.ledger.show_attempts_afresh(client)
+
+    async def _resend(self, client: FlowRecord, lease: Lease) -> policy.Outcome:
+        flow = client.flow
+        copy = upstream.copy_to_resend(flow)
+        copy.metadata[METADATA_KEY] = {"retry_of": flow.id}
+        attempt = self.ledger.open(FlowRecord(FlowKind.ATTEMPT, copy, lease.key, lease, client.deadline_ms))
+        attempt.attempts.append(attempt_note(lease))
+        detail = "no answer"
+        try:
+            await self.send(copy)
+        except Exception as e:  # a failed resend must not take the client's answer with it
+            logger.exception("kimi-rotator: resending on another key failed")
+            detail = str(e) or type(e).__name__
+        finally:
+            self.ledger.forget(copy.id)  # masks the key, whatever happened
+        if attempt.lease is not None:  # no answer and no error reached the hooks
+            now = self.clock.now_ms()
+            self.settle(attempt, policy.classify_connection_error(detail, now), now)
+        assert attempt.outcome is not None
+        client.attempts.extend(attempt.attempts)
+        answers.take_resent(flow, copy, detail)
+        flow.comment = (
+            f"kimi-rotator: {lease.label} → {attempt.outcome.verdict.value} (attempt {len(client.attempts)})"
+        )
+        return attempt.outcome
