@@ -55,6 +55,7 @@ def _is_loopback_ip(host: str) -> bool:
     return ip.is_loopback
 
 
+@functools.lru_cache(maxsize=1024)  # asked for every plain-HTTP request; hosts are few
 def is_loopback_host(host: str) -> bool:
     """True for a destination on this machine: localhost or a loopback address."""
     return host.rstrip(".").lower() == "localhost" or is_loopback_address((host.strip("[]"),))

@@ -210,7 +210,8 @@ class KeyPool:
         if outcome.counts_as_success:
             account.successful_requests += 1
             change.add("successful_requests", 1, now_ms)
-            account.consecutive_failures = 0
+            if account.consecutive_failures:
+                account.consecutive_failures = 0
             change.set("consecutive_failures", 0, now_ms)
             if account.cooldown_level:
                 account.cooldown_level = 0

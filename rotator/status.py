@@ -8,6 +8,7 @@ the status page and mitmproxy commands are meant to reuse it.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ def label(index: int, name: str, masked_key: str) -> str:
     return f"[{index}] {name or 'unnamed'} ({masked_key})"
 
 
+@functools.lru_cache(maxsize=4096)  # named in every flow's comment; keys are few
 def key_label(index: int, name: str, key: str) -> str:
     return label(index, name, mask_key(key))
 

@@ -3,6 +3,7 @@ message that names the option when it is wrong, and warning about a risky listen
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -85,6 +86,7 @@ def read_settings(current: Settings, options: Any, updated: set[str]) -> Setting
     return replace(current, **changes)
 
 
+@functools.lru_cache(maxsize=1024)  # asked for every request; hosts are few
 def normalize_host(host: str) -> str:
     return host.strip().rstrip(".").lower()
 
