@@ -2,9 +2,10 @@
 symlinked files, duplicate keys, a truncated file at start, activeIndex out of range,
 and write or lock failures worded as what they are.
 
-The CLI runs as a subprocess (``python -m rotator.cli``), the proxy as a real
-``mitmdump`` in reverse mode in front of the fake Kimi server (which answers 200 to
-everything here); the save loop is driven in process where a failure must be forced.
+The CLI runs as a subprocess (``python -m rotator.cli``, through tests.harness.run_cli),
+the proxy as a real ``mitmdump`` in reverse mode in front of the fake Kimi server (which
+answers 200 to everything here); the save loop is driven in process where a failure must
+be forced.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import errno
 import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,9 +27,9 @@ from rotator.pool import KeyPool, Lease
 from rotator.store import file as storage
 from rotator.store.file import FileStore
 from rotator.sync import PoolSync
-from tests.conftest import fake_key
+from tests.conftest import FLUSH_INTERVAL_S, fake_key
 from tests.fake_kimi import MESSAGES_PATH, FakeKimi
-from tests.harness import REPO_ROOT, Proxy, accounts_on_disk, poll
+from tests.harness import Proxy, accounts_on_disk, counts_on_disk, counts_seen, poll, run_cli
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"x-api-key": "sk-kimi-placeholder", "User-Agent": "claude-cli/2.0.14 (external, cli)"}
@@ -49,34 +48,10 @@ def new_client() -> httpx.Client:
     return httpx.Client(trust_env=False, timeout=30)
 
 
-def cli(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != storage.ACCOUNTS_ENV}
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.run(
-        [sys.executable, "-m", "rotator.cli", "--accounts", str(path), *args],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60,
-    )
-
-
-def counts(path: Path) -> list[tuple[str, int, int]]:
-    """(key, totalRequests, successfulRequests) per entry, in file order."""
-    return [(a["key"], a.get("totalRequests", 0), a.get("successfulRequests", 0)) for a in accounts_on_disk(path)]
-
-
-def first_entry_counts(path: Path) -> dict[str, tuple[int, int]]:
-    found: dict[str, tuple[int, int]] = {}
-    for key, total, ok in counts(path):
-        found.setdefault(key, (total, ok))
-    return found
-
-
-def fake_counts(fake: FakeKimi, keys: list[str]) -> dict[str, tuple[int, int]]:
-    seen = fake.count_by_key()
-    return {k: (seen.get(k, 0), seen.get(k, 0)) for k in keys}
-
-
 def caught_up(path: Path, fake: FakeKimi, keys: list[str], timeout: float = 3.0) -> bool:
-    return bool(poll(lambda: first_entry_counts(path) == fake_counts(fake, keys), timeout))
+    """Wait until the file's counts equal what the fake served `keys` (every key in the
+    file, no other): the periodic saves have caught up."""
+    return bool(poll(lambda: counts_on_disk(path) == counts_seen(fake, keys), timeout))
 
 
 def swap_in(path: Path, data: bytes) -> None:
@@ -117,7 +92,7 @@ def test_cli_refuses_deeply_nested_json_in_one_line(kind, keys, accounts_path, w
     swap_in(accounts_path, DEEP_FILES[kind](keys))
     before = accounts_path.read_bytes()
     for args in (["list-keys"], ["add-key", fake_key("deep"), "New"], ["use-key", "0"]):
-        done = cli(accounts_path, *args)
+        done = run_cli(accounts_path, *args)
         assert done.returncode == 1, (args, done)
         lines = done.stderr.splitlines()
         assert len(lines) == 1, (args, done.stderr)
@@ -159,7 +134,7 @@ def test_running_proxy_survives_deeply_nested_json_and_loses_no_count(
         for _ in range(30):  # over several save intervals
             assert send(c, proxy).status_code == 200
         swap_in(accounts_path, good)
-        assert caught_up(accounts_path, fake_kimi, keys), (counts(accounts_path), fake_kimi.count_by_key())
+        assert caught_up(accounts_path, fake_kimi, keys), (counts_on_disk(accounts_path), counts_seen(fake_kimi, keys))
     out = proxy.output()
     assert "Traceback" not in out and "RecursionError" not in out, out
 
@@ -179,7 +154,7 @@ def linked(tmp_path: Path, accounts_path: Path) -> Path:
 
 def test_cli_writes_through_a_symlink_to_its_target(keys, accounts_path, linked):
     storage.write_accounts(linked, AccountsFile(accounts=[Account(key=keys[0], name="Old")]))
-    done = cli(accounts_path, "add-key", keys[1], "New")
+    done = run_cli(accounts_path, "add-key", keys[1], "New")
     assert done.returncode == 0, done
     assert accounts_path.is_symlink() and accounts_path.resolve() == linked
     assert [a["key"] for a in accounts_on_disk(linked)] == keys[:2]
@@ -188,7 +163,7 @@ def test_cli_writes_through_a_symlink_to_its_target(keys, accounts_path, linked)
 
 def test_a_dangling_symlink_gets_its_target_created(keys, accounts_path, linked):
     assert not linked.exists()
-    done = cli(accounts_path, "add-key", keys[0], "First")
+    done = run_cli(accounts_path, "add-key", keys[0], "First")
     assert done.returncode == 0, done
     assert accounts_path.is_symlink() and accounts_path.resolve() == linked
     assert [a["key"] for a in accounts_on_disk(linked)] == keys[:1]
@@ -198,7 +173,7 @@ def test_a_symlink_into_a_missing_folder_is_refused_and_left_alone(keys, tmp_pat
     accounts_path.parent.mkdir(parents=True)
     target = tmp_path / "not-cloned-yet" / "kimi-accounts.json"
     accounts_path.symlink_to(target)
-    done = cli(accounts_path, "add-key", keys[0], "First")
+    done = run_cli(accounts_path, "add-key", keys[0], "First")
     assert done.returncode == 1, done
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and str(accounts_path) in lines[0] and "symbolic link" in lines[0], lines
@@ -211,14 +186,14 @@ def test_proxy_counts_go_to_the_symlinks_target(fake_kimi, keys, accounts_path, 
     proxy = start_proxy(fake_kimi)
     with new_client() as c:
         assert all(send(c, proxy).status_code == 200 for _ in range(9))
-        assert caught_up(linked, fake_kimi, keys), (counts(linked), proxy.output())
-        assert cli(accounts_path, "add-key", fake_key("linked-new"), "New").returncode == 0
+        assert caught_up(linked, fake_kimi, keys), (counts_on_disk(linked), proxy.output())
+        assert run_cli(accounts_path, "add-key", fake_key("linked-new"), "New").returncode == 0
         assert poll(lambda: "1 added" in proxy.output(), 3), proxy.output()
         assert all(send(c, proxy).status_code == 200 for _ in range(4))
         assert caught_up(linked, fake_kimi, [*keys, fake_key("linked-new")])
     proxy.stop()
     assert accounts_path.is_symlink() and accounts_path.resolve() == linked
-    assert first_entry_counts(linked) == fake_counts(fake_kimi, [*keys, fake_key("linked-new")])
+    assert counts_on_disk(linked) == counts_seen(fake_kimi, [*keys, fake_key("linked-new")])
 
 
 def test_the_lock_is_shared_by_the_link_and_its_target(keys, accounts_path, linked):
@@ -249,14 +224,25 @@ def test_a_duplicate_key_is_one_key_counted_once_and_said_once(fake_kimi, keys, 
     accounts_path.parent.mkdir(parents=True)
     accounts_path.write_bytes(raw_file([{"key": a, "name": "A"}, {"key": b, "name": "B"},
                                         {"key": a, "name": "A again", "totalRequests": 5}]))
+
+    def entries() -> list[tuple[str, int, int]]:
+        """(key, totals) entry by entry: counts_on_disk has one per key, and a is listed twice."""
+        return [(e["key"], e.get("totalRequests", 0), e.get("successfulRequests", 0))
+                for e in accounts_on_disk(accounts_path)]
+
+    def first_entries_caught_up() -> bool:  # the proxy counts on a's first entry
+        seen = counts_seen(fake_kimi, [a, b])
+        return entries()[:2] == [(a, *seen[a]), (b, *seen[b])]
+
     proxy = start_proxy(fake_kimi)
     with new_client() as c:
         assert all(send(c, proxy).status_code == 200 for _ in range(10))
-        assert caught_up(accounts_path, fake_kimi, [a, b]), (counts(accounts_path), fake_kimi.count_by_key())
-        time.sleep(0.6)  # three more save intervals
+        assert poll(first_entries_caught_up, 3), (entries(), fake_kimi.count_by_key())
+        # The window under test: three more saves, in which the note must not be said again.
+        time.sleep(3 * FLUSH_INTERVAL_S)
     proxy.stop()
     assert fake_kimi.count_by_key() == {a: 5, b: 5}  # one key, one turn each
-    assert counts(accounts_path) == [(a, 5, 5), (b, 5, 5), (a, 5, 0)]  # the duplicate kept, untouched
+    assert entries() == [(a, 5, 5), (b, 5, 5), (a, 5, 0)]  # the duplicate kept, untouched
     out = proxy.output()
     assert out.count("listed 2 times") == 1, out
 
@@ -274,8 +260,6 @@ def test_list_keys_can_say_which_entries_are_duplicates(keys, tmp_path):
 
 
 def test_list_keys_warns_about_duplicates_and_leaves_them(keys, tmp_path):
-    from tests.harness import run_cli
-
     path = tmp_path / "kimi-accounts.json"
     raw = raw_file([{"key": keys[0], "name": "A"}, {"key": keys[1], "name": "B"}, {"key": keys[0], "name": "A again"}])
     path.write_bytes(raw)
@@ -319,17 +303,17 @@ def test_active_index_out_of_range_is_key_0_and_is_said(keys, accounts_path):
     accounts_path.parent.mkdir(parents=True)
     accounts_path.write_bytes(raw_file([{"key": k, "name": f"K{i}"} for i, k in enumerate(keys)], activeIndex=7))
     before = accounts_path.read_bytes()
-    listed = cli(accounts_path, "list-keys", "--json")
+    listed = run_cli(accounts_path, "list-keys", "--json")
     assert listed.returncode == 0, listed
     assert json.loads(listed.stdout)["activeIndex"] == 0
-    text = cli(accounts_path, "list-keys").stdout
+    text = run_cli(accounts_path, "list-keys").stdout
     assert "● [0]" in text, text
     assert accounts_path.read_bytes() == before  # only read: the user's value stays
     from rotator import oddities
 
     state = storage.read_accounts(accounts_path)
     assert any("activeIndex 7" in note and "[0]" in note for note in oddities.notes(state))
-    assert cli(accounts_path, "rotate").returncode == 0  # moves on from what was shown
+    assert run_cli(accounts_path, "rotate").returncode == 0  # moves on from what was shown
     assert json.loads(accounts_path.read_text())["activeIndex"] == 1
 
 

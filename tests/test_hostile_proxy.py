@@ -35,7 +35,7 @@ from rotator.proxy.options import parse_hosts
 from rotator.store import file as storage
 from tests.conftest import fake_key
 from tests.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
-from tests.harness import Proxy, poll, saved_flows
+from tests.harness import Proxy, counts_on_disk, poll, saved_flows
 from tests.harness import accounts_on_disk as accounts
 from tests.hooks import call_hook
 
@@ -95,7 +95,7 @@ def test_a_streamed_request_body_goes_out_with_a_pool_key(
     assert proxy.stop() == 0, proxy.output()
     on_disk = accounts(accounts_path)
     assert [a.get("disabledReason") for a in on_disk] == [None, None], on_disk
-    assert [a["totalRequests"] for a in on_disk] == [2, 1], on_disk
+    assert counts_on_disk(accounts_path) == {two_keys[0]: (2, 2), two_keys[1]: (1, 1)}, on_disk
 
 
 def test_a_refused_streamed_request_is_passed_on_not_resent(
@@ -325,7 +325,7 @@ def test_no_retry_goes_out_after_the_client_has_left(
     assert r.status_code == 200, r.text
     assert [s.status for s in messages(fake_kimi)] == [429, 200]
     assert proxy.stop() == 0, proxy.output()
-    assert accounts(accounts_path)[0]["totalRequests"] == 2
+    assert counts_on_disk(accounts_path) == {key: (2, 1)}, accounts(accounts_path)
 
 
 def test_requests_abandoned_while_waiting_for_a_key_are_not_counted(
@@ -348,8 +348,7 @@ def test_requests_abandoned_while_waiting_for_a_key_are_not_counted(
     assert r.status_code == 200, r.text
     assert [s.status for s in messages(fake_kimi)] == [429, 200]
     assert proxy.stop() == 0, proxy.output()
-    on_disk = accounts(accounts_path)[0]
-    assert (on_disk["totalRequests"], on_disk["successfulRequests"]) == (2, 1), on_disk
+    assert counts_on_disk(accounts_path) == {key: (2, 1)}, accounts(accounts_path)
 
 
 # -- 10. kimi_hosts -------------------------------------------------------------------------

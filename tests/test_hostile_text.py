@@ -30,6 +30,7 @@ from rotator.models import Account, AccountsFile
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
 from tests.conftest import fake_key
+from tests.harness import run_cli
 from tests.hooks import FakeClock, call_hook, kimi_flow, run_virtual
 
 NOW = 1_750_000_000_000
@@ -43,17 +44,16 @@ JSON_CONTROL_ESCAPE = re.compile(r"\\u00[01][0-9a-fA-F]|\\u00[89][0-9a-fA-F]|\\u
 FULL_KEYS = (KEY1, KEY2, KEY3, ECHOED)
 
 
-# -- the CLI, in process -------------------------------------------------------------------
+# -- the CLI, in process (tests.harness.run_cli) -------------------------------------------
 
 
 class Cli:
-    def __init__(self, capsys: pytest.CaptureFixture[str], path: Path) -> None:
-        self.capsys = capsys
+    def __init__(self, path: Path) -> None:
         self.path = path
 
     def __call__(self, *args: str) -> tuple[int, str, str]:
-        code = cli.main(["--accounts", str(self.path), *args])
-        out, err = self.capsys.readouterr()
+        done = run_cli(self.path, *args, in_process=True)
+        code, out, err = done.returncode, done.stdout, done.stderr
         for text in (out, err):
             assert not any(key in text for key in FULL_KEYS), text
         return code, out, err
@@ -76,11 +76,11 @@ class Cli:
 
 
 @pytest.fixture
-def run(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cli:
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cli:
     monkeypatch.setattr(cli, "now_ms", lambda: NOW)
     monkeypatch.setattr(sys, "argv", ["kimi-rotator"])
     monkeypatch.delenv("KIMI_ROTATOR_ACCOUNTS", raising=False)
-    return Cli(capsys, tmp_path / "kimi-accounts.json")
+    return Cli(tmp_path / "kimi-accounts.json")
 
 
 def write_raw(path: Path, text: str) -> bytes:
@@ -344,7 +344,7 @@ async def test_lone_surrogates_in_an_unrecognised_error_reach_the_reason_clean(t
 
 
 async def test_escapes_and_keys_from_upstream_reach_no_file_log_or_listing(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     forged = "\\n\\u001b[31m\\u25cf [7] Forged\\r\\n   Key: " + ECHOED + "\\u202e\\u001b]52;c;aGk=\\u0007"
     caplog.set_level(logging.INFO)
@@ -363,13 +363,10 @@ async def test_escapes_and_keys_from_upstream_reach_no_file_log_or_listing(
     raw = dumps_whole(flow)
     assert ECHOED.encode() not in raw
     # The listing shows two blocks, not a forged third.
-    monkey_argv = sys.argv
-    try:
-        sys.argv = ["kimi-rotator"]
-        assert cli.main(["--accounts", str(path), "list-keys"]) == 0
-    finally:
-        sys.argv = monkey_argv
-    listing, _ = capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["kimi-rotator"])
+    listed = run_cli(path, "list-keys", in_process=True)
+    assert listed.returncode == 0, listed.stderr
+    listing = listed.stdout
     assert len(block_headers(listing)) == 2, listing
     assert not TERMINAL_CONTROL.search(listing), repr(listing)
     assert ECHOED not in listing
