@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TextIO
 
-from rotator import oddities, ops
+from rotator import backup_cli, oddities, ops
 from rotator.clock import now_ms
 from rotator.keys import KEY_PREFIX, is_kimi_key, looks_like_key, mask_key
 from rotator.models import STRATEGIES
@@ -284,6 +284,10 @@ VERBS: tuple[Verb, ...] = (
     Verb("clear-limits", "Forget the rate-limit cooldown of one key or all keys.",
          lambda p: p.add_argument("target", metavar="INDEX|all", type=_index_or_all),
          make_op=lambda a, cx: ops.clear_limits(a.target, cx.now_ms)),
+    Verb("export-keys", "Export every key, with its statistics, to an encrypted backup (the plugin's format).",
+         backup_cli.export_arguments, show=lambda a, cx: _out(backup_cli.export_keys(a, cx.store, cx.now_ms))),
+    Verb("import-keys", "Import keys from an encrypted backup or a plain accounts file (present keys skipped).",
+         backup_cli.import_arguments, make_op=lambda a, cx: backup_cli.import_keys(a, cx.now_ms)),
 )
 _BY_NAME = {verb.name: verb for verb in VERBS}
 
