@@ -305,3 +305,26 @@ def test_a_bad_backup_is_one_line_and_writes_nothing(tmp_path: Path, case: str) 
         "missing": "cannot read",
     }
     assert said[case] in done.stderr
+
+
+def test_export_with_no_keys_writes_nothing(tmp_path: Path) -> None:
+    backup = tmp_path / "keys.enc"
+    done = cli(tmp_path / "empty.json", "export-keys", str(backup), stdin=PASSWORD + "\n")
+    assert done.returncode == 0 and "No keys to export." in done.stdout
+    assert not backup.exists()
+
+
+def test_import_at_a_terminal_asks_once_without_echo(tmp_path: Path, monkeypatch) -> None:
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    prompts: list[str] = []
+    monkeypatch.setattr("sys.stdin", Terminal())
+    monkeypatch.setattr("getpass.getpass", lambda prompt: prompts.append(prompt) or PASSWORD)
+    backup, accounts = tmp_path / "plugin.enc", tmp_path / "new.json"
+    backup.write_text(plugin_encrypt(plugin_export([plugin_account(KEY_A, "Personal", 5)]), PASSWORD))
+    done = cli(accounts, "import-keys", str(backup))
+    assert done.returncode == 0, done.stderr
+    assert prompts == ["Enter decryption password: "]
+    assert [a["key"] for a in json.loads(accounts.read_text())["accounts"]] == [KEY_A]
