@@ -53,7 +53,6 @@ class BackupDoc(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
 
     version: int = BACKUP_VERSION
-    exported_at: str | None = None
     accounts: list[Account]
     rotation_strategy: Strategy | None = None
     auto_refresh_health: bool | None = None
@@ -150,6 +149,8 @@ def parse_document(raw: bytes, what: str) -> BackupDoc:
         raise BackupError(f"{what} is nested too deeply to read")
     if not isinstance(data, dict) or not isinstance(data.get("accounts"), list):
         raise BackupError(f"{what} holds no list of accounts: not a kimi accounts file or backup")
+    if data.get("version", BACKUP_VERSION) != BACKUP_VERSION:
+        raise BackupError(f"{what} has version {data['version']!r}; this kimi-rotator reads version {BACKUP_VERSION}")
     try:
         return BackupDoc.model_validate(data)
     except ValidationError as e:

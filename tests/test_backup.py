@@ -271,7 +271,8 @@ def _existing(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["wrong password", "truncated", "flipped byte", "base64 garbage",
-                                  "not a backup", "json without accounts", "encrypted non-json", "missing"])
+                                  "not a backup", "json without accounts", "encrypted non-json",
+                                  "future version", "missing"])
 def test_a_bad_backup_is_one_line_and_writes_nothing(tmp_path: Path, case: str) -> None:
     good = plugin_encrypt(plugin_export([plugin_account(KEY_A, "Personal", 5)]), PASSWORD)
     raw = base64.b64decode(good)
@@ -283,6 +284,7 @@ def test_a_bad_backup_is_one_line_and_writes_nothing(tmp_path: Path, case: str) 
         "not a backup": "hello\n",
         "json without accounts": '{"version": 1}',
         "encrypted non-json": plugin_encrypt(b"not json", PASSWORD),
+        "future version": plugin_encrypt(b'{"version": 2, "accounts": []}', PASSWORD),
     }
     backup = tmp_path / "backup.enc"
     if case in contents:
@@ -302,6 +304,7 @@ def test_a_bad_backup_is_one_line_and_writes_nothing(tmp_path: Path, case: str) 
         "not a backup": "neither an accounts file (JSON) nor base64",
         "json without accounts": "holds no list of accounts",
         "encrypted non-json": "is not valid JSON",
+        "future version": "has version 2; this kimi-rotator reads version 1",
         "missing": "cannot read",
     }
     assert said[case] in done.stderr
