@@ -331,3 +331,13 @@ def test_import_at_a_terminal_asks_once_without_echo(tmp_path: Path, monkeypatch
     assert done.returncode == 0, done.stderr
     assert prompts == ["Enter decryption password: "]
     assert [a["key"] for a in json.loads(accounts.read_text())["accounts"]] == [KEY_A]
+
+
+def test_passwords_piped_to_the_real_command(pool: Path, tmp_path: Path) -> None:
+    backup, accounts = tmp_path / "keys.enc", tmp_path / "new.json"
+    done = run_cli(pool, "export-keys", str(backup), stdin=PASSWORD + "\n")
+    assert done.returncode == 0, done.stderr
+    assert PASSWORD not in done.stdout + done.stderr
+    done = run_cli(accounts, "import-keys", str(backup), stdin=PASSWORD + "\n")
+    assert done.returncode == 0, done.stderr
+    assert "Imported: 2 key(s)" in done.stdout
