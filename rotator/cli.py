@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from rotator import backup_cli, oddities, ops
+from rotator.cli_help import help_text, synopsis
 from rotator.clock import now_ms
 from rotator.keys import KEY_PREFIX, is_kimi_key, looks_like_key, mask_key
 from rotator.models import STRATEGIES
-from rotator.status import as_json, list_block, view_pool
+from rotator.status import as_json, list_block, stats_block, stats_json, stats_totals, view_pool
 from rotator.text import NAME_MOST, clean_lines, refusal
 from rotator.store.file import (
     AccountsFileError,
@@ -62,6 +63,12 @@ _ASCII_GLYPHS = str.maketrans(
         "⚠": "!",
         "…": "...",
         "—": "-",
+        "─": "-",
+        "→": "->",
+        "·": ".",
+        "📊": "",
+        "📈": "",
+        **{bar: str(level + 1) for level, bar in enumerate("▁▂▃▄▅▆▇")},
     }
 )
 
@@ -82,6 +89,8 @@ class _ParserExit(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """argparse, reporting errors as one line and never calling sys.exit itself."""
+
+    verb_parsers: dict[str, argparse.ArgumentParser]
 
     def error(self, message: str) -> NoReturn:
         raise CliError(f"{message} (see '{self.prog} --help')")
@@ -233,6 +242,46 @@ def _list_keys(args: argparse.Namespace, cx: Context) -> None:
     _out("\n".join(lines))
 
 
+def _stats(args: argparse.Namespace, cx: Context) -> None:
+    views = view_pool(cx.store.read(), cx.now_ms)
+    if args.json:
+        _out(json.dumps(stats_json(views, cx.now_ms), indent=2))
+        return
+    if not views:
+        _out("No Kimi API keys configured.")
+        _out(f"Add one with: {cx.prog} add-key KEY [NAME]")
+        return
+    lines = ["📊 Usage Statistics"]
+    for view in views:
+        lines += ["", *stats_block(view, cx.now_ms)]
+    _out("\n".join([*lines, "", *stats_totals(views, cx.now_ms)]))
+
+
+def _true_or_false(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise argparse.ArgumentTypeError(
+            f"expected true or false, got {text!r} (when true, resting keys regain health"
+            " after each cooldown period)"
+        )
+    return text == "true"
+
+
+def _cooldown_minutes(text: str) -> int:
+    if not _INDEX_SHAPE.fullmatch(text) or not 1 <= int(text) <= 1440:
+        raise argparse.ArgumentTypeError(
+            f"MINUTES must be a whole number from 1 to 1440, got {text!r} (the rest before"
+            " health is refreshed after a rate limit; default 30)"
+        )
+    return int(text)
+
+
+def _help(args: argparse.Namespace, cx: Context) -> None:
+    parser = build_parser(cx.prog)
+    assert isinstance(parser, _Parser)
+    rows = [(synopsis(parser.verb_parsers[verb.name], cx.prog), verb.help) for verb in VERBS]
+    _out(help_text(cx.prog, rows))
+
+
 @dataclass(frozen=True)
 class Verb:
     name: str
@@ -288,6 +337,17 @@ VERBS: tuple[Verb, ...] = (
          backup_cli.export_arguments, show=lambda a, cx: _out(backup_cli.export_keys(a, cx.store, cx.now_ms))),
     Verb("import-keys", "Import keys from an encrypted backup or a plain accounts file (present keys skipped).",
          backup_cli.import_arguments, make_op=lambda a, cx: backup_cli.import_keys(a, cx.now_ms)),
+    Verb("stats", "Show each key's requests, success rate, response times and recent days.",
+         _json_argument, show=_stats),
+    Verb("refresh-health", "Give +10 health to each key rested past the cooldown.", _no_arguments,
+         make_op=lambda a, cx: ops.refresh_health(cx.now_ms)),
+    Verb("set-auto-refresh", "Turn health recovery at rest on or off.",
+         lambda p: p.add_argument("enabled", metavar="true|false", type=_true_or_false),
+         make_op=lambda a, cx: ops.set_auto_refresh(a.enabled, cx.now_ms)),
+    Verb("set-cooldown", "Set the minutes of rest per +10 health (1-1440, default 30).",
+         lambda p: p.add_argument("minutes", metavar="MINUTES", type=_cooldown_minutes),
+         make_op=lambda a, cx: ops.set_cooldown(a.minutes, cx.now_ms)),
+    Verb("help", "Show this help message.", _no_arguments, show=_help),
 )
 _BY_NAME = {verb.name: verb for verb in VERBS}
 
@@ -310,8 +370,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     subparsers.required = True
+    parser.verb_parsers = {}
     for verb in VERBS:
-        verb.arguments(subparsers.add_parser(verb.name, parents=[common], help=verb.help, description=verb.help))
+        sub = parser.verb_parsers[verb.name] = subparsers.add_parser(
+            verb.name, parents=[common], help=verb.help, description=verb.help
+        )
+        verb.arguments(sub)
     return parser
 
 

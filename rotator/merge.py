@@ -11,6 +11,10 @@ failed save's changes with newer ones) through `KeyChange.absorb`; both read `RU
   *replace* instead (an exact reset learnt from Kimi, a refunded cooldown): lowering a
   deadline on purpose is then saved like any other value.
 - SET: the latest writer wins, and None (cleared) is a value like any other.
+- BY_DAY: counts per date (`dailyRequests`); each side's increments add, day by day, and
+  dates older than `stats.DAYS_KEPT` are dropped.
+- NEWEST: a bounded history (`responseTimes`); each side's entries are appended and the
+  newest `stats.RESPONSE_TIMES_KEPT` kept.
 
 A person's change wins by time, not by save order: the CLI stamps each field it touches
 in `edited_at`, and a proxy's change to that field made before the stamp is dropped,
@@ -27,12 +31,15 @@ from pydantic.alias_generators import to_camel
 
 from rotator.health import clamp_health
 from rotator.models import Account, AccountsFile
+from rotator.stats import RESPONSE_TIMES_KEPT, drop_old_days
 
 
 class Rule(enum.Enum):
     ADD = "add"
     LATER = "later"
     SET = "set"
+    BY_DAY = "by_day"
+    NEWEST = "newest"
 
 
 RULES: dict[str, Rule] = {
@@ -46,7 +53,12 @@ RULES: dict[str, Rule] = {
     "disabled_reason": Rule.SET,
     "cooldown_reason": Rule.SET,
     "cooldown_level": Rule.SET,
+    "consecutive_billing_limit_hits": Rule.SET,
+    "daily_requests": Rule.BY_DAY,
+    "response_times": Rule.NEWEST,
 }
+# Rules whose values are counts or history: never undone by a person's later edit.
+_COUNTED = frozenset({Rule.ADD, Rule.BY_DAY, Rule.NEWEST})
 _CLAMPED = {"health_score": clamp_health}
 # Top-level field a proxy changes: the key it moved the pool to.
 ACTIVE_INDEX = "active_index"
@@ -80,6 +92,28 @@ class KeyChange:
             found.value += delta
             found.at_ms = at_ms
 
+    def count_day(self, attr: str, day: str, at_ms: int) -> None:
+        """One more on `day` (a BY_DAY field)."""
+        found = self.fields.get(attr)
+        if found is None:
+            self.fields[attr] = FieldChange({day: 1}, at_ms)
+        else:
+            counts = found.value
+            counts[day] = counts.get(day, 0) + 1
+            found.at_ms = at_ms
+
+    def append_newest(self, attr: str, value: Any, at_ms: int) -> None:
+        """One more entry of a NEWEST field's history."""
+        found = self.fields.get(attr)
+        if found is None:
+            self.fields[attr] = FieldChange([value], at_ms)
+        else:
+            entries = found.value
+            entries.append(value)
+            if len(entries) > RESPONSE_TIMES_KEPT:
+                del entries[0]
+            found.at_ms = at_ms
+
     def later(self, attr: str, value: int, at_ms: int) -> None:
         found = self.fields.get(attr)
         if found is None:
@@ -96,12 +130,16 @@ class KeyChange:
         """Fold `newer` into this record, as if both had happened in order."""
         for attr, new in newer.fields.items():
             old = self.fields.get(attr)
-            if old is None:
-                self.fields[attr] = FieldChange(new.value, new.at_ms, new.replace)
-                continue
             rule = RULES[attr]
+            if old is None:
+                self.fields[attr] = FieldChange(_copied(rule, new.value), new.at_ms, new.replace)
+                continue
             if rule is Rule.ADD:
                 old.value += new.value
+            elif rule is Rule.BY_DAY:
+                _add_days(old.value, new.value)
+            elif rule is Rule.NEWEST:
+                old.value = (old.value + new.value)[-RESPONSE_TIMES_KEPT:]
             elif rule is Rule.LATER and not new.replace:
                 old.value = max(old.value, new.value)  # a replacement stays one, raised
             else:
@@ -161,9 +199,15 @@ def apply_to_account(account: Account, change: KeyChange) -> None:
     for attr, new in change.fields.items():
         rule = RULES[attr]
         # Counts are never undone: a person's edit only outranks values.
-        if edited and rule is not Rule.ADD and _older_than_person(edited, attr, new.at_ms):
+        if edited and rule not in _COUNTED and _older_than_person(edited, attr, new.at_ms):
             continue
-        if rule is Rule.ADD:
+        if rule is Rule.BY_DAY:
+            daily = getattr(account, attr)
+            _add_days(daily, new.value)
+            drop_old_days(daily, new.at_ms)
+        elif rule is Rule.NEWEST:
+            setattr(account, attr, (getattr(account, attr) + new.value)[-RESPONSE_TIMES_KEPT:])
+        elif rule is Rule.ADD:
             value = getattr(account, attr) + new.value
             clamp = _CLAMPED.get(attr)
             setattr(account, attr, clamp(value) if clamp else value)
@@ -172,6 +216,20 @@ def apply_to_account(account: Account, change: KeyChange) -> None:
                 setattr(account, attr, new.value)
         else:
             setattr(account, attr, new.value)
+
+
+def _add_days(into: dict[str, int], counts: dict[str, int]) -> None:
+    for day, count in counts.items():
+        into[day] = into.get(day, 0) + count
+
+
+def _copied(rule: Rule, value: Any) -> Any:
+    # A record's dict or list must not be shared with the record it came from.
+    if rule is Rule.BY_DAY:
+        return dict(value)
+    if rule is Rule.NEWEST:
+        return list(value)
+    return value
 
 
 def _older_than_person(edited_at: dict[str, int], attr: str, at_ms: int) -> bool:

@@ -27,6 +27,8 @@ Strategy = Literal["round-robin", "health-based", "sticky"]
 STRATEGIES: tuple[Strategy, ...] = ("round-robin", "health-based", "sticky")
 DEFAULT_STRATEGY: Strategy = "health-based"
 FILE_VERSION = 1
+DEFAULT_COOLDOWN_MINUTES = 30
+COOLDOWN_MINUTES_RANGE = (1, 1440)
 
 _CONFIG = ConfigDict(
     alias_generator=to_camel,
@@ -44,10 +46,18 @@ class Account(BaseModel):
     added_at: int = 0
     last_used: int = 0
     rate_limit_reset_time: int = 0
+    # The plugin's billing-window deadline: a key is not used before the later of the two.
+    billing_limit_reset_time: int = 0
     health_score: int = Field(default=100, ge=0, le=100)
     consecutive_failures: int = Field(default=0, ge=0)
     total_requests: int = Field(default=0, ge=0)
     successful_requests: int = Field(default=0, ge=0)
+    # The plugin's: billing-limit answers in a row (a success resets it), the newest
+    # response times in ms (sent to headers; rotator.stats keeps 100) and successes
+    # per UTC day ("YYYY-MM-DD").
+    consecutive_billing_limit_hits: int = Field(default=0, ge=0)
+    response_times: list[int | float] = Field(default_factory=list)
+    daily_requests: dict[str, int] = Field(default_factory=dict)
     # Added by this project (absent from the plugin's files, so all optional).
     # Resting recovery of health counts from here; 0 means "from lastUsed".
     health_rest_since: int = 0
@@ -61,6 +71,13 @@ class Account(BaseModel):
     # When a person last changed each field (by its name on disk): a proxy's older
     # change to that field does not override it (see rotator.merge).
     edited_at: dict[str, int] = Field(default_factory=dict)
+
+    @property
+    def cooling_until(self) -> int:
+        """When the key may serve again: the later of its rate-limit and billing deadlines."""
+        billing = self.billing_limit_reset_time
+        rate = self.rate_limit_reset_time
+        return billing if billing > rate else rate
 
     @field_validator("name")
     @classmethod
@@ -89,6 +106,12 @@ class AccountsFile(BaseModel):
     accounts: list[Account] = Field(default_factory=list)
     active_index: int = Field(default=0, ge=0)
     rotation_strategy: Strategy = DEFAULT_STRATEGY
+    # The plugin's health refresh: whether resting keys recover, and the minutes of rest
+    # each +10 takes (rotator.health).
+    auto_refresh_health: bool = True
+    health_refresh_cooldown_minutes: int | float = Field(
+        default=DEFAULT_COOLDOWN_MINUTES, ge=COOLDOWN_MINUTES_RANGE[0], le=COOLDOWN_MINUTES_RANGE[1]
+    )
     edited_at: dict[str, int] = Field(default_factory=dict)
     # An activeIndex past the last key, as read (then used as 0, what the proxy serves):
     # said by `rotator.oddities`; the file keeps it until the next write.

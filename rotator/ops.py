@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import Literal
 
 from rotator import merge
+from rotator.health import HEALTH_MAX, apply_health_delta, rest_period_ms
 from rotator.keys import mask_key
-from rotator.models import STRATEGIES, Account, AccountsFile, Strategy
+from rotator.models import COOLDOWN_MINUTES_RANGE, STRATEGIES, Account, AccountsFile, Strategy
 from rotator.status import STATUS_ACTIVE, key_label, status_text, view_key
 from rotator.store import StateStore
 from rotator.text import clean_line
@@ -22,7 +23,12 @@ from rotator.text import clean_line
 Op = Callable[[AccountsFile], str]
 
 ENABLE_FIELDS = ("disabled_reason", "consecutive_failures")
-CLEAR_LIMIT_FIELDS = ("rate_limit_reset_time", "cooldown_reason", "cooldown_level")
+CLEAR_LIMIT_FIELDS = (
+    "rate_limit_reset_time", "billing_limit_reset_time", "cooldown_reason", "cooldown_level",
+    "consecutive_billing_limit_hits",
+)
+REFRESH_FIELDS = ("health_rest_since", "consecutive_failures")
+REFRESH_POINTS = 10
 
 
 class OpError(Exception):
@@ -153,7 +159,8 @@ def use_key(index: int, now_ms: int) -> Op:
 def _now_using(verb: str, state: AccountsFile, now_ms: int) -> str:
     index = state.active_index
     message = f"{verb} {describe(index, state.accounts[index])}."
-    status = status_text(view_key(index, state.accounts[index], index, now_ms), now_ms)
+    view = view_key(index, state.accounts[index], index, now_ms, rest_period_ms(state))
+    status = status_text(view, now_ms)
     if status != STATUS_ACTIVE:
         message += f"\nNote: {status}"
     return message
@@ -196,6 +203,8 @@ def clear_limits(target: int | Literal["all"], now_ms: int) -> Op:
         for i in chosen:
             account = state.accounts[i]
             account.rate_limit_reset_time = 0
+            account.billing_limit_reset_time = 0
+            account.consecutive_billing_limit_hits = 0
             account.cooldown_reason = None
             account.cooldown_level = 0  # the next cooldown starts short again
             merge.stamp_person_edit(account, CLEAR_LIMIT_FIELDS, now_ms)
@@ -206,3 +215,58 @@ def clear_limits(target: int | Literal["all"], now_ms: int) -> Op:
         return f"Cleared rate limits on {describe(chosen[0], state.accounts[chosen[0]])}."
 
     return change
+
+
+def refresh_health(now_ms: int) -> Op:
+    """The plugin's manual refresh: +10 (up to 100) for each key below 100 whose limits
+    ended at least the cooldown ago; nothing while auto-refresh is off."""
+
+    def change(state: AccountsFile) -> str:
+        minutes = state.health_refresh_cooldown_minutes
+        if not state.auto_refresh_health:
+            return ("Auto-refresh is off, so no health was refreshed."
+                    "\nTurn it on with: set-auto-refresh true")
+        period = rest_period_ms(state)
+        details = []
+        for i, account in enumerate(state.accounts):
+            health = view_key(i, account, state.active_index, now_ms, period).health
+            if health >= HEALTH_MAX or now_ms - account.cooling_until < period:
+                continue
+            new = apply_health_delta(account, REFRESH_POINTS, now_ms, period)
+            account.health_score = new.score
+            account.health_rest_since = new.rest_since
+            account.consecutive_failures = 0
+            merge.stamp_person_edit(account, REFRESH_FIELDS, now_ms)
+            details.append(f"  {describe(i, account)}: {health}% → {new.score}%")
+        if not details:
+            return ("No keys needed health refresh."
+                    f"\nKeys must be below 100% health and past the cooldown period ({_minutes(minutes)}).")
+        return "\n".join([f"Refreshed health for {plural(len(details), 'key')}:", *details])
+
+    return change
+
+
+def set_auto_refresh(enabled: bool, now_ms: int) -> Op:
+    def change(state: AccountsFile) -> str:
+        state.auto_refresh_health = enabled
+        merge.stamp_person_edit(state, ("auto_refresh_health",), now_ms)
+        return f"Auto-refresh health: {'true' if enabled else 'false'}"
+
+    return change
+
+
+def set_cooldown(minutes: int, now_ms: int) -> Op:
+    low, high = COOLDOWN_MINUTES_RANGE
+    if not low <= minutes <= high:
+        raise OpError(f"cooldown must be between {low} and {high} minutes (24 hours), got {minutes}")
+
+    def change(state: AccountsFile) -> str:
+        state.health_refresh_cooldown_minutes = minutes
+        merge.stamp_person_edit(state, ("health_refresh_cooldown_minutes",), now_ms)
+        return f"Health refresh cooldown: {_minutes(minutes)}"
+
+    return change
+
+
+def _minutes(minutes: int | float) -> str:
+    return f"{minutes:g} minute" if minutes == 1 else f"{minutes:g} minutes"

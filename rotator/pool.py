@@ -13,9 +13,9 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from rotator import merge, oddities
+from rotator import merge, oddities, stats
 from rotator.clock import SYSTEM_CLOCK, Clock, seconds_until
-from rotator.health import HEALTH_MAX, apply_health_delta
+from rotator.health import HEALTH_MAX, apply_health_delta, rest_period_ms
 from rotator.keys import mask_key
 from rotator.models import Account, AccountsFile
 from rotator.policy import Outcome, Verdict
@@ -120,7 +120,7 @@ class KeyPool:
         state = self._state
         excluded = self._at_cap.union(tried) if tried else self._at_cap
         skip = _SkipKeys(state.accounts, excluded) if excluded else ()
-        return choose_key(state.accounts, state.rotation_strategy, state.active_index, now_ms, skip)
+        return choose_key(state.accounts, state.rotation_strategy, state.active_index, now_ms, skip, self._rest_ms)
 
     # -- the hot path ------------------------------------------------------------
     def acquire(self, now_ms: int, tried: Collection[str] = ()) -> Lease | Unavailable:
@@ -153,11 +153,12 @@ class KeyPool:
             lease = self.acquire(now_ms)
         return lease
 
-    def release(self, lease: Lease, outcome: Outcome, now_ms: int) -> str | None:
-        """Account for an attempt's outcome; returns a log line if the key's state changed."""
+    def release(self, lease: Lease, outcome: Outcome, now_ms: int, took_ms: int | None = None) -> str | None:
+        """Account for an attempt's outcome (`took_ms`: a success's response time);
+        returns a log line if the key's state changed."""
         self._free_slot(lease.key)
         account = self.account(lease.key)
-        event = None if account is None else self._account_outcome(lease, account, outcome, now_ms)
+        event = None if account is None else self._account_outcome(lease, account, outcome, now_ms, took_ms)
         self._after_slot_freed(lease.key, account)
         return event
 
@@ -192,7 +193,9 @@ class KeyPool:
         else:
             self._at_cap.discard(key)
 
-    def _account_outcome(self, lease: Lease, account: Account, outcome: Outcome, now_ms: int) -> str | None:
+    def _account_outcome(
+        self, lease: Lease, account: Account, outcome: Outcome, now_ms: int, took_ms: int | None
+    ) -> str | None:
         if outcome.verdict is Verdict.RATE_LIMITED:
             throttle = self._detect_throttle(lease.key, now_ms)
             if throttle is not None:
@@ -202,20 +205,13 @@ class KeyPool:
                              account.health_score)
             )
         change = self.changes.for_key(lease.key)
-        was_cooling = account.rate_limit_reset_time > now_ms
+        was_cooling = account.cooling_until > now_ms
         delta = outcome.health_delta
         if delta < 0 or (delta > 0 and account.health_score < HEALTH_MAX):
             self._add_health(account, change, delta, now_ms)
         event: str | None = None
         if outcome.counts_as_success:
-            account.successful_requests += 1
-            change.add("successful_requests", 1, now_ms)
-            if account.consecutive_failures:
-                account.consecutive_failures = 0
-            change.set("consecutive_failures", 0, now_ms)
-            if account.cooldown_level:
-                account.cooldown_level = 0
-                change.set("cooldown_level", 0, now_ms)
+            if stats.record_success(account, change, took_ms, now_ms):
                 event = f"key {lease.label} recovered: back to full traffic"
         elif outcome.health_delta < 0:
             account.consecutive_failures += 1
@@ -259,7 +255,7 @@ class KeyPool:
         return f"key {key_label(index, account.name, key)}: Kimi says its limit resets in {seconds} s"
 
     def _add_health(self, account: Account, change: merge.KeyChange, delta: int, now_ms: int) -> None:
-        new = apply_health_delta(account, delta, now_ms)
+        new = apply_health_delta(account, delta, now_ms, self._rest_ms)
         change.add("health_score", new.score - account.health_score, now_ms)
         account.health_score = new.score
         account.health_rest_since = new.rest_since
@@ -323,6 +319,7 @@ class KeyPool:
     def _adopt(self, state: AccountsFile) -> None:
         self._state = state = oddities.in_use(state)  # a key listed twice: its first entry
         self._index_by_key = oddities.first_index_by_key(state.accounts)
+        self._rest_ms = rest_period_ms(state)
         self._at_cap = set()
         for key, busy in self.in_flight.items():
             account = self.account(key)

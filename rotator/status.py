@@ -1,23 +1,26 @@
 """One read model of a key (`KeyView`) and every way it is shown.
 
 The CLI's list, its JSON, the proxy's log lines and its own error answers all describe a
-key from a `KeyView`, so a key reads the same everywhere and only ever masked. Stats,
-the status page and mitmproxy commands are meant to reuse it.
+key from a `KeyView`, so a key reads the same everywhere and only ever masked: list-keys, stats (its numbers
+from `rotator.stats`), and the status page and mitmproxy commands are meant to reuse it.
+A key is cooling until the later of its rate-limit and billing deadlines.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from rotator.clock import seconds_until
-from rotator.health import HEALTH_SKIP_BELOW, effective_health
+from rotator.health import HEALTH_SKIP_BELOW, RECOVERY_PERIOD_MS, effective_health, rest_period_ms
 from rotator.keys import mask_key
 from rotator.models import Account, AccountsFile
+from rotator.stats import KeyStats, key_stats
 
 BAR_CELLS = 10
+BILLING_REASON = "billing limit (billingLimitResetTime)"
 SUMMARY_MOST = 20
 
 
@@ -38,10 +41,16 @@ class KeyView:
     total_requests: int
     successful_requests: int
     state: KeyState
-    rate_limit_reset_time: int  # the cooldown's end (past when not cooling)
+    rate_limit_reset_time: int  # the cooldown's end, billing included (past when not cooling)
     disabled_reason: str | None
     cooldown_reason: str | None
     last_used: int
+    response_times: Sequence[int | float] = ()  # the account's own, not copied
+    daily_requests: Mapping[str, int] = field(default_factory=dict)
+
+    def stats(self, now: int) -> KeyStats:
+        return key_stats(self.total_requests, self.successful_requests, self.response_times,
+                         self.daily_requests, now)
 
     @property
     def label(self) -> str:
@@ -58,11 +67,17 @@ def key_label(index: int, name: str, key: str) -> str:
     return label(index, name, mask_key(key))
 
 
-def view_key(index: int, account: Account, active_index: int, now: int) -> KeyView:
-    health = effective_health(account, now)
+def view_key(
+    index: int, account: Account, active_index: int, now: int, rest_ms: int = RECOVERY_PERIOD_MS
+) -> KeyView:
+    health = effective_health(account, now, rest_ms)
+    cooling_until = account.cooling_until
+    reason = account.cooldown_reason
+    if account.billing_limit_reset_time > max(now, account.rate_limit_reset_time):
+        reason = BILLING_REASON
     if account.disabled_reason is not None:
         state = KeyState.DISABLED
-    elif account.rate_limit_reset_time > now:
+    elif cooling_until > now:
         state = KeyState.COOLING
     elif health < HEALTH_SKIP_BELOW:
         state = KeyState.LOW_HEALTH
@@ -77,15 +92,18 @@ def view_key(index: int, account: Account, active_index: int, now: int) -> KeyVi
         total_requests=account.total_requests,
         successful_requests=account.successful_requests,
         state=state,
-        rate_limit_reset_time=account.rate_limit_reset_time,
+        rate_limit_reset_time=cooling_until,
         disabled_reason=account.disabled_reason,
-        cooldown_reason=account.cooldown_reason,
+        cooldown_reason=reason,
         last_used=account.last_used,
+        response_times=account.response_times,
+        daily_requests=account.daily_requests,
     )
 
 
 def view_pool(state: AccountsFile, now: int) -> list[KeyView]:
-    return [view_key(i, a, state.active_index, now) for i, a in enumerate(state.accounts)]
+    rest_ms = rest_period_ms(state)
+    return [view_key(i, a, state.active_index, now, rest_ms) for i, a in enumerate(state.accounts)]
 
 
 # -- text for people ------------------------------------------------------------------
@@ -168,3 +186,101 @@ def summary(views: Sequence[KeyView], now: int, most: int = SUMMARY_MOST) -> str
     if len(views) > most:
         parts.append(f"and {len(views) - most} more")
     return "Keys: " + "; ".join(parts) + "."
+
+
+# -- stats ----------------------------------------------------------------------------
+
+SPARK = "▁▂▃▄▅▆▇█"
+SPARK_NONE = "·"
+
+
+def day_bar(counts: Sequence[int]) -> str:
+    """One cell per day, scaled to the busiest day; `·` for a day with none."""
+    top = max(counts, default=0)
+    if top <= 0:
+        return SPARK_NONE * len(counts)
+    return "".join(SPARK[max(0, -(-c * len(SPARK) // top) - 1)] if c > 0 else SPARK_NONE for c in counts)
+
+
+def _ms(value: int | float | None) -> str:
+    return "N/A" if value is None else f"{value:g}ms"
+
+
+def stats_block(view: KeyView, now: int) -> list[str]:
+    """The stats block for one key (the plugin's layout, plus a bar of the last 7 days)."""
+    numbers = view.stats(now)
+    lines = [
+        f"[{view.index}] {view.name}",
+        f"   Key: {view.masked_key}",
+        f"   Total Requests: {numbers.total}",
+        f"   Successful: {numbers.successful}",
+        f"   Failed: {numbers.failed}",
+    ]
+    if numbers.success_rate is not None:
+        lines.append(f"   Success Rate: {numbers.success_rate:.1f}%")
+    lines.append(f"   Avg Response Time: {_ms(numbers.average_ms)}")
+    if numbers.min_ms is not None:
+        lines.append(f"   Response Time Range: {_ms(numbers.min_ms)} - {_ms(numbers.max_ms)}")
+    first, last = numbers.week[0][0], numbers.week[-1][0]
+    lines += [
+        f"   Requests Today: {numbers.today}",
+        f"   Requests Last 7 Days: {numbers.last_7_days}",
+        f"   Last 7 Days: {day_bar([c for _, c in numbers.week])}  ({first[5:]} … {last[5:]})",
+    ]
+    return lines
+
+
+def total_stats(views: Sequence[KeyView], now: int) -> KeyStats:
+    """Every key's numbers together (response times pooled, as the plugin averages them)."""
+    daily: dict[str, int] = {}
+    for view in views:
+        for day, count in view.daily_requests.items():
+            daily[day] = daily.get(day, 0) + count
+    times = [t for v in views for t in v.response_times]
+    return key_stats(sum(v.total_requests for v in views), sum(v.successful_requests for v in views),
+                     times, daily, now)
+
+
+def stats_totals(views: Sequence[KeyView], now: int) -> list[str]:
+    numbers = total_stats(views, now)
+    lines = [
+        "─" * 50,
+        "📈 Aggregate Statistics",
+        f"   Total Requests (All Keys): {numbers.total}",
+        f"   Total Successful: {numbers.successful}",
+    ]
+    if numbers.success_rate is not None:
+        lines.append(f"   Overall Success Rate: {numbers.success_rate:.1f}%")
+    if numbers.average_ms is not None:
+        lines.append(f"   Overall Avg Response Time: {_ms(numbers.average_ms)}")
+    lines += [
+        f"   Requests Today: {numbers.today}",
+        f"   Requests Last 7 Days: {numbers.last_7_days}",
+    ]
+    return lines
+
+
+def _stats_doc(numbers: KeyStats) -> dict[str, object]:
+    return {
+        "totalRequests": numbers.total,
+        "successfulRequests": numbers.successful,
+        "failedRequests": numbers.failed,
+        "successRate": numbers.success_rate,
+        "avgResponseTimeMs": numbers.average_ms,
+        "minResponseTimeMs": numbers.min_ms,
+        "maxResponseTimeMs": numbers.max_ms,
+        "requestsToday": numbers.today,
+        "requestsLast7Days": numbers.last_7_days,
+        "last7Days": dict(numbers.week),
+    }
+
+
+def stats_json(views: Sequence[KeyView], now: int) -> dict[str, object]:
+    """`stats --json`: each key's numbers (masked), then the totals."""
+    return {
+        "accounts": [
+            {"index": v.index, "name": v.name, "maskedKey": v.masked_key, **_stats_doc(v.stats(now))}
+            for v in views
+        ],
+        "totals": _stats_doc(total_stats(views, now)),
+    }

@@ -4,9 +4,10 @@
 and the one round-robin serves next (so `use-key N` means "the next request uses N"
 under every strategy).
 
-A key is *usable* when it is not disabled, not cooling (`rateLimitResetTime` passed)
-and not in `skip` (keys already tried for this request, or at their in-flight cap).
-A usable key is *healthy* at health >= 30. Strategies choose among healthy keys; when
+A key is *usable* when it is not disabled, not cooling (`rateLimitResetTime` and the
+plugin's `billingLimitResetTime` both passed: `Account.cooling_until`) and not in `skip` (keys already tried for this request, or at their in-flight cap).
+A usable key is *healthy* at health >= 30 (resting recovery per `rest_ms`, see
+`rotator.health.rest_period_ms`). Strategies choose among healthy keys; when
 none is healthy they fall back to the usable ones rather than refuse work.
 """
 
@@ -16,7 +17,7 @@ import enum
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
-from rotator.health import HEALTH_SKIP_BELOW, effective_health
+from rotator.health import HEALTH_SKIP_BELOW, RECOVERY_PERIOD_MS, effective_health
 from rotator.models import Account, Strategy
 
 # Health-based stays on its current key while the key is at least this healthy.
@@ -43,11 +44,11 @@ class Unavailable:
 
 
 def is_usable(account: Account, now_ms: int) -> bool:
-    return account.disabled_reason is None and account.rate_limit_reset_time <= now_ms
-
-
-def _is_healthy(account: Account, now_ms: int) -> bool:
-    return effective_health(account, now_ms) >= HEALTH_SKIP_BELOW
+    return (
+        account.disabled_reason is None
+        and account.rate_limit_reset_time <= now_ms
+        and account.billing_limit_reset_time <= now_ms
+    )
 
 
 def choose_key(
@@ -56,6 +57,7 @@ def choose_key(
     active_index: int,
     now_ms: int,
     skip: Container[int] = (),
+    rest_ms: int = RECOVERY_PERIOD_MS,
 ) -> int | Unavailable:
     """Index of the key to use, or why there is none."""
     count = len(accounts)
@@ -71,37 +73,37 @@ def choose_key(
         # The common case, decided without looking at other keys: sticky stays, and
         # round-robin serves the key whose turn it is, while it is healthy.
         floor = STAY_HEALTHY if strategy == "health-based" else HEALTH_SKIP_BELOW
-        if effective_health(current, now_ms) >= floor:
+        if effective_health(current, now_ms, rest_ms) >= floor:
             return active
     if strategy == "health-based":
-        chosen = _best_scored(accounts, now_ms, usable)
+        chosen = _best_scored(accounts, now_ms, usable, rest_ms)
     else:
         # round-robin serves the active key; sticky moves on from it.
         start = active if strategy == "round-robin" else active + 1
-        chosen = _first_in_order(accounts, start, now_ms, usable)
+        chosen = _first_in_order(accounts, start, now_ms, usable, rest_ms)
     return chosen if chosen is not None else _why_unavailable(accounts, now_ms)
 
 
-def _first_in_order(accounts, start, now_ms, usable) -> int | None:
+def _first_in_order(accounts, start, now_ms, usable, rest_ms) -> int | None:
     count = len(accounts)
     fallback: int | None = None
     for step in range(count):
         i = (start + step) % count
         if usable(i):
-            if _is_healthy(accounts[i], now_ms):
+            if effective_health(accounts[i], now_ms, rest_ms) >= HEALTH_SKIP_BELOW:
                 return i
             if fallback is None:
                 fallback = i
     return fallback
 
 
-def _best_scored(accounts, now_ms, usable) -> int | None:
+def _best_scored(accounts, now_ms, usable, rest_ms) -> int | None:
     best: int | None = None
     best_score = float("-inf")
     for i, account in enumerate(accounts):
         if not usable(i):
             continue
-        health = effective_health(account, now_ms)
+        health = effective_health(account, now_ms, rest_ms)
         idle_minutes = (now_ms - account.last_used) / _MINUTE_MS
         score = health + min(FRESHNESS_MAX_POINTS, max(0.0, idle_minutes))
         if health < HEALTH_SKIP_BELOW:
@@ -118,7 +120,7 @@ def _why_unavailable(accounts: Sequence[Account], now_ms: int) -> Unavailable:
     enabled = [a for a in accounts if a.disabled_reason is None]
     if not enabled:
         return Unavailable(Shortage.ALL_DISABLED)
-    deadlines = [a.rate_limit_reset_time for a in enabled if a.rate_limit_reset_time > now_ms]
+    deadlines = [a.cooling_until for a in enabled if a.cooling_until > now_ms]
     if deadlines:
         return Unavailable(Shortage.ALL_COOLING, min(deadlines))
     return Unavailable(Shortage.ALL_SKIPPED)

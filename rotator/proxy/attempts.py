@@ -14,7 +14,7 @@ from collections.abc import Callable
 from mitmproxy import http
 from mitmproxy.log import ALERT
 
-from rotator import policy
+from rotator import policy, stats
 from rotator.clock import Clock
 from rotator.pool import KeyPool, Lease
 from rotator.proxy import answers, retry, upstream
@@ -45,7 +45,14 @@ class Attempts:
         assert lease is not None
         record.lease = None
         record.outcome = outcome
-        event = self.pool.release(lease, outcome, now)
+        took_ms = None
+        response = record.flow.response
+        if outcome.counts_as_success and response is not None:
+            # From sending the request (mitmproxy read it whole; resends are stamped
+            # when sent) to the answer's headers: what the plugin measures.
+            request = record.flow.request
+            took_ms = stats.response_ms(request.timestamp_end or request.timestamp_start, response.timestamp_start)
+        event = self.pool.release(lease, outcome, now, took_ms)
         if event:
             logger.log(ALERT, "kimi-rotator: %s", event)
         verdict = outcome.verdict.value
