@@ -2,18 +2,23 @@
 cool a key like rate limits, successes fill dailyRequests and responseTimes (merged
 across proxies by the one rule table), and the file's health-refresh settings drive
 resting recovery. The file we write is checked against the plugin's schema
-(`src/types.ts`, its zod rules written out in `plugin_schema_problems`)."""
+(`src/types.ts`): by its real zod under Node (`plugin_parse`; zod 3 installed with npm
+into a temporary folder once per session: these tests fail, never skip, without node and
+npm) and by its rules written out in Python (`plugin_schema_problems`)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import math
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from rotator import merge, policy, stats
 from rotator.health import effective_health
@@ -35,6 +40,59 @@ MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user
 
 
 # -- the plugin's schema, from /tmp/plugin/src/types.ts ----------------------------------
+
+# src/types.ts of opencode-kimi-rotator v1.2.10 (MIT), as JavaScript; prints what the
+# plugin's loadConfig would get from the file named by argv[2].
+ZOD_SCRIPT = """
+const { z } = require('zod');
+const KimiAccountSchema = z.object({
+  key: z.string().min(1),
+  name: z.string().optional(),
+  addedAt: z.number(),
+  lastUsed: z.number(),
+  rateLimitResetTime: z.number().default(0),
+  billingLimitResetTime: z.number().default(0),
+  healthScore: z.number().min(0).max(100).default(100),
+  consecutiveFailures: z.number().default(0),
+  consecutiveBillingLimitHits: z.number().default(0),
+  totalRequests: z.number().default(0),
+  successfulRequests: z.number().default(0),
+  responseTimes: z.array(z.number()).default([]),
+  dailyRequests: z.record(z.number()).default({}),
+});
+const KimiAccountsConfigSchema = z.object({
+  version: z.number().default(1),
+  accounts: z.array(KimiAccountSchema),
+  activeIndex: z.number().default(0),
+  rotationStrategy: z.enum(['round-robin', 'health-based', 'sticky']).default('health-based'),
+  autoRefreshHealth: z.boolean().default(true),
+  healthRefreshCooldownMinutes: z.number().min(1).max(1440).default(30),
+});
+const raw = JSON.parse(require('fs').readFileSync(process.argv[2], 'utf-8'));
+const parsed = KimiAccountsConfigSchema.safeParse(raw);
+if (!parsed.success) { console.error(JSON.stringify(parsed.error.issues)); process.exit(3); }
+console.log(JSON.stringify(parsed.data));
+"""
+
+
+@pytest.fixture(scope="session")
+def zod_folder(tmp_path_factory) -> Path:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.fail("these tests need node and npm on PATH (apt-get install nodejs npm)")
+    folder = tmp_path_factory.mktemp("zod")
+    subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent", "zod@3"], cwd=folder,
+                   check=True, capture_output=True, timeout=300)
+    (folder / "schema.js").write_text(ZOD_SCRIPT)
+    return folder
+
+
+def plugin_parse(zod_folder: Path, path: Path) -> dict[str, Any]:
+    """The file as the plugin's own zod schema parses it (fails the test if it refuses)."""
+    done = subprocess.run([shutil.which("node") or "node", str(zod_folder / "schema.js"), str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"the plugin's schema refuses {path}: {done.stderr}"
+    return json.loads(done.stdout)
 
 _ACCOUNT_NUMBERS = (
     "addedAt", "lastUsed", "rateLimitResetTime", "billingLimitResetTime", "healthScore",
@@ -115,7 +173,7 @@ def on_disk(path: Path) -> dict[str, Any]:
 # -- round trip ---------------------------------------------------------------------------
 
 
-def test_a_file_the_plugin_wrote_keeps_every_field_through_our_write(tmp_path):
+def test_a_file_the_plugin_wrote_keeps_every_field_through_our_write(tmp_path, zod_folder):
     path = tmp_path / "kimi-accounts.json"
     written = plugin_file(path, [
         plugin_account(KEYS[0], "Personal", billingLimitResetTime=NOW + HOUR, consecutiveBillingLimitHits=2,
@@ -135,6 +193,7 @@ def test_a_file_the_plugin_wrote_keeps_every_field_through_our_write(tmp_path):
     for before, now in zip(written["accounts"], after["accounts"], strict=True):
         assert {k: now[k] for k in before} == before
     assert plugin_schema_problems(after) == []
+    assert plugin_parse(zod_folder, path)["accounts"] == written["accounts"]
 
 
 def test_a_file_without_the_new_fields_gets_the_plugins_defaults(tmp_path):
@@ -319,7 +378,7 @@ def test_with_auto_refresh_off_a_weak_key_is_not_chosen_back_at_rest():
 
 
 def test_after_traffic_the_file_has_todays_counts_and_response_times(
-    fake_kimi, keys, accounts_path, start_proxy
+    fake_kimi, keys, accounts_path, start_proxy, zod_folder
 ):
     plugin_file(accounts_path, [plugin_account(k, f"Key {i}", lastUsed=0) for i, k in enumerate(keys[:2])],
                 rotationStrategy="round-robin")
@@ -342,5 +401,8 @@ def test_after_traffic_the_file_has_todays_counts_and_response_times(
     for account in accounts:
         assert all(150 <= t < 5000 and isinstance(t, int) for t in account["responseTimes"]), account
     assert plugin_schema_problems(on_disk(accounts_path)) == []
+    as_plugin_reads_it = plugin_parse(zod_folder, accounts_path)["accounts"]
+    assert [a["dailyRequests"][today] for a in as_plugin_reads_it] == [2, 2]
+    assert [len(a["responseTimes"]) for a in as_plugin_reads_it] == [2, 2]
     shown = run_cli(accounts_path, "stats", in_process=True).stdout
     assert shown.count("Requests Today: 2") == 2 and "Requests Today: 4" in shown
