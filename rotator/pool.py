@@ -120,7 +120,9 @@ class KeyPool:
         state = self._state
         excluded = self._at_cap.union(tried) if tried else self._at_cap
         skip = _SkipKeys(state.accounts, excluded) if excluded else ()
-        return choose_key(state.accounts, state.rotation_strategy, state.active_index, now_ms, skip, self._rest_ms)
+        return choose_key(
+            state.accounts, state.rotation_strategy, state.active_index, now_ms, skip, self._rest_ms
+        )
 
     # -- the hot path ------------------------------------------------------------
     def acquire(self, now_ms: int, tried: Collection[str] = ()) -> Lease | Unavailable:
@@ -205,7 +207,7 @@ class KeyPool:
                              account.health_score)
             )
         change = self.changes.for_key(lease.key)
-        was_cooling = account.cooling_until > now_ms
+        was_cooling = account.rate_limit_reset_time > now_ms or account.billing_limit_reset_time > now_ms
         delta = outcome.health_delta
         if delta < 0 or (delta > 0 and account.health_score < HEALTH_MAX):
             self._add_health(account, change, delta, now_ms)

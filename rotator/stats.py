@@ -65,7 +65,8 @@ def record_success(account: Account, change: KeyChange, took_ms: int | None, now
     if account.consecutive_billing_limit_hits:
         account.consecutive_billing_limit_hits = 0
         change.set("consecutive_billing_limit_hits", 0, now_ms)
-    day = utc_day(now_ms)
+    cached = _day_cache
+    day = cached[1] if cached[0] == now_ms // DAY_MS else utc_day(now_ms)
     daily = account.daily_requests
     daily[day] = daily.get(day, 0) + 1
     change.count_day("daily_requests", day, now_ms)

@@ -5,7 +5,8 @@ and the one round-robin serves next (so `use-key N` means "the next request uses
 under every strategy).
 
 A key is *usable* when it is not disabled, not cooling (`rateLimitResetTime` and the
-plugin's `billingLimitResetTime` both passed: `Account.cooling_until`) and not in `skip` (keys already tried for this request, or at their in-flight cap).
+plugin's `billingLimitResetTime` both passed: `Account.cooling_until`) and not in
+`skip` (keys already tried for this request, or at their in-flight cap).
 A usable key is *healthy* at health >= 30 (resting recovery per `rest_ms`, see
 `rotator.health.rest_period_ms`). Strategies choose among healthy keys; when
 none is healthy they fall back to the usable ones rather than refuse work.
