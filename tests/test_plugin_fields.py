@@ -406,3 +406,24 @@ def test_after_traffic_the_file_has_todays_counts_and_response_times(
     assert [len(a["responseTimes"]) for a in as_plugin_reads_it] == [2, 2]
     shown = run_cli(accounts_path, "stats", in_process=True).stdout
     assert shown.count("Requests Today: 2") == 2 and "Requests Today: 4" in shown
+
+
+def test_through_the_proxy_a_billing_limited_key_gets_no_request_and_keeps_its_deadline(
+    fake_kimi, keys, accounts_path, start_proxy
+):
+    later = int(time.time() * 1000) + HOUR
+    plugin_file(accounts_path, [
+        plugin_account(keys[0], "Billed", billingLimitResetTime=later, consecutiveBillingLimitHits=2),
+        plugin_account(keys[1], "Fine"),
+        plugin_account(keys[2], "Also fine"),
+    ], rotationStrategy="round-robin")
+    proxy = start_proxy(fake_kimi)
+    with httpx.Client(trust_env=False, timeout=10) as c:
+        statuses = [c.post(proxy.url + MESSAGES_PATH, json=MSG, headers={"x-api-key": "sk-kimi-placeholder"})
+                    .status_code for _ in range(6)]
+    assert statuses == [200] * 6, proxy.output()
+    assert [seen.key for seen in fake_kimi.message_requests()] == [keys[1], keys[2]] * 3
+    saved = poll(lambda: [a for a in accounts_on_disk(accounts_path) if a.get("successfulRequests")], 3.0)
+    assert len(saved) == 2
+    billed = accounts_on_disk(accounts_path)[0]
+    assert (billed["billingLimitResetTime"], billed["consecutiveBillingLimitHits"]) == (later, 2)
