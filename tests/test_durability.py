@@ -27,13 +27,13 @@ from typing import Any
 
 import httpx
 import pytest
-from filelock import FileLock
 from mitmproxy.test import taddons
 
 from rotator import policy
 from rotator.models import Account, AccountsFile
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
+from rotator.store.lock import DirLock
 from tests.conftest import FLUSH_INTERVAL_S, fake_key
 from tests.fake_kimi import MESSAGES_PATH, FakeKimi
 from tests.harness import Proxy, counts_on_disk, counts_seen, poll, run_cli
@@ -374,7 +374,7 @@ class _WriteRightAfterUnlock:
 
         def wrapped(lock: Any, *args: Any, **kwargs: Any) -> None:
             release(lock, *args, **kwargs)
-            if hook.armed and not lock.is_locked:
+            if hook.armed and not lock.held:
                 hook.armed = False
                 storage.update_accounts(
                     hook.path, lambda s: (s.accounts.append(Account(key=hook.new_key)), s)[1]
@@ -388,7 +388,7 @@ async def test_a_change_right_after_a_flush_is_still_picked_up(tmp_path, keys, m
     path = tmp_path / "accounts.json"
     storage.write_accounts(path, AccountsFile(accounts=[Account(key=k) for k in keys[:2]]))
     hook = _WriteRightAfterUnlock(path, keys[2])
-    monkeypatch.setattr(FileLock, "release", hook(FileLock.release))
+    monkeypatch.setattr(DirLock, "release", hook(DirLock.release))
     addon = KimiRotator()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, kimi_accounts=str(path))

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from filelock import FileLock, Timeout
 
 from rotator.models import Account, AccountsFile
 from rotator.pool import KeyPool, Lease
 from rotator.store import file as storage
 from rotator.store.file import FileStore
+from rotator.store.lock import DirLock, LockTimeout
 from rotator.sync import PoolSync
 from tests.conftest import FLUSH_INTERVAL_S, fake_key
 from tests.fake_kimi import MESSAGES_PATH, FakeKimi
@@ -201,9 +201,9 @@ def test_the_lock_is_shared_by_the_link_and_its_target(keys, accounts_path, link
     # read the same old state: their changes would overwrite each other.
     storage.write_accounts(linked, AccountsFile(accounts=[Account(key=keys[0])]))
     with storage._locked(linked):
-        lock_file = FileLock(str(linked.with_name(linked.name + ".lock")), timeout=0)
-        with pytest.raises(Timeout):
-            lock_file.acquire()
+        lock_dir = DirLock(linked.with_name(linked.name + ".lock"), timeout_s=0)
+        with pytest.raises(LockTimeout):
+            lock_dir.acquire()
         done: list[AccountsFile] = []
         writer = threading.Thread(
             target=lambda: done.append(storage.update_accounts(
@@ -361,7 +361,7 @@ async def test_a_full_disk_is_reported_as_a_write_failure(tmp_path, monkeypatch,
 async def test_a_held_lock_is_reported_as_a_lock_timeout(tmp_path, monkeypatch, caplog):
     store, pool, sync = _store_with_changes(tmp_path)
     monkeypatch.setattr(storage, "LOCK_TIMEOUT_S", 0.2)
-    holder = FileLock(str(store.path.with_name(store.path.name + ".lock")))
+    holder = DirLock(store.path.with_name(store.path.name + ".lock"))
     done = threading.Event()
     taken = threading.Event()
 

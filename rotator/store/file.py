@@ -1,8 +1,9 @@
 """The accounts file as a state store: where it is, reading it, and changing it safely.
 
 Every writer (the CLI and each running proxy) changes the file the same way: take the
-cross-process lock, read the file, apply its change to what it read, write a temporary
-file beside it, fsync, and rename it over the old one. A crash leaves the old or the new
+cross-process lock (rotator/store/lock.py: the one the OpenCode plugin takes too), read
+the file, apply its change to what it read, write a temporary file beside it, fsync,
+and rename it over the old one. A crash leaves the old or the new
 file whole, and a change made by another process between our reads is never lost.
 A file that cannot be read is never written, nor one nested too deeply to write back.
 
@@ -24,13 +25,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import platformdirs
-from filelock import FileLock, Timeout
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from rotator import merge
 from rotator.models import AccountsFile
 from rotator.store import StoreError
+from rotator.store.lock import DirLock, LockLost, LockTimeout
 
 ACCOUNTS_ENV = "KIMI_ROTATOR_ACCOUNTS"
 ACCOUNTS_FILENAME = "kimi-accounts.json"
@@ -203,7 +204,7 @@ def update_accounts_signed(
 ) -> tuple[AccountsFile, FileSignature | None]:
     """`update_accounts`, plus the file's signature taken before the lock is released,
     so a change another process makes right after cannot pass for ours."""
-    with _locked(path):
+    with _locked(path) as lock:
         _remove_stale_temp_files(write_target(path))
         current = read_accounts(path)
         before = _serialise(path, current) if path.exists() else None
@@ -211,6 +212,7 @@ def update_accounts_signed(
         if changed is not None:
             after = _serialise(path, changed)
             if after != before:
+                _still_locked(path, lock)
                 _write_bytes(path, after.encode())
         return (current if changed is None else changed), _signature_after_write(path)
 
@@ -237,27 +239,45 @@ def _remove_stale_temp_files(target: Path) -> None:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path) -> Iterator[DirLock]:
     # Beside the target, not the link: a writer using the link and one using the real
-    # path (or another link to it) must take the same lock, or one loses the other's change.
+    # path (or another link to it) must take the same lock, or one loses the other's
+    # change. proper-lockfile resolves the path the same way (realpath), so the plugin
+    # takes this same lock too.
     target = write_target(path)
     try:
         _ensure_private_dir(target.parent)
     except OSError as e:
         raise AccountsFileError(path, _os_problem(e), "write") from e
-    lock = FileLock(str(target.with_name(target.name + ".lock")), timeout=LOCK_TIMEOUT_S)
+    lock = DirLock(lock_path(target), timeout_s=LOCK_TIMEOUT_S)
     try:
         lock.acquire()
-    except Timeout as e:
+    except LockTimeout as e:
+        older = f" (an older kimi-rotator holds {e.path}: stop it)" if e.old_file else ""
         raise AccountsFileError(
-            path, f"another process has held its lock for over {LOCK_TIMEOUT_S:g} s", "lock"
+            path, f"another process has held its lock for over {LOCK_TIMEOUT_S:g} s{older}", "lock"
         ) from e
     except OSError as e:
         raise AccountsFileError(path, f"cannot take its lock ({_os_problem(e)})", "lock") from e
     try:
-        yield
+        yield lock
     finally:
         lock.release()
+
+
+def lock_path(target: Path) -> Path:
+    """The lock of the file `target` (a symlink's target, not the link): proper-lockfile's
+    `<file>.lock`."""
+    return target.with_name(target.name + ".lock")
+
+
+def _still_locked(path: Path, lock: DirLock) -> None:
+    # A holder stalled past the stale time (a suspended laptop) may have been taken
+    # over: writing now would overwrite what the new holder writes.
+    try:
+        lock.ensure_held()
+    except LockLost as e:
+        raise AccountsFileError(path, f"lost its lock while holding it ({e})", "lock") from e
 
 
 def _ensure_private_dir(folder: Path) -> None:
