@@ -41,6 +41,7 @@ class Lease(NamedTuple):
     key: str
     index: int
     name: str
+    at_ms: int = 0  # when the key was chosen (a waiting request is sent only then)
 
     @property
     def masked_key(self) -> str:
@@ -145,7 +146,7 @@ class KeyPool:
         busy = self.in_flight.get(key, 0) + 1
         self.in_flight[key] = busy
         self._update_cap(key, busy, account)
-        return Lease(key, chosen, account.name)
+        return Lease(key, chosen, account.name, now_ms)
 
     def acquire_preferring_untried(self, now_ms: int, tried: Collection[str]) -> Lease | Unavailable:
         """A key not yet tried for this request, else a tried one that can serve again

@@ -46,12 +46,18 @@ def last_days(now_ms: int, count: int = WEEK_DAYS) -> list[str]:
     return [utc_day(now_ms - back * DAY_MS) for back in range(count - 1, -1, -1)]
 
 
-def response_ms(sent_s: float | None, headers_s: float | None) -> int | None:
-    """Whole ms between sending a request and its answer's headers (mitmproxy's
-    timestamps, in seconds), or None when either is unknown."""
-    if not sent_s or not headers_s:
+def response_ms(request_end_s: float | None, headers_s: float | None, chosen_ms: int = 0) -> int | None:
+    """Whole ms from sending a request to its answer's headers, from mitmproxy's
+    timestamps (seconds): the request was sent once read whole, or, if it waited for a
+    key, once the key was chosen at `chosen_ms` (used only when it falls between the
+    two). None when a timestamp is missing."""
+    if not request_end_s or not headers_s:
         return None
-    return max(0, round((headers_s - sent_s) * 1000))
+    sent = request_end_s
+    chosen_s = chosen_ms / 1000
+    if sent < chosen_s <= headers_s:
+        sent = chosen_s
+    return max(0, round((headers_s - sent) * 1000))
 
 
 def record_success(account: Account, change: KeyChange, took_ms: int | None, now_ms: int) -> bool:

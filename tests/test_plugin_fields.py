@@ -427,3 +427,11 @@ def test_through_the_proxy_a_billing_limited_key_gets_no_request_and_keeps_its_d
     assert len(saved) == 2
     billed = accounts_on_disk(accounts_path)[0]
     assert (billed["billingLimitResetTime"], billed["consecutiveBillingLimitHits"]) == (later, 2)
+
+
+def test_a_response_time_runs_from_sending_to_the_headers_not_from_a_wait_for_a_key():
+    read_at, headers_at = 1_790_000_000.0, 1_790_000_002.5
+    assert stats.response_ms(read_at, headers_at) == 2500
+    assert stats.response_ms(read_at, headers_at, int((read_at + 2) * 1000)) == 500  # waited 2 s for a key
+    assert stats.response_ms(read_at, headers_at, NOW) == 2500  # a clock not the flow's is ignored
+    assert stats.response_ms(None, headers_at) is None and stats.response_ms(read_at, None) is None

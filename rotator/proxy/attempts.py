@@ -48,10 +48,12 @@ class Attempts:
         took_ms = None
         response = record.flow.response
         if outcome.counts_as_success and response is not None:
-            # From sending the request (mitmproxy read it whole; resends are stamped
-            # when sent) to the answer's headers: what the plugin measures.
+            # From sending the request (read whole, or its key chosen after a wait;
+            # resends are stamped when sent) to the answer's headers, as the plugin measures.
             request = record.flow.request
-            took_ms = stats.response_ms(request.timestamp_end or request.timestamp_start, response.timestamp_start)
+            took_ms = stats.response_ms(
+                request.timestamp_end or request.timestamp_start, response.timestamp_start, lease.at_ms
+            )
         event = self.pool.release(lease, outcome, now, took_ms)
         if event:
             logger.log(ALERT, "kimi-rotator: %s", event)
