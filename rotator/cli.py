@@ -34,7 +34,7 @@ from rotator.cli_help import help_text, synopsis
 from rotator.clock import now_ms
 from rotator.keys import KEY_PREFIX, is_kimi_key, looks_like_key, mask_key
 from rotator.models import STRATEGIES
-from rotator.status import as_json, list_block, stats_block, stats_json, stats_totals, view_pool
+from rotator.status import as_json, list_block, stats_json, stats_page, view_pool
 from rotator.text import NAME_MOST, clean_lines, refusal
 from rotator.store.file import (
     AccountsFileError,
@@ -246,32 +246,21 @@ def _stats(args: argparse.Namespace, cx: Context) -> None:
     views = view_pool(cx.store.read(), cx.now_ms)
     if args.json:
         _out(json.dumps(stats_json(views, cx.now_ms), indent=2))
-        return
-    if not views:
-        _out("No Kimi API keys configured.")
-        _out(f"Add one with: {cx.prog} add-key KEY [NAME]")
-        return
-    lines = ["📊 Usage Statistics"]
-    for view in views:
-        lines += ["", *stats_block(view, cx.now_ms)]
-    _out("\n".join([*lines, "", *stats_totals(views, cx.now_ms)]))
+    else:
+        _out(stats_page(views, cx.now_ms, f"{cx.prog} add-key KEY [NAME]"))
 
 
 def _true_or_false(text: str) -> bool:
     if text not in ("true", "false"):
-        raise argparse.ArgumentTypeError(
-            f"expected true or false, got {text!r} (when true, resting keys regain health"
-            " after each cooldown period)"
-        )
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r} (when true, resting keys"
+                                         " regain health after each cooldown period)")
     return text == "true"
 
 
 def _cooldown_minutes(text: str) -> int:
     if not _INDEX_SHAPE.fullmatch(text) or not 1 <= int(text) <= 1440:
-        raise argparse.ArgumentTypeError(
-            f"MINUTES must be a whole number from 1 to 1440, got {text!r} (the rest before"
-            " health is refreshed after a rate limit; default 30)"
-        )
+        raise argparse.ArgumentTypeError(f"MINUTES must be a whole number from 1 to 1440, got {text!r} (the"
+                                         " rest per +10 health after a rate limit; default 30)")
     return int(text)
 
 

@@ -241,6 +241,16 @@ def total_stats(views: Sequence[KeyView], now: int) -> KeyStats:
                      times, daily, now)
 
 
+def stats_page(views: Sequence[KeyView], now: int, add_hint: str) -> str:
+    """What `stats` prints: each key's block, then the totals."""
+    if not views:
+        return f"No Kimi API keys configured.\nAdd one with: {add_hint}"
+    lines = ["📊 Usage Statistics"]
+    for view in views:
+        lines += ["", *stats_block(view, now)]
+    return "\n".join([*lines, "", *stats_totals(views, now)])
+
+
 def stats_totals(views: Sequence[KeyView], now: int) -> list[str]:
     numbers = total_stats(views, now)
     lines = [
