@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import NoReturn
 
 from rotator import backup_cli, oddities, ops
 from rotator.cli_help import help_text, synopsis
@@ -35,7 +35,8 @@ from rotator.clock import now_ms
 from rotator.keys import KEY_PREFIX, is_kimi_key, looks_like_key, mask_key
 from rotator.models import STRATEGIES
 from rotator.status import as_json, list_block, stats_json, stats_page, view_pool
-from rotator.text import NAME_MOST, clean_lines, refusal
+from rotator.terminal import emit
+from rotator.text import NAME_MOST, refusal
 from rotator.store.file import (
     AccountsFileError,
     FileStore,
@@ -50,27 +51,6 @@ EXIT_FILE = 1
 EXIT_USAGE = 2
 
 _INDEX_SHAPE = re.compile(r"[0-9]+")
-# Fallbacks for terminals whose encoding can't show the glyphs.
-_ASCII_GLYPHS = str.maketrans(
-    {
-        "●": "*",
-        "○": "o",
-        "█": "#",
-        "░": "-",
-        "✓": "+",
-        "✗": "x",
-        "⏳": "~",
-        "⚠": "!",
-        "…": "...",
-        "—": "-",
-        "─": "-",
-        "→": "->",
-        "·": ".",
-        "📊": "",
-        "📈": "",
-        **{bar: str(level + 1) for level, bar in enumerate("▁▂▃▄▅▆▇")},
-    }
-)
 
 
 class CliError(Exception):
@@ -97,42 +77,19 @@ class _Parser(argparse.ArgumentParser):
 
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         if message:
-            _emit(sys.stderr, message.rstrip("\n"))
+            emit(sys.stderr, message.rstrip("\n"))
         raise _ParserExit(status)
 
 
 # ----------------------------------------------------------------------------- output
 
 
-def _can_encode(stream: TextIO, text: str) -> bool:
-    encoding = getattr(stream, "encoding", None) or "utf-8"
-    try:
-        text.encode(encoding)
-    except (UnicodeEncodeError, LookupError):
-        return False
-    return True
-
-
-def _emit(stream: TextIO, text: str) -> None:
-    """Write one or more lines, clean and masked, in a form the stream's encoding can carry."""
-    text = clean_lines(text)
-    if not _can_encode(stream, text):
-        text = text.translate(_ASCII_GLYPHS)
-        encoding = getattr(stream, "encoding", None) or "utf-8"
-        try:
-            text = text.encode(encoding, "replace").decode(encoding)
-        except LookupError:
-            text = text.encode("ascii", "replace").decode("ascii")
-    stream.write(text + "\n")
-    stream.flush()
-
-
 def _out(text: str) -> None:
-    _emit(sys.stdout, text)
+    emit(sys.stdout, text)
 
 
 def _err(text: str) -> None:
-    _emit(sys.stderr, text)
+    emit(sys.stderr, text)
 
 
 def _prog_name() -> str:
