@@ -29,16 +29,18 @@ from tests.harness import REPO_ROOT, accounts_on_disk, run_cli
 
 # Takes the lock as the plugin's storage.ts does (stale 5000 ms, 3 retries) unless the
 # options say otherwise; reads the file once locked, waits HOLD_MS, adds KEY (if given),
-# writes the file back and releases: the plugin's own read-modify-write.
+# writes the file back and releases: the plugin's own read-modify-write. IN_PLACE leaves
+# the file empty while it waits: the plugin writes in place (truncate, then write).
 PLUGIN_SCRIPT = r"""
 const lockfile = require('proper-lockfile');
 const fs = require('fs');
-const [file, holdMs, key, extra] = process.argv.slice(2);
+const [file, holdMs, key, extra, inPlace] = process.argv.slice(2);
 const options = Object.assign({ stale: 5000, retries: 3 }, JSON.parse(extra || '{}'));
 (async () => {
   const release = await lockfile.lock(file, options);
   console.log('locked');
   const config = JSON.parse(fs.readFileSync(file, 'utf-8'));
+  if (inPlace) fs.writeFileSync(file, '');  // writeFile's truncate, drawn out
   await new Promise((done) => setTimeout(done, Number(holdMs)));
   if (key) {
     config.accounts.push({ key, name: 'From the plugin', addedAt: Date.now(), lastUsed: Date.now() });
@@ -66,11 +68,11 @@ def plugin_lock(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def start_plugin(folder: Path, accounts: Path, hold_ms: int, key: str = "",
-                 **options: object) -> subprocess.Popen[str]:
+def start_plugin(folder: Path, accounts: Path, hold_ms: int, key: str = "", *,
+                 in_place: bool = False, **options: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
         ["node", str(folder / "plugin_lock.js"), str(accounts), str(hold_ms), key,
-         json.dumps(options)],
+         json.dumps(options), "in-place" if in_place else ""],
         cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -113,6 +115,21 @@ def test_add_key_waits_while_the_plugin_holds_the_lock(plugin_lock, accounts):
     # read before) would have dropped our key.
     assert keys_on_disk(accounts) == [fake_key("first"), fake_key("plugin"), fake_key("ours")]
     assert not lock_of(accounts).exists()
+
+
+@pytest.mark.parametrize("verb", [["list-keys", "--json"], ["add-key", fake_key("ours"), "Ours"]])
+def test_a_file_the_plugin_is_rewriting_is_read_once_it_is_done(plugin_lock, accounts, verb):
+    plugin = start_plugin(plugin_lock, accounts, 1000, fake_key("plugin"), in_place=True)
+    wait_until_locked(plugin)
+    done = run_cli(accounts, *verb)
+    code, output = finish(plugin)
+    assert code == 0, output
+    assert done.returncode == 0, done.stderr  # not "not valid JSON"
+    if verb[0] == "list-keys":  # what the plugin wrote, not what it had emptied
+        assert [a["name"] for a in json.loads(done.stdout)["accounts"]] == ["", "From the plugin"]
+        assert keys_on_disk(accounts) == [fake_key("first"), fake_key("plugin")]
+    else:
+        assert keys_on_disk(accounts) == [fake_key("first"), fake_key("plugin"), fake_key("ours")]
 
 
 def test_the_plugin_waits_while_kimi_rotator_holds_the_lock(plugin_lock, accounts):

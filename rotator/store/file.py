@@ -265,6 +265,20 @@ def _locked(path: Path) -> Iterator[DirLock]:
         lock.release()
 
 
+def read_settled(path: Path) -> AccountsFile:
+    """`read_accounts`, read once more under the lock if it fails: the OpenCode plugin
+    rewrites the file in place (truncate, then write) while it holds the lock, so a read
+    outside the lock can find it half written. Still failing, the first error stands."""
+    try:
+        return read_accounts(path)
+    except AccountsFileError as first:
+        try:
+            with _locked(path):
+                return read_accounts(path)
+        except AccountsFileError:
+            raise first from None
+
+
 def lock_path(target: Path) -> Path:
     """The lock of the file `target` (a symlink's target, not the link): proper-lockfile's
     `<file>.lock`."""
@@ -314,7 +328,7 @@ class FileStore:
         self._last_read_failed = False
 
     def read(self) -> AccountsFile:
-        return read_accounts(self.path)
+        return read_settled(self.path)
 
     def edit(self, change: Callable[[AccountsFile], AccountsFile | None]) -> AccountsFile:
         return update_accounts(self.path, change)
