@@ -191,6 +191,18 @@ def test_a_fresh_lock_directory_is_not_taken_over(accounts, monkeypatch):
     assert lock.is_dir()
 
 
+def test_something_else_at_the_lock_path_is_named_and_left_alone(accounts, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    lock_of(accounts).symlink_to(elsewhere)
+    before = accounts.read_bytes()
+    added = run_cli(accounts, "add-key", fake_key("ours"), "Ours", in_process=True)
+    assert added.returncode != 0
+    assert f"cannot take its lock ({lock_of(accounts)} is neither a lock directory" in added.stderr
+    assert accounts.read_bytes() == before
+    assert lock_of(accounts).is_symlink() and elsewhere.is_dir()
+
+
 def test_a_kimi_rotator_killed_while_holding_the_lock_holds_up_nobody(accounts):
     # Killed mid-save (SIGKILL, the OOM killer): its lock directory stays, fresh, but a
     # kimi-rotator does not wait the 5 s stale time for it, as it never did with flock.

@@ -13,7 +13,7 @@ its protocol, and kimi-rotator and the plugin exclude each other on one file:
 
 Our holds last milliseconds, but a save of a large file on a slow disk can last longer
 than the plugin's 5 s stale time, so a daemon thread refreshes the mtime every second
-while a lock is held: that costs one thread start per hold and never a wrong takeover.
+while a lock is held: one thread start per hold, and a held lock never looks abandoned.
 A kimi-rotator's own lock directory also carries a mark the plugin ignores (see DirLock),
 so a kimi-rotator killed while saving holds up the next one for no time, as flock did.
 
@@ -202,8 +202,8 @@ class DirLock:
                 # this flock until we release; one that opens the path now finds a directory.
                 self._fds.append(fd)
         elif found is Found.OTHER:
-            raise OSError(errno.ENOTDIR, "it is neither a lock directory nor an old lock file, remove it",
-                          str(self.path))
+            raise OSError(errno.ENOTDIR, f"{self.path} is neither a lock directory nor an old lock "
+                          "file; remove it")
         if self._mkdir():  # once, as proper-lockfile does after removing a stale lock
             return True
         self._close_fds()
