@@ -5,14 +5,27 @@ that tells the user. Nothing here changes the user's entries: they are their dat
   they are, never counted and never chosen (the pool sees them as disabled).
 - An `activeIndex` past the last key is read as 0 (see `AccountsFile`); the file keeps
   the user's value until the next write.
+- A key holding anything but printable ASCII (a space, a line break, a control or
+  non-ASCII character: a hand edit or a paste gone wrong) is never sent: it could not be
+  a Kimi key, and a line break in it would inject headers into the request. The pool
+  sees it as disabled until the user fixes it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from rotator.keys import mask_key
 from rotator.models import Account, AccountsFile
+
+
+_SENDABLE_KEY = re.compile(r"[!-~]+")  # printable ASCII, no space: what a header value may carry
+UNSENDABLE = "its key holds spaces, line breaks or other characters no key has; fix it in the file"
+
+
+def is_sendable(key: str) -> bool:
+    return _SENDABLE_KEY.fullmatch(key) is not None
 
 
 def first_index_by_key(accounts: Sequence[Account]) -> dict[str, int]:
@@ -39,11 +52,14 @@ def in_use(state: AccountsFile) -> AccountsFile:
     copy in which each later entry is disabled (a copy of the entry too: the file's is
     left alone) and an activeIndex on one moves to its first entry."""
     later = duplicates(state.accounts)
-    if not later:
+    unsendable = [i for i, account in enumerate(state.accounts) if not is_sendable(account.key)]
+    if not later and not unsendable:
         return state
     accounts = list(state.accounts)
     for i, first in later.items():
         accounts[i] = accounts[i].model_copy(update={"disabled_reason": f"duplicate of [{first}]; not used"})
+    for i in unsendable:
+        accounts[i] = accounts[i].model_copy(update={"disabled_reason": UNSENDABLE})
     view = state.model_copy(update={"accounts": accounts})
     view.active_index = later.get(view.active_index, view.active_index)
     return view
@@ -58,6 +74,9 @@ def notes(state: AccountsFile) -> list[str]:
             f"activeIndex {read_index} is out of range ({len(state.accounts)} keys); key [0] is the "
             "active one until another is chosen (use-key, rotate)"
         )
+    for i, account in enumerate(state.accounts):
+        if not is_sendable(account.key):
+            found.append(f"key [{i}] ({mask_key(account.key)}) is never used: {UNSENDABLE}")
     by_first: dict[int, list[int]] = {}
     for later, first in duplicates(state.accounts).items():
         by_first.setdefault(first, []).append(later)

@@ -383,3 +383,28 @@ async def test_a_held_lock_is_reported_as_a_lock_timeout(tmp_path, monkeypatch, 
     assert "cannot read" not in caplog.text
     await sync.save_once()
     assert storage.read_accounts(store.path).accounts[0].total_requests == 1
+
+
+# -- a key no header may carry -------------------------------------------------------------
+
+
+def test_a_key_with_a_line_break_or_spaces_is_never_sent(fake_kimi, keys, accounts_path, start_proxy):
+    good = keys[0]
+    injected = keys[1] + "\r\nx-injected: yes"
+    padded = " " + keys[2] + " "
+    accounts_path.parent.mkdir(parents=True)
+    accounts_path.write_bytes(raw_file([{"key": injected, "name": "Pasted"}, {"key": padded, "name": "Padded"},
+                                        {"key": good, "name": "Good"}]))
+    accounts_path.chmod(0o600)
+    proxy = start_proxy(fake_kimi)
+    with new_client() as c:
+        assert all(send(c, proxy).status_code == 200 for _ in range(6))
+    proxy.stop()
+    assert fake_kimi.keys_seen() == [good] * 6
+    assert not any("x-injected" in {k.lower() for k in r.headers} for r in fake_kimi.message_requests())
+    out = proxy.output()
+    assert out.count("is never used: its key holds spaces") == 2, out
+    assert keys[1] not in out and keys[2] not in out
+    listed = run_cli(accounts_path, "list-keys", in_process=True)
+    warnings = [line for line in listed.stderr.splitlines() if "never used" in line]
+    assert [w.split("key [")[1][:1] for w in warnings] == ["0", "1"], listed.stderr
