@@ -22,8 +22,11 @@ from pathlib import Path
 import pytest
 
 from rotator.models import Account, AccountsFile
+from rotator.pool import KeyPool, Lease
 from rotator.store import file as storage
+from rotator.store.file import FileStore
 from rotator.store.lock import STALE_S, Found, judge
+from rotator.sync import PoolSync
 from tests.conftest import fake_key
 from tests.harness import REPO_ROOT, accounts_on_disk, run_cli
 
@@ -130,6 +133,19 @@ def test_a_file_the_plugin_is_rewriting_is_read_once_it_is_done(plugin_lock, acc
         assert keys_on_disk(accounts) == [fake_key("first"), fake_key("plugin")]
     else:
         assert keys_on_disk(accounts) == [fake_key("first"), fake_key("plugin"), fake_key("ours")]
+
+
+async def test_a_proxy_save_waits_for_the_plugin_and_keeps_both_changes(plugin_lock, accounts):
+    sync = PoolSync(FileStore(accounts), pool := KeyPool(AccountsFile()), 1.0)
+    assert sync.load() is not None
+    assert isinstance(pool.acquire(pool.clock.now_ms()), Lease)  # one request to count
+    plugin = start_plugin(plugin_lock, accounts, 1000, fake_key("plugin"))
+    wait_until_locked(plugin)
+    await sync.save_once()  # the proxy's periodic save, in its worker thread
+    code, output = finish(plugin)
+    assert code == 0, output
+    assert keys_on_disk(accounts) == [fake_key("first"), fake_key("plugin")]
+    assert storage.read_accounts(accounts).accounts[0].total_requests == 1
 
 
 def test_the_plugin_waits_while_kimi_rotator_holds_the_lock(plugin_lock, accounts):
