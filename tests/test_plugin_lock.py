@@ -135,6 +135,21 @@ def test_a_file_the_plugin_is_rewriting_is_read_once_it_is_done(plugin_lock, acc
         assert keys_on_disk(accounts) == [fake_key("first"), fake_key("plugin"), fake_key("ours")]
 
 
+def test_through_a_symlink_both_tools_lock_beside_its_target(plugin_lock, accounts, tmp_path):
+    # A dotfile manager's link: proper-lockfile resolves it (realpath) as we do.
+    link = tmp_path / "dotfiles-link.json"
+    link.symlink_to(accounts)
+    plugin = start_plugin(plugin_lock, link, 1000, fake_key("plugin"))
+    wait_until_locked(plugin)
+    assert lock_of(accounts).is_dir() and not lock_of(link).exists()
+    added = run_cli(link, "add-key", fake_key("ours"), "Ours")
+    code, output = finish(plugin)
+    assert code == 0, output
+    assert added.returncode == 0, added.stderr
+    assert keys_on_disk(accounts) == [fake_key("first"), fake_key("plugin"), fake_key("ours")]
+    assert link.is_symlink()
+
+
 async def test_a_proxy_save_waits_for_the_plugin_and_keeps_both_changes(plugin_lock, accounts):
     sync = PoolSync(FileStore(accounts), pool := KeyPool(AccountsFile()), 1.0)
     assert sync.load() is not None
