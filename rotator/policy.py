@@ -216,20 +216,24 @@ def _no_cooldown(verdict: Verdict, health_delta: int, reason: str) -> Outcome:
 _SUCCESS = _no_cooldown(Verdict.SUCCESS, HEALTH_SUCCESS, RULES[0].reason)
 
 # mitmproxy's words when the client, not Kimi, ended the exchange: HTTP/1 clients
-# closing, HTTP/2 clients cancelling a stream, a person killing the flow.
-CLIENT_GONE_PHRASES = ("client disconnected", "stream reset by client (cancel)", "killed")
+# closing, HTTP/2 clients resetting a stream (whatever the code), a person killing it.
+CLIENT_GONE_PHRASES = ("client disconnected", "stream reset by client", "killed")
 
 
-def classify_connection_error(message: str, now_ms: int, answered_status: int | None = None) -> Outcome:
+def classify_connection_error(
+    message: str, now_ms: int, answered_status: int | None = None, *, client_left: bool = False
+) -> Outcome:
     """An exchange that ended without a complete response.
 
-    The client hanging up is nobody's fault; if Kimi had already begun a successful
+    The client hanging up is nobody's fault (`client_left`: its connection closed, which
+    mitmproxy's words alone don't always tell, e.g. a streamed upload cut short reads as
+    an incomplete message body either way); if Kimi had already begun a successful
     answer, the key did its job. Otherwise a refused, reset or timed-out upstream
     connection is a failure, not retried: the request may have reached Kimi before the
     connection broke, so resending it could run it twice; the client decides.
     """
     detail = _quote(str(message), REASON_DETAIL_CHARS)
-    if any(phrase in detail.casefold() for phrase in CLIENT_GONE_PHRASES):
+    if client_left or any(phrase in detail.casefold() for phrase in CLIENT_GONE_PHRASES):
         if answered_status is not None and 200 <= answered_status < 400:
             return _SUCCESS
         return _no_cooldown(Verdict.CLIENT_GONE, HEALTH_NEUTRAL, f"the client ended the request: {detail}")

@@ -402,3 +402,25 @@ def test_a_streamed_request_that_no_key_can_serve_is_closed_without_a_crash(
     output = proxy.output()
     assert "crashed" not in output and "Traceback" not in output, output
     assert output.count("could not be served") == 1, output  # said once, with what to do
+
+
+def test_a_client_leaving_halfway_through_a_streamed_upload_is_not_charged(
+    fake_kimi, two_keys, write_accounts, start_proxy, accounts_path
+):
+    import socket
+
+    write_accounts(two_keys[:1])
+    proxy = start_proxy(fake_kimi, options={"stream_large_bodies": "1k"})
+    head = (
+        f"POST {MESSAGES_PATH} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        f"x-api-key: {PLACEHOLDER}\r\ncontent-length: 5000\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        # 2,000 of the 5,000 bytes promised, then the client leaves: the proxy reads the
+        # headers (and puts the pool key on) before it reads the end of the connection.
+        s.sendall(head + b"{" + b" " * 1999)
+    assert poll(lambda: counts_on_disk(accounts_path) == {two_keys[0]: (1, 0)}, 5), counts_on_disk(accounts_path)
+    proxy.stop()
+    (entry,) = accounts(accounts_path)
+    assert entry["healthScore"] == 100 and entry["consecutiveFailures"] == 0, entry
+    assert entry.get("disabledReason") is None and entry["rateLimitResetTime"] == 0, entry

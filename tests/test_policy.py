@@ -462,7 +462,8 @@ def test_table_shape() -> None:
             assert not rule.retry_elsewhere and rule.cooldown_ms is None, rule
 
 
-@pytest.mark.parametrize("message", ["Client disconnected.", "stream reset by client (CANCEL)", "killed"])
+@pytest.mark.parametrize("message", ["Client disconnected.", "stream reset by client (CANCEL)",
+                                     "stream reset by client (NO_ERROR)", "killed"])
 def test_a_client_hanging_up_is_not_the_keys_fault(message):
     outcome = classify_connection_error(message, NOW)
     assert outcome.verdict is Verdict.CLIENT_GONE
@@ -473,6 +474,13 @@ def test_a_client_hanging_up_is_not_the_keys_fault(message):
 def test_a_client_hanging_up_on_a_started_success_counts_as_success():
     outcome = classify_connection_error("Client disconnected.", NOW, answered_status=200)
     assert outcome.verdict is Verdict.SUCCESS and outcome.counts_as_success
+
+
+def test_a_closed_client_connection_is_the_clients_doing_whatever_the_words():
+    # A streamed upload cut short by the client reads as mitmproxy's incomplete-body error.
+    message = "peer closed connection without sending complete message body (received 2000 bytes, expected 5000)"
+    assert classify_connection_error(message, NOW).verdict is Verdict.UPSTREAM_FAULT
+    assert classify_connection_error(message, NOW, client_left=True).verdict is Verdict.CLIENT_GONE
 
 
 def test_upstream_breaking_mid_answer_is_still_a_failure():

@@ -29,6 +29,7 @@ from rotator.proxy.flows import (
     FlowLedger,
     FlowRecord,
     attempt_note,
+    client_closed,
     client_gone,
 )
 from rotator.proxy.options import (
@@ -235,7 +236,11 @@ class KimiRotator:
         message = flow.error.msg if flow.error else "connection failed"
         answered = flow.response.status_code if flow.response is not None else None
         now = self.clock.now_ms()
-        self.attempts.settle(record, policy.classify_connection_error(message, now, answered), now)
+        # Our own resends carry a copy of the client's connection, closed: only a client's
+        # own flow says whether its client left.
+        client_left = record.kind is FlowKind.CLIENT and client_closed(flow)
+        outcome = policy.classify_connection_error(message, now, answered, client_left=client_left)
+        self.attempts.settle(record, outcome, now)
         if record.kind is FlowKind.CLIENT:
             self.ledger.show_attempts_afresh(record)
 

@@ -50,7 +50,12 @@ def client_gone(flow: http.HTTPFlow) -> bool:
     changes at once is the client connection's state (it can no longer be read from).
     An HTTP/2 client cancelling one stream is seen only when its connection closes.
     """
-    return flow.error is not None or not flow.client_conn.state & ConnectionState.CAN_READ
+    return flow.error is not None or client_closed(flow)
+
+
+def client_closed(flow: http.HTTPFlow) -> bool:
+    """Whether the client's connection has closed (see `client_gone`)."""
+    return not flow.client_conn.state & ConnectionState.CAN_READ
 
 
 def attempt_note(lease: Lease) -> dict[str, Any]:
