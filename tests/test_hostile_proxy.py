@@ -424,3 +424,38 @@ def test_a_client_leaving_halfway_through_a_streamed_upload_is_not_charged(
     (entry,) = accounts(accounts_path)
     assert entry["healthScore"] == 100 and entry["consecutiveFailures"] == 0, entry
     assert entry.get("disabledReason") is None and entry["rateLimitResetTime"] == 0, entry
+
+
+@pytest.mark.parametrize(
+    "offered, unreadable, sent",
+    [
+        ("gzip, deflate, br", {"br"}, "gzip, deflate"),
+        ("BR;q=1.0, gzip;q=0.5", {"br"}, "gzip;q=0.5"),
+        ("br", {"br"}, "identity"),
+        ("gzip, br", set(), "gzip, br"),
+        ("gzip, zstd", {"br"}, "gzip, zstd"),
+    ],
+)
+def test_unreadable_encodings_are_not_offered_to_kimi(offered, unreadable, sent):
+    from rotator.proxy.headers import drop_accept_encodings
+
+    headers = http.Headers([(b"Accept-Encoding", offered.encode()), (b"x-api-key", b"k")])
+    drop_accept_encodings(headers, frozenset(unreadable))
+    assert headers.fields == ((b"Accept-Encoding", sent.encode()), (b"x-api-key", b"k"))
+
+
+def test_kimi_is_offered_only_encodings_whose_refusals_the_proxy_can_read(
+    fake_kimi, two_keys, write_accounts, start_proxy
+):
+    from rotator.proxy.bodies import DECODERS
+
+    write_accounts(two_keys[:1])
+    proxy = start_proxy(fake_kimi)
+    with client() as c:
+        r = c.post(proxy.url + MESSAGES_PATH, json=big_message(10),
+                   headers={**CLIENT_HEADERS, "accept-encoding": "gzip, deflate, br, zstd"})
+        assert r.status_code == 200, r.text
+    (seen,) = messages(fake_kimi)
+    offered = [c.strip() for c in seen.headers["accept-encoding"].split(",")]
+    assert offered and all(DECODERS.get(c) is not None for c in offered), offered
+    assert "gzip" in offered  # what can be read is still offered

@@ -39,7 +39,7 @@ from rotator.proxy.options import (
     read_settings,
     warn_if_listening_beyond_loopback,
 )
-from rotator.proxy.headers import is_event_stream
+from rotator.proxy.headers import drop_accept_encodings, is_event_stream
 from rotator.proxy.probes import UsageProbes
 from rotator.store.file import FileStore
 from rotator.strategies import Unavailable
@@ -184,6 +184,8 @@ class KimiRotator:
         record = self.ledger.open(FlowRecord(FlowKind.CLIENT, flow, lease.key, lease, deadline_ms))
         record.attempts.append(attempt_note(lease))
         self.ledger.put_key(record)
+        if bodies.UNREADABLE:
+            drop_accept_encodings(flow.request.headers, bodies.UNREADABLE)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         record = self.ledger.get(flow.id)

@@ -99,6 +99,9 @@ DECODERS: dict[str, Decoder | None] = {
     "br": _brotli(),
     "zstd": _zstd(),
 }
+# Encodings this installation cannot read safely (brotli before 1.2, as with mitmproxy
+# 11): Kimi is not offered them, so its refusals stay readable and judged by their words.
+UNREADABLE: frozenset[str] = frozenset(name for name, decode in DECODERS.items() if decode is None)
 
 
 def body_start(response: http.Response, limit: int = BODY_SCAN_LIMIT) -> bytes | None:

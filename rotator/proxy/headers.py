@@ -86,3 +86,16 @@ def is_event_stream(headers: http.Headers) -> bool:
         if len(name) == 12 and name.lower() == b"content-type":
             return value.lstrip().lower().startswith(b"text/event-stream")
     return False
+
+
+def drop_accept_encodings(headers: http.Headers, unreadable: frozenset[str]) -> None:
+    """Take `unreadable` content codings out of the request's Accept-Encoding, so the
+    answer comes in one the proxy can read (the client decodes either just the same)."""
+    for i, (name, value) in enumerate(headers.fields):
+        if len(name) == 15 and name.lower() == b"accept-encoding":
+            offered = [c.strip() for c in value.decode("latin-1").split(",") if c.strip()]
+            kept = [c for c in offered if c.split(";")[0].strip().lower() not in unreadable]
+            if kept != offered:
+                fields = list(headers.fields)
+                fields[i] = (name, ", ".join(kept or ["identity"]).encode("latin-1"))
+                headers.fields = tuple(fields)
