@@ -57,10 +57,16 @@ def test_masking_finds_the_key_even_if_another_addon_moved_it():
     assert headers["x-api-key"] == headers["x-copied"] == f"{POOL_KEY[:6]}…{POOL_KEY[-4:]}"
 
 
-@pytest.mark.parametrize("hosts", [[], ["https://api.kimi.com"], ["api.kimi.com/coding"], ["api.kimi.com:443"]])
+@pytest.mark.parametrize("hosts", [[], ["https://api.kimi.com"], ["api.kimi.com/coding"], ["api.kimi.com:443"],
+                                   ["127.0.0.1;api.kimi.com"], ["a|b"], ['"api.kimi.com"'], ["*.kimi.com"],
+                                   ["['a','b']"], ["a\u3001b"], ["-bad-.kimi.com"]])
 def test_bad_host_lists_are_refused(hosts):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a host name or IP address|at least one host"):
         parse_hosts(hosts)
+
+
+def test_ip_addresses_are_hosts_as_mitmproxy_holds_them():
+    assert parse_hosts(["[::1]", "127.0.0.1", "::FFFF:7f00:1"]) == {"::1", "127.0.0.1", "::ffff:7f00:1"}
 
 
 def test_hosts_are_normalised():

@@ -4,6 +4,7 @@ message that names the option when it is wrong, and warning about a risky listen
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import os
 import re
@@ -92,19 +93,30 @@ def normalize_host(host: str) -> str:
 
 
 _HOST_SEPARATORS = re.compile(r"[,\s]+")
+_HOST_NAME = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def parse_hosts(hosts: Sequence[str]) -> frozenset[str]:
     """The host names in `hosts`; each value may hold several, separated by commas or
     whitespace (`--set kimi_hosts=a,b` gives one value; a host name has no comma)."""
     names = (name for value in hosts for name in _HOST_SEPARATORS.split(value))
-    parsed = frozenset(normalize_host(name) for name in names if name)
-    for host in parsed:
-        if "/" in host or ":" in host and not host.startswith("["):
-            raise ValueError(f"{host!r} is not a host name (no scheme, port or path)")
+    parsed = frozenset(_checked_host(normalize_host(name)) for name in names if name)
     if not parsed:
         raise ValueError("at least one host is needed")
     return parsed
+
+
+def _checked_host(host: str) -> str:
+    """A DNS name or an IP address, as mitmproxy's `request.host` holds it (an IPv6
+    address without brackets); anything else would silently match no request."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    if _HOST_NAME.fullmatch(bare):
+        return bare
+    raise ValueError(f"{host!r} is not a host name or IP address (no scheme, port, path or wildcard)")
 
 
 def parse_seconds(option: str, text: str, least: float, most: float) -> float:
