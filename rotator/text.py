@@ -32,10 +32,14 @@ _ESCAPE_SEQUENCE = re.compile(
 )
 # Line breaks of every kind: a space in one line, a break in several.
 _BREAKS = "\n\r\x0b\x0c\x85\u2028\u2029"
-# Other controls, bidi embeddings/overrides/isolates and marks, invisible joiners.
+# Other controls, bidi embeddings/overrides/isolates and marks, and what shows as
+# nothing or as a blank: soft hyphen, invisible operators, Hangul fillers,
+# interlinear annotation marks, tag characters (which can spell hidden text). The
+# joiners U+200C/U+200D stay: emoji sequences and several scripts need them.
 _INVISIBLE = (
-    "\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f"
-    "\u061c\u200b\u200e\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff"
+    "\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\xad"
+    "\u061c\u115f\u1160\u180e\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069"
+    "\u3164\ufeff\uffa0\ufff9-\ufffb\U000e0000-\U000e007f"
 )
 _DROP_IN_LINE = re.compile(f"[{_INVISIBLE}]")
 _SURROGATE = re.compile("[\ud800-\udfff]")

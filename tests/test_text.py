@@ -73,3 +73,18 @@ def test_a_3000_character_hostile_error_type_makes_a_short_clean_reason() -> Non
 def test_a_connection_error_is_quoted_clean() -> None:
     outcome = policy.classify_connection_error(f"reset\r\n\x1b[2J by peer {KEY}", 0)
     assert outcome.reason == "connection to Kimi failed: reset by peer sk-kim…QQQQ"
+
+
+@pytest.mark.parametrize("hidden", ["\u00ad", "\u115f", "\u180e", "\u2061", "\u2064", "\u3164", "\uffa0",
+                                    "\ufff9", "\U000e0041", "\U000e007f"])
+def test_characters_that_show_as_nothing_are_dropped_and_refused(hidden):
+    assert clean_line(f"Work{hidden}Key", 100) == "WorkKey"
+    assert refusal(f"Work{hidden}", 100) is not None
+    # A key split by one is still masked whole.
+    key = "sk-kimi-AAAAAAAA" + hidden + "BBBBBBBBCCCCCCCC1234"
+    assert clean_line(f"bad {key}", 100) == "bad sk-kim…1234"
+
+
+def test_joiners_in_emoji_and_scripts_are_kept():
+    name = "Dev \U0001f468\u200d\U0001f4bb"
+    assert clean_line(name, 100) == name and refusal(name, 100) is None
