@@ -459,3 +459,30 @@ def test_kimi_is_offered_only_encodings_whose_refusals_the_proxy_can_read(
     offered = [c.strip() for c in seen.headers["accept-encoding"].split(",")]
     assert offered and all(DECODERS.get(c) is not None for c in offered), offered
     assert "gzip" in offered  # what can be read is still offered
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+def test_a_key_kimi_quotes_back_reaches_neither_client_nor_saved_flow(
+    encoding, fake_kimi, two_keys, write_accounts, start_proxy, tmp_path
+):
+    key = two_keys[0]
+    body = json.dumps({"type": "error", "error": {"type": "invalid_request_error",
+                                                  "message": f"bad request from {key}"}}).encode()
+    headers = {"content-type": "application/json", "x-echo-key": key}
+    if encoding == "gzip":
+        body, headers["content-encoding"] = gzip.compress(body), "gzip"
+    write_accounts([key])
+    fake_kimi.set_response(key, 400, body, headers)
+    dump = tmp_path / "flows.mitm"
+    proxy = start_proxy(fake_kimi, extra_args=("-w", str(dump)))
+    with client() as c:
+        r = c.post(proxy.url + MESSAGES_PATH, json=big_message(10), headers=CLIENT_HEADERS)
+    assert r.status_code == 400
+    assert mask_key(key) in r.json()["error"]["message"] and r.headers["x-echo-key"] == mask_key(key)
+    assert key not in r.text and key not in str(r.headers)
+    assert proxy.stop() == 0
+    raw, flows = saved_flows(dump)
+    assert flows and key.encode() not in raw
+    # Decoded as mitmweb would show it, too (a gzipped body hides the key from a byte search).
+    assert all(key not in (f.response.get_text(strict=False) or "") for f in flows if f.response)
+    assert key not in proxy.output()

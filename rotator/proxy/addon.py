@@ -218,6 +218,8 @@ class KimiRotator:
         # Only error bodies say anything about the key; a success is never read.
         readable = not response.stream and response.status_code >= 400
         body = bodies.body_start(response) if readable else None
+        if readable:
+            bodies.mask_echoed_key(response, record.key, lease.masked_key, body)
         now = self.clock.now_ms()
         outcome = policy.classify(response.status_code, response.headers, body, now)
         self.attempts.settle(record, outcome, now)

@@ -126,6 +126,36 @@ def body_start(response: http.Response, limit: int = BODY_SCAN_LIMIT) -> bytes |
         return raw[:limit]
 
 
+def mask_echoed_key(response: http.Response, key: str, masked: str, start: bytes | None) -> bool:
+    """Replace `key` in an error answer's headers and body with its masked form, so the
+    client, the log and saved flows never hold it even when Kimi quotes it back.
+
+    `start` is the body as `body_start` read it. A body holding the key is rewritten
+    only when `start` is all of it (an encoded one is re-encoded as it came); a longer
+    one would have to be decoded whole first, which is what a bomb wants. True when
+    the key was found.
+    """
+    secret, shown = key.encode(), masked.encode()
+    found = False
+    fields = response.headers.fields
+    if any(secret in value for _, value in fields):
+        response.headers.fields = tuple((name, value.replace(secret, shown)) for name, value in fields)
+        found = True
+    raw = response.raw_content
+    if not raw:
+        return found
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if not encoding or encoding == "identity":
+        if secret in raw:
+            response.content = raw.replace(secret, shown)
+            found = True
+    elif start is not None and secret in start:
+        if len(start) < BODY_SCAN_LIMIT:  # decoded whole within the limit: re-encoded as it came
+            response.content = start.replace(secret, shown)
+        found = True
+    return found
+
+
 # -- streamed request bodies -----------------------------------------------------------
 
 
