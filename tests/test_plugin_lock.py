@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -253,6 +254,31 @@ def test_a_kimi_rotator_killed_while_holding_the_lock_holds_up_nobody(accounts):
     assert time.monotonic() - started < 1.0
     assert keys_on_disk(accounts) == [fake_key("first"), fake_key("ours")]
     assert not lock_of(accounts).exists()
+
+
+def test_a_kimi_rotator_killed_right_after_making_the_lock_holds_up_nobody(accounts):
+    # Killed between mkdir and its flock: the directory it leaves is already marked (mkdir
+    # makes it so), nobody is making one any more, so it is a dead holder's.
+    lock = lock_of(accounts)
+    os.mkdir(lock, 0o700 | stat.S_ISVTX)
+    started = time.monotonic()
+    added = run_cli(accounts, "add-key", fake_key("ours"), "Ours", in_process=True)
+    assert added.returncode == 0, added.stderr
+    assert time.monotonic() - started < 1.0
+    assert keys_on_disk(accounts) == [fake_key("first"), fake_key("ours")]
+
+
+def test_a_lock_directory_being_made_is_not_taken_over(accounts):
+    # Between another kimi-rotator's mkdir and its flock (it holds the folder's flock
+    # meanwhile), its marked, not yet flocked directory is held, not a dead one's.
+    from rotator.store.lock import DirLock, LockTimeout, _creating
+
+    lock = lock_of(accounts)
+    with _creating(lock):
+        os.mkdir(lock, 0o700 | stat.S_ISVTX)
+        with pytest.raises(LockTimeout):
+            DirLock(lock, timeout_s=0.3).acquire()
+    assert lock.is_dir()
 
 
 def test_a_lock_taken_over_while_held_writes_nothing(accounts):

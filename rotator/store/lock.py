@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import enum
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 import logging
 import os
 import stat
@@ -101,7 +103,11 @@ class DirLock:
     On top of the protocol, and invisible to the plugin, a kimi-rotator's lock directory
     carries the sticky bit and is flock()ed by its holder while held: the kernel drops
     the flock when the holder dies, so a kimi-rotator killed while saving blocks the
-    next kimi-rotator for no time at all, not the 5 s stale time.
+    next kimi-rotator for no time at all, not the 5 s stale time. The directory is made
+    with the mark already on (mkdir's mode), and the step from making it to flocking it
+    happens under a flock of the folder (`_creating`): a killed holder can never leave an
+    unmarked directory behind (which would look like the plugin's and block for 5 s),
+    and a marked one nobody has flocked, seen while nobody is creating, is a dead one's.
     """
 
     def __init__(self, path: Path, *, timeout_s: float = 10.0, stale_s: float = STALE_S,
@@ -210,26 +216,27 @@ class DirLock:
         return False
 
     def _mkdir(self) -> bool:
-        try:
-            os.mkdir(self.path, 0o700)
-        except FileExistsError:
-            return False
-        try:
-            if fcntl is not None:
-                # The flock first, the mark after: a marked directory without a flock
-                # is one whose holder has ended.
-                # (Blocking: a waiter checking an unmarked directory holds it for
-                # microseconds, and lets go of it: see _remove_if_holder_ended.)
-                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-                self._fds.append(fd)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                os.fchmod(fd, 0o700 | stat.S_ISVTX)
-            with self._guard:
-                self._mark = _stamp(self.path)
-        except OSError:
-            _rmdir_quietly(self.path)
-            self._close_fds()
-            raise
+        with _creating(self.path) as had:
+            if not had:  # another is making its lock at this moment: held; try again
+                return False
+            try:
+                os.mkdir(self.path, 0o700 | stat.S_ISVTX)  # marked from its first moment
+            except FileExistsError:
+                return False
+            try:
+                if fcntl is not None:
+                    # Blocking, but only a waiter judging a dead holder's directory
+                    # holds it, for microseconds, and only while nobody is creating.
+                    fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                    self._fds.append(fd)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    os.fchmod(fd, 0o700 | stat.S_ISVTX)  # where mkdir's mode dropped the mark
+                with self._guard:
+                    self._mark = _stamp(self.path)
+            except OSError:
+                _rmdir_quietly(self.path)
+                self._close_fds()
+                raise
         return True
 
     def _close_fds(self) -> None:
@@ -269,13 +276,44 @@ def _mark_of(path: Path) -> Mark | None:
     return (st.st_ino, st.st_mtime_ns)
 
 
+@contextmanager
+def _creating(path: Path) -> Iterator[bool]:
+    """Hold a flock on the lock's folder: whoever is between making a lock directory
+    and flocking it holds it, so nobody judges such a directory abandoned meanwhile.
+    Yields whether it was had. Held for microseconds, so a process that does not get it
+    tries again later (a frozen holder then costs a timeout, never a hang)."""
+    if fcntl is None:
+        yield True
+        return
+    try:
+        fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        yield True  # a folder we cannot open: no guard, and mkdir says what is wrong with it
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
 def _remove_if_holder_ended(path: Path) -> bool:
     """Remove the kimi-rotator lock directory at `path` if its holder has ended (its
-    flock is gone); whether it did. A marked directory is flock()ed before it is marked
-    and removed before its flock goes, so a marked directory whose flock we get is a
-    dead holder's. Removed while we hold its flock: no other waiter can judge it so."""
+    flock is gone); whether it did. Judged while nobody is creating one (`_creating`):
+    a marked directory is flock()ed before that guard is let go and removed before its
+    flock goes, so a marked directory whose flock we get then is a dead holder's.
+    Removed while we hold its flock: no other waiter can judge it so."""
     if fcntl is None:
         return False
+    with _creating(path) as nobody_creating:
+        return nobody_creating and _remove_unflocked(path)
+
+
+def _remove_unflocked(path: Path) -> bool:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
@@ -284,7 +322,7 @@ def _remove_if_holder_ended(path: Path) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         st = os.fstat(fd)
         if not st.st_mode & stat.S_ISVTX or st.st_ino != os.lstat(path).st_ino:
-            return False  # a new holder's, not marked yet; or not at `path` any more
+            return False  # not a kimi-rotator's (the plugin's), or not at `path` any more
         os.rmdir(path)
     except OSError:
         return False
