@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
-import os
 import secrets
 import sys
-import tempfile
 from pathlib import Path
 
 from rotator import backup, ops
-from rotator.store.file import FileStore
+from rotator.store.file import FileStore, write_private
 
 log = logging.getLogger(__name__)
 
@@ -72,27 +70,12 @@ def export_keys(args: argparse.Namespace, store: FileStore, now_ms: int) -> str:
 
 def _write_private(target: Path, data: bytes, replace: bool) -> None:
     """Write `data` to `target` (0600) atomically; without `replace`, never over an existing file."""
-    folder = target.parent
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise backup.BackupError(f"cannot write {target}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            os.fchmod(tmp.fileno(), 0o600)
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        if replace:
-            os.replace(tmp_name, target)
-        else:
-            os.link(tmp_name, target)  # fails if the file appeared meanwhile
+        write_private(target, data, replace=replace)
     except FileExistsError:
         raise backup.BackupError(f"{target} exists; give --force to replace it") from None
     except OSError as e:
         raise backup.BackupError(f"cannot write {target}: {e.strerror or e}") from None
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
 
 
 def read_import(path: Path) -> backup.BackupDoc:

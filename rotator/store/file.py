@@ -173,20 +173,29 @@ def _write_bytes(path: Path, data: bytes) -> None:
     target = write_target(path)
     try:
         _ensure_private_dir(target.parent)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as tmp:
-                os.fchmod(tmp.fileno(), 0o600)
-                tmp.write(data)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
+        write_private(target, data)
     except OSError as e:
         raise AccountsFileError(path, _os_problem(e), "write") from e
+
+
+def write_private(target: Path, data: bytes, *, replace: bool = True) -> None:
+    """Put `data` at `target` atomically, mode 0600: a temporary file beside it, fsync,
+    then rename (or, without `replace`, a link that fails with FileExistsError if a file
+    is there, even one that appeared meanwhile). Raises OSError; leaves no temporary file."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            os.fchmod(tmp.fileno(), 0o600)
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        if replace:
+            os.replace(tmp_name, target)
+        else:
+            os.link(tmp_name, target)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    _fsync_dir(target.parent)
 
 
 def update_accounts(path: Path, change: Callable[[AccountsFile], AccountsFile | None]) -> AccountsFile:
