@@ -220,7 +220,7 @@ def main() -> int:
     streamed = all(one_by_one(s, delay) for arm in ("bare", "addon") for rnd in results[arm] for s in rnd)
     print(f"first-event leg, addon / bare: {ratio:.3f} (median of per-round ratios, rounds {C.spread(paired)}); "
           f"target ≤ {TARGET_RATIO}: {C.verdict(ratio <= TARGET_RATIO)}")
-    print(f"added over direct: bare +{added_b:.0f} µs, addon +{added_a:.0f} µs "
+    print(f"added over direct: bare {added_b:+.0f} µs, addon {added_a:+.0f} µs "
           f"(the proxy hop itself; addon/bare of that = {added_a / added_b:.2f})" if added_b > 0 else
           f"added over direct: bare {added_b:+.0f} µs, addon {added_a:+.0f} µs")
     print(f"events arrive one by one through both proxies: {C.verdict(streamed)}; "
