@@ -38,19 +38,15 @@ def first_index_by_key(accounts: Sequence[Account]) -> dict[str, int]:
 
 def duplicates(accounts: Sequence[Account]) -> dict[int, int]:
     """Index of each later entry of a key listed more than once -> its first entry."""
-    first: dict[str, int] = {}
-    later: dict[int, int] = {}
-    for i, account in enumerate(accounts):
-        found = first.setdefault(account.key, i)
-        if found != i:
-            later[i] = found
-    return later
+    first = first_index_by_key(accounts)
+    return {i: first[a.key] for i, a in enumerate(accounts) if first[a.key] != i}
 
 
 def in_use(state: AccountsFile) -> AccountsFile:
-    """The state a pool serves from: `state` itself unless a key is listed twice; then a
-    copy in which each later entry is disabled (a copy of the entry too: the file's is
-    left alone) and an activeIndex on one moves to its first entry."""
+    """The state a pool serves from: `state` itself unless a key is listed twice or
+    cannot be sent; then a copy in which each later entry and each unsendable key is
+    disabled (a copy of the entry too: the file's is left alone), and an activeIndex on
+    a later entry moves to its first entry."""
     later = duplicates(state.accounts)
     unsendable = [i for i, account in enumerate(state.accounts) if not is_sendable(account.key)]
     if not later and not unsendable:

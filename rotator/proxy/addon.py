@@ -219,7 +219,7 @@ class KimiRotator:
         readable = not response.stream and response.status_code >= 400
         body = bodies.body_start(response) if readable else None
         if readable:
-            bodies.mask_echoed_key(response, record.key, lease.masked_key, body)
+            bodies.mask_echoed_key(response, record.key, body)
         now = self.clock.now_ms()
         outcome = policy.classify(response.status_code, response.headers, body, now)
         self.attempts.settle(record, outcome, now)

@@ -3,8 +3,8 @@ request's body is streamed (and so cannot be resent).
 
 An error body is decoded incrementally and only up to `policy.BODY_SCAN_LIMIT` bytes:
 `Response.get_content` would decode it whole first (a 300 KB gzip bomb is 300 MB) and
-keep the result in mitmproxy's decoding cache. The flow's raw body, which the client
-gets, is never changed.
+keep the result in mitmproxy's decoding cache. The body the client gets is changed only
+to mask a pool key an error answer quotes back (`mask_echoed_key`).
 
 With mitmproxy's `stream_large_bodies`, a request body over the limit, or of a size the
 headers do not announce that then grows past it, is streamed: its headers go upstream
@@ -20,7 +20,9 @@ from typing import Any
 
 from mitmproxy import http
 
+from rotator.keys import mask_key
 from rotator.policy import BODY_SCAN_LIMIT
+from rotator.proxy.headers import mask_sent_key
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +116,8 @@ def body_start(response: http.Response, limit: int = BODY_SCAN_LIMIT) -> bytes |
     raw = response.raw_content
     if not raw:
         return raw
-    encoding = response.headers.get("content-encoding", "").strip().lower()
-    if not encoding or encoding == "identity" or encoding not in DECODERS:
+    encoding = _encoding(response)
+    if not encoding or encoding not in DECODERS:
         return raw[:limit]
     decode = DECODERS[encoding]
     if decode is None:
@@ -126,34 +128,31 @@ def body_start(response: http.Response, limit: int = BODY_SCAN_LIMIT) -> bytes |
         return raw[:limit]
 
 
-def mask_echoed_key(response: http.Response, key: str, masked: str, start: bytes | None) -> bool:
-    """Replace `key` in an error answer's headers and body with its masked form, so the
-    client, the log and saved flows never hold it even when Kimi quotes it back.
+def _encoding(response: http.Response) -> str:
+    """The answer's content coding, "" for none (identity)."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    return "" if encoding == "identity" else encoding
 
-    `start` is the body as `body_start` read it. A body holding the key is rewritten
-    only when `start` is all of it (an encoded one is re-encoded as it came); a longer
-    one would have to be decoded whole first, which is what a bomb wants. True when
-    the key was found.
+
+def mask_echoed_key(response: http.Response, key: str, start: bytes | None) -> None:
+    """Replace `key` in an error answer's headers and body with its masked form, so the
+    client and saved flows never hold it even when Kimi quotes it back.
+
+    `start` is the body as `body_start` read it. An encoded body holding the key is
+    rewritten (re-encoded as it came) only when `start` is all of it; a longer one
+    would have to be decoded whole first, which is what a bomb wants.
     """
-    secret, shown = key.encode(), masked.encode()
-    found = False
-    fields = response.headers.fields
-    if any(secret in value for _, value in fields):
-        response.headers.fields = tuple((name, value.replace(secret, shown)) for name, value in fields)
-        found = True
+    secret = key.encode()
+    if any(secret in value for _, value in response.headers.fields):
+        mask_sent_key(response.headers, key)
     raw = response.raw_content
     if not raw:
-        return found
-    encoding = response.headers.get("content-encoding", "").strip().lower()
-    if not encoding or encoding == "identity":
+        return
+    if not _encoding(response):
         if secret in raw:
-            response.content = raw.replace(secret, shown)
-            found = True
-    elif start is not None and secret in start:
-        if len(start) < BODY_SCAN_LIMIT:  # decoded whole within the limit: re-encoded as it came
-            response.content = start.replace(secret, shown)
-        found = True
-    return found
+            response.content = raw.replace(secret, mask_key(key).encode())
+    elif start is not None and secret in start and len(start) < BODY_SCAN_LIMIT:
+        response.content = start.replace(secret, mask_key(key).encode())
 
 
 # -- streamed request bodies -----------------------------------------------------------
