@@ -15,6 +15,8 @@ failed save's changes with newer ones) through `KeyChange.absorb`; both read `RU
   dates older than `stats.DAYS_KEPT` are dropped.
 - NEWEST: a bounded history (`responseTimes`); each side's entries are appended and the
   newest `stats.RESPONSE_TIMES_KEPT` kept.
+- READING: a measurement (`quota`, Kimi's /usages); the one taken last wins, whoever
+  saves last.
 
 A person's change wins by time, not by save order: the CLI stamps each field it touches
 in `edited_at`, and a proxy's change to that field made before the stamp is dropped,
@@ -40,6 +42,7 @@ class Rule(enum.Enum):
     SET = "set"
     BY_DAY = "by_day"
     NEWEST = "newest"
+    READING = "reading"
 
 
 RULES: dict[str, Rule] = {
@@ -56,9 +59,10 @@ RULES: dict[str, Rule] = {
     "consecutive_billing_limit_hits": Rule.SET,
     "daily_requests": Rule.BY_DAY,
     "response_times": Rule.NEWEST,
+    "quota": Rule.READING,
 }
-# Rules whose values are counts or history: never undone by a person's later edit.
-_COUNTED = frozenset({Rule.ADD, Rule.BY_DAY, Rule.NEWEST})
+# Rules whose values are counts, history or measurements: never undone by a person's edit.
+_COUNTED = frozenset({Rule.ADD, Rule.BY_DAY, Rule.NEWEST, Rule.READING})
 _CLAMPED = {"health_score": clamp_health}
 # Top-level field a proxy changes: the key it moved the pool to.
 ACTIVE_INDEX = "active_index"
@@ -213,6 +217,10 @@ def apply_to_account(account: Account, change: KeyChange) -> None:
             setattr(account, attr, clamp(value) if clamp else value)
         elif rule is Rule.LATER and not new.replace:
             if new.value > getattr(account, attr):
+                setattr(account, attr, new.value)
+        elif rule is Rule.READING:
+            current = getattr(account, attr)
+            if current is None or new.value.taken_at >= current.taken_at:
                 setattr(account, attr, new.value)
         else:
             setattr(account, attr, new.value)

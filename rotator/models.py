@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticSerializationError
 
+from rotator.quota import QuotaReading
 from rotator.text import NAME_MOST, REASON_MOST, clean_line
 
 Strategy = Literal["round-robin", "health-based", "sticky"]
@@ -71,6 +72,8 @@ class Account(BaseModel):
     # When a person last changed each field (by its name on disk): a proxy's older
     # change to that field does not override it (see rotator.merge).
     edited_at: dict[str, int] = Field(default_factory=dict)
+    # The latest reading of Kimi's /usages for this key (rotator.quota).
+    quota: QuotaReading | None = None
 
     @property
     def cooling_until(self) -> int:

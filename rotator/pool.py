@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from rotator import merge, oddities, stats
+from rotator import merge, oddities, quota, stats
 from rotator.clock import SYSTEM_CLOCK, Clock, seconds_until
 from rotator.health import HEALTH_MAX, apply_health_delta, rest_period_ms
 from rotator.keys import mask_key
@@ -85,8 +85,12 @@ class KeyPool:
         self, state: AccountsFile, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, clock: Clock = SYSTEM_CLOCK
     ) -> None:
         self.max_in_flight = max_in_flight
+        # A window with at most this percent of its limit left counts as spent (rotator.quota).
+        self.quota_reserve_percent = quota.DEFAULT_RESERVE_PERCENT
         self.clock = clock
         self.in_flight: dict[str, int] = {}
+        # Kimi's parallel limit per key, where a quota reading gave one (caps in-flight).
+        self._parallel: dict[str, int] = {}
         self._at_cap: set[str] = set()
         self.changes = merge.PoolChange()
         self.paused_until_ms = 0
@@ -188,10 +192,17 @@ class KeyPool:
             self._update_cap(key, self.in_flight.get(key, 0), account)
         self.key_freed()
 
+    def cap(self, key: str) -> int:
+        """Requests `key` may have in flight: the proxy's cap, or Kimi's parallel limit if lower."""
+        limit = self._parallel.get(key)
+        return self.max_in_flight if limit is None or limit > self.max_in_flight else limit
+
     def _update_cap(self, key: str, busy: int, account: Account) -> None:
         """A key at its in-flight cap is not chosen. A key back from a cooldown
         (half-open) has a cap of one until a request on it succeeds."""
-        if busy >= self.max_in_flight or (busy and account.cooldown_level):
+        if busy >= self.max_in_flight or (busy and account.cooldown_level) or (
+            self._parallel and busy >= self.cap(key)
+        ):
             self._at_cap.add(key)
         else:
             self._at_cap.discard(key)
@@ -220,9 +231,7 @@ class KeyPool:
             account.consecutive_failures += 1
             change.set("consecutive_failures", account.consecutive_failures, now_ms)
         if outcome.disable and account.disabled_reason is None:
-            account.disabled_reason = outcome.reason
-            change.set("disabled_reason", outcome.reason, now_ms)
-            event = f"key {lease.label} disabled: {outcome.reason}; run `kimi-rotator enable-key` to use it again"
+            event = self._disable(lease.label, account, change, outcome.reason, now_ms)
         deadline = outcome.cooldown_until_ms
         if deadline is not None:
             level = account.cooldown_level
@@ -242,6 +251,60 @@ class KeyPool:
                     seconds = seconds_until(deadline, now_ms)
                     event = f"key {lease.label} cooling for {seconds} s: {outcome.reason}"
         return event
+
+    def _disable(self, label: str, account: Account, change: merge.KeyChange, reason: str, now_ms: int) -> str:
+        account.disabled_reason = reason
+        change.set("disabled_reason", reason, now_ms)
+        return f"key {label} disabled: {reason}; run `kimi-rotator enable-key` to use it again"
+
+    def disable(self, key: str, reason: str, now_ms: int) -> str | None:
+        """Disable a key outside any request (a quota poll answered 401)."""
+        account = self.account(key)
+        if account is None or account.disabled_reason is not None:
+            return None
+        label = key_label(self._index_by_key[key], account.name, key)
+        return self._disable(label, account, self.changes.for_key(key), reason, now_ms)
+
+    def take_reading(self, key: str, reading: quota.QuotaReading, now_ms: int) -> str | None:
+        """Keep a key's newest quota reading; a spent window cools the key until it resets
+        (returns a log line then)."""
+        account = self.account(key)
+        if account is None:
+            return None
+        account.quota = reading
+        self.changes.for_key(key).set("quota", reading, now_ms)
+        self._note_parallel(key, reading)
+        self._update_cap(key, self.in_flight.get(key, 0), account)
+        event = self._steer(key, account, now_ms)
+        self.key_freed()  # a raised parallel limit frees a slot
+        return event
+
+    def _note_parallel(self, key: str, reading: quota.QuotaReading | None) -> None:
+        if reading is not None and reading.parallel_limit is not None:
+            self._parallel[key] = reading.parallel_limit
+        else:
+            self._parallel.pop(key, None)
+
+    def _steer(self, key: str, account: Account, now_ms: int) -> str | None:
+        """Cool a key whose reading shows a spent window, unless a person cleared its
+        cooldown after the reading was taken (they may know better: a topped-up plan)."""
+        reading = account.quota
+        spent = quota.steer(reading, self.quota_reserve_percent, now_ms)
+        if spent is None or reading is None or spent.until_ms <= account.rate_limit_reset_time:
+            return None
+        cleared_at = account.edited_at.get(merge.disk_name("rate_limit_reset_time"), 0)
+        if cleared_at > reading.taken_at:
+            return None
+        was_cooling = account.cooling_until > now_ms
+        change = self.changes.for_key(key)
+        account.rate_limit_reset_time = spent.until_ms
+        change.later("rate_limit_reset_time", spent.until_ms, now_ms)
+        account.cooldown_reason = spent.reason
+        change.set("cooldown_reason", spent.reason, now_ms)
+        if was_cooling:
+            return None
+        label = key_label(self._index_by_key[key], account.name, key)
+        return f"key {label} cooling for {seconds_until(spent.until_ms, now_ms)} s: {spent.reason}"
 
     def set_exact_reset(self, key: str, deadline_ms: int, now_ms: int) -> str | None:
         """Replace a cooling key's estimated deadline with the one Kimi reported."""
@@ -313,18 +376,31 @@ class KeyPool:
         taken.absorb(self.changes)
         self.changes = taken
 
-    def adopt(self, on_disk: AccountsFile) -> None:
-        """Take the file's state as the new base, with changes since the save on top."""
+    def adopt(self, on_disk: AccountsFile) -> list[str]:
+        """Take the file's state as the new base, with changes since the save on top;
+        returns log lines for keys a quota reading from the file cooled."""
         merge.apply(on_disk, self.changes)
-        self._adopt(on_disk)
+        events = self._adopt(on_disk)
         self.key_freed()
+        return events
 
-    def _adopt(self, state: AccountsFile) -> None:
+    def _adopt(self, state: AccountsFile) -> list[str]:
         self._state = state = oddities.in_use(state)  # a key listed twice: its first entry
         self._index_by_key = oddities.first_index_by_key(state.accounts)
         self._rest_ms = rest_period_ms(state)
+        self._parallel = {}
+        events = []
+        now_ms = self.clock.now_ms()
+        for key, index in self._index_by_key.items():
+            account = state.accounts[index]
+            if account.quota is not None:  # another process's reading (the CLI's `usage`)
+                self._note_parallel(key, account.quota)
+                event = self._steer(key, account, now_ms)
+                if event:
+                    events.append(event)
         self._at_cap = set()
         for key, busy in self.in_flight.items():
             account = self.account(key)
             if account is not None:
                 self._update_cap(key, busy, account)
+        return events

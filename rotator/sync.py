@@ -46,7 +46,7 @@ class PoolSync:
             return None
         self.problem = None
         self._say_notes(state)
-        self.pool.adopt(state)
+        _say_events(self.pool.adopt(state))
         return state
 
     def start(self) -> None:
@@ -106,7 +106,7 @@ class PoolSync:
     def _adopt(self, state: AccountsFile) -> None:
         self._say_notes(state)
         before = {a.key for a in self.pool.accounts}
-        self.pool.adopt(state)
+        _say_events(self.pool.adopt(state))
         after = {a.key for a in state.accounts}
         if before != after:
             logger.log(
@@ -126,6 +126,11 @@ class PoolSync:
             logger.log(level, "kimi-rotator: %s", problem_line(error.action, message, bool(self.pool.accounts)))
         self.problem = message
         self._problem_action = error.action
+
+
+def _say_events(events: list[str]) -> None:
+    for event in events:
+        logger.log(ALERT, "kimi-rotator: %s", event)
 
 
 def problem_line(action: str, message: str, has_keys: bool) -> str:

@@ -4,7 +4,7 @@ import pytest
 
 from rotator.policy import Window
 from rotator.reset_times import parse_reset_time
-from rotator.usage import window_reset
+from rotator.quota import parse_usages, window_reset as reading_reset
 
 NOW = 1_800_000_000_000  # 2027-01-15T08:00:00Z
 FIVE_HOUR_RESET = "2027-01-15T10:30:00Z"
@@ -24,6 +24,10 @@ def usages(**overrides) -> bytes:
     }
     document.update(overrides)
     return json.dumps(document).encode()
+
+
+def window_reset(body, window, now):
+    return reading_reset(parse_usages(body, now), window)
 
 
 def test_five_hour_window_reset():

@@ -44,6 +44,8 @@ from rotator.proxy.probes import UsageProbes
 from rotator.store.file import FileStore
 from rotator.strategies import Unavailable
 from rotator.sync import PoolSync
+from rotator.tally import Tally
+from rotator.timeline import Timeline
 from rotator.waitline import ABANDONED, WaitLine
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ class KimiRotator:
         self.send_upstream = send  # how requests of our own go out (injected in tests)
         self.settings = Settings()
         self.ledger = FlowLedger()
+        self.tally = Tally()  # this process's counts, for metrics and the status page
+        self.timeline = Timeline()  # the pool's recent state changes, as logged
         self._use_pool(KeyPool(AccountsFile(), clock=clock))
         self.sync: PoolSync | None = None
         self._running = False
@@ -94,11 +98,14 @@ class KimiRotator:
         self.pool = pool
         self.line = WaitLine(pool)
         self.probes = UsageProbes(self.ledger, pool, self.send_upstream, self.clock)
-        self.attempts = Attempts(pool, self.line, self.ledger, self.send_upstream, self.clock, self._no_key_answer)
+        self.attempts = Attempts(
+            pool, self.line, self.ledger, self.send_upstream, self.clock, self._no_key_answer, self.tally
+        )
 
     # -- lifecycle ---------------------------------------------------------------
     def running(self) -> None:
         self._running = True
+        self.timeline.attach()
         warn_if_listening_beyond_loopback(self.settings.allow_remote)
         if self.sync is not None:
             self.sync.start()
@@ -113,6 +120,7 @@ class KimiRotator:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.sync is not None:
             await self.sync.stop()
+        self.timeline.detach()
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -155,6 +163,7 @@ class KimiRotator:
             presented=access.presented_credential(flow.request.headers) if self.settings.client_token else None,
         )
         if denial is not None:
+            self.tally.answered_itself(f"client refused ({denial.status})")
             answers.give(flow, answers.refused(denial), f"kimi-rotator: refused ({denial.status})", streamed=streamed)
             return None
         if flow.request.scheme == "http" and not access.is_loopback_host(flow.request.host):
@@ -253,6 +262,7 @@ class KimiRotator:
 
     def _no_key_answer(self, why: Unavailable) -> http.Response:
         assert self.sync is not None
+        self.tally.answered_itself(why.shortage.value)
         return answers.no_key(
             why, self.pool.state, self.clock.now_ms(), self.sync.store.location, self.sync.problem
         )

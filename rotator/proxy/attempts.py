@@ -20,6 +20,7 @@ from rotator.pool import KeyPool, Lease
 from rotator.proxy import answers, retry, upstream
 from rotator.proxy.flows import METADATA_KEY, FlowKind, FlowLedger, FlowRecord, attempt_note, client_gone
 from rotator.strategies import Unavailable
+from rotator.tally import Tally
 from rotator.waitline import ABANDONED, WaitLine
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ NoKeyAnswer = Callable[[Unavailable], http.Response]
 class Attempts:
     def __init__(
         self, pool: KeyPool, line: WaitLine, ledger: FlowLedger, send: upstream.Send, clock: Clock,
-        no_key_answer: NoKeyAnswer,
+        no_key_answer: NoKeyAnswer, tally: Tally,
     ) -> None:
         self.pool = pool
         self.line = line
@@ -38,6 +39,7 @@ class Attempts:
         self.send = send
         self.clock = clock
         self.no_key_answer = no_key_answer
+        self.tally = tally
 
     def settle(self, record: FlowRecord, outcome: policy.Outcome, now: int) -> None:
         """End the record's hold on its key with what the answer meant, and show it."""
@@ -58,6 +60,7 @@ class Attempts:
         if event:
             logger.log(ALERT, "kimi-rotator: %s", event)
         verdict = outcome.verdict.value
+        self.tally.attempt_ended(lease.key, verdict)
         note = record.attempts[-1]
         note["outcome"] = verdict
         note["reason"] = outcome.reason
@@ -91,6 +94,7 @@ class Attempts:
         flow = client.flow
         copy = upstream.copy_to_resend(flow)
         copy.metadata[METADATA_KEY] = {"retry_of": flow.id}
+        self.tally.retried(lease.key)
         attempt = self.ledger.open(FlowRecord(FlowKind.ATTEMPT, copy, lease.key, lease, client.deadline_ms))
         attempt.attempts.append(attempt_note(lease))
         detail = "no answer"

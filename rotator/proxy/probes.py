@@ -20,7 +20,7 @@ from rotator.pool import KeyPool
 from rotator.proxy import bodies, upstream
 from rotator.proxy.flows import METADATA_KEY, FlowKind, FlowLedger, FlowRecord
 from rotator.proxy.upstream import Send
-from rotator.usage import USAGES_PATH, window_reset
+from rotator.quota import USAGES_PATH, parse_usages, window_reset
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class UsageProbes:
             return
         now = self.clock.now_ms()
         # Read no further than an error body: an answer from upstream may be a bomb too.
-        deadline = window_reset(bodies.body_start(response) or b"", probe.window, now)
+        deadline = window_reset(parse_usages(bodies.body_start(response) or b"", now), probe.window)
         if deadline is None:
             return
         event = self.pool.set_exact_reset(probe.key, deadline, now)
