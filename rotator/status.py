@@ -17,6 +17,7 @@ from rotator.clock import seconds_until
 from rotator.health import HEALTH_SKIP_BELOW, RECOVERY_PERIOD_MS, effective_health, rest_period_ms
 from rotator.keys import mask_key
 from rotator.models import Account, AccountsFile
+from rotator.quota import QuotaReading
 from rotator.stats import KeyStats, key_stats
 
 BAR_CELLS = 10
@@ -47,6 +48,7 @@ class KeyView:
     last_used: int
     response_times: Sequence[int | float] = ()  # the account's own, not copied
     daily_requests: Mapping[str, int] = field(default_factory=dict)
+    quota: QuotaReading | None = None  # the latest /usages reading (rotator.quota)
 
     def stats(self, now: int) -> KeyStats:
         return key_stats(self.total_requests, self.successful_requests, self.response_times,
@@ -98,6 +100,7 @@ def view_key(
         last_used=account.last_used,
         response_times=account.response_times,
         daily_requests=account.daily_requests,
+        quota=account.quota,
     )
 
 

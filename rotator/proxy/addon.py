@@ -24,6 +24,7 @@ from rotator.models import AccountsFile
 from rotator.pool import KeyPool, Lease
 from rotator.proxy import answers, bodies, retry, upstream
 from rotator.proxy.attempts import Attempts
+from rotator.proxy.commands import RotatorCommands
 from rotator.proxy.flows import (
     FlowKind,
     FlowLedger,
@@ -41,6 +42,7 @@ from rotator.proxy.options import (
 )
 from rotator.proxy.headers import drop_accept_encodings, is_event_stream
 from rotator.proxy.probes import UsageProbes
+from rotator.proxy.status_page import StatusPage
 from rotator.store.file import FileStore
 from rotator.strategies import Unavailable
 from rotator.sync import PoolSync
@@ -63,6 +65,8 @@ class KimiRotator:
         self.sync: PoolSync | None = None
         self._running = False
         self._background: set[asyncio.Task[None]] = set()
+        # Addons of their own that read this one's state; mitmproxy loads them with it.
+        self.addons = [StatusPage(self), RotatorCommands(self)]
         # A hook only while request bodies may be streamed (see configure).
         self.requestheaders: Callable[[http.HTTPFlow], Awaitable[None] | None] | None = None
 
