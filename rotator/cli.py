@@ -6,8 +6,9 @@ and the `rotator.ops` change it makes (or, for list-keys, what it shows). Change
 through the store (lock, read, change, atomic write), first tried on a snapshot so a
 command that fails writes nothing and creates nothing.
 
-Exit codes: 0 success, 1 the accounts file can't be read or written, 2 usage errors
-(bad arguments, a key that isn't a Kimi key, an index out of range, ...).
+Exit codes: 0 success, 1 the accounts file can't be read or written (or, for `usage`,
+some key's quota could not be read), 2 usage errors (bad arguments, a key that isn't a
+Kimi key, an index out of range, ...).
 
 Full keys are never printed: only masked forms appear in any output, and every line
 written goes through `text.clean_lines`, which masks anything shaped like a key and
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from rotator import backup_cli, oddities, ops
+from rotator import backup_cli, oddities, ops, usage_cli
 from rotator.cli_help import help_text, synopsis
 from rotator.clock import now_ms
 from rotator.keys import KEY_PREFIX, is_kimi_key, looks_like_key, mask_key
@@ -207,6 +208,13 @@ def _stats(args: argparse.Namespace, cx: Context) -> None:
         _out(stats_page(views, cx.now_ms, f"{cx.prog} add-key KEY [NAME]"))
 
 
+def _usage(args: argparse.Namespace, cx: Context) -> int:
+    try:
+        return usage_cli.run(args, cx.store, f"{cx.prog} add-key KEY [NAME]", now_ms, _out)
+    except usage_cli.BaseUrlError as e:
+        raise CliError(str(e)) from None
+
+
 def _true_or_false(text: str) -> bool:
     if text not in ("true", "false"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r} (when true, resting keys"
@@ -233,9 +241,10 @@ class Verb:
     name: str
     help: str
     arguments: Callable[[argparse.ArgumentParser], object]
-    # An op to run through the store, or None when `show` prints and changes nothing.
+    # An op to run through the store, or None when `show` does the work (it may return
+    # an exit code; None means success).
     make_op: Callable[[argparse.Namespace, Context], ops.Op] | None = None
-    show: Callable[[argparse.Namespace, Context], None] | None = None
+    show: Callable[[argparse.Namespace, Context], int | None] | None = None
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
@@ -285,6 +294,8 @@ VERBS: tuple[Verb, ...] = (
          backup_cli.import_arguments, make_op=lambda a, cx: backup_cli.import_keys(a, cx.now_ms)),
     Verb("stats", "Show each key's requests, success rate, response times and recent days.",
          _json_argument, show=_stats),
+    Verb("usage", "Ask Kimi for each key's quota: windows used and left, resets, parallel limit.",
+         lambda p: usage_cli.arguments(p, parse_index), show=_usage),
     Verb("refresh-health", "Give +10 health to each key rested past the cooldown.", _no_arguments,
          make_op=lambda a, cx: ops.refresh_health(cx.now_ms)),
     Verb("set-auto-refresh", "Turn health recovery at rest on or off.",
@@ -312,7 +323,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         prog=prog,
         parents=[common],
         description="Manage the Kimi API keys that the kimi-rotator proxy rotates between.",
-        epilog="Exit codes: 0 ok, 1 the accounts file can't be read or written, 2 usage error.",
+        epilog="Exit codes: 0 ok, 1 the accounts file can't be read or written (usage: a key"
+               " could not be read), 2 usage error.",
     )
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     subparsers.required = True
@@ -330,8 +342,8 @@ def _run(args: argparse.Namespace, prog: str) -> int:
     cx = Context(FileStore(path), prog, now_ms())
     verb = _BY_NAME[args.verb]
     if verb.show is not None:
-        verb.show(args, cx)
-        return EXIT_OK
+        code = verb.show(args, cx)
+        return EXIT_OK if code is None else code
     assert verb.make_op is not None
     _out(ops.run(cx.store, verb.make_op(args, cx)))
     return EXIT_OK

@@ -39,6 +39,7 @@ def help_text(prog: str, verbs: Sequence[tuple[str, str]]) -> str:
         f"  {prog} rotate",
         f"  {prog} use-key 1",
         f"  {prog} stats",
+        f"  {prog} usage",
         f"  {prog} refresh-health",
         f"  {prog} set-cooldown 60",
     ])

@@ -2,7 +2,8 @@
 
 The CLI's list, its JSON, the proxy's log lines and its own error answers all describe a
 key from a `KeyView`, so a key reads the same everywhere and only ever masked: list-keys, stats (its numbers
-from `rotator.stats`), and the status page and mitmproxy commands are meant to reuse it.
+from `rotator.stats`), Kimi's quota readings (list-keys and `usage`), and the status page and
+mitmproxy commands are meant to reuse it.
 A key is cooling until the later of its rate-limit and billing deadlines.
 """
 
@@ -17,7 +18,7 @@ from rotator.clock import seconds_until
 from rotator.health import HEALTH_SKIP_BELOW, RECOVERY_PERIOD_MS, effective_health, rest_period_ms
 from rotator.keys import mask_key
 from rotator.models import Account, AccountsFile
-from rotator.quota import QuotaReading
+from rotator.quota import QuotaReading, QuotaWindow
 from rotator.stats import KeyStats, key_stats
 
 BAR_CELLS = 10
@@ -153,6 +154,7 @@ def list_block(view: KeyView, now: int) -> list[str]:
         f"   Health: {health_bar(view.health)} {view.health}%",
         f"   Requests: {view.successful_requests}/{view.total_requests} successful",
         f"   Status: {status_text(view, now)}",
+        *quota_lines(view, now),
     ]
 
 
@@ -171,6 +173,7 @@ def as_json(view: KeyView, now: int) -> dict[str, object]:
         "cooldownReason": view.cooldown_reason,
         "lastUsed": view.last_used,
         "status": status_text(view, now),
+        **({"quota": quota_json(view.quota)} if view.quota is not None else {}),
     }
 
 
@@ -189,6 +192,75 @@ def summary(views: Sequence[KeyView], now: int, most: int = SUMMARY_MOST) -> str
     if len(views) > most:
         parts.append(f"and {len(views) - most} more")
     return "Keys: " + "; ".join(parts) + "."
+
+
+# -- quota (Kimi's /usages) -----------------------------------------------------------
+
+
+def quota_bar(window: QuotaWindow) -> str:
+    """The share of the window used, in BAR_CELLS cells (all empty when unknown)."""
+    ratio = window.remaining_ratio()
+    used = 0.0 if ratio is None else 1.0 - ratio
+    filled = max(0, min(BAR_CELLS, int(used * BAR_CELLS + 0.5)))
+    return "█" * filled + "░" * (BAR_CELLS - filled)
+
+
+def window_line(window: QuotaWindow, now: int) -> str:
+    """`5-hour  ███████░░░  140/200 used, 60 left, resets in 2h 05m`."""
+    if window.used is not None:
+        parts = [f"{window.used}/{window.limit} used" if window.limit is not None else f"{window.used} used"]
+    else:
+        parts = [f"limit {window.limit}" if window.limit is not None else "usage unknown"]
+    if window.left is not None:
+        parts.append(f"{window.left} left" + (" (spent)" if window.is_spent(0.0) else ""))
+    if window.reset_time > now:
+        parts.append(f"resets in {format_duration(window.reset_time - now)}")
+    elif window.reset_time:
+        parts.append(f"reset {format_duration(now - window.reset_time)} ago (reading out of date)")
+    return f"{window.name:<8}{quota_bar(window)}  {', '.join(parts)}"
+
+
+def parallel_line(reading: QuotaReading) -> str | None:
+    if reading.parallel_limit is None:
+        return None
+    return f"parallel limit: {reading.parallel_limit} requests at once"
+
+
+def reading_age(reading: QuotaReading, now: int) -> str:
+    """`read 5m 0s ago`: how old a reading is."""
+    if not reading.taken_at:
+        return "read at an unknown time"
+    if reading.taken_at >= now:
+        return "read just now"
+    return f"read {format_duration(now - reading.taken_at)} ago"
+
+
+def reading_lines(reading: QuotaReading, now: int) -> list[str]:
+    """One line per window, then the parallel limit (what `usage` prints for a key)."""
+    lines = [window_line(window, now) for window in reading.windows]
+    parallel = parallel_line(reading)
+    return lines + ([parallel] if parallel else [])
+
+
+def quota_lines(view: KeyView, now: int) -> list[str]:
+    """The latest reading under a key in list-keys; nothing when none was taken."""
+    if view.quota is None:
+        return []
+    lines = [f"   Quota ({reading_age(view.quota, now)}):"]
+    return lines + [f"     {line}" for line in reading_lines(view.quota, now)]
+
+
+def quota_json(reading: QuotaReading) -> dict[str, object]:
+    """A reading in JSON output: windows with limit/used/remaining/resetTime (ms)."""
+    return {
+        "takenAt": reading.taken_at,
+        "windows": [
+            {"name": w.name, "minutes": w.minutes, "limit": w.limit, "used": w.used,
+             "remaining": w.left, "resetTime": w.reset_time}
+            for w in reading.windows
+        ],
+        "parallelLimit": reading.parallel_limit,
+    }
 
 
 # -- stats ----------------------------------------------------------------------------
