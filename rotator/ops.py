@@ -4,7 +4,9 @@ Each `Op` changes a state in place and returns what to tell the person, or raise
 `OpError` before changing anything. Every field an op sets is stamped as a person's
 edit (`merge.stamp_person_edit`), even when it already held that value: the store may
 lag a running proxy's memory, and the stamp is what keeps the proxy's older change from
-overriding the person's. The CLI runs ops; mitmproxy commands are meant to as well.
+overriding the person's. The CLI runs ops; so do the proxy's mitmproxy commands
+(`rotator.proxy.commands`), which aim them at a key rather than an index (`on_key`,
+`rotate_past`): the proxy's memory and the file may list the keys in another order.
 """
 
 from __future__ import annotations
@@ -89,6 +91,34 @@ def run(store: StateStore, op: Op) -> str:
 
     store.edit(locked_change)
     return result[0]
+
+
+def _index_of(state: AccountsFile, key: str) -> int:
+    index = state.index_of(key)
+    if index is None:
+        raise OpError(f"key {mask_key(key)} is no longer in the list; nothing changed (see list-keys)")
+    return index
+
+
+def on_key(key: str, make: Callable[[int], Op]) -> Op:
+    """`make(index)`, with the index `key` has in the state the op runs on: a change a
+    person aimed at one key lands on that key wherever it is by then, or nowhere."""
+
+    def change(state: AccountsFile) -> str:
+        return make(_index_of(state, key))(state)
+
+    return change
+
+
+def rotate_past(key: str, now_ms: int) -> Op:
+    """`rotate`, from `key` (the active key the person saw): the key after it becomes
+    active, however often the op runs and whatever the state's active key was."""
+
+    def change(state: AccountsFile) -> str:
+        state.active_index = _index_of(state, key)
+        return rotate(now_ms)(state)
+
+    return change
 
 
 def add_key(key: str, name: str | None, now_ms: int) -> Op:

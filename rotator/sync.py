@@ -7,6 +7,13 @@ is reported once per distinct problem, as what it is; the pool keeps serving fro
 last good state, keeps its changes for the next try (whatever a save failed on), and
 says so once the store works again. What is odd in the store but usable (a key listed
 twice, activeIndex out of range: `rotator.oddities`) is said once, when it appears.
+
+A person's change made through the proxy (a mitmproxy command: `run_op`) is made at
+once in the pool's memory, so the next request sees it, and saved as the CLI saves it
+(`ops.run`: stamped, under the lock) by the next save, which starts at once. Until
+the store has it, it is made again on every state adopted from the store, so a save
+that was under way when it came can't undo it in memory, and a store that fails keeps
+it pending for the next try.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from rotator import oddities
+from rotator import oddities, ops
+from rotator.merge import PoolChange
 from rotator.models import AccountsFile
 from rotator.pool import KeyPool
 from rotator.store import StateStore, StoreError
@@ -34,6 +42,10 @@ class PoolSync:
         self._notes: frozenset[str] = frozenset()
         self._task: asyncio.Task[None] | None = None
         self._saving: asyncio.Future[None] | None = None
+        # A person's changes made in memory and not yet in the store, oldest first.
+        self._pending_ops: list[ops.Op] = []
+        self._one_save_at_a_time = asyncio.Lock()
+        self._soon: set[asyncio.Task[None]] = set()
 
     def load(self) -> AccountsFile | None:
         """Read the store at start (blocking; start-up and option changes only)."""
@@ -53,11 +65,50 @@ class PoolSync:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._save_forever())
 
+    def run_op(self, op: ops.Op) -> str:
+        """A person's change: made in the pool's memory now, saved in a worker thread by a
+        save that starts now (`saved` awaits it). Returns what to tell the person;
+        raises `ops.OpError`, changing nothing, if the change can't be made."""
+        message = op(self.pool.state)
+        self._pending_ops.append(op)
+        _say_events(self._refresh_pool())
+        task = asyncio.get_running_loop().create_task(self._save_logged())
+        self._soon.add(task)
+        task.add_done_callback(self._soon.discard)
+        return message
+
+    async def saved(self) -> None:
+        """Wait for the saves `run_op` started."""
+        while self._soon:
+            await asyncio.gather(*self._soon, return_exceptions=True)
+
+    @property
+    def pending_ops(self) -> int:
+        """A person's changes the store does not have yet."""
+        return len(self._pending_ops)
+
+    def _refresh_pool(self) -> list[str]:
+        # What the pool derives from its state (the in-flight caps a cooldown level sets,
+        # Kimi's parallel limits, waiting requests) follows a change made in place:
+        # adopting its own state, with no changes of its own on top to count twice.
+        taken = self.pool.take_changes()
+        try:
+            return self.pool.adopt(self.pool.state)
+        finally:
+            self.pool.give_back(taken)
+
+    async def _save_logged(self) -> None:
+        try:
+            await self.save_once()
+        except Exception:
+            logger.exception("kimi-rotator: saving to %s failed", self.store.location)
+
     async def stop(self) -> None:
         """Stop the loop, let a save under way finish, and save once more."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        await self.saved()
         if self._saving is not None:
             # A save under way holds changes taken from the pool: let it finish.
             try:
@@ -82,9 +133,14 @@ class PoolSync:
             self._saving = None
 
     async def save_once(self) -> None:
+        async with self._one_save_at_a_time:
+            await self._save()
+
+    async def _save(self) -> None:
+        due = list(self._pending_ops)
         taken = self.pool.take_changes()
         try:
-            state = await asyncio.to_thread(self.store.sync, taken)
+            refused, state = await asyncio.to_thread(self._write, due, taken)
         except StoreError as e:
             self.pool.give_back(taken)
             self._note_problem(e, logging.ERROR)
@@ -100,13 +156,36 @@ class PoolSync:
             else:
                 logger.log(ALERT, "kimi-rotator: saving to %s works again", self.store.location)
             self.problem = None
+        # Saved, or refused by the state as stored (the key was removed meanwhile).
+        del self._pending_ops[: len(due)]
+        for why in refused:
+            logger.warning("kimi-rotator: a change made from mitmproxy was not saved: %s", why)
         if state is not None:
             self._adopt(state)
+
+    def _write(self, due: list[ops.Op], taken: PoolChange) -> tuple[list[str], AccountsFile | None]:
+        """In a worker thread: a person's changes first, as the CLI makes them, then the
+        proxy's own, which then can't override them (`merge`)."""
+        refused = []
+        for op in due:
+            try:
+                ops.run(self.store, op)
+            except ops.OpError as e:
+                refused.append(str(e))
+        return refused, self.store.sync(taken)
 
     def _adopt(self, state: AccountsFile) -> None:
         self._say_notes(state)
         before = {a.key for a in self.pool.accounts}
-        _say_events(self.pool.adopt(state))
+        events = self.pool.adopt(state)
+        if self._pending_ops:  # not in the store yet: made again on what it holds
+            for op in self._pending_ops:
+                try:
+                    op(self.pool.state)
+                except ops.OpError:
+                    pass  # its key is gone; the save says so
+            events += self._refresh_pool()
+        _say_events(events)
         after = {a.key for a in state.accounts}
         if before != after:
             logger.log(

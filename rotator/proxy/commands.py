@@ -1,10 +1,154 @@
-"""mitmproxy commands (kimi.status, kimi.use, ...) for the console and mitmweb."""
+"""mitmproxy commands (kimi.status, kimi.use, ...) for the console and mitmweb: the CLI's
+changes, made from inside a running proxy.
+
+Each change is the CLI's own op (`rotator.ops`), aimed at the key the person saw rather
+than at an index, made at once in the pool's memory and saved like the CLI saves it
+(`PoolSync.run_op`): stamped as a person's edit, so the proxy's older changes can't
+override it at the next merge. A change's result is logged at ALERT (the status page's
+timeline shows it); bad input raises `CommandError`, whose message the console and
+mitmweb show. Keys appear masked only, names cleaned (`text.clean_line`).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import re
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from mitmproxy import command, exceptions
+from mitmproxy.log import ALERT
+
+from rotator import ops
+from rotator.models import STRATEGIES
+from rotator.status import KeyState, KeyView, format_duration, view_pool
+from rotator.text import clean_line, clean_lines
+
+if TYPE_CHECKING:
+    from rotator.proxy.addon import KimiRotator
+    from rotator.sync import PoolSync
+
+logger = logging.getLogger(__name__)
+
+LINE_MOST = 300
+_INDEX = re.compile(r"[0-9]+")
+NO_KEYS = "no Kimi API keys configured; add one with: kimi-rotator add-key sk-kimi-…"
 
 
 class RotatorCommands:
-    def __init__(self, rotator: Any) -> None:
+    def __init__(self, rotator: KimiRotator) -> None:
         self.rotator = rotator
+
+    # -- reading ---------------------------------------------------------------
+    @command.command("kimi.status")
+    def status(self) -> Sequence[str]:
+        """One line per key: index, name, masked key, state and how long until it is free."""
+        now = self.rotator.clock.now_ms()
+        views = view_pool(self.rotator.pool.state, now)
+        lines = [status_line(view, now) for view in views] or [NO_KEYS]
+        for line in lines:
+            logger.info("kimi-rotator: %s", line)  # not ALERT: the timeline keeps changes
+        return lines
+
+    @command.command("kimi.usage")
+    def usage(self) -> str:
+        """Ask Kimi for every key's quota now (/coding/v1/usages); the readings arrive
+        in the log and the status page."""
+        polls = getattr(self.rotator, "polls", None)
+        poll_now: Callable[[], int] | None = getattr(polls, "poll_now", None)
+        if poll_now is None:
+            raise exceptions.CommandError("kimi.usage: this proxy cannot poll quotas")
+        started = poll_now()
+        if started:
+            return _said(f"asking Kimi for the quota of {ops.plural(started, 'key')}")
+        return _said("no quota poll started (no key to ask, or every key's poll is under way)")
+
+    # -- changes (the CLI's verbs) ---------------------------------------------
+    @command.command("kimi.rotate")
+    def rotate(self) -> str:
+        """Make the next key the active one (kimi-rotator rotate)."""
+        state = self.rotator.pool.state
+        if not state.accounts:
+            raise exceptions.CommandError("kimi.rotate: no keys configured to rotate between")
+        key = state.accounts[state.active_index].key
+        return self._run("kimi.rotate", lambda now: ops.rotate_past(key, now))
+
+    @command.command("kimi.use")
+    def use(self, index: int) -> str:
+        """Make the key at INDEX the active one (kimi-rotator use-key)."""
+        key = self._key_at("kimi.use", index)
+        return self._run("kimi.use", lambda now: ops.on_key(key, lambda i: ops.use_key(i, now)))
+
+    @command.command("kimi.enable")
+    def enable(self, index: int) -> str:
+        """Re-enable the key at INDEX, disabled after a 401 or a ban (kimi-rotator enable-key)."""
+        key = self._key_at("kimi.enable", index)
+        return self._run("kimi.enable", lambda now: ops.on_key(key, lambda i: ops.enable_key(i, now)))
+
+    @command.command("kimi.clear")
+    def clear(self, target: str) -> str:
+        """Forget the cooldowns (rate and billing limits) of the key at INDEX, or of every
+        key with 'all' (kimi-rotator clear-limits)."""
+        if target.strip().lower() == "all":
+            return self._run("kimi.clear", lambda now: ops.clear_limits("all", now))
+        if not _INDEX.fullmatch(target.strip()):
+            raise exceptions.CommandError(
+                f"kimi.clear: expected an index (a whole number 0 or more) or 'all', got {_quoted(target)}"
+            )
+        key = self._key_at("kimi.clear", int(target))
+        return self._run("kimi.clear", lambda now: ops.on_key(key, lambda i: ops.clear_limits(i, now)))
+
+    @command.command("kimi.strategy")
+    def strategy(self, name: str) -> str:
+        """Choose how keys are picked: round-robin, health-based or sticky
+        (kimi-rotator set-strategy)."""
+        if name not in STRATEGIES:
+            raise exceptions.CommandError(
+                f"kimi.strategy: unknown strategy {_quoted(name)} (choose one of: {', '.join(STRATEGIES)})"
+            )
+        return self._run("kimi.strategy", lambda now: ops.set_strategy(name, now))
+
+    # -- helpers ---------------------------------------------------------------
+    def _sync(self, verb: str) -> PoolSync:
+        sync = self.rotator.sync
+        if sync is None:
+            raise exceptions.CommandError(f"{verb}: no accounts file is open yet")
+        return sync
+
+    def _key_at(self, verb: str, index: int) -> str:
+        try:
+            return ops.account_at(self.rotator.pool.state, index).key
+        except ops.OpError as e:
+            raise exceptions.CommandError(f"{verb}: {e}") from None
+
+    def _run(self, verb: str, make: Callable[[int], ops.Op]) -> str:
+        sync = self._sync(verb)
+        try:
+            message = sync.run_op(make(self.rotator.clock.now_ms()))
+        except ops.OpError as e:
+            raise exceptions.CommandError(f"{verb}: {e}") from None
+        return _said(message)
+
+
+def status_line(view: KeyView, now: int) -> str:
+    """`● [0] Personal (sk-kim…abcd): cooling, free in 4m 12s (rate limited)`."""
+    line = f"{'●' if view.active else '○'} {view.label}: {view.state.value.replace('_', ' ')}"
+    if view.state is KeyState.DISABLED:
+        line += f" ({view.disabled_reason}); kimi.enable {view.index} to use it again"
+    elif view.state is KeyState.COOLING:
+        line += f", free in {format_duration(view.rate_limit_reset_time - now)}"
+        if view.cooldown_reason:
+            line += f" ({view.cooldown_reason})"
+    else:
+        line += f", health {view.health}%"
+    return clean_line(line, LINE_MOST)
+
+
+def _said(message: str) -> str:
+    text = clean_lines(message)
+    logger.log(ALERT, "kimi-rotator: %s", text)
+    return text
+
+
+def _quoted(text: str) -> str:
+    return repr(clean_line(text, 60))
