@@ -210,10 +210,12 @@ def ask(url: str, key: str, now: Callable[[], int], timeout_s: float = TIMEOUT_S
 
 
 def ask_all(targets: Sequence[tuple[int, Account]], url: str, now: Callable[[], int],
-            timeout_s: float = TIMEOUT_S) -> list[Asked]:
-    """Every target asked at once (a few at a time), in the order given."""
+            timeout_s: float | None = None) -> list[Asked]:
+    """Every target asked at once (a few at a time), each within `timeout_s` (default
+    TIMEOUT_S); the results in the order given."""
     if not targets:
         return []
+    timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
     with ThreadPoolExecutor(max_workers=min(MOST_WORKERS, len(targets)),
                             thread_name_prefix="kimi-usages") as pool:
         answers = list(pool.map(lambda t: ask(url, t[1].key, now, timeout_s), targets))
