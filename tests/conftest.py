@@ -71,7 +71,12 @@ def start_proxy(tmp_path: Path, accounts_path: Path) -> Iterator[Callable[..., P
         env: dict[str, str] | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> Proxy:
-        opts = {"kimi_accounts": str(accounts_path), "kimi_flush_interval": str(FLUSH_INTERVAL_S)}
+        # No quota polling unless a test asks for it: its /usages requests would show in
+        # the fake's counts of every other test.
+        opts = {
+            "kimi_accounts": str(accounts_path), "kimi_flush_interval": str(FLUSH_INTERVAL_S),
+            "kimi_usage_interval": "0",
+        }
         addons: list[Path] = [ADDON_SCRIPT, *extra_addons]
         if mode == "reverse":
             mitm_mode: str | None = f"reverse:{fake.url}"

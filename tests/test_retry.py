@@ -286,12 +286,12 @@ async def test_many_refusals_of_one_key_send_one_probe(proxy, clock: FakeClock) 
     await asyncio.sleep(0)
     assert len(upstream.keys_sent(USAGES)) == 1
     assert upstream.keys_sent(USAGES) == [KEYS[0]]
-    assert len(addon.probes) == 1
+    assert len(addon.polls) == 1
     probe_tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert probe_tasks
     # Stopping the proxy ends the probe instead of leaving it running.
     await addon.done()
-    assert len(addon.probes) == 0
+    assert len(addon.polls) == 0
     assert all(t.done() for t in probe_tasks)
 
 
@@ -312,7 +312,7 @@ async def test_the_probe_answer_sets_the_exact_reset(proxy, clock: FakeClock) ->
     await upstream(flow)
     for _ in range(10):  # the probe runs in a task of its own
         await asyncio.sleep(0)
-    assert len(addon.probes) == 0
+    assert len(addon.polls) == 0
     assert addon.pool.accounts[0].rate_limit_reset_time == reset_at
     probe_flows = [path for path, _ in upstream.seen if path == USAGES]
     assert probe_flows == [USAGES]

@@ -41,7 +41,7 @@ from rotator.proxy.options import (
     warn_if_listening_beyond_loopback,
 )
 from rotator.proxy.headers import drop_accept_encodings, is_event_stream
-from rotator.proxy.probes import UsageProbes
+from rotator.proxy.polls import QuotaPolls, poll_target
 from rotator.proxy.status_page import StatusPage
 from rotator.store.file import FileStore
 from rotator.strategies import Unavailable
@@ -83,25 +83,38 @@ class KimiRotator:
             self.sync.interval_s = self.settings.flush_interval_s
         if "kimi_max_in_flight" in updated:
             self.pool.max_in_flight = self.settings.max_in_flight
+        if "kimi_quota_reserve" in updated:
+            self.pool.quota_reserve_percent = self.settings.quota_reserve_percent
+        if {"mode", "kimi_hosts"} & updated:
+            self.polls.default_target = poll_target(ctx.options.mode, self.settings.hosts)
+        if "kimi_usage_interval" in updated:
+            self.polls.interval_s = self.settings.usage_interval_s
+            if self._running:
+                self.polls.restart()
         if "kimi_accounts" in updated:
             self._open_store(FileStore(self.settings.accounts_path))
 
     def _open_store(self, store: FileStore) -> None:
         # Runs at start-up and on option changes only, never per request.
-        previous = self.sync
+        previous, previous_polls = self.sync, self.polls
         self._use_pool(KeyPool(AccountsFile(), self.pool.max_in_flight, self.clock))
+        self.polls.default_target = previous_polls.default_target
         self.sync = PoolSync(store, self.pool, self.settings.flush_interval_s)
         state = self.sync.load()
         if previous is not None and self._running:
             self._in_background(previous.stop())  # the old store gets its last changes
+            self._in_background(previous_polls.stop())
             self.sync.start()
+            self.polls.start()
         if state is not None:
             _announce_keys(state, store.location)
 
     def _use_pool(self, pool: KeyPool) -> None:
         self.pool = pool
         self.line = WaitLine(pool)
-        self.probes = UsageProbes(self.ledger, pool, self.send_upstream, self.clock)
+        self.polls = QuotaPolls(self.ledger, pool, self.send_upstream, self.clock)
+        self.polls.interval_s = self.settings.usage_interval_s
+        pool.quota_reserve_percent = self.settings.quota_reserve_percent
         self.attempts = Attempts(
             pool, self.line, self.ledger, self.send_upstream, self.clock, self._no_key_answer, self.tally
         )
@@ -113,12 +126,13 @@ class KimiRotator:
         warn_if_listening_beyond_loopback(self.settings.allow_remote)
         if self.sync is not None:
             self.sync.start()
+        self.polls.start()
 
     async def done(self) -> None:
         # Requests still waiting for an answer are saved as they are by `-w`'s final
         # write, which runs after this hook: mask their keys first.
         self.ledger.mask_all()
-        await self.probes.stop()
+        await self.polls.stop()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -141,7 +155,7 @@ class KimiRotator:
         record = self.ledger.get(flow.id)
         if record is not None:
             if record.kind is not FlowKind.CLIENT:  # our own attempt or probe: its key is chosen
-                self.ledger.put_key(record, bearer=record.kind is FlowKind.PROBE)
+                self.ledger.put_key(record, bearer=record.kind is FlowKind.POLL)
             return None
         if flow.response is not None or not self.is_kimi_request(flow):
             return None
@@ -197,6 +211,7 @@ class KimiRotator:
         record = self.ledger.open(FlowRecord(FlowKind.CLIENT, flow, lease.key, lease, deadline_ms))
         record.attempts.append(attempt_note(lease))
         self.ledger.put_key(record)
+        self.polls.last_request = flow.request
         if bodies.UNREADABLE:
             drop_accept_encodings(flow.request.headers, bodies.UNREADABLE)
 
@@ -222,8 +237,8 @@ class KimiRotator:
         if record is None or flow.response is None:
             return None
         response = flow.response
-        if record.kind is FlowKind.PROBE:
-            self.probes.answered(record, response)
+        if record.kind is FlowKind.POLL:
+            self.polls.answered(record, response)
             return None
         lease = record.lease
         if lease is None:
@@ -237,7 +252,7 @@ class KimiRotator:
         outcome = policy.classify(response.status_code, response.headers, body, now)
         self.attempts.settle(record, outcome, now)
         if outcome.window is not None:
-            self.probes.ask(record, outcome.window)
+            self.polls.after_refusal(record, outcome.window)
         if record.kind is FlowKind.CLIENT:
             if outcome.retry_elsewhere and not response.stream:
                 if not bodies.is_streamed(flow.request):

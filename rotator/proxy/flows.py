@@ -1,7 +1,7 @@
 """One record per flow the addon handles, and the ledger that holds them.
 
 A record says what the flow is (a client's request, our resend of one, our quota
-probe), which key it carries and where, its hold on the pool, its deadline and its
+poll), which key it carries and where, its hold on the pool, its deadline and its
 attempts. Records live here, never in `flow.metadata`, which is display data saved with
 the flow. Forgetting a record always masks its key first, whatever path got there.
 """
@@ -25,7 +25,7 @@ METADATA_KEY = "kimi_rotator"
 class FlowKind(enum.Enum):
     CLIENT = "client"  # a client's request, served with a pool key
     ATTEMPT = "attempt"  # our resend of a client's request on another key
-    PROBE = "probe"  # our /usages request for a key's exact reset
+    POLL = "poll"  # our /usages request for a key's quota
 
 
 @dataclass(slots=True, eq=False)
@@ -38,7 +38,7 @@ class FlowRecord:
     placement: KeyPlacement | None = None  # where the key sits in the headers, until masked
     outcome: Outcome | None = None  # what the answer meant for the key
     attempts: list[dict[str, Any]] = field(default_factory=list)  # CLIENT: one note per attempt
-    window: Window | None = None  # PROBE: the window whose reset it asks
+    window: Window | None = None  # POLL after a window refusal: the window whose reset it asks
 
 
 def client_gone(flow: http.HTTPFlow) -> bool:

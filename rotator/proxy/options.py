@@ -18,6 +18,8 @@ from mitmproxy.utils import human
 
 from rotator import access
 from rotator.pool import DEFAULT_MAX_IN_FLIGHT
+from rotator.proxy.polls import DEFAULT_INTERVAL_S
+from rotator.quota import DEFAULT_RESERVE_PERCENT
 from rotator.proxy.retry import DEFAULT_MAX_ATTEMPTS
 from rotator.store.file import ACCOUNTS_ENV, ACCOUNTS_FILENAME, resolve_accounts_path
 
@@ -25,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_KIMI_HOSTS = ("api.kimi.com",)
 DEFAULT_MAX_WAIT_S = 30.0
+MIN_USAGE_INTERVAL_S = 10.0  # /usages is free, but a poll per key every second is not polite
 CLIENT_TOKEN_ENV = "KIMI_ROTATOR_CLIENT_TOKEN"
 
 
@@ -43,6 +46,8 @@ class Settings:
     # mitmproxy's stream_large_bodies, in bytes: request bodies over it (or of unknown
     # size) are streamed, and their headers go upstream before the `request` hook runs.
     stream_limit: int | None = None
+    usage_interval_s: float = DEFAULT_INTERVAL_S  # 0: no polling of /usages but after a refusal
+    quota_reserve_percent: float = DEFAULT_RESERVE_PERCENT
 
 
 def read_settings(current: Settings, options: Any, updated: set[str]) -> Settings:
@@ -72,6 +77,17 @@ def read_settings(current: Settings, options: Any, updated: set[str]) -> Setting
         changes["max_attempts"] = options.kimi_max_attempts
     if "kimi_max_wait" in updated:
         changes["max_wait_ms"] = int(parse_seconds("kimi_max_wait", options.kimi_max_wait, 0, 3600) * 1000)
+    if "kimi_usage_interval" in updated:
+        seconds = parse_seconds("kimi_usage_interval", options.kimi_usage_interval, 0, 7 * 24 * 3600)
+        if 0 < seconds < MIN_USAGE_INTERVAL_S:
+            raise exceptions.OptionsError(
+                f"kimi_usage_interval must be 0 (off) or at least {MIN_USAGE_INTERVAL_S:g} seconds"
+            )
+        changes["usage_interval_s"] = seconds
+    if "kimi_quota_reserve" in updated:
+        changes["quota_reserve_percent"] = parse_number(
+            "kimi_quota_reserve", options.kimi_quota_reserve, 0, 100, "percent"
+        )
     if "kimi_client_token_file" in updated:
         changes["client_token"] = read_client_token(options.kimi_client_token_file)
     if {"kimi_allow_remote", "proxyauth", "kimi_client_token_file"} & updated:
@@ -120,13 +136,17 @@ def _checked_host(host: str) -> str:
 
 
 def parse_seconds(option: str, text: str, least: float, most: float) -> float:
+    return parse_number(option, text, least, most, "seconds")
+
+
+def parse_number(option: str, text: str, least: float, most: float, unit: str) -> float:
     try:
-        seconds = float(text)
+        number = float(text)
     except ValueError:
-        raise exceptions.OptionsError(f"{option}: {text!r} is not a number of seconds") from None
-    if not least <= seconds <= most:  # also refuses nan
-        raise exceptions.OptionsError(f"{option} must be between {least:g} and {most:g} seconds")
-    return seconds
+        raise exceptions.OptionsError(f"{option}: {text!r} is not a number of {unit}") from None
+    if not least <= number <= most:  # also refuses nan
+        raise exceptions.OptionsError(f"{option} must be between {least:g} and {most:g} {unit}")
+    return number
 
 
 def read_client_token(path: str) -> str | None:
@@ -171,6 +191,16 @@ def add_options(loader: Any) -> None:
     loader.add_option(
         "kimi_max_wait", str, f"{DEFAULT_MAX_WAIT_S:g}",
         "Seconds a request may wait for a cooling or busy key (retries included) before it is answered 429.",
+    )
+    loader.add_option(
+        "kimi_usage_interval", str, f"{DEFAULT_INTERVAL_S:g}",
+        "Seconds between polls of Kimi's /usages (each key's quota) for keys used since their "
+        "last reading; every enabled key is polled once at start. 0: off (a window refusal still asks).",
+    )
+    loader.add_option(
+        "kimi_quota_reserve", str, f"{DEFAULT_RESERVE_PERCENT:g}",
+        "A key whose quota window has at most this percent of its limit left is rested until "
+        "the window resets, before Kimi refuses it.",
     )
     loader.add_option(
         "kimi_allow_remote", bool, False,
