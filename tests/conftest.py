@@ -71,11 +71,12 @@ def start_proxy(tmp_path: Path, accounts_path: Path) -> Iterator[Callable[..., P
         env: dict[str, str] | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> Proxy:
-        # No quota polling unless a test asks for it: its /usages requests would show in
-        # the fake's counts of every other test.
+        # No quota polling unless a test asks for it (its /usages requests would show in
+        # the fake's counts of every other test), and no status page (tests that want one
+        # ask for port 0: two proxies can't share the default port).
         opts = {
             "kimi_accounts": str(accounts_path), "kimi_flush_interval": str(FLUSH_INTERVAL_S),
-            "kimi_usage_interval": "0",
+            "kimi_usage_interval": "0", "kimi_status": "off",
         }
         addons: list[Path] = [ADDON_SCRIPT, *extra_addons]
         if mode == "reverse":
