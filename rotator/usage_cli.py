@@ -21,6 +21,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import socket
 import ssl
 import urllib.error
@@ -45,6 +46,9 @@ MOST_WORKERS = 8
 MOST_BODY = 1 << 20  # a usages answer is a few hundred bytes
 MESSAGE_MOST = 200
 USER_AGENT = f"kimi-rotator/{__version__}"
+# What a header can carry as it is: a hand-edited file's "key" may hold anything, and
+# http.client's error for a bad header value quotes it (escaped, so masking would miss it).
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 
 
 def arguments(parser: argparse.ArgumentParser, index: Callable[[str], int]) -> None:
@@ -112,13 +116,21 @@ def base_url(explicit: str | None, environ: Mapping[str, str] = os.environ) -> s
     """`--base-url`, else $KIMI_CODE_BASE_URL, else Kimi's; checked to be http(s)."""
     base = (explicit or environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).strip()
     parts = urllib.parse.urlsplit(base)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if not _is_http_url(parts):
         where = "--base-url" if explicit else BASE_URL_ENV
         raise BaseUrlError(f"{where} must be an http(s) URL such as {DEFAULT_BASE_URL},"
                            f" got {clean_line(base, 80)!r}")
     if parts.query or parts.fragment:
         raise BaseUrlError(f"the base URL must not have a query or fragment, got {clean_line(base, 80)!r}")
     return base.rstrip("/")
+
+
+def _is_http_url(parts: urllib.parse.SplitResult) -> bool:
+    try:
+        parts.port  # raises for a port that is not a number 0-65535
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def usages_url(base: str) -> str:
@@ -186,6 +198,8 @@ def _network_error(error: BaseException, key: str, timeout_s: float) -> str:
 def ask(url: str, key: str, now: Callable[[], int], timeout_s: float = TIMEOUT_S) -> Answer:
     """One key's reading from `url`, or why there is none. Never raises for what Kimi or
     the network did."""
+    if not _HEADER_SAFE.fullmatch(key):
+        return Answer(error="not asked: the key holds spaces or characters an HTTP header can't carry")
     request = urllib.request.Request(url, headers={
         "Authorization": f"Bearer {key}", "Accept": "application/json", "User-Agent": USER_AGENT,
     })

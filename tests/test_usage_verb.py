@@ -188,6 +188,16 @@ def test_a_redirect_is_not_followed_so_the_key_goes_nowhere_else(path, kimi):
     assert "Kimi answered 302 (a redirect; not followed" in result.stdout
 
 
+def test_a_key_no_header_can_carry_is_not_sent(path, kimi):
+    odd = "sk-kimi-FAKEodd\nSECRETPART0000000000zz"
+    storage.write_accounts(path, AccountsFile(accounts=[Account(key=odd, name="Odd"), Account(key=K0)]))
+    result = usage(path, kimi)
+    assert result.returncode == 1
+    assert "   not asked: the key holds spaces or characters an HTTP header can't carry" in result.stdout
+    assert "SECRETPART" not in result.stdout + result.stderr
+    assert kimi.keys_seen() == [K0]
+
+
 def test_keys_are_asked_at_the_same_time(path, kimi, monkeypatch):
     pool(path, keys=KEYS)
     # Each ask waits until all three are under way: asked one after another, the first
@@ -230,7 +240,8 @@ def test_a_bad_index_is_a_usage_error_and_asks_nothing(path, kimi, index, messag
     assert kimi.requests == [] and path.read_bytes() == before
 
 
-@pytest.mark.parametrize("base", ["ftp://api.kimi.com/coding", "api.kimi.com/coding", "http://"])
+@pytest.mark.parametrize("base", ["ftp://api.kimi.com/coding", "api.kimi.com/coding", "http://",
+                                  "http://127.0.0.1:port/coding", "http://127.0.0.1:99999/coding"])
 def test_a_bad_base_url_is_a_usage_error(path, base):
     pool(path)
     result = run(path, "usage", "--base-url", base)
