@@ -5,7 +5,8 @@ state, load, counts and quota; the shared pause, refusals, recent events) and th
 A key's row is built on `rotator.status.view_key` (the one read model of a key), with
 what only a running proxy knows added: requests in flight and the cap, this process's
 outcomes and retries (`rotator.tally`), the pool's shared pause. Keys are only ever
-shown masked; names, reasons and events are text the models already cleaned.
+shown masked; names and reasons are cleaned once more here (a reason set in memory by
+the pool skips the model's validation), events were cleaned by the timeline.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rotator.oddities import first_index_by_key
 from rotator.quota import QuotaReading
 from rotator.status import KeyState, KeyView, view_key
 from rotator.tally import Tally
+from rotator.text import NAME_MOST, REASON_MOST, clean_line
 from rotator.timeline import Event
 
 SERVING = "serving"  # the pool's active key, usable
@@ -146,11 +148,13 @@ def _row(
 ) -> KeyRow:
     state = key_state(view, cooldown_level)
     reason = view.disabled_reason if state == DISABLED else view.cooldown_reason if state == COOLING else None
+    if reason is not None:
+        reason = clean_line(reason, REASON_MOST)
     total, ok = view.total_requests, view.successful_requests
     reading = view.quota
     return KeyRow(
         index=view.index,
-        name=view.name,
+        name=clean_line(view.name, NAME_MOST),
         masked_key=view.masked_key,
         state=state,
         active=view.active,
