@@ -1,0 +1,237 @@
+"""The status page in a real headless Chromium against a real mitmdump with the addon:
+the DOM after the page's script ran (a cooling key's countdown, a quota bar, masked keys,
+an event on the timeline, never a full key), and a screenshot of it.
+
+Chromium is Debian's (`apt-get install chromium`; .ci/run installs it). Without it these
+tests fail, never skip: a browser test that silently stopped running is no test.
+Set KIMI_UPDATE_SCREENSHOT=1 to write the screenshot to docs/status-page.png (the one the
+README shows) instead of only checking it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rotator.clock import now_ms
+from rotator.models import Account, AccountsFile
+from rotator.quota import QuotaReading, QuotaWindow
+from rotator.store import file as storage
+from tests.conftest import fake_key
+from tests.fake_kimi import FakeKimi
+from tests.harness import REPO_ROOT, Proxy, poll
+
+KEYS = [fake_key(f"browser{i}") for i in range(5)]
+SCREENSHOT = REPO_ROOT / "docs" / "status-page.png"
+STATUS_URL = re.compile(r"kimi-rotator: status page at (http://127\.0\.0\.1:\d+/)")
+MESSAGES = "/coding/v1/messages"
+BODY = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def chromium_path() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.fail(
+            "chromium is not installed, and the status page's browser tests need it. Install it: "
+            "`apt-get install chromium` (Debian/Ubuntu; .ci/run does this)",
+            pytrace=False,
+        )
+    return found
+
+
+def chromium(url: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium on `url`, run until the page's timers have had 4 s of virtual time."""
+    profile.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        chromium_path(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", "--no-proxy-server", f"--user-data-dir={profile}",
+        "--virtual-time-budget=4000", *args, url,
+    ]
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    return done
+
+
+# -- the DOM Chromium printed, as a small tree to query ---------------------------------
+
+VOID = {"meta", "link", "br", "img", "input", "hr", "area", "base", "col", "source", "wbr"}
+
+
+@dataclass
+class Node:
+    tag: str
+    attrs: dict[str, str]
+    children: list[Node] = field(default_factory=list)
+    parts: list[str | Node] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(p if isinstance(p, str) else p.text for p in self.parts)
+
+    @property
+    def classes(self) -> set[str]:
+        return set(self.attrs.get("class", "").split())
+
+    def all(self, match: Callable[[Node], bool]) -> Iterator[Node]:
+        for child in self.children:
+            if match(child):
+                yield child
+            yield from child.all(match)
+
+    def find(self, cls: str | None = None, **attrs: str) -> list[Node]:
+        wanted = {k.replace("_", "-"): v for k, v in attrs.items()}
+        return list(self.all(lambda n: (cls is None or cls in n.classes)
+                             and all(n.attrs.get(k) == v for k, v in wanted.items())))
+
+    def one(self, cls: str | None = None, **attrs: str) -> Node:
+        found = self.find(cls, **attrs)
+        assert len(found) == 1, (cls, attrs, len(found))
+        return found[0]
+
+
+class TreeBuilder(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#root", {})
+        self.stack = [self.root]
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        node = Node(tag, {k: v or "" for k, v in attrs})
+        self.stack[-1].children.append(node)
+        self.stack[-1].parts.append(node)
+        if tag not in VOID:
+            self.stack.append(node)
+
+    def handle_endtag(self, tag: str) -> None:
+        for depth in range(len(self.stack) - 1, 0, -1):
+            if self.stack[depth].tag == tag:
+                del self.stack[depth:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        self.stack[-1].parts.append(data)
+
+
+def parse_dom(html: str) -> Node:
+    builder = TreeBuilder()
+    builder.feed(html)
+    builder.close()
+    return builder.root
+
+
+# -- a proxy with keys in every state ----------------------------------------------------
+
+@pytest.fixture
+def status_proxy(fake_kimi: FakeKimi, accounts_path: Path, start_proxy: Callable[..., Proxy]) -> tuple[str, int]:
+    """A real mitmdump with five keys (serving, cooling for 10 min, a quota reading, half-open,
+    one Kimi disables), some traffic through it; returns (page URL, when it was set up)."""
+    now = now_ms()
+    reading = QuotaReading(
+        taken_at=now - 20_000,
+        windows=[
+            QuotaWindow(minutes=300, limit=200, used=50, reset_time=now + 3_600_000),
+            QuotaWindow(minutes=7 * 24 * 60, limit=2048, used=1720, reset_time=now + 3 * 86_400_000),
+        ],
+        parallel_limit=5,
+    )
+    accounts = [
+        Account(key=KEYS[0], name="Personal", total_requests=120, successful_requests=117,
+                response_times=[640, 810, 720, 1300, 590]),
+        Account(key=KEYS[1], name="Work", health_score=70, rate_limit_reset_time=now + 600_000,
+                cooldown_reason="rate limited (429)", total_requests=64, successful_requests=58, last_used=now),
+        Account(key=KEYS[2], name="Team", quota=reading, total_requests=33, successful_requests=33,
+                response_times=[900, 1100]),
+        Account(key=KEYS[3], name="Spare", cooldown_level=1, health_score=55, last_used=now),
+        Account(key=KEYS[4], name="Old laptop"),
+    ]
+    storage.write_accounts(accounts_path, AccountsFile(accounts=accounts, rotation_strategy="round-robin"))
+    fake_kimi.set_kimi_error(KEYS[4], "invalid_auth")  # Kimi refuses it: disabled, live
+    proxy = start_proxy(fake_kimi, options={"kimi_status": "127.0.0.1:0"})
+    found = proxy.wait_for_output(STATUS_URL, timeout=10)
+    assert found, proxy.output()
+    url = found.group(1)
+    with httpx.Client(trust_env=False, timeout=10) as http:
+        for _ in range(5):  # round-robin over the usable keys: 0, 2, 3, 4 (refused, resent on 0), 2
+            assert http.post(proxy.url + MESSAGES, json=BODY, headers={"x-api-key": "sk-kimi-placeholder"}).is_success
+        assert poll(lambda: http.get(url + "status.json").json()["keys"][4]["state"] == "disabled", 5)
+    return url, now
+
+
+def test_the_page_in_a_real_browser(status_proxy: tuple[str, int], tmp_path: Path) -> None:
+    url, _ = status_proxy
+    dom_text = chromium(url, tmp_path / "profile", "--dump-dom").stdout
+    for key in KEYS:
+        assert key not in dom_text and key[8:] not in dom_text
+    dom = parse_dom(dom_text)
+    body = dom.one(None, **{"data-loaded": "true"})
+    assert body.tag == "body"
+    assert dom.one(None, id="strategy").text == "round-robin"
+    assert dom.one(None, id="key-count").text == "5"
+    assert dom.one(None, id="error").attrs.get("hidden") is not None  # the fetch worked
+
+    cards = {int(n.attrs["data-key-index"]): n for n in dom.find("key")}
+    assert sorted(cards) == [0, 1, 2, 3, 4]
+    for index, card in cards.items():
+        assert card.one("key-masked").text == f"sk-kim…{KEYS[index][-4:]}"
+    names = [cards[i].one("key-name").text for i in range(5)]
+    assert names == ["[0] Personal", "[1] Work", "[2] Team", "[3] Spare", "[4] Old laptop"]
+
+    cooling = cards[1]
+    assert cooling.attrs["data-state"] == "cooling"
+    countdown = cooling.one("countdown").text
+    assert re.fullmatch(r"· free in (9m \d{1,2}s|10m 0s)", countdown), countdown
+    assert cooling.one("key-reason").text == "rate limited (429)"
+    assert cooling.one("health-value").text == "70%"
+
+    quota = cards[2]
+    five_hour = quota.one("quota-window", data_window="5-hour")
+    bar = five_hour.one("quota-bar")
+    assert bar.attrs["data-ratio"] == "0.750"
+    assert bar.one("fill").attrs["style"] == "width: 75%;"
+    assert five_hour.one("quota-label").text == "150 / 200 left"
+    assert re.fullmatch(r"resets in (1h 00m|59m \d{1,2}s)", five_hour.one("quota-reset").text)
+    weekly = quota.one("quota-window", data_window="weekly")
+    assert weekly.one("quota-bar").attrs["data-ratio"] == "0.160"
+    assert "low" in weekly.one("quota-bar").one("fill").classes
+    assert re.fullmatch(r"resets in (3d 0h|2d 23h)", weekly.one("quota-reset").text)
+    assert quota.one("in-flight").text == "in flight0 / 5"
+
+    assert [i for i, card in cards.items() if card.attrs["data-state"] == "serving"] in ([], [0], [2], [3])
+
+    disabled = cards[4]
+    assert disabled.attrs["data-state"] == "disabled"
+    assert disabled.one("key-reason").text  # why, as the pool says it
+    events = [li.text for li in dom.one(None, id="timeline").find("event")]
+    assert any("disabled" in e and f"sk-kim…{KEYS[4][-4:]}" in e for e in events), events
+    # Its five recorded times, plus this test's requests on loopback (about 1 ms each).
+    assert re.fullmatch(r"median latency(640|680|720) ms", cards[0].one("latency").text)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_a_screenshot_of_the_page(status_proxy: tuple[str, int], tmp_path: Path) -> None:
+    url, _ = status_proxy
+    shot = tmp_path / "status-page.png"
+    chromium(url, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,800", "--hide-scrollbars")
+    assert png_size(shot) == (1200, 800)
+    assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+    if os.environ.get("KIMI_UPDATE_SCREENSHOT") == "1":
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, SCREENSHOT)
+    assert png_size(SCREENSHOT) == (1200, 800)  # the README's picture is there
