@@ -10,10 +10,9 @@ key may have freed up (`key_freed`).
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 from typing import NamedTuple
 
-from rotator import merge, oddities, quota, stats
+from rotator import merge, oddities, quota, stats, throttle
 from rotator.clock import SYSTEM_CLOCK, Clock, seconds_until
 from rotator.health import HEALTH_MAX, apply_health_delta, rest_period_ms
 from rotator.keys import mask_key
@@ -27,11 +26,6 @@ DEFAULT_MAX_IN_FLIGHT = 30
 # up to this cap. Plan windows and disabled keys have their own deadlines and don't.
 MAX_BACKOFF_MS = 30 * 60 * 1000
 BACKOFF_VERDICTS = frozenset({Verdict.RATE_LIMITED, Verdict.CONCURRENCY_LIMIT, Verdict.ACCESS_DENIED})
-# Rate limits on this many different keys within the window look like Kimi throttling
-# this client (IP or account-wide), not like each key's fault: one shared pause instead.
-GLOBAL_THROTTLE_KEYS = 3
-GLOBAL_THROTTLE_WINDOW_MS = 5_000
-GLOBAL_PAUSE_MS = 10_000
 
 
 class Lease(NamedTuple):
@@ -65,17 +59,6 @@ class _SkipKeys:
         return isinstance(index, int) and self.accounts[index].key in self.keys
 
 
-@dataclass(frozen=True, slots=True)
-class _RecentLimit:
-    """A rate limit we charged to a key, kept briefly in case it was a global throttle."""
-
-    at_ms: int
-    key: str
-    previous_deadline: int
-    previous_level: int
-    previous_health: int
-
-
 def _nobody_waits() -> None:
     pass
 
@@ -94,7 +77,7 @@ class KeyPool:
         self._at_cap: set[str] = set()
         self.changes = merge.PoolChange()
         self.paused_until_ms = 0
-        self._recent_limits: list[_RecentLimit] = []
+        self._recent_limits = throttle.RecentLimits()
         # Called whenever a key may have freed up: an answer, a lowered deadline, a
         # change from the store. The wait line sets it.
         self.key_freed: Callable[[], None] = _nobody_waits
@@ -211,13 +194,17 @@ class KeyPool:
         self, lease: Lease, account: Account, outcome: Outcome, now_ms: int, took_ms: int | None
     ) -> str | None:
         if outcome.verdict is Verdict.RATE_LIMITED:
-            throttle = self._detect_throttle(lease.key, now_ms)
-            if throttle is not None:
-                return throttle or None
-            self._recent_limits.append(
-                _RecentLimit(now_ms, lease.key, account.rate_limit_reset_time, account.cooldown_level,
-                             account.health_score)
-            )
+            if now_ms < self.paused_until_ms:
+                return None  # the shared pause is on: not the key's fault
+            burst = self._recent_limits.burst(lease.key, now_ms)
+            if burst is not None:
+                self.paused_until_ms = now_ms + throttle.PAUSE_MS
+                for limit in burst:
+                    self._refund(limit, now_ms)
+                return throttle.pause_line(burst)
+            self._recent_limits.remember(throttle.RecentLimit(
+                now_ms, lease.key, account.rate_limit_reset_time, account.cooldown_level, account.health_score
+            ))
         change = self.changes.for_key(lease.key)
         was_cooling = account.rate_limit_reset_time > now_ms or account.billing_limit_reset_time > now_ms
         delta = outcome.health_delta
@@ -327,29 +314,7 @@ class KeyPool:
         account.health_rest_since = new.rest_since
         change.set("health_rest_since", new.rest_since, now_ms)
 
-    def _detect_throttle(self, key: str, now_ms: int) -> str | None:
-        """None: charge this rate limit to the key. Otherwise Kimi is throttling everyone:
-        the key is not charged, earlier charges in the burst are refunded, and the
-        returned line says so ('' when the pause is already on)."""
-        if now_ms < self.paused_until_ms:
-            return ""
-        window_start = now_ms - GLOBAL_THROTTLE_WINDOW_MS
-        recent = [r for r in self._recent_limits if r.at_ms >= window_start and r.key != key]
-        self._recent_limits = recent
-        limited_keys = len({r.key for r in recent}) + 1
-        if limited_keys < GLOBAL_THROTTLE_KEYS:
-            return None
-        self.paused_until_ms = now_ms + GLOBAL_PAUSE_MS
-        for limit in recent:
-            self._refund(limit, now_ms)
-        self._recent_limits = []
-        return (
-            f"{limited_keys} keys rate limited within {GLOBAL_THROTTLE_WINDOW_MS // 1000} s: Kimi is "
-            f"throttling this client, not a key; pausing all keys for {GLOBAL_PAUSE_MS // 1000} s "
-            "instead of cooling each one"
-        )
-
-    def _refund(self, limit: _RecentLimit, now_ms: int) -> None:
+    def _refund(self, limit: throttle.RecentLimit, now_ms: int) -> None:
         account = self.account(limit.key)
         if account is None:
             return

@@ -619,6 +619,7 @@ def test_retry_goes_out_through_the_same_upstream_proxy_and_tls_trust(
                 "kimi_accounts": str(accounts_path),
                 # The upstream proxy intercepts TLS: trust its CA, as such users must.
                 "ssl_verify_upstream_trusted_ca": str(corporate.ca_cert),
+                "kimi_status": "off",  # quota polling stays on (its default): it must go the same way
             },
             confdir=tmp_path / "ours",
         )
@@ -628,13 +629,24 @@ def test_retry_goes_out_through_the_same_upstream_proxy_and_tls_trust(
         assert r.status_code == 200, (r.text, ours.output())
         seen = fake_kimi.message_requests()
         assert [(s.key, s.status) for s in seen] == [(keys[0], 429), (keys[1], 200)]
+
+        def polled() -> list[str]:
+            return sorted(r.key for r in fake_kimi.requests if r.path == USAGES_PATH)
+
+        assert poll(lambda: polled() == sorted(keys), 10), (polled(), ours.output())
+        assert "has crashed" not in ours.output()  # a poll must come in through the proxy's mode
     finally:
         if ours is not None:
             ours.stop()
         corporate.stop()
     # Both attempts went through the corporate proxy, in TLS it terminated with the CA
     # we were told to trust (a retry sent any other way would have failed or bypassed it).
-    _, flows = saved_flows(corporate_dump)
+    _, all_flows = saved_flows(corporate_dump)
+    flows = [f for f in all_flows if f.request.path == MESSAGES_PATH]
     assert [f.metadata["loopback_dns.original"] for f in flows] == [["https", "api.kimi.com", 443]] * 2
     assert [f.client_conn.tls_established for f in flows] == [True, True]
     assert [f.request.headers["x-api-key"] for f in flows] == keys  # each attempt its own key
+    # The quota polls, flows of the proxy's own, took the same way.
+    polls = [f for f in all_flows if f.request.path == USAGES_PATH]
+    assert sorted(f.request.headers["authorization"] for f in polls) == sorted(f"Bearer {k}" for k in keys)
+    assert all(f.client_conn.tls_established for f in polls)

@@ -100,11 +100,10 @@ async def test_every_enabled_key_is_polled_once_at_start_spread_out_and_never_co
         assert flow.request.headers["authorization"] == f"Bearer {key}"
         return usages_answer(200, 3, reset)
 
-    addon, upstream, sleep = polling(answer, fields={"k2": {"disabled_reason": "revoked"}}, sleep=SteppedSleep(1))
+    addon, upstream, sleep = polling(answer, fields={"k2": {"disabled_reason": "revoked"}}, sleep=SteppedSleep(2))
     await settle()
     assert upstream.keys_sent(USAGES) == KEYS[:2]  # the disabled key is not asked
-    assert sleep.calls[0] == pytest.approx(0.5)  # a pause between the two, then the interval
-    assert sleep.calls[1] == pytest.approx(300.0)
+    assert sleep.calls == [0.5, 0.5, 300.0]  # a pause before each, then the interval
     for i in range(2):
         account = addon.pool.accounts[i]
         assert account.quota is not None and account.quota.windows[0].used == 3
@@ -140,7 +139,7 @@ async def test_after_the_interval_only_keys_used_since_their_reading_are_polled(
         return success()
 
     addon, upstream, sleep = polling(answer, kimi_usage_interval="60")
-    sleep.allow(2)  # the two pauses between the three start polls
+    sleep.allow(3)  # the pauses before the three start polls
     await settle()
     assert len(upstream.keys_sent(USAGES)) == 3
     clock.advance(1000)
@@ -150,7 +149,7 @@ async def test_after_the_interval_only_keys_used_since_their_reading_are_polled(
     clock.advance(60_000)
     sleep.allow()  # the interval passes
     await settle()
-    assert sleep.calls[2] == pytest.approx(60.0)
+    assert sleep.calls[3] == pytest.approx(60.0)
     assert upstream.keys_sent(USAGES)[3:] == [used]
     await addon.done()
 
@@ -196,7 +195,7 @@ async def test_the_poll_flow_keeps_only_the_masked_key(polling, clock):
         polls.append(flow)
         return usages_answer(200, 3, clock.now + HOUR)
 
-    addon, _, _ = polling(answer, keys=KEYS[:1])
+    addon, _, _ = polling(answer, keys=KEYS[:1], sleep=SteppedSleep(1))
     await settle()
     assert len(polls) == 1
     assert KEYS[0] not in str(polls[0].request.headers)

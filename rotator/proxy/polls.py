@@ -110,9 +110,9 @@ class QuotaPolls:
     async def _poll_forever(self) -> None:
         keys = enabled_keys(self.pool.accounts)
         spread = min(START_SPREAD_S, self.interval_s / max(1, len(keys)))
-        for i, key in enumerate(keys):
-            if i:
-                await self.sleep(spread)
+        for key in keys:
+            # Spread out, the first one too: nothing goes out while the proxy is starting.
+            await self.sleep(spread)
             if self.pool.account(key) is not None:
                 self.ask(key)
         while True:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from mitmproxy import connection, ctx, http
 from mitmproxy.addons.clientplayback import ReplayHandler
+from mitmproxy.proxy.mode_specs import ProxyMode
 
 
 def copy_to_resend(flow: http.HTTPFlow) -> http.HTTPFlow:
@@ -40,9 +41,16 @@ def client_identity(request: http.Request) -> list[tuple[bytes, bytes]]:
 def fresh_request(
     method: str, scheme: str, host: str, port: int, path: str, headers: Sequence[tuple[bytes, bytes]] = ()
 ) -> http.HTTPFlow:
-    """A request of the proxy's own, from no client, to `scheme://host:port/path`."""
+    """A request of the proxy's own, from no client, to `scheme://host:port/path`.
+
+    It comes in through the proxy's first mode, as a client's request would: mitmproxy's
+    HTTP layer reads the mode from the client connection (upstream mode needs it to go
+    through the upstream proxy at all)."""
     now = time.time()
     client = connection.Client(peername=("127.0.0.1", 0), sockname=("127.0.0.1", 0), timestamp_start=now)
+    modes = ctx.options.mode if ctx.options and "mode" in ctx.options else []
+    if modes:
+        client.proxy_mode = ProxyMode.parse(modes[0])
     flow = http.HTTPFlow(client, connection.Server(address=(host, port)))
     authority = host if (scheme, port) in (("https", 443), ("http", 80)) else f"{host}:{port}"
     flow.request = http.Request(

@@ -1,0 +1,54 @@
+"""Telling Kimi throttling this client apart from one key's rate limit.
+
+Rate limits on `THROTTLE_KEYS` different keys within `THROTTLE_WINDOW_MS` look like Kimi
+throttling the client (its IP or account), not like each key's fault: the pool then
+pauses every key for `PAUSE_MS` instead, and refunds what the burst charged to keys.
+`RecentLimits` remembers the charges that may have to be refunded; the pool applies them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+THROTTLE_KEYS = 3
+THROTTLE_WINDOW_MS = 5_000
+PAUSE_MS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class RecentLimit:
+    """A rate limit charged to a key, and what the key was before it."""
+
+    at_ms: int
+    key: str
+    previous_deadline: int
+    previous_level: int
+    previous_health: int
+
+
+@dataclass(slots=True)
+class RecentLimits:
+    limits: list[RecentLimit] = field(default_factory=list)
+
+    def remember(self, limit: RecentLimit) -> None:
+        self.limits.append(limit)
+
+    def burst(self, key: str, now_ms: int) -> list[RecentLimit] | None:
+        """None: charge this rate limit of `key` to it. Otherwise it completes a burst
+        across keys: the earlier charges in it, to refund (forgotten here)."""
+        window_start = now_ms - THROTTLE_WINDOW_MS
+        recent = [r for r in self.limits if r.at_ms >= window_start and r.key != key]
+        if len({r.key for r in recent}) + 1 < THROTTLE_KEYS:
+            self.limits = recent
+            return None
+        self.limits = []
+        return recent
+
+
+def pause_line(recent: list[RecentLimit]) -> str:
+    limited_keys = len({r.key for r in recent}) + 1
+    return (
+        f"{limited_keys} keys rate limited within {THROTTLE_WINDOW_MS // 1000} s: Kimi is "
+        f"throttling this client, not a key; pausing all keys for {PAUSE_MS // 1000} s "
+        "instead of cooling each one"
+    )
