@@ -203,7 +203,7 @@ def start_proxy(work: Path, name: str, upstream_port: int, *, addon: bool,
     Both arms get ``flow_detail=0`` (no per-flow console output) and the harness's
     tiny readiness script (a ``running`` hook only); the addon arm also gets the
     accounts file and ``kimi_hosts=127.0.0.1`` so that requests to the fake count as
-    Kimi requests.
+    Kimi requests, and neither the status page nor quota polling unless `options` asks.
     """
     opts: dict[str, object] = {"flow_detail": 0}
     addons: list[Path] = []
@@ -211,7 +211,9 @@ def start_proxy(work: Path, name: str, upstream_port: int, *, addon: bool,
         if accounts is None:
             raise ValueError("the addon arm needs an accounts file")
         addons = [ADDON_SCRIPT]
-        opts.update(kimi_accounts=str(accounts), kimi_hosts="127.0.0.1")
+        # The key work alone: no status page, no quota polling (an arm turns them on).
+        opts.update(kimi_accounts=str(accounts), kimi_hosts="127.0.0.1", kimi_status="off",
+                    kimi_usage_interval=0)
     opts.update(options or {})
     return harness.start_mitmdump(
         addons=addons, mode=f"reverse:http://127.0.0.1:{upstream_port}",

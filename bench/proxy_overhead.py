@@ -14,12 +14,22 @@ throughput and latency, the mitmdump process's own CPU time per request is repor
 so its hooks run and return at once (requests to 127.0.0.1 are not Kimi requests).
 It splits the addon's cost into mitmproxy calling the addon at all and the key work.
 
-    python bench/proxy_overhead.py [--quick] [--rounds N] [--seconds S] [--passthrough]
+--visibility adds an arm with what a person watching uses: the status page on (a
+thread fetches /status.json every second, as the open page does, and /metrics every
+second, as a scraper might) and quota polling every 10 s (the fake answers /usages).
+Its throughput should match the addon arm's within noise.
+
+    python bench/proxy_overhead.py [--quick] [--rounds N] [--seconds S] [--passthrough] [--visibility]
 """
 
 from __future__ import annotations
 
+import re
 import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +60,35 @@ def measure(proxy, script: Path, connections: int, seconds: int, arm: Arm) -> C.
     return result
 
 
+@contextmanager
+def page_watcher(proxy) -> Iterator[list[int]]:
+    """Fetch the proxy's /status.json and /metrics once a second while in the block, as an
+    open status page and a Prometheus scrape would; yields the list of fetches made."""
+    found = re.search(r"status page at (http://127\.0\.0\.1:\d+)/", proxy.output())
+    if found is None:
+        raise RuntimeError("the visibility arm's proxy logged no status page URL:\n" + proxy.output())
+    base = found.group(1)
+    fetched: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while True:
+            for path in ("/status.json", "/metrics"):
+                with urllib.request.urlopen(base + path, timeout=5) as answer:
+                    answer.read()
+                    fetched.append(answer.status)
+            if stop.wait(1.0):
+                return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield fetched
+    finally:
+        stop.set()
+        thread.join(10)
+
+
 def paired(a: list[float], b: list[float]) -> list[float]:
     return [x / y for x, y in zip(a, b)]
 
@@ -60,11 +99,14 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, help="seconds per wrk run (default 3; quick 1)")
     ap.add_argument("--passthrough", action="store_true",
                     help="add an arm with the addon loaded but no request for a Kimi host")
+    ap.add_argument("--visibility", action="store_true",
+                    help="add an arm with the status page watched every second and quota polling on")
     args = ap.parse_args()
     rounds = args.rounds or (1 if args.quick else 5)
     seconds = args.seconds or (1 if args.quick else 3)
     warmup = 0 if args.quick else 1
-    arm_names = ["bare", "addon"] + (["passthrough"] if args.passthrough else [])
+    arm_names = (["bare", "addon"] + (["passthrough"] if args.passthrough else [])
+                 + (["visibility"] if args.visibility else []))
 
     C.print_header("proxy overhead: bare mitmdump vs mitmdump -s kimi_rotator_addon.py",
                    [f"load generator: {C.wrk_version()}, 1 thread, keep-alive, POST {C.MESSAGES_PATH}",
@@ -72,6 +114,7 @@ def main() -> int:
                     f"every round; clients {CONCURRENCIES}"])
     budget = 60 + len(CONCURRENCIES) * (len(arm_names) * (rounds + warmup) + 1) * (seconds + 5)
     addon_requests = 0
+    page_fetches: list[int] = []
     with C.watchdog(budget), C.workdir("overhead") as work, C.fake_kimi("--no-record") as (_, fake_port):
         accounts = C.make_accounts_file(work / "kimi-accounts.json", 3)
         script = C.write_wrk_script(work)
@@ -84,6 +127,11 @@ def main() -> int:
                     work, "passthrough", fake_port, addon=True,
                     accounts=C.make_accounts_file(work / "passthrough-accounts.json", 3),
                     options={"kimi_hosts": "api.kimi.com"})
+            if args.visibility:
+                proxies["visibility"] = C.start_proxy(
+                    work, "visibility", fake_port, addon=True,
+                    accounts=C.make_accounts_file(work / "visibility-accounts.json", 3),
+                    options={"kimi_status": "127.0.0.1:0", "kimi_usage_interval": 10})
             for name in arm_names:
                 C.check_one_request(proxies[name].url)
             addon_requests += 1
@@ -102,7 +150,12 @@ def main() -> int:
                 for rnd in range(rounds):
                     shift = rnd % len(arm_names)
                     for name in arm_names[shift:] + arm_names[:shift]:
-                        r = measure(proxies[name], script, conc, seconds, arms[name])
+                        if name == "visibility":
+                            with page_watcher(proxies[name]) as fetched:
+                                r = measure(proxies[name], script, conc, seconds, arms[name])
+                            page_fetches.extend(fetched)
+                        else:
+                            r = measure(proxies[name], script, conc, seconds, arms[name])
                         if name == "addon":
                             addon_requests += r.requests
                         print(f"  round {rnd + 1} {name:11}: {r.rps:6.0f} req/s  p50 {r.p50_ms:6.2f} ms"
@@ -153,6 +206,11 @@ def main() -> int:
     print(f"check: the addon arm counted {file_requests} requests ({file_successes} successful) in its "
           f"accounts file; wrk completed {addon_requests} through it (the file may count one more "
           f"per connection per run: requests in flight when wrk stopped)")
+    if args.visibility:
+        bad = [status for status in page_fetches if status != 200]
+        print(f"check: the visibility arm's page was fetched {len(page_fetches)} times "
+              f"(/status.json and /metrics), {len(bad)} not 200")
+        errors += len(bad)
     if errors:
         print(f"WARNING: {errors} wrk errors (socket errors, timeouts or non-2xx answers): figures suspect")
     if args.quick:

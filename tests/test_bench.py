@@ -99,8 +99,8 @@ def positive(text: str, what: str, output: str) -> float:
 
 def test_proxy_overhead_quick() -> None:
     require_wrk()
-    out = run_bench("proxy_overhead.py", "--passthrough")
-    arms = ("bare", "addon", "passthrough")
+    out = run_bench("proxy_overhead.py", "--passthrough", "--visibility")
+    arms = ("bare", "addon", "passthrough", "visibility")
     assert "load generator: wrk" in out, out
     for clients in (1, 16):
         section = search(rf"^-- {clients} client\(s\) --\n((?:  .*\n)+)", out, f"{clients} client(s)").group(1)
@@ -117,7 +117,7 @@ def test_proxy_overhead_quick() -> None:
             search(rf"^\s+{clients}\s+{arm}\s+{NUMBER}\s", out, f"summary row {clients} {arm}")
     ratios = search(r"^Ratios to bare.*\n((?:.*\n)+)", out, "ratios").group(1)
     for clients in (1, 16):
-        block = search(rf"^\s*{clients} client\(s\):\n((?:   .*\n){{4}})", ratios, f"ratios at {clients}").group(1)
+        block = search(rf"^\s*{clients} client\(s\):\n((?:   .*\n){{6}})", ratios, f"ratios at {clients}").group(1)
         for arm in arms[1:]:
             m = search(rf"^   {arm}: throughput ({NUMBER}) \(per round {NUMBER}\.\.{NUMBER}\): target ≥ 0\.95: "
                        rf"{VERDICT}; p50 latency ({NUMBER})$", block, f"{arm} throughput ratio, {clients} clients")
@@ -125,7 +125,10 @@ def test_proxy_overhead_quick() -> None:
             positive(m.group(2), f"{arm} p50 ratio", out)
         cpu = findall(rf"^\s+mitmdump CPU per request ({NUMBER}) \(per round .*\), [+-]{NUMBER} µs: "
                       rf"throughput a CPU-bound mitmdump keeps = ({NUMBER}) of bare: {VERDICT}$", block)
-        assert len(cpu) == 2, f"CPU ratio lines at {clients} client(s):\n{out}"
+        assert len(cpu) == 3, f"CPU ratio lines at {clients} client(s):\n{out}"
+    fetches = search(r"^check: the visibility arm's page was fetched (\d+) times \(/status.json and /metrics\), "
+                     r"(\d+) not 200$", out, "page fetch check")
+    assert int(fetches.group(1)) >= 4 and fetches.group(2) == "0", out  # each path at least once per round
     m = search(r"^check: the addon arm counted (\d+) requests \((\d+) successful\) in its accounts file; "
                r"wrk completed (\d+) through it", out, "count check")
     counted, successes, completed = map(int, m.groups())
