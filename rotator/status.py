@@ -179,14 +179,15 @@ def as_json(view: KeyView, now: int) -> dict[str, object]:
 
 def summary(views: Sequence[KeyView], now: int, most: int = SUMMARY_MOST) -> str:
     """One line on every key, for the proxy's own error answers: `Keys: [0] sk-kim…abcd
-    free in 12 s; [1] sk-kim…wxyz disabled (…).`"""
+    free in 12 s, rate limited (HTTP 429); [1] sk-kim…wxyz disabled (…).`"""
     parts = []
     for view in views[:most]:
         short = f"[{view.index}] {view.masked_key}"
         if view.state is KeyState.DISABLED:
             parts.append(f"{short} disabled ({view.disabled_reason})")
         elif view.rate_limit_reset_time > now:
-            parts.append(f"{short} free in {seconds_until(view.rate_limit_reset_time, now)} s")
+            why = f", {view.cooldown_reason}" if view.cooldown_reason else ""
+            parts.append(f"{short} free in {seconds_until(view.rate_limit_reset_time, now)} s{why}")
         else:
             parts.append(f"{short} busy")
     if len(views) > most:

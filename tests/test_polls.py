@@ -270,3 +270,21 @@ async def test_the_reserve_option_reaches_the_pool(polling, clock):
     await settle()
     assert addon.pool.accounts[0].rate_limit_reset_time == clock.now + HOUR
     await addon.done()
+
+
+async def test_with_every_key_spent_the_429_says_which_window_and_when(polling, clock):
+    def answer(flow: http.HTTPFlow, key: str) -> http.Response:
+        if flow.request.path == USAGES:
+            return usages_answer(200, 200, clock.now + 2 * HOUR)
+        return success()
+
+    addon, upstream, _ = polling(answer, sleep=SteppedSleep(5), kimi_max_wait="0")
+    await settle()
+    flow = kimi_flow()
+    await upstream(flow)
+    assert upstream.keys_sent() == []  # no key was sent a request
+    assert flow.response is not None and flow.response.status_code == 429
+    assert flow.response.headers["retry-after"] == "7200"
+    message = json.loads(flow.response.content)["error"]["message"]
+    assert f"[0] {mask_key(KEYS[0])} free in 7200 s, 5-hour quota spent (200 of 200 used), per Kimi's /usages" in message
+    await addon.done()
