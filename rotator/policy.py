@@ -27,7 +27,15 @@ Decisions the table encodes
   its default and any announced reset; verdicts without a cooldown ignore reset headers
   (Anthropic-shaped servers send them on every success).
 - Phrases are matched in the error message(s) of a JSON body; a body that is not JSON,
-  or JSON without a message field, is searched whole.
+  or JSON without a message field, is searched whole. Both of Kimi's envelopes read
+  alike: Anthropic's (`{"type":"error","error":{"type","message"}}`, /v1/messages) and
+  OpenAI's (`{"error":{"message","type","code"}}`, /v1/chat/completions, and Moonshot's
+  platform), whose wording adds organisation limits ("request reached organization max
+  concurrency/RPM, TPM rate limit") and an empty balance (`exceeded_current_quota_error`:
+  "You exceeded your current token quota", "please check your account balance"), read
+  as a membership problem: a day's rest, since retrying cannot top an account up.
+- A refusal that says when to come back in its words ("please try again after 3
+  seconds") is read like a `retry-after` header when no header announces a reset.
 - Only SUCCESS counts as a success; CLIENT_REJECTED and REQUEST_ERROR are neutral.
 - Kimi's words in a reason (a fallback row quotes `error.type` and the message; a
   connection error quotes mitmproxy) are outside text: `text.clean_line` makes each one
@@ -39,11 +47,13 @@ from __future__ import annotations
 
 import enum
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from rotator.reset_times import later_deadline, reset_deadline_from_headers
+from rotator.reset_times import MAX_AHEAD_MS, later_deadline, reset_deadline_from_headers
 from rotator.text import REASON_MOST, cap, clean_line
 
 # Health points per outcome: the TypeScript plugin's numbers, plus a small penalty for
@@ -138,7 +148,15 @@ RULES: tuple[Rule, ...] = (
     Rule(None, ("unable to verify your membership", "membership benefits", "membership is active"),
          Verdict.MEMBERSHIP_INACTIVE, "membership could not be verified", HEALTH_FAILURE,
          MEMBERSHIP_COOLDOWN_MS, retry_elsewhere=True),
-    Rule(None, ("5-hour usage limit", "5-hour limit", "5 hour usage limit", "5 hour limit"),
+    # The OpenAI-shaped endpoints' exceeded_current_quota_error: the account is out of
+    # balance or token quota, which no retry on this key can fix.
+    Rule(None, ("exceeded your current quota", "exceeded your current token quota", "insufficient balance",
+                "check your account balance"),
+         Verdict.MEMBERSHIP_INACTIVE, "account out of balance or token quota", HEALTH_FAILURE,
+         MEMBERSHIP_COOLDOWN_MS, retry_elsewhere=True),
+    # "Your usage limit for this period" names no window: the shortest is assumed.
+    Rule(None, ("5-hour usage limit", "5-hour limit", "5 hour usage limit", "5 hour limit",
+                "usage limit for this period"),
          Verdict.WINDOW_EXHAUSTED, "5-hour usage limit reached", HEALTH_FAILURE,
          FIVE_HOUR_COOLDOWN_MS, retry_elsewhere=True, window=Window.FIVE_HOUR),
     Rule(None, ("billing cycle", "refreshed in the next cycle", "monthly usage limit"),
@@ -148,16 +166,19 @@ RULES: tuple[Rule, ...] = (
                 "7-day usage limit", "7-day limit"),
          Verdict.WINDOW_EXHAUSTED, "weekly usage limit reached", HEALTH_FAILURE,
          WEEKLY_COOLDOWN_MS, retry_elsewhere=True, window=Window.WEEKLY),
-    Rule(None, ("concurrent request limit", "concurrency limit", "too many concurrent requests"),
+    Rule(None, ("concurrent request limit", "concurrency limit", "too many concurrent requests",
+                "max concurrency", "organization concurrency"),
          Verdict.CONCURRENCY_LIMIT, "concurrent request limit reached", HEALTH_RATE_LIMITED,
          CONCURRENCY_COOLDOWN_MS, retry_elsewhere=True),
     Rule(None, ("community guidelines", "access terminated"),
          Verdict.ACCOUNT_BANNED, "account terminated under the Community Guidelines", HEALTH_FAILURE,
          retry_elsewhere=True, disable=True),
-    Rule(None, ("invalid authentication", "incorrect api key", "invalid api key"),
+    Rule(None, ("invalid authentication", "incorrect api key", "invalid api key",
+                "api key appears to be invalid"),
          Verdict.KEY_INVALID, "key rejected as invalid", HEALTH_FAILURE,
          retry_elsewhere=True, disable=True),
-    Rule(None, ("engine is currently overloaded", "too many requests"),
+    Rule(None, ("engine is currently overloaded", "too many requests", "rate limit reached",
+                "rate limit exceeded", "max rpm", "max tpm", "rpm rate limit", "tpm rate limit", "tpd rate limit"),
          Verdict.RATE_LIMITED, "rate limited", HEALTH_RATE_LIMITED,
          RATE_LIMIT_COOLDOWN_MS, retry_elsewhere=True),
     # Statuses whose wording matched nothing above.
@@ -191,7 +212,7 @@ def classify(
         verdict=rule.verdict,
         retry_elsewhere=rule.retry_elsewhere,
         health_delta=rule.health,
-        cooldown_until_ms=_cooldown(rule, headers, now_ms),
+        cooldown_until_ms=_cooldown(rule, headers, now_ms, message.match_text),
         disable=rule.disable,
         window=rule.window,
         reason=_reason(rule, status, message),
@@ -319,13 +340,29 @@ def _error_type(document: dict[str, Any]) -> str | None:
 
 # -- composing the outcome ---------------------------------------------------------------
 
-def _cooldown(rule: Rule, headers: Mapping[str, str] | None, now_ms: int) -> int | None:
+def _cooldown(rule: Rule, headers: Mapping[str, str] | None, now_ms: int, match_text: str = "") -> int | None:
     if rule.cooldown_ms is None:
         return None
     announced = reset_deadline_from_headers(headers, now_ms)
+    if announced is None:
+        announced = deadline_in_words(match_text, now_ms)
     if rule.verdict is Verdict.RATE_LIMITED and announced is not None:
         return announced
     return later_deadline(now_ms + rule.cooldown_ms, announced)
+
+
+# "please try again after 3 seconds", "try again in 1.5 s", "retry after 20 seconds".
+_WAIT_IN_WORDS = re.compile(r"(?:try again|retry) (?:after|in) ([0-9]{1,7}(?:\.[0-9]{1,3})?) ?(?:seconds?|secs?|s)\b")
+
+
+def deadline_in_words(match_text: str, now_ms: int) -> int | None:
+    """The reset a refusal announces in its words (`normalise`d), as a deadline; None if
+    it announces none or one beyond `reset_times.MAX_AHEAD_MS`."""
+    found = _WAIT_IN_WORDS.search(match_text)
+    if found is None:
+        return None
+    wait_ms = math.ceil(float(found.group(1)) * SECOND_MS)
+    return now_ms + wait_ms if 0 < wait_ms <= MAX_AHEAD_MS else None
 
 
 def _reason(rule: Rule, status: int, message: ErrorText) -> str:

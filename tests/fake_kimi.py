@@ -33,6 +33,15 @@ Endpoints
     transfer-encoding, keep-alive (``stream_framing="chunked"``, default) or no
     length + ``Connection: close`` (``stream_framing="close"``).
     A body that is not a JSON object -> 400 ``invalid_request_error``.
+``POST /coding/v1/chat/completions``
+    The same host's OpenAI chat endpoint (Kimi CLI's; Bearer auth). Success without
+    ``stream`` -> 200 ``chat.completion`` whose one choice says ``"hello from fake
+    kimi #N"``; with ``"stream": true`` -> ``chat.completion.chunk`` events as bare
+    ``data:`` lines (no ``event:``), then ``data: [DONE]``. A body that is not a JSON
+    object -> 400 ``invalid_request_error``. Errors here come in the OpenAI envelope
+    ``{"error": {"message", "type", "code"}}``: script them with
+    ``set_kimi_error(key, name, envelope="openai", path=CHAT_COMPLETIONS_PATH)``
+    (a script's ``path`` defaults to /messages only).
 ``GET /coding/v1/models``
     ``{"object": "list", "data": [{"id": "kimi-for-coding", ...}, ...]}``.
 ``GET /coding/v1/usages``
@@ -90,6 +99,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 MESSAGES_PATH = "/coding/v1/messages"
+CHAT_COMPLETIONS_PATH = "/coding/v1/chat/completions"
 MODELS_PATH = "/coding/v1/models"
 USAGES_PATH = "/coding/v1/usages"
 
@@ -153,6 +163,39 @@ KIMI_ERRORS: dict[str, tuple[int, str, str]] = {
     "bad_gateway": (502, "api_error", "Bad gateway"),
     "unavailable": (503, "api_error", "Service temporarily unavailable"),
     "overloaded_529": (529, "overloaded_error", "Overloaded"),
+    # Wording of the OpenAI-shaped endpoints (Kimi's /chat/completions, Moonshot's
+    # platform), whose types are Moonshot's.
+    "engine_overloaded": (
+        429, "engine_overloaded_error",
+        "The engine is currently overloaded, please try again later",
+    ),
+    "max_concurrency": (
+        429, "rate_limit_reached_error",
+        "Your account org-fake<ak-fake> request reached organization max concurrency: 30, "
+        "please try again after 1 seconds",
+    ),
+    "max_rpm": (
+        429, "rate_limit_reached_error",
+        "Your account org-fake<ak-fake> request reached organization max RPM: 200, "
+        "please try again after 7 seconds",
+    ),
+    "tpm": (
+        429, "rate_limit_reached_error",
+        "Your account org-fake<ak-fake> request reached organization TPM rate limit, "
+        "current:1000001, limit:1000000",
+    ),
+    "quota_exceeded": (
+        429, "exceeded_current_quota_error",
+        "You exceeded your current token quota: 0, please check your account balance",
+    ),
+    "period_limit": (
+        429, "rate_limit_reached_error",
+        "You've reached your usage limit for this period. Please try again later.",
+    ),
+    "key_expired": (
+        401, "invalid_authentication_error",
+        "The API Key appears to be invalid or may have expired. Please verify your API Key.",
+    ),
 }
 
 
@@ -160,10 +203,13 @@ def error_body(error_type: str, message: str, *, envelope: str = "anthropic") ->
     """An error body.
 
     envelope="anthropic": ``{"type":"error","error":{"type":…,"message":…}}``;
-    envelope="bare": ``{"error":{"message":…,"type":…}}`` (Kimi sends this one too).
+    envelope="bare": ``{"error":{"message":…,"type":…}}`` (Kimi sends this one too);
+    envelope="openai": ``{"error":{"message":…,"type":…,"code":None}}`` (/chat/completions).
     """
     if envelope == "bare":
         return {"error": {"message": message, "type": error_type}}
+    if envelope == "openai":
+        return {"error": {"message": message, "type": error_type, "code": None}}
     if envelope != "anthropic":
         raise ValueError(f"unknown envelope {envelope!r}")
     return {"type": "error", "error": {"type": error_type, "message": message}}
@@ -571,6 +617,11 @@ class FakeKimi:
         with self._lock:
             return [r for r in self.requests if r.path.split("?")[0] == MESSAGES_PATH]
 
+    def chat_requests(self) -> list[SeenRequest]:
+        """Requests to /coding/v1/chat/completions, in order of arrival."""
+        with self._lock:
+            return [r for r in self.requests if r.path.split("?")[0] == CHAT_COMPLETIONS_PATH]
+
     def in_flight_by_key(self) -> dict[str, int]:
         with self._lock:
             return {k: v for k, v in self._in_flight.items() if v}
@@ -661,7 +712,8 @@ class FakeKimi:
         path = seen.path.split("?", 1)[0]
         if seen.key is None:
             return self._send_json(h, seen, 401, error_body(
-                "invalid_authentication_error", "Invalid Authentication"))
+                "invalid_authentication_error", "Invalid Authentication",
+                envelope="openai" if path == CHAT_COMPLETIONS_PATH else "anthropic"))
         script = self._take_script(seen.key, path)
         if script.delay:
             time.sleep(script.delay)
@@ -672,6 +724,8 @@ class FakeKimi:
             return self._send_scripted(h, seen, script)
         if path == MESSAGES_PATH and seen.method == "POST":
             return self._messages(h, seen, script.headers)
+        if path == CHAT_COMPLETIONS_PATH and seen.method == "POST":
+            return self._chat_completions(h, seen, script.headers)
         if path == MODELS_PATH and seen.method in ("GET", "HEAD"):
             return self._send_json(h, seen, 200, self._models_body(), script.headers)
         if path == USAGES_PATH and seen.method in ("GET", "HEAD"):
@@ -775,6 +829,43 @@ class FakeKimi:
         }
         self._send_json(h, seen, 200, body, headers)
 
+    def _chat_completions(self, h: _Handler, seen: SeenRequest,
+                          headers: dict[str, str] | None) -> None:
+        try:
+            req = json.loads(seen.body or b"null")
+        except ValueError:
+            req = None
+        if not isinstance(req, dict):
+            return self._send_json(h, seen, 400, error_body(
+                "invalid_request_error", "request body must be a JSON object", envelope="openai"))
+        model = str(req.get("model") or "kimi-for-coding")
+        text = f"hello from fake kimi #{seen.number}"
+        in_tokens = max(1, len(json.dumps(req.get("messages", ""))) // 4)
+        base = {"id": f"chatcmpl-fake-{seen.number:06d}", "created": int(time.time()), "model": model}
+        if req.get("stream") is True:
+            words = text.split(" ")
+            chunks: list[tuple[str, Any]] = [("", {
+                **base, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                             "finish_reason": None}]})]
+            chunks += [("", {**base, "object": "chat.completion.chunk",
+                             "choices": [{"index": 0, "delta": {"content": w + (" " if i < len(words) - 1 else "")},
+                                          "finish_reason": None}]})
+                       for i, w in enumerate(words)]
+            chunks += [("", {**base, "object": "chat.completion.chunk",
+                             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+                       ("", "[DONE]")]
+            return self._send_sse(h, seen, chunks, 200, headers, gated=True)
+        out_tokens = len(text.split())
+        body = {
+            **base, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": in_tokens, "completion_tokens": out_tokens,
+                      "total_tokens": in_tokens + out_tokens},
+        }
+        self._send_json(h, seen, 200, body, headers)
+
     def _send_sse(self, h: _Handler, seen: SeenRequest, events: list[tuple[str, Any]],
                   status: int, headers: dict[str, str] | None, gated: bool = False) -> None:
         chunked = self.stream_framing == "chunked"
@@ -799,7 +890,9 @@ class FakeKimi:
             payload = data if isinstance(data, (bytes, str)) else json.dumps(data)
             if isinstance(payload, str):
                 payload = payload.encode()
-            frame = b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
+            # A nameless event is a bare data line (the OpenAI stream's form).
+            named = b"event: " + name.encode() + b"\n" if name else b""
+            frame = named + b"data: " + payload + b"\n\n"
             if chunked:
                 frame = b"%x\r\n" % len(frame) + frame + b"\r\n"
             if i and self.event_delay:

@@ -1,4 +1,13 @@
-"""Answers the proxy gives itself, in the Anthropic error shape clients understand."""
+"""Answers the proxy gives itself (no key, every key cooling, a refused client, a failed
+resend), in the error shape of the endpoint the client called.
+
+They are made in the Anthropic shape (`{"type": "error", "error": {"type", "message"}}`),
+which `/coding/v1/messages` and everything else but the OpenAI-shaped endpoint speak;
+on its way to a client of `/chat/completions` (Kimi CLI, any OpenAI SDK) an answer takes
+that endpoint's shape instead, `{"error": {"message", "type", "code"}}`, with the same
+status, message and headers (`retry-after` included): `for_request`, which `give` and
+`take_resent` apply, and which whoever else sets an answer of ours on a flow calls.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +21,47 @@ from rotator.clock import seconds_until
 from rotator.models import AccountsFile
 from rotator.status import summary, view_pool
 from rotator.strategies import Shortage, Unavailable
+
+
+OPENAI_PATH_SUFFIX = "/chat/completions"
+# The Anthropic error.type of our own answers -> the OpenAI shape's type and code (the
+# types are Kimi's own on that endpoint where it has one, the codes OpenAI's).
+_OPENAI_ERRORS: dict[str, tuple[str, str]] = {
+    "rate_limit_error": ("rate_limit_reached_error", "rate_limit_exceeded"),
+    "authentication_error": ("invalid_authentication_error", "invalid_api_key"),
+    "permission_error": ("permission_denied_error", "permission_denied"),
+}
+_OPENAI_BY_STATUS: dict[int, tuple[str, str]] = {
+    502: ("server_error", "bad_gateway"),
+    503: ("service_unavailable_error", "service_unavailable"),
+}
+_OPENAI_FALLBACK = ("server_error", "server_error")
+
+
+def speaks_openai(request: http.Request) -> bool:
+    """Whether the client called the OpenAI-shaped endpoint (`…/chat/completions`)."""
+    return request.path.split("?", 1)[0].rstrip("/").endswith(OPENAI_PATH_SUFFIX)
+
+
+def for_request(request: http.Request, answer: http.Response) -> http.Response:
+    """Our own `answer`, in the error shape of the endpoint `request` called."""
+    return openai_shaped(answer) if speaks_openai(request) else answer
+
+
+def openai_shaped(answer: http.Response) -> http.Response:
+    """An Anthropic-shaped answer of ours in the OpenAI shape; anything else as it is."""
+    try:
+        document = json.loads(answer.content or b"")
+        error = document["error"]
+        message, error_type = error["message"], error["type"]
+    except (ValueError, KeyError, TypeError):
+        return answer
+    if document.get("type") != "error":  # not the Anthropic shape (already OpenAI's)
+        return answer
+    kind, code = _OPENAI_ERRORS.get(error_type) or _OPENAI_BY_STATUS.get(answer.status_code, _OPENAI_FALLBACK)
+    body = {"error": {"message": message, "type": kind, "code": code}}
+    headers = [(name, value) for name, value in answer.headers.fields if name.lower() != b"content-length"]
+    return http.Response.make(answer.status_code, json.dumps(body).encode(), headers)
 
 
 def anthropic_error(
@@ -68,7 +118,7 @@ def take_resent(flow: http.HTTPFlow, copy: http.HTTPFlow, detail: str) -> None:
     if copy.response is not None:
         flow.response = copy.response
     else:
-        flow.response = resend_failed(copy.error.msg if copy.error else detail)
+        flow.response = for_request(flow.request, resend_failed(copy.error.msg if copy.error else detail))
 
 
 def give(flow: http.HTTPFlow, answer: http.Response, comment: str, *, streamed: bool = False) -> None:
@@ -78,7 +128,7 @@ def give(flow: http.HTTPFlow, answer: http.Response, comment: str, *, streamed: 
         close(flow, f"{comment}; {bodies.CLOSED}")
         bodies.tell_once_about_closing()
     else:
-        flow.response = answer
+        flow.response = for_request(flow.request, answer)
         flow.comment = comment
 
 
