@@ -86,7 +86,7 @@ class Attempts:
         if why is ABANDONED:
             client.flow.comment += "; the client left: not retried"
         elif why is not None:
-            client.flow.response = self.no_key_answer(why)
+            client.flow.response = answers.for_request(client.flow.request, self.no_key_answer(why))
             client.flow.comment += f"; no other key: {why.shortage.value}"
         self.ledger.show_attempts_afresh(client)
 
