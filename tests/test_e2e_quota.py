@@ -90,3 +90,60 @@ def test_kimis_parallel_limit_caps_a_key_for_the_whole_proxy(
         statuses = list(pool.map(lambda _: one(), range(6)))
     assert statuses == [200] * 6
     assert max(fake_kimi.max_in_flight_by_key().values()) <= 2, fake_kimi.max_in_flight_by_key()
+
+
+def test_done_when_the_page_the_usage_verb_and_metrics_agree_on_a_key_spent_at_start(
+    fake_kimi, keys, write_accounts, start_proxy, accounts_path
+):
+    """The issue's acceptance: three keys, one with its 5-hour window spent at start. The
+    status page shows it cooling until the window resets, requests never reach it,
+    `kimi-rotator usage` shows the same numbers, and Prometheus can read /metrics."""
+    import json
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.harness import run_cli
+
+    reset_s = int(time.time()) + 3 * 3600
+    fake_kimi.set_usage(keys[0], five_hour_limit=200, five_hour_used=200, five_hour_reset=reset_s)
+    write_accounts(keys, strategy="round-robin")
+    proxy = start_proxy(fake_kimi, options={"kimi_usage_interval": "300", "kimi_status": "127.0.0.1:0"})
+    base = proxy.wait_for_output(r"status page at (http://127\.0\.0\.1:\d+)/", 5)
+    assert base is not None, proxy.output()
+    masked = mask_key(keys[0])
+
+    def page() -> dict:
+        with urllib.request.urlopen(base.group(1) + "/status.json", timeout=5) as answer:
+            return json.loads(answer.read())
+
+    def spent_key_cooling() -> bool:  # and every key read
+        shown = page()["keys"]
+        return shown[0]["state"] == "cooling" and all(key["quota"] is not None for key in shown)
+
+    assert poll(spent_key_cooling, DEADLINE_S), page()
+    shown = page()["keys"][0]
+    assert shown["maskedKey"] == masked
+    assert shown["untilMs"] == reset_s * 1000
+    assert shown["reason"] == "5-hour quota spent (200 of 200 used), per Kimi's /usages"
+    five_hour = next(w for w in shown["quota"]["windows"] if w["name"] == "5-hour")
+    assert (five_hour["used"], five_hour["limit"], five_hour["remaining"]) == (200, 200, 0)
+
+    with httpx.Client(trust_env=False, timeout=10) as c:
+        for _ in range(6):
+            assert send(c, proxy.url).status_code == 200
+    assert keys[0] not in [r.key for r in fake_kimi.message_requests()]
+
+    with urllib.request.urlopen(base.group(1) + "/metrics", timeout=5) as answer:
+        families = {f.name: f for f in text_string_to_metric_families(answer.read().decode())}
+    ratios = {(s.labels["index"], s.labels["window"]): s.value
+              for s in families["kimi_rotator_key_quota_remaining_ratio"].samples}
+    assert ratios[("0", "5-hour")] == 0.0
+    assert ratios[("1", "5-hour")] > 0.9
+
+    cli = run_cli(accounts_path, "usage", "--base-url", fake_kimi.url + "/coding")
+    assert cli.returncode == 0, cli.stderr
+    block = cli.stdout.split("\n\n")[0]
+    assert masked in block and "200/200 used, 0 left" in block, cli.stdout
+    for key in keys:
+        assert key not in cli.stdout + cli.stderr
