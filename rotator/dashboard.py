@@ -11,6 +11,7 @@ the pool skips the model's validation), events were cleaned by the timeline.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -72,12 +73,28 @@ class KeyRow:
     requests: int  # the accounts file's totals (every process, since the key was added)
     successful: int
     success_rate: float | None  # percent, one decimal; None before any request
-    median_ms: float | None  # of the newest response times kept
+    response_times: tuple[int | float, ...]  # the newest kept, copied
     outcomes: Mapping[str, int]  # this process's attempts by verdict (rotator.policy.Verdict)
     retries: int  # this process's resends on this key
-    quota_taken_at: int | None
-    parallel_limit: int | None
-    windows: tuple[WindowRow, ...]
+    quota: QuotaReading | None  # the latest reading (a reading is replaced, never changed)
+
+    # Worked out when asked, so a snapshot taken on the event loop is only copies; the
+    # pages ask in a worker thread.
+    @property
+    def median_ms(self) -> float | None:
+        return median(self.response_times)
+
+    @property
+    def quota_taken_at(self) -> int | None:
+        return None if self.quota is None else self.quota.taken_at
+
+    @property
+    def parallel_limit(self) -> int | None:
+        return None if self.quota is None else self.quota.parallel_limit
+
+    @property
+    def windows(self) -> tuple[WindowRow, ...]:
+        return _windows(self.quota)
 
     def seconds_until_usable(self, now: int) -> float:
         """0 for a usable key, the seconds left for a cooling one, infinity for a disabled one
@@ -151,7 +168,6 @@ def _row(
     if reason is not None:
         reason = clean_line(reason, REASON_MOST)
     total, ok = view.total_requests, view.successful_requests
-    reading = view.quota
     return KeyRow(
         index=view.index,
         name=clean_line(view.name, NAME_MOST),
@@ -167,12 +183,10 @@ def _row(
         requests=total,
         successful=ok,
         success_rate=round(ok / total * 100, 1) if total else None,
-        median_ms=median(view.response_times),
+        response_times=tuple(view.response_times),
         outcomes=outcomes,
         retries=retries,
-        quota_taken_at=reading.taken_at if reading is not None else None,
-        parallel_limit=reading.parallel_limit if reading is not None else None,
-        windows=_windows(reading),
+        quota=view.quota,
     )
 
 
@@ -197,6 +211,11 @@ def median(values: Sequence[int | float]) -> float | None:
 
 # -- /status.json ---------------------------------------------------------------------
 
+def status_json(shot: Snapshot) -> bytes:
+    """The /status.json body (safe in a worker thread: a snapshot is never changed)."""
+    return json.dumps(status_document(shot), ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def status_document(shot: Snapshot) -> dict[str, object]:
     """The /status.json document (camelCase, times in ms since the epoch)."""
     return {
@@ -211,6 +230,7 @@ def status_document(shot: Snapshot) -> dict[str, object]:
 
 
 def key_document(row: KeyRow) -> dict[str, object]:
+    windows = row.windows
     return {
         "index": row.index,
         "name": row.name,
@@ -232,7 +252,7 @@ def key_document(row: KeyRow) -> dict[str, object]:
         "quota": None if row.quota_taken_at is None else {
             "takenAt": row.quota_taken_at,
             "parallelLimit": row.parallel_limit,
-            "windows": [_window_document(w) for w in row.windows],
+            "windows": [_window_document(w) for w in windows],
         },
     }
 

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from rotator.dashboard import STATES, Snapshot, SnapshotSource
+from rotator.dashboard import Snapshot, SnapshotSource
 
 PREFIX = "kimi_rotator_"
 KEY_LABELS = ("index", "name", "masked_key")
@@ -40,7 +40,7 @@ def families(shot: Snapshot) -> list[Metric]:
     cap = family(GaugeMetricFamily, "key_in_flight_cap", "Requests the key may have in flight (the proxy's cap or Kimi's parallel limit)")
     health = family(GaugeMetricFamily, "key_health", "The key's health score, 0 to 100, resting recovery included")
     until = family(GaugeMetricFamily, "key_seconds_until_usable", "Seconds until a cooling key may serve; 0 if usable, +Inf if disabled")
-    state = family(GaugeMetricFamily, "key_state", "1 for the key's state (serving, ready, half-open, cooling, disabled)", "state")
+    state = family(GaugeMetricFamily, "key_state", "1, labelled with the key's state (serving, ready, half-open, cooling, disabled)", "state")
     quota = family(GaugeMetricFamily, "key_quota_remaining_ratio", "Share of the window's quota left, per Kimi's latest /usages reading", "window")
     quota_reset = family(GaugeMetricFamily, "key_quota_reset_seconds", "Seconds until the window's quota resets, per the latest reading", "window")
     for row in shot.keys:
@@ -52,8 +52,7 @@ def families(shot: Snapshot) -> list[Metric]:
         cap.add_metric(labels, row.cap)
         health.add_metric(labels, row.health)
         until.add_metric(labels, row.seconds_until_usable(shot.now))
-        for name in STATES:
-            state.add_metric([*labels, name], 1 if row.state == name else 0)
+        state.add_metric([*labels, row.state], 1)  # one series per key: a scrape of 1,000 keys stays cheap
         for window in row.windows:
             if window.remaining_ratio is not None:
                 quota.add_metric([*labels, window.name], window.remaining_ratio)
@@ -76,6 +75,11 @@ def registry(read: SnapshotSource) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PoolCollector(read))
     return registry
+
+
+def render_snapshot(shot: Snapshot, accept: str = "") -> tuple[bytes, str]:
+    """`render` of one snapshot (safe in a worker thread: a snapshot is never changed)."""
+    return render(registry(lambda: shot), accept)
 
 
 def render(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -44,7 +45,8 @@ class Response:
     headers: tuple[tuple[str, str], ...] = field(default=())
 
 
-Handler = Callable[[Request], Response]
+# An answer now, or an awaitable one (work handed to a thread, off the event loop).
+Handler = Callable[[Request], "Response | Awaitable[Response]"]
 
 
 def plain(status: int, text: str, *headers: tuple[str, str]) -> Response:
@@ -107,6 +109,8 @@ class StatusServer:
             return plain(400, "bad request"), True
         try:
             response = self.handler(request)
+            if inspect.isawaitable(response):
+                response = await response
         except Exception:  # the page must never take the proxy down
             logger.exception("kimi-rotator: status page: answering %s failed", request.path)
             response = plain(500, "internal error")

@@ -215,6 +215,23 @@ def test_persistence_quick() -> None:
         positive(m.group(1), f"save ms at {keys} keys", out)
 
 
+def test_status_cost_quick() -> None:
+    out = run_bench("status_cost.py")
+    cell = rf"{NUMBER} / {NUMBER}"
+    for keys in ("3", "100", "1,000"):
+        m = search(rf"^\s*{keys}\s+({cell})\s+({cell})\s+({cell})\s+({cell})\s+({cell})\s+({NUMBER})\s+({NUMBER})$",
+                   out, f"status cost row at {keys} keys")
+        for value in m.groups()[:5]:
+            positive(value.split(" / ")[0], f"median µs at {keys} keys", out)
+        positive(m.group(6), "status.json KB", out)
+        positive(m.group(7), "metrics KB", out)
+    search(rf"^at 1,000 keys: status\.json {NUMBER} µs \({NUMBER} µs per key\), metrics {NUMBER} µs "
+           rf"\({NUMBER} µs per key\)$", out, "the 1,000-key line")
+    search(rf"^on the event loop per answer at 1,000 keys: the snapshot, {NUMBER} µs;", out, "the event-loop line")
+    search(rf"^an open page .*: {NUMBER}% of one core$", out, "the share of a core")
+    search(r"^check: no full key in any body at any size: ok$", out, "the key check")
+
+
 # -- the benchmarks use the package's public names only --------------------------------
 
 def private_names_of_rotator() -> set[str]:

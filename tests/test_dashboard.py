@@ -221,7 +221,9 @@ def test_metrics_from_the_same_snapshot() -> None:
     assert value("key_seconds_until_usable", 2) == math.inf
     assert value("key_quota_remaining_ratio", 0, window="5-hour") == 0.75
     assert value("key_quota_reset_seconds", 0, window="5-hour") == 60
-    assert value("key_state", 1, state="cooling") == 1 and value("key_state", 1, state="ready") == 0
+    assert value("key_state", 1, state="cooling") == 1 and value("key_state", 0, state="serving") == 1
+    states = [labels for name, labels in samples if name == "kimi_rotator_key_state"]
+    assert len(states) == 3  # one series per key: its state
     assert value("refused_total", reason="every key is cooling down") == 1
     assert value("paused_seconds") == 4 and value("keys") == 3
     # The name came through the text format's escaping intact.

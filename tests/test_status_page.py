@@ -10,6 +10,7 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import re
@@ -167,28 +168,34 @@ def request(path: str = "/status.json", peer: str = "192.0.2.9", host: str = "ki
     return made
 
 
+async def answered(page: StatusPage, made: Request) -> status_http.Response:
+    """The page's answer, awaited if it is written in a worker thread."""
+    response = page.answer(made)
+    return await response if inspect.isawaitable(response) else response
+
+
 async def test_other_machines_are_refused_unless_allowed(tmp_path: Path) -> None:
     async with running(tmp_path) as (_, page, _):
-        assert page.answer(request()).status == 403
-        assert page.answer(request(peer="127.0.0.1", host="127.0.0.1:8766")).status == 200
-        assert page.answer(request(peer="::1", host="[::1]:8766")).status == 200
-        assert page.answer(request(peer="127.0.0.1", host="localhost")).status == 200
+        assert (await answered(page, request())).status == 403
+        assert (await answered(page, request(peer="127.0.0.1", host="127.0.0.1:8766"))).status == 200
+        assert (await answered(page, request(peer="::1", host="[::1]:8766"))).status == 200
+        assert (await answered(page, request(peer="127.0.0.1", host="localhost"))).status == 200
         # A page elsewhere whose name was pointed at 127.0.0.1 (DNS rebinding) reads nothing.
-        assert page.answer(request(peer="127.0.0.1", host="evil.example:8766")).status == 403
+        assert (await answered(page, request(peer="127.0.0.1", host="evil.example:8766"))).status == 403
 
 
 async def test_with_remote_clients_allowed_the_token_is_required(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     async with running(tmp_path, kimi_allow_remote=True, kimi_client_token_file=str(token_file)) as (_, page, _):
-        denied = page.answer(request())
+        denied = await answered(page, request())
         assert denied.status == 401 and denied.headers == (("WWW-Authenticate", 'Bearer realm="kimi-rotator"'),)
         assert b"?token=" in denied.body
-        assert page.answer(request(headers={"Authorization": "Bearer wrong"})).status == 401
-        assert page.answer(request(headers={"Authorization": f"Bearer {TOKEN}"})).status == 200
-        assert page.answer(request(headers={"x-api-key": TOKEN})).status == 200
-        assert page.answer(request(path="/", query=f"?token={TOKEN}")).status == 200
-        assert page.answer(request(path="/metrics", query="?token=nope")).status == 401
+        assert (await answered(page, request(headers={"Authorization": "Bearer wrong"}))).status == 401
+        assert (await answered(page, request(headers={"Authorization": f"Bearer {TOKEN}"}))).status == 200
+        assert (await answered(page, request(headers={"x-api-key": TOKEN}))).status == 200
+        assert (await answered(page, request(path="/", query=f"?token={TOKEN}"))).status == 200
+        assert (await answered(page, request(path="/metrics", query="?token=nope"))).status == 401
         # Local clients need it too, as the proxy's rule has it: over the real listener.
         async with client() as http:
             assert (await http.get(page.url + "status.json")).status_code == 401
@@ -201,9 +208,9 @@ async def test_remote_clients_allowed_by_proxyauth_alone_do_not_get_the_page(tmp
     async with running(tmp_path) as (rotator, page, _):
         # As kimi_allow_remote with proxyauth and no client token leaves the settings.
         rotator.settings = dataclasses.replace(rotator.settings, allow_remote=True, client_token=None)
-        answer = page.answer(request())
+        answer = await answered(page, request())
         assert answer.status == 403 and b"client token" in answer.body
-        assert page.answer(request(peer="127.0.0.1", host="127.0.0.1")).status == 200
+        assert (await answered(page, request(peer="127.0.0.1", host="127.0.0.1"))).status == 200
 
 
 async def test_off_means_no_listener_and_a_change_restarts_it(tmp_path: Path) -> None:
