@@ -235,3 +235,22 @@ def test_a_screenshot_of_the_page(status_proxy: tuple[str, int], tmp_path: Path)
         SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT)
     assert png_size(SCREENSHOT) == (1200, 800)  # the README's picture is there
+
+
+def test_the_page_passes_its_token_on(fake_kimi: FakeKimi, accounts_path: Path, tmp_path: Path,
+                                      start_proxy: Callable[..., Proxy]) -> None:
+    """With a client token, the page opened as /?token=... sends it with its own fetches;
+    opened without it, the browser gets the 401 that says how to pass it."""
+    token = "page-token-5f0c9a1e"
+    (tmp_path / "token").write_text(token)
+    storage.write_accounts(accounts_path, AccountsFile(accounts=[Account(key=KEYS[0], name="Only")]))
+    proxy = start_proxy(fake_kimi, options={"kimi_status": "127.0.0.1:0",
+                                            "kimi_client_token_file": str(tmp_path / "token")})
+    found = proxy.wait_for_output(STATUS_URL, timeout=10)
+    assert found, proxy.output()
+    url = found.group(1)
+    dom = parse_dom(chromium(f"{url}?token={token}", tmp_path / "with", "--dump-dom").stdout)
+    assert dom.one("key", data_key_index="0").one("key-masked").text == f"sk-kim…{KEYS[0][-4:]}"
+    assert dom.one(None, id="error").attrs.get("hidden") is not None
+    refused = chromium(url, tmp_path / "without", "--dump-dom").stdout
+    assert "data-key-index" not in refused and "?token=" in refused, refused
