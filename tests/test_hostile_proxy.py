@@ -437,11 +437,11 @@ def test_a_client_leaving_halfway_through_a_streamed_upload_is_not_charged(
     ],
 )
 def test_unreadable_encodings_are_not_offered_to_kimi(offered, unreadable, sent):
-    from rotator.proxy.headers import drop_accept_encodings
+    from rotator.proxy.headers import replace_client_key
 
     headers = http.Headers([(b"Accept-Encoding", offered.encode()), (b"x-api-key", b"k")])
-    drop_accept_encodings(headers, frozenset(unreadable))
-    assert headers.fields == ((b"Accept-Encoding", sent.encode()), (b"x-api-key", b"k"))
+    replace_client_key(headers, "sk-kimi-pool", unreadable=frozenset(unreadable))  # one pass does both
+    assert headers.fields == ((b"Accept-Encoding", sent.encode()), (b"x-api-key", b"sk-kimi-pool"))
 
 
 def test_kimi_is_offered_only_encodings_whose_refusals_the_proxy_can_read(

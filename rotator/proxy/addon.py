@@ -40,7 +40,7 @@ from rotator.proxy.options import (
     read_settings,
     warn_if_listening_beyond_loopback,
 )
-from rotator.proxy.headers import drop_accept_encodings, is_event_stream
+from rotator.proxy.headers import is_event_stream
 from rotator.proxy.polls import QuotaPolls, poll_target
 from rotator.proxy.status_page import StatusPage
 from rotator.store.file import FileStore
@@ -210,10 +210,8 @@ class KimiRotator:
     def _send_with(self, flow: http.HTTPFlow, lease: Lease, deadline_ms: int) -> None:
         record = self.ledger.open(FlowRecord(FlowKind.CLIENT, flow, lease.key, lease, deadline_ms))
         record.attempts.append(attempt_note(lease))
-        self.ledger.put_key(record)
+        self.ledger.put_key(record, unreadable=bodies.UNREADABLE)
         self.polls.last_request = flow.request
-        if bodies.UNREADABLE:
-            drop_accept_encodings(flow.request.headers, bodies.UNREADABLE)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         record = self.ledger.get(flow.id)

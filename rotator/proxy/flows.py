@@ -76,9 +76,12 @@ class FlowLedger:
     def get(self, flow_id: str) -> FlowRecord | None:
         return self._records.get(flow_id)
 
-    def put_key(self, record: FlowRecord, *, bearer: bool = False) -> None:
-        """Put the record's key in its request, replacing the client's own."""
-        record.placement = replace_client_key(record.flow.request.headers, record.key, bearer=bearer)
+    def put_key(self, record: FlowRecord, *, bearer: bool = False, unreadable: frozenset[str] = frozenset()) -> None:
+        """Put the record's key in its request, replacing the client's own (and take the
+        `unreadable` codings out of what it accepts, in the same pass)."""
+        record.placement = replace_client_key(
+            record.flow.request.headers, record.key, bearer=bearer, unreadable=unreadable
+        )
 
     def mask(self, record: FlowRecord) -> None:
         """Keep only the masked key in the flow (once its request has gone upstream)."""

@@ -17,8 +17,12 @@ class KeyPlacement(NamedTuple):
     index: int  # position in headers.fields when it was put there
 
 
-def replace_client_key(headers: http.Headers, key: str, *, bearer: bool = False) -> KeyPlacement:
-    """Put `key` where the client put its own, and nowhere else.
+def replace_client_key(
+    headers: http.Headers, key: str, *, bearer: bool = False, unreadable: frozenset[str] = frozenset()
+) -> KeyPlacement:
+    """Put `key` where the client put its own, and nowhere else; with `unreadable`, also
+    take those content codings out of Accept-Encoding, so the answer comes in one the
+    proxy can read (the client decodes either just the same).
 
     Bearer clients get a Bearer header; everyone else gets x-api-key (a client sending
     both gets x-api-key only); `bearer` forces the Bearer form. Another kind of
@@ -35,6 +39,10 @@ def replace_client_key(headers: http.Headers, key: str, *, bearer: bool = False)
             api_key_at.append(i)
         elif size == 13 and name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
             bearer_at.append(i)
+        elif size == 15 and unreadable and name.lower() == b"accept-encoding":
+            readable = _readable_codings(value, unreadable)
+            if readable is not None:
+                fields[i] = (name, readable)
     secret = key.encode()
     if bearer:
         drop = api_key_at + bearer_at[1:]
@@ -88,14 +96,10 @@ def is_event_stream(headers: http.Headers) -> bool:
     return False
 
 
-def drop_accept_encodings(headers: http.Headers, unreadable: frozenset[str]) -> None:
-    """Take `unreadable` content codings out of the request's Accept-Encoding, so the
-    answer comes in one the proxy can read (the client decodes either just the same)."""
-    for i, (name, value) in enumerate(headers.fields):
-        if len(name) == 15 and name.lower() == b"accept-encoding":
-            offered = [c.strip() for c in value.decode("latin-1").split(",") if c.strip()]
-            kept = [c for c in offered if c.split(";")[0].strip().lower() not in unreadable]
-            if kept != offered:
-                fields = list(headers.fields)
-                fields[i] = (name, ", ".join(kept or ["identity"]).encode("latin-1"))
-                headers.fields = tuple(fields)
+def _readable_codings(value: bytes, unreadable: frozenset[str]) -> bytes | None:
+    """An Accept-Encoding value without `unreadable` codings; None if it has none."""
+    offered = [c.strip() for c in value.decode("latin-1").split(",") if c.strip()]
+    kept = [c for c in offered if c.split(";")[0].strip().lower() not in unreadable]
+    if kept == offered:
+        return None
+    return ", ".join(kept or ["identity"]).encode("latin-1")
