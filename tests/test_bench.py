@@ -1,4 +1,4 @@
-"""The four benchmarks in bench/ still run: each script with --quick, as a person would.
+"""The benchmarks in bench/ still run: each script with --quick, as a person would.
 
 Each test runs one script as its own process (this interpreter, from the repository
 root) and checks what a reader of its output checks: it exits 0, it prints its figures
@@ -31,7 +31,6 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH = REPO_ROOT / "bench"
-SCRIPTS = ("proxy_overhead.py", "hook_cost.py", "streaming.py", "persistence.py")
 TIMEOUT_S = 240  # each script has its own watchdog well below this; --quick takes 5-15 s
 
 NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
