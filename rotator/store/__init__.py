@@ -7,6 +7,7 @@ accounts file (`rotator.store.file`) is its first implementation.
 from __future__ import annotations
 
 from collections.abc import Callable
+import os
 from typing import Protocol
 
 from rotator.merge import PoolChange
@@ -38,3 +39,25 @@ class StateStore(Protocol):
     def sync(self, changes: PoolChange) -> AccountsFile | None:
         """Merge a proxy's changes; the state now stored, or None if nothing changed."""
         ...
+
+
+STORE_ENV = "KIMI_ROTATOR_STORE"
+
+
+def open_store(spec: str | None, accounts_path: "os.PathLike[str] | str", prefix: str | None = None) -> StateStore:
+    """The store `spec` names: empty = the accounts file at `accounts_path`;
+    `redis://` or `rediss://` = a Redis server (`prefix`: default "kimi-rotator:")."""
+    from pathlib import Path
+
+    spec = (spec or "").strip()
+    if not spec:
+        from rotator.store.file import FileStore
+
+        return FileStore(Path(accounts_path))
+    if spec.startswith(("redis://", "rediss://")):
+        from rotator.store.redis_store import DEFAULT_PREFIX, RedisStore
+
+        return RedisStore(spec, prefix or DEFAULT_PREFIX)
+    from rotator.store.redis_store import masked_url
+
+    raise StoreError(f"{masked_url(spec)}: not a store (give nothing for the accounts file, or a redis:// or rediss:// URL)")

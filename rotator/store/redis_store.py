@@ -1,0 +1,231 @@
+"""A Redis (or Valkey) server as a state store: one pool shared by a team's proxies and CLIs.
+
+It owns the pool's layout in Redis and every change to it. The whole accounts file lives
+as its JSON under `<prefix>accounts`, with a counter `<prefix>version` that every write
+increments. Each write (a proxy's `sync`, a person's `edit`) is one optimistic
+transaction: WATCH both keys, read, change in Python (`merge.apply`, the one merge rule,
+or the person's change), then MULTI/EXEC SET + INCR; a conflicting writer makes EXEC fail
+and the whole step is tried again on what is stored now. So no update is lost and counts
+add exactly across proxies, as on the file store.
+
+Every call is bounded by short timeouts and redis-py's own retries are off: the save loop
+(`rotator.sync`) already keeps changes and retries. Errors become `StoreError` naming the
+server with the password masked; a stored value that can't be read is never overwritten.
+Blocking (the sync client): call from a worker thread, as `PoolSync` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
+
+from rotator import merge
+from rotator.keys import scrub
+from rotator.models import AccountsFile
+from rotator.store import StoreError
+
+DEFAULT_PREFIX = "kimi-rotator:"
+SOCKET_TIMEOUT_S = 1.0
+CONNECT_TIMEOUT_S = 0.75
+MAX_CONFLICT_RETRIES = 50
+SCHEMES = ("redis", "rediss")
+
+
+class RedisStoreError(StoreError):
+    """The Redis server can't be read or written; the message names it (password masked)."""
+
+    def __init__(self, location: str, problem: str, action: str = "read") -> None:
+        super().__init__(f"{location}: {problem}")
+        self.location = location
+        self.problem = problem
+        self.action = action
+
+
+def masked_url(url: str) -> str:
+    """`url` with its password replaced by *** (the user name kept)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def is_private_url(url: str) -> bool:
+    """Whether the keys stay safe on the way: TLS, or a server on this machine."""
+    parts = urlsplit(url)
+    if parts.scheme == "rediss":
+        return True
+    host = (parts.hostname or "localhost").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class RedisStore:
+    """The `StateStore` on one Redis server and key prefix."""
+
+    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX) -> None:
+        if urlsplit(url).scheme not in SCHEMES:
+            raise StoreError(f"{masked_url(url)}: not a redis:// or rediss:// URL")
+        self.url = url
+        self.prefix = prefix
+        self.location = masked_url(url)
+        self._accounts_key = f"{prefix}accounts"
+        self._version_key = f"{prefix}version"
+        self._version: int | None = None  # the version this store last read or wrote
+        self._last_read_failed = False
+        try:
+            self._client = redis.Redis.from_url(
+                url,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_connect_timeout=CONNECT_TIMEOUT_S,
+                retry=Retry(NoBackoff(), 0),
+                retry_on_timeout=False,
+                health_check_interval=0,
+            )
+        except ValueError as e:
+            raise StoreError(f"{self.location}: not a usable Redis URL ({self._scrub(e)})") from e
+
+    # -- the interface -------------------------------------------------------------
+    def read(self) -> AccountsFile:
+        with self._errors("read"):
+            raw, _ = self._client.mget(self._accounts_key, self._version_key)
+        return self._parse(raw)
+
+    def edit(self, change: Callable[[AccountsFile], AccountsFile | None]) -> AccountsFile:
+        return self._transact(change)[0]
+
+    def load(self) -> AccountsFile:
+        try:
+            with self._errors("read"):
+                raw, version = self._client.mget(self._accounts_key, self._version_key)
+            state = self._parse(raw)
+        except StoreError:
+            self._last_read_failed = True
+            raise
+        self._version = int(version or 0)
+        self._last_read_failed = False
+        return state
+
+    def sync(self, changes: merge.PoolChange) -> AccountsFile | None:
+        """Merge `changes` into the stored pool; the state stored now, or None if neither
+        we nor anyone else changed it since this store last saw it."""
+        try:
+            if not changes and not self._last_read_failed:
+                with self._errors("read"):
+                    version = int(self._client.get(self._version_key) or 0)
+                if version == self._version:
+                    return None
+            state, _ = self._transact(lambda stored: merge.apply(stored, changes) if changes else None)
+        except StoreError:
+            self._last_read_failed = True
+            raise
+        self._last_read_failed = False
+        return state
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- one optimistic transaction ------------------------------------------------------
+    def _transact(self, change: Callable[[AccountsFile], AccountsFile | None]) -> tuple[AccountsFile, bool]:
+        action = "read"
+        for _ in range(MAX_CONFLICT_RETRIES):
+            with self._errors(action):
+                with self._client.pipeline(transaction=True) as pipe:
+                    try:
+                        pipe.watch(self._accounts_key, self._version_key)
+                        raw = pipe.get(self._accounts_key)
+                        version = int(pipe.get(self._version_key) or 0)
+                        current = self._parse(raw)  # unreadable: raises, nothing written
+                        before = raw.decode() if raw is not None else None
+                        changed = change(current)
+                        after = self._serialise(changed) if changed is not None else None
+                        if after is None or after == before:
+                            pipe.unwatch()
+                            self._version = version
+                            return current if changed is None else changed, False
+                        action = "write"
+                        pipe.multi()
+                        pipe.set(self._accounts_key, after)
+                        pipe.incr(self._version_key)
+                        _, new_version = pipe.execute()
+                    except redis.WatchError:
+                        action = "read"
+                        continue  # someone wrote between our read and our write: again
+            self._version = int(new_version)
+            return changed, True
+        raise RedisStoreError(
+            self.location, f"too many conflicting writers ({MAX_CONFLICT_RETRIES} tries)", "write"
+        )
+
+    # -- helpers -------------------------------------------------------------------
+    def _parse(self, raw: bytes | None) -> AccountsFile:
+        if raw is None:
+            return AccountsFile()  # an empty pool, like a missing file
+        try:
+            return AccountsFile.model_validate_json(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "top level"
+            raise RedisStoreError(
+                self.location,
+                f"{self._accounts_key} holds no readable pool (at {where}: {first['msg']}); "
+                "not writing until it is fixed",
+            ) from None
+
+    def _serialise(self, state: AccountsFile) -> str:
+        try:
+            return state.to_json()
+        except (PydanticSerializationError, ValueError, RecursionError) as e:
+            raise RedisStoreError(
+                self.location, f"cannot be saved as JSON ({str(e).splitlines()[0]})", "write"
+            ) from e
+
+    def _scrub(self, error: BaseException) -> str:
+        text = str(error) or type(error).__name__
+        password = urlsplit(self.url).password
+        if password:
+            text = text.replace(password, "***")
+        return scrub(text.splitlines()[0] if text else text)
+
+    def _errors(self, action: str) -> _RedisErrors:
+        return _RedisErrors(self, action)
+
+
+class _RedisErrors:
+    """Turns redis-py's errors into one-line `RedisStoreError`s."""
+
+    def __init__(self, store: RedisStore, action: str) -> None:
+        self.store = store
+        self.action = action
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> bool:
+        if error is None or isinstance(error, (StoreError, redis.WatchError)):
+            return False
+        store = self.store
+        if isinstance(error, redis.TimeoutError):
+            problem = f"no answer within {SOCKET_TIMEOUT_S:g} s ({store._scrub(error)})"
+        elif isinstance(error, redis.AuthenticationError):
+            problem = f"authentication failed ({store._scrub(error)})"
+        elif isinstance(error, redis.exceptions.NoPermissionError):
+            problem = f"permission denied for keys {store.prefix}* ({store._scrub(error)})"
+        elif isinstance(error, redis.ConnectionError):
+            problem = f"unreachable ({store._scrub(error)})"
+        elif isinstance(error, redis.RedisError):
+            problem = f"Redis error ({store._scrub(error)})"
+        elif isinstance(error, (UnicodeDecodeError, ValueError)):
+            problem = f"{store._version_key} or {store._accounts_key} holds an unreadable value"
+        else:
+            return False
+        raise RedisStoreError(store.location, problem, self.action) from None

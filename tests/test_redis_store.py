@@ -1,0 +1,147 @@
+"""The Redis store against a real redis-server: read/edit/load/sync, exact counts under
+racing writers, corrupt values left alone, errors quick and with the password masked."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from rotator import merge, ops
+from rotator.store import StoreError, open_store
+from rotator.store.file import FileStore
+from rotator.store.redis_store import RedisStore, is_private_url, masked_url
+from tests.redis_server import RedisServer, free_port
+
+KEY_A = "sk-kimi-" + "a" * 40
+KEY_B = "sk-kimi-" + "b" * 40
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = RedisServer(tmp_path)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def _counts(n: int, key: str = KEY_A) -> merge.PoolChange:
+    change = merge.PoolChange()
+    change.for_key(key).add("total_requests", n, int(time.time() * 1000))
+    return change
+
+
+def test_empty_pool_then_edit_and_read(server):
+    store = RedisStore(server.url)
+    assert store.load().accounts == []
+    ops.run(store, ops.add_key(KEY_A, "A", 1))
+    assert [a.key for a in RedisStore(server.url).read().accounts] == [KEY_A]
+    assert server.command("GET", "kimi-rotator:version") == b"1"
+
+
+def test_sync_reports_other_writers_only(server):
+    mine, other = RedisStore(server.url), RedisStore(server.url)
+    ops.run(mine, ops.add_key(KEY_A, "A", 1))
+    mine.load()
+    assert mine.sync(merge.PoolChange()) is None
+    ops.run(other, ops.add_key(KEY_B, "B", 2))
+    seen = mine.sync(merge.PoolChange())
+    assert seen is not None and len(seen.accounts) == 2
+    assert mine.sync(merge.PoolChange()) is None
+
+
+def test_racing_syncs_add_counts_exactly(server):
+    ops.run(RedisStore(server.url), ops.add_key(KEY_A, "A", 1))
+    stores = [RedisStore(server.url) for _ in range(4)]
+
+    def hammer(store: RedisStore) -> None:
+        store.load()
+        for _ in range(50):
+            store.sync(_counts(1))
+
+    threads = [threading.Thread(target=hammer, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert RedisStore(server.url).read().accounts[0].total_requests == 200
+
+
+def test_a_persons_edit_wins_by_time(server):
+    store = RedisStore(server.url)
+    ops.run(store, ops.add_key(KEY_A, "A", 1))
+    store.load()
+    stale = merge.PoolChange()
+    stale.move_active(KEY_A, 1)  # made before the person's choice below
+    ops.run(store, ops.add_key(KEY_B, "B", 2))
+    ops.run(store, ops.use_key(1, int(time.time() * 1000)))
+    state = store.sync(stale)
+    assert state is not None and state.active_index == 1
+
+
+def test_corrupt_value_is_not_overwritten(server):
+    server.command("SET", "kimi-rotator:accounts", "{not json")
+    store = RedisStore(server.url)
+    with pytest.raises(StoreError, match="no readable pool"):
+        store.read()
+    with pytest.raises(StoreError):
+        store.sync(_counts(1))
+    with pytest.raises(StoreError):
+        ops.run(store, ops.add_key(KEY_A, "A", 1))
+    assert server.command("GET", "kimi-rotator:accounts") == b"{not json"
+
+
+def test_unreachable_is_a_quick_store_error():
+    store = RedisStore(f"redis://user:hunter22@127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
+    with pytest.raises(StoreError) as caught:
+        store.load()
+    assert time.monotonic() - started < 2
+    assert "hunter22" not in str(caught.value)
+    assert "redis://user:***@127.0.0.1" in str(caught.value)
+    assert "hunter22" not in store.location
+
+
+def test_wrong_password_is_named_and_masked(tmp_path):
+    srv = RedisServer(tmp_path, password="right-pass-123")
+    srv.start()
+    try:
+        assert RedisStore(srv.url).read().accounts == []
+        bad = RedisStore(f"redis://default:wrong-pass-456@127.0.0.1:{srv.port}/0")
+        with pytest.raises(StoreError) as caught:
+            bad.read()
+        assert "wrong-pass-456" not in str(caught.value)
+        assert "***" in str(caught.value)
+    finally:
+        srv.stop()
+
+
+def test_stopped_then_back(server):
+    store = RedisStore(server.url)
+    ops.run(store, ops.add_key(KEY_A, "A", 1))
+    store.load()
+    server.stop()
+    with pytest.raises(StoreError):
+        store.sync(_counts(3))
+    server.start()  # persistence is off: the pool is gone, the store still works
+    ops.run(store, ops.add_key(KEY_A, "A", 1))
+    assert store.sync(_counts(3)).accounts[0].total_requests == 3
+
+
+def test_prefix_isolation(server):
+    team_a, team_b = RedisStore(server.url, "a:"), RedisStore(server.url, "b:")
+    ops.run(team_a, ops.add_key(KEY_A, "A", 1))
+    assert team_b.read().accounts == []
+    assert [a.key for a in team_a.read().accounts] == [KEY_A]
+
+
+def test_open_store_and_urls(tmp_path):
+    assert isinstance(open_store("", tmp_path / "f.json"), FileStore)
+    assert isinstance(open_store(None, tmp_path / "f.json"), FileStore)
+    assert isinstance(open_store("rediss://h:6380/0", tmp_path), RedisStore)
+    with pytest.raises(StoreError, match="not a store"):
+        open_store("http://u:pw@h/", tmp_path)
+    assert masked_url("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
+    assert is_private_url("redis://127.0.0.1:1/0") and is_private_url("rediss://example.com")
+    assert not is_private_url("redis://example.com:6379/0")
