@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from rotator import backup, ops
-from rotator.store.file import FileStore, write_private
+from rotator.store import StateStore
+from rotator.store.file import write_private
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def read_password(prompt: str, confirm: bool) -> str:
     return password
 
 
-def export_keys(args: argparse.Namespace, store: FileStore, now_ms: int) -> str:
+def export_keys(args: argparse.Namespace, store: StateStore, now_ms: int) -> str:
     """Write the backup; what to tell the person."""
     target = Path(args.file).expanduser()
     state = store.read()

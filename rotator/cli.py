@@ -38,12 +38,8 @@ from rotator.models import STRATEGIES
 from rotator.status import as_json, list_block, stats_json, stats_page, view_pool
 from rotator.terminal import emit
 from rotator.text import NAME_MOST, refusal
-from rotator.store.file import (
-    AccountsFileError,
-    FileStore,
-    is_readable_by_others,
-    resolve_accounts_path,
-)
+from rotator.store import STORE_ENV, StateStore, StoreError, open_store
+from rotator.store.file import FileStore, is_readable_by_others, resolve_accounts_path
 
 DEFAULT_PROG = "kimi-rotator"
 _KNOWN_PROGS = ("kimi-rotator", "opencode-kimi")
@@ -140,7 +136,7 @@ def _read_key(raw: str) -> str:
 
 @dataclass(frozen=True)
 class Context:
-    store: FileStore
+    store: StateStore
     prog: str
     now_ms: int
 
@@ -175,9 +171,9 @@ def _remove_key(args: argparse.Namespace, cx: Context) -> ops.Op:
 
 
 def _list_keys(args: argparse.Namespace, cx: Context) -> None:
-    path = cx.store.path
+    path = cx.store.location
     state = cx.store.read()
-    if is_readable_by_others(path):
+    if isinstance(cx.store, FileStore) and is_readable_by_others(cx.store.path):
         _err(f"{cx.prog}: warning: {path} can be read by other users; protect your keys with: chmod 600 {path}")
     for note in oddities.notes(state):
         _err(f"{cx.prog}: warning: {path}: {note}")
@@ -319,6 +315,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="accounts file (default: $KIMI_ROTATOR_ACCOUNTS, else the per-user config folder)",
     )
+    common.add_argument(
+        "--store", metavar="URL", default=argparse.SUPPRESS,
+        help=f"a team's pool on Redis: redis://[USER:PASSWORD@]HOST[:PORT][/DB] or rediss://... "
+             f"(default: ${STORE_ENV}; empty: the accounts file)",
+    )
+    common.add_argument(
+        "--store-prefix", metavar="PREFIX", default=argparse.SUPPRESS,
+        help="the Redis keys' prefix, so several pools can share a server (default kimi-rotator:)",
+    )
     parser = _Parser(
         prog=prog,
         parents=[common],
@@ -339,7 +344,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace, prog: str) -> int:
     path: Path = resolve_accounts_path(getattr(args, "accounts", None))
-    cx = Context(FileStore(path), prog, now_ms())
+    spec = getattr(args, "store", None)
+    if spec is None:
+        spec = os.environ.get(STORE_ENV, "")
+    cx = Context(open_store(spec, path, getattr(args, "store_prefix", None)), prog, now_ms())
     verb = _BY_NAME[args.verb]
     if verb.show is not None:
         code = verb.show(args, cx)
@@ -360,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, ops.OpError) as e:
         _err(f"{prog}: error: {e}")
         return e.code if isinstance(e, CliError) else EXIT_USAGE
-    except AccountsFileError as e:
+    except StoreError as e:
         _err(f"{prog}: error: {e}")
         return EXIT_FILE
     except KeyboardInterrupt:

@@ -145,3 +145,23 @@ def test_open_store_and_urls(tmp_path):
     assert masked_url("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
     assert is_private_url("redis://127.0.0.1:1/0") and is_private_url("rediss://example.com")
     assert not is_private_url("redis://example.com:6379/0")
+
+
+def test_cli_verbs_and_import_export_through_redis(server, tmp_path, monkeypatch, capsys):
+    from rotator import cli
+
+    plain = tmp_path / "accounts.json"
+    assert cli.main(["--accounts", str(plain), "add-key", KEY_A, "A"]) == 0
+    assert cli.main(["--store", server.url, "import-keys", str(plain)]) == 0
+    assert [a.key for a in RedisStore(server.url).read().accounts] == [KEY_A]
+    monkeypatch.setenv("KIMI_ROTATOR_STORE", server.url)
+    assert cli.main(["add-key", KEY_B, "B"]) == 0
+    assert cli.main(["--store-prefix", "other:", "list-keys"]) == 0
+    assert "No Kimi API keys" in capsys.readouterr().out
+    assert len(RedisStore(server.url).read().accounts) == 2
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("a-long-password\n"))
+    backup = tmp_path / "out.enc"
+    assert cli.main(["export-keys", str(backup)]) == 0 and backup.exists()
+    assert cli.main(["--store", f"redis://u:sekrit99@127.0.0.1:{free_port()}/0", "list-keys"]) == 1
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "sekrit99" not in err
