@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.log import ALERT
 
 from rotator import access, policy
@@ -39,11 +39,12 @@ from rotator.proxy.options import (
     normalize_host,
     read_settings,
     warn_if_listening_beyond_loopback,
+    warn_if_store_exposed,
 )
 from rotator.proxy.headers import is_event_stream
 from rotator.proxy.polls import QuotaPolls, poll_target
 from rotator.proxy.status_page import StatusPage
-from rotator.store.file import FileStore
+from rotator.store import StateStore, StoreError, open_store
 from rotator.strategies import Unavailable
 from rotator.sync import PoolSync
 from rotator.tally import Tally
@@ -91,10 +92,15 @@ class KimiRotator:
             self.polls.interval_s = self.settings.usage_interval_s
             if self._running:
                 self.polls.restart()
-        if "kimi_accounts" in updated:
-            self._open_store(FileStore(self.settings.accounts_path))
+        if {"kimi_accounts", "kimi_store", "kimi_store_prefix"} & updated:
+            settings = self.settings
+            try:
+                store = open_store(settings.store, settings.accounts_path, settings.store_prefix)
+            except StoreError as e:
+                raise exceptions.OptionsError(f"kimi_store: {e}") from e
+            self._open_store(store)
 
-    def _open_store(self, store: FileStore) -> None:
+    def _open_store(self, store: StateStore) -> None:
         # Runs at start-up and on option changes only, never per request.
         previous, previous_polls = self.sync, self.polls
         self._use_pool(KeyPool(AccountsFile(), self.pool.max_in_flight, self.clock))
@@ -124,6 +130,7 @@ class KimiRotator:
         self._running = True
         self.timeline.attach()
         warn_if_listening_beyond_loopback(self.settings.allow_remote)
+        warn_if_store_exposed(self.settings.store)
         if self.sync is not None:
             self.sync.start()
         self.polls.start()

@@ -78,6 +78,12 @@ def refused(denial: Denial) -> http.Response:
 
 def no_key(why: Unavailable, state: AccountsFile, now: int, location: str, store_problem: str | None) -> http.Response:
     """Why no key can serve this request, and when one will."""
+    if store_problem is not None and not state.accounts and location.startswith(("redis://", "rediss://")):
+        return anthropic_error(
+            503, "api_error",
+            f"kimi-rotator: team store unreachable at {store_problem}; the proxy serves as soon "
+            "as it can read the pool",
+        )
     if store_problem is not None and not state.accounts:
         return anthropic_error(
             503, "api_error",

@@ -21,7 +21,9 @@ from rotator.pool import DEFAULT_MAX_IN_FLIGHT
 from rotator.proxy.polls import DEFAULT_INTERVAL_S
 from rotator.quota import DEFAULT_RESERVE_PERCENT
 from rotator.proxy.retry import DEFAULT_MAX_ATTEMPTS
+from rotator.store import STORE_ENV
 from rotator.store.file import ACCOUNTS_ENV, ACCOUNTS_FILENAME, resolve_accounts_path
+from rotator.store.redis_store import DEFAULT_PREFIX, is_private_url, masked_url
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ class Settings:
 
     hosts: frozenset[str] = frozenset(DEFAULT_KIMI_HOSTS)
     accounts_path: Path = field(default_factory=lambda: resolve_accounts_path(None))
+    store: str = ""  # "": the accounts file; else a redis:// or rediss:// URL
+    store_prefix: str = DEFAULT_PREFIX
     flush_interval_s: float = 1.0
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     max_attempts: int = 0  # 0: automatic
@@ -65,6 +69,10 @@ def read_settings(current: Settings, options: Any, updated: set[str]) -> Setting
             raise exceptions.OptionsError(f"stream_large_bodies: {e}") from e
     if "kimi_accounts" in updated:
         changes["accounts_path"] = resolve_accounts_path(options.kimi_accounts or None)
+    if "kimi_store" in updated:
+        changes["store"] = parse_store(options.kimi_store)
+    if "kimi_store_prefix" in updated:
+        changes["store_prefix"] = options.kimi_store_prefix or DEFAULT_PREFIX
     if "kimi_flush_interval" in updated:
         changes["flush_interval_s"] = parse_seconds("kimi_flush_interval", options.kimi_flush_interval, 0.05, 3600)
     if "kimi_max_in_flight" in updated:
@@ -162,8 +170,35 @@ def read_client_token(path: str) -> str | None:
     return os.environ.get(CLIENT_TOKEN_ENV, "").strip() or None
 
 
+def parse_store(text: str) -> str:
+    """kimi_store (else $KIMI_ROTATOR_STORE): "" or a redis:// / rediss:// URL."""
+    spec = (text or os.environ.get(STORE_ENV, "")).strip()
+    if spec and not spec.startswith(("redis://", "rediss://")):
+        raise exceptions.OptionsError(
+            f"kimi_store: {masked_url(spec)} is not a redis:// or rediss:// URL (empty: the accounts file)"
+        )
+    return spec
+
+
+def warn_if_store_exposed(spec: str) -> None:
+    if spec and not is_private_url(spec):
+        logger.warning(
+            "kimi-rotator: the team store %s is neither TLS (rediss://) nor on this machine: "
+            "the keys travel and rest in it unencrypted", masked_url(spec),
+        )
+
+
 def add_options(loader: Any) -> None:
     """Register the addon's options (mitmproxy's `load` hook)."""
+    loader.add_option(
+        "kimi_store", str, "",
+        f"Where the pool lives: empty = the accounts file; redis://[USER:PASSWORD@]HOST[:PORT][/DB] "
+        f"or rediss://... = a team's pool on Redis. Default: ${STORE_ENV}.",
+    )
+    loader.add_option(
+        "kimi_store_prefix", str, DEFAULT_PREFIX,
+        "Prefix of the pool's Redis keys, so several pools can share one server.",
+    )
     loader.add_option(
         "kimi_accounts", str, "",
         f"Accounts file. Default: ${ACCOUNTS_ENV}, else the user config folder's "

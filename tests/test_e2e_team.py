@@ -1,0 +1,73 @@
+"""Real mitmdump proxies sharing one pool through a real redis-server, in front of the
+fake Kimi server; everything on 127.0.0.1."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from rotator import ops
+from rotator.store.redis_store import RedisStore
+from tests.harness import counts_seen, poll
+from tests.redis_server import RedisServer
+from tests.test_e2e_failures import client, send
+
+FLUSH_DEADLINE_S = 10.0
+
+
+@pytest.fixture
+def redis_srv(tmp_path):
+    srv = RedisServer(tmp_path / "redis")
+    (tmp_path / "redis").mkdir()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def _counts_in_redis(url: str, keys: list[str]) -> dict[str, tuple[int, int]]:
+    by_key = {a.key: (a.total_requests, a.successful_requests) for a in RedisStore(url).read().accounts}
+    return {k: by_key.get(k, (0, 0)) for k in keys}
+
+
+def test_three_proxies_count_exactly_and_see_cli_changes(redis_srv, fake_kimi, start_proxy, keys):
+    store = RedisStore(redis_srv.url)
+    for i, key in enumerate(keys[:2]):
+        ops.run(store, ops.add_key(key, f"K{i}", i + 1))
+    ops.run(store, ops.set_strategy("round-robin", 10))
+    proxies = [start_proxy(fake_kimi, options={"kimi_store": redis_srv.url}) for _ in range(3)]
+    with client() as c, ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda i: send(c, proxies[i % 3]), range(60)))
+    assert all(a.status_code == 200 for a in answers)
+    seen = counts_seen(fake_kimi, keys)
+    assert sum(total for total, _ in seen.values()) == 60
+    assert poll(lambda: _counts_in_redis(redis_srv.url, keys) == seen, FLUSH_DEADLINE_S), (
+        _counts_in_redis(redis_srv.url, keys), seen)
+
+    # A person's change through the CLI (a third key) reaches every proxy: round robin
+    # puts it on one of each proxy's next requests.
+    from rotator import cli
+    assert cli.main(["--store", redis_srv.url, "add-key", keys[2], "K2"]) == 0
+    with client() as c:
+        for proxy in proxies:
+            def uses_new_key() -> bool:
+                before = fake_kimi.count_by_key().get(keys[2], 0)
+                send(c, proxy)
+                return fake_kimi.count_by_key().get(keys[2], 0) > before
+            assert poll(uses_new_key, 3, interval=0.1)
+
+
+def test_unreachable_at_start_answers_503_then_serves(tmp_path, fake_kimi, start_proxy, keys):
+    (tmp_path / "redis").mkdir()
+    srv = RedisServer(tmp_path / "redis")
+    proxy = start_proxy(fake_kimi, options={"kimi_store": srv.url})
+    with client() as c:
+        answer = send(c, proxy)
+        assert answer.status_code == 503
+        assert "team store unreachable at redis://127.0.0.1" in answer.text
+        srv.start()
+        try:
+            ops.run(RedisStore(srv.url), ops.add_key(keys[0], "K0", 1))
+            assert poll(lambda: send(c, proxy).status_code == 200, FLUSH_DEADLINE_S, interval=0.2)
+        finally:
+            srv.stop()
