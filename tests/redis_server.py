@@ -63,7 +63,15 @@ class RedisServer:
         except OSError:
             return False
 
-    def stop(self) -> None:
+    def stop(self, keep_data: bool = False) -> None:
+        """SIGTERM; with `keep_data`, SHUTDOWN SAVE (one step: no write lands between the
+        save and the exit), so `start()` loads the same data back."""
+        if keep_data and self.proc is not None:
+            try:
+                self.command("SHUTDOWN", "SAVE")
+            except Exception:
+                pass  # the connection closes as the server exits
+            self.proc.wait(timeout=10)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=10)

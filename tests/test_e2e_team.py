@@ -71,3 +71,25 @@ def test_unreachable_at_start_answers_503_then_serves(tmp_path, fake_kimi, start
             assert poll(lambda: send(c, proxy).status_code == 200, FLUSH_DEADLINE_S, interval=0.2)
         finally:
             srv.stop()
+
+
+def test_redis_away_under_load_costs_no_request_and_counts_end_exact(redis_srv, fake_kimi, start_proxy, keys):
+    import time
+
+    store = RedisStore(redis_srv.url)
+    for i, key in enumerate(keys):
+        ops.run(store, ops.add_key(key, f"K{i}", i + 1))
+    proxies = [start_proxy(fake_kimi, options={"kimi_store": redis_srv.url}) for _ in range(2)]
+    with client() as c:
+        assert all(send(c, p).status_code == 200 for p in proxies)
+        redis_srv.stop(keep_data=True)
+        statuses = []
+        away_until = time.monotonic() + 5  # the outage's length, not an ordering wait
+        with ThreadPoolExecutor(4) as pool:
+            while time.monotonic() < away_until:
+                statuses += [a.status_code for a in pool.map(lambda i: send(c, proxies[i % 2]), range(8))]
+        redis_srv.start()
+        assert statuses and set(statuses) == {200}
+    seen = counts_seen(fake_kimi, keys)
+    assert poll(lambda: _counts_in_redis(redis_srv.url, keys) == seen, FLUSH_DEADLINE_S), (
+        _counts_in_redis(redis_srv.url, keys), seen)
