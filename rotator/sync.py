@@ -202,7 +202,7 @@ class PoolSync:
     def _note_problem(self, error: StoreError, level: int) -> None:
         message = str(error)
         if message != self.problem:
-            logger.log(level, "kimi-rotator: %s", problem_line(error.action, message, bool(self.pool.accounts)))
+            logger.log(level, "kimi-rotator: %s", problem_line(error.action, message, bool(self.pool.accounts), self.store.what))
         self.problem = message
         self._problem_action = error.action
 
@@ -212,13 +212,14 @@ def _say_events(events: list[str]) -> None:
         logger.log(ALERT, "kimi-rotator: %s", event)
 
 
-def problem_line(action: str, message: str, has_keys: bool) -> str:
-    """The one log line for a store that failed to `action` ("read", "write", "lock")."""
+def problem_line(action: str, message: str, has_keys: bool, what: str = "the accounts file") -> str:
+    """The one log line for a store (`what` it is) that failed to `action` ("read",
+    "write", "lock")."""
     serving = "serving from the last good state" if has_keys else "no keys to serve"
     if action == "read":
-        return f"cannot read the accounts file {message}; {serving} and not writing until it is fixed"
+        return f"cannot read {what} {message}; {serving} and not writing until it is fixed"
     verb = "lock" if action == "lock" else "write"
     return (
-        f"cannot {verb} the accounts file {message}; {serving}, keeping this proxy's "
+        f"cannot {verb} {what} {message}; {serving}, keeping this proxy's "
         "counts in memory and trying again at every save"
     )

@@ -165,3 +165,17 @@ def test_cli_verbs_and_import_export_through_redis(server, tmp_path, monkeypatch
     assert cli.main(["--store", f"redis://u:sekrit99@127.0.0.1:{free_port()}/0", "list-keys"]) == 1
     err = capsys.readouterr().err
     assert "unreachable" in err and "sekrit99" not in err
+
+
+def test_the_proxys_log_names_the_team_store_not_a_file(caplog):
+    import logging
+
+    from rotator.models import AccountsFile
+    from rotator.pool import KeyPool
+    from rotator.sync import PoolSync
+
+    store = RedisStore(f"redis://:sekrit99@127.0.0.1:{free_port()}/0", "kimi-rotator:")
+    caplog.set_level(logging.INFO)
+    assert PoolSync(store, KeyPool(AccountsFile()), 1.0).load() is None
+    assert "cannot read the team store redis://:***@127.0.0.1:" in caplog.text, caplog.text
+    assert "accounts file" not in caplog.text and "sekrit99" not in caplog.text

@@ -23,6 +23,7 @@ class StoreError(Exception):
 
 class StateStore(Protocol):
     location: str  # where the state lives, for messages
+    what: str  # what it is, for messages: "the accounts file", "the team store"
 
     def read(self) -> AccountsFile:
         """The state as stored now."""

@@ -332,6 +332,7 @@ class FileStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.location = str(path)
+        self.what = "the accounts file"
         self._signature: FileSignature | None = None
         # After a failed read, never trust the signature: nothing said it is good.
         self._last_read_failed = False

@@ -78,6 +78,7 @@ class RedisStore:
         self.url = url
         self.prefix = prefix
         self.location = masked_url(url)
+        self.what = "the team store"
         self._accounts_key = f"{prefix}accounts"
         self._version_key = f"{prefix}version"
         self._version: int | None = None  # the version this store last read or wrote
