@@ -7,7 +7,7 @@ import argparse
 import re
 from collections.abc import Sequence
 
-_COMMON_OPTIONS = re.compile(r"\s*\[-h\]|\s*\[--accounts PATH\]")
+_COMMON_OPTIONS = re.compile(r"\s*\[-h\]|\s*\[--accounts PATH\]|\s*\[--store URL\]|\s*\[--store-prefix PREFIX\]")
 
 
 def synopsis(verb_parser: argparse.ArgumentParser, prog: str) -> str:
@@ -23,7 +23,7 @@ def help_text(prog: str, verbs: Sequence[tuple[str, str]]) -> str:
     return "\n".join([
         "Kimi API Key Rotator (kimi-rotator)",
         "",
-        f"Usage: {prog} [--accounts PATH] <command> [options]",
+        f"Usage: {prog} [--accounts PATH | --store URL] <command> [options]",
         "",
         "Commands:",
         *(f"  {usage.ljust(width)}{text}" for usage, text in verbs),
