@@ -11,7 +11,8 @@ import pytest
 from rotator import merge, ops
 from rotator.store import StoreError, open_store
 from rotator.store.file import FileStore
-from rotator.store.redis_store import RedisStore, is_private_url, masked_url
+from rotator.store.redis_store import RedisStore
+from rotator.store.urls import is_private_url, masked_url
 from tests.redis_server import RedisServer, free_port
 
 KEY_A = "sk-kimi-" + "a" * 40
@@ -179,3 +180,28 @@ def test_the_proxys_log_names_the_team_store_not_a_file(caplog):
     assert PoolSync(store, KeyPool(AccountsFile()), 1.0).load() is None
     assert "cannot read the team store redis://:***@127.0.0.1:" in caplog.text, caplog.text
     assert "accounts file" not in caplog.text and "sekrit99" not in caplog.text
+
+
+def test_without_the_redis_client_the_proxy_and_cli_still_work_and_a_team_store_says_what_to_install(tmp_path):
+    """redis is the optional `team` extra: the README's install (no extras) must start the proxy."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+sys.modules["redis"] = None  # as if the team extra were not installed
+import rotator.proxy.addon, rotator.cli
+from rotator.store import open_store, StoreError
+print(type(open_store("", {str(tmp_path / "a.json")!r})).__name__)
+try:
+    open_store("redis://:sekrit99@127.0.0.1:6379/0", "unused")
+except StoreError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "FileStore",
+        "redis://:***@127.0.0.1:6379/0: a team store needs the redis client (redis is not installed):"
+        " pip install 'kimi-rotator[team]'",
+    ], out.stdout

@@ -23,7 +23,7 @@ from rotator.quota import DEFAULT_RESERVE_PERCENT
 from rotator.proxy.retry import DEFAULT_MAX_ATTEMPTS
 from rotator.store import STORE_ENV
 from rotator.store.file import ACCOUNTS_ENV, ACCOUNTS_FILENAME, resolve_accounts_path
-from rotator.store.redis_store import DEFAULT_PREFIX, is_private_url, masked_url
+from rotator.store.urls import DEFAULT_PREFIX, is_private_url, masked_url
 
 logger = logging.getLogger(__name__)
 

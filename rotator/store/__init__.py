@@ -55,10 +55,16 @@ def open_store(spec: str | None, accounts_path: "os.PathLike[str] | str", prefix
         from rotator.store.file import FileStore
 
         return FileStore(Path(accounts_path))
-    if spec.startswith(("redis://", "rediss://")):
-        from rotator.store.redis_store import DEFAULT_PREFIX, RedisStore
+    from rotator.store.urls import DEFAULT_PREFIX, masked_url
 
+    if spec.startswith(("redis://", "rediss://")):
+        try:
+            from rotator.store.redis_store import RedisStore
+        except ModuleNotFoundError as e:
+            raise StoreError(
+                f"{masked_url(spec)}: a team store needs the redis client ({e.name} is not installed):"
+                " pip install 'kimi-rotator[team]'"
+            ) from None
         return RedisStore(spec, prefix or DEFAULT_PREFIX)
-    from rotator.store.redis_store import masked_url
 
     raise StoreError(f"{masked_url(spec)}: not a store (give nothing for the accounts file, or a redis:// or rediss:// URL)")

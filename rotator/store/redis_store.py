@@ -17,7 +17,7 @@ Blocking (the sync client): call from a worker thread, as `PoolSync` does.
 from __future__ import annotations
 
 from collections.abc import Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -29,12 +29,11 @@ from rotator import merge
 from rotator.keys import scrub
 from rotator.models import AccountsFile
 from rotator.store import StoreError
+from rotator.store.urls import DEFAULT_PREFIX, SCHEMES, masked_url
 
-DEFAULT_PREFIX = "kimi-rotator:"
 SOCKET_TIMEOUT_S = 1.0
 CONNECT_TIMEOUT_S = 0.75
 MAX_CONFLICT_RETRIES = 50
-SCHEMES = ("redis", "rediss")
 
 
 class RedisStoreError(StoreError):
@@ -45,28 +44,6 @@ class RedisStoreError(StoreError):
         self.location = location
         self.problem = problem
         self.action = action
-
-
-def masked_url(url: str) -> str:
-    """`url` with its password replaced by *** (the user name kept)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-def is_private_url(url: str) -> bool:
-    """Whether the keys stay safe on the way: TLS, or a server on this machine."""
-    parts = urlsplit(url)
-    if parts.scheme == "rediss":
-        return True
-    host = (parts.hostname or "localhost").lower()
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class RedisStore:
