@@ -75,6 +75,10 @@ class KeyPool:
         # Kimi's parallel limit per key, where a quota reading gave one (caps in-flight).
         self._parallel: dict[str, int] = {}
         self._at_cap: set[str] = set()
+        # Keys the team holds at their cap (rotator.teamcaps), skipped until one frees.
+        self._team_full: set[str] = set()
+        # Called with a key whenever one of this pool's requests on it ends.
+        self.slot_freed: Callable[[str], None] | None = None
         self.changes = merge.PoolChange()
         self.paused_until_ms = 0
         self._recent_limits = throttle.RecentLimits()
@@ -167,6 +171,8 @@ class KeyPool:
             self.in_flight[key] = busy
         else:
             self.in_flight.pop(key, None)
+        if self.slot_freed is not None:
+            self.slot_freed(key)
 
     def _after_slot_freed(self, key: str, account: Account | None) -> None:
         if account is None:
@@ -180,12 +186,27 @@ class KeyPool:
         limit = self._parallel.get(key)
         return self.max_in_flight if limit is None or limit > self.max_in_flight else limit
 
+    def team_cap(self, key: str) -> int:
+        """The cap a key's slots have across the team: one while half-open."""
+        account = self.account(key)
+        return 1 if account is not None and account.cooldown_level else self.cap(key)
+
+    def hold_team_full(self, key: str) -> None:
+        """The team holds `key` at its cap: skip it until `team_freed`."""
+        self._team_full.add(key)
+        self._at_cap.add(key)
+
+    def team_freed(self, key: str) -> None:
+        if key in self._team_full:
+            self._team_full.discard(key)
+            self._after_slot_freed(key, self.account(key))
+
     def _update_cap(self, key: str, busy: int, account: Account) -> None:
         """A key at its in-flight cap is not chosen. A key back from a cooldown
         (half-open) has a cap of one until a request on it succeeds."""
         if busy >= self.max_in_flight or (busy and account.cooldown_level) or (
             self._parallel and busy >= self.cap(key)
-        ):
+        ) or key in self._team_full:
             self._at_cap.add(key)
         else:
             self._at_cap.discard(key)
@@ -363,7 +384,8 @@ class KeyPool:
                 event = self._steer(key, account, now_ms)
                 if event:
                     events.append(event)
-        self._at_cap = set()
+        self._team_full &= self._index_by_key.keys()
+        self._at_cap = set(self._team_full)
         for key, busy in self.in_flight.items():
             account = self.account(key)
             if account is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 from rotator.clock import Timer
@@ -53,6 +53,8 @@ class WaitLine:
         self.pool = pool
         self._waiters: list[_Waiter] = []
         self._timer: Timer | None = None
+        # With team-wide caps (rotator.teamcaps): whether a chosen key may be used.
+        self.admit: Callable[[Lease], Awaitable[bool]] | None = None
         pool.key_freed = self.serve
 
     def __len__(self) -> int:
@@ -63,11 +65,14 @@ class WaitLine:
     ) -> Lease | Unavailable | Abandoned:
         """A key, waiting in line (not spinning) up to `deadline_ms` for one to free up;
         ABANDONED once `gone()` says the request's client has left."""
-        got = await self._wait(deadline_ms, tried, gone)
-        if isinstance(got, Lease) and gone():
-            self.pool.abandon(got)  # never sent: as if never chosen
-            return ABANDONED
-        return got
+        while True:
+            got = await self._wait(deadline_ms, tried, gone)
+            if isinstance(got, Lease) and gone():
+                self.pool.abandon(got)  # never sent: as if never chosen
+                return ABANDONED
+            if isinstance(got, Lease) and self.admit is not None and not await self.admit(got):
+                continue  # the team holds that key at its cap: the pool skips it now
+            return got
 
     async def _wait(self, deadline_ms: int, tried: Collection[str], gone: Gone) -> Lease | Unavailable | Abandoned:
         if gone():

@@ -48,6 +48,7 @@ from rotator.store import StateStore, StoreError, open_store
 from rotator.strategies import Unavailable
 from rotator.sync import PoolSync
 from rotator.tally import Tally
+from rotator.teamcaps import TeamCaps
 from rotator.timeline import Timeline
 from rotator.waitline import ABANDONED, WaitLine
 
@@ -64,6 +65,7 @@ class KimiRotator:
         self.timeline = Timeline()  # the pool's recent state changes, as logged
         self._use_pool(KeyPool(AccountsFile(), clock=clock))
         self.sync: PoolSync | None = None
+        self.team: TeamCaps | None = None  # team-wide in-flight caps, on a shared store
         self._running = False
         self._background: set[asyncio.Task[None]] = set()
         # Addons of their own that read this one's state; mitmproxy loads them with it.
@@ -82,6 +84,8 @@ class KimiRotator:
             self.requestheaders = self._before_streaming if self.settings.stream_limit is not None else None
         if "kimi_flush_interval" in updated and self.sync is not None:
             self.sync.interval_s = self.settings.flush_interval_s
+        if "kimi_slot_ttl" in updated and self.team is not None:
+            self.team.slots.ttl_ms = self.settings.slot_ttl_ms
         if "kimi_max_in_flight" in updated:
             self.pool.max_in_flight = self.settings.max_in_flight
         if "kimi_quota_reserve" in updated:
@@ -102,16 +106,23 @@ class KimiRotator:
 
     def _open_store(self, store: StateStore) -> None:
         # Runs at start-up and on option changes only, never per request.
-        previous, previous_polls = self.sync, self.polls
+        previous, previous_polls, previous_team = self.sync, self.polls, self.team
         self._use_pool(KeyPool(AccountsFile(), self.pool.max_in_flight, self.clock))
         self.polls.default_target = previous_polls.default_target
         self.sync = PoolSync(store, self.pool, self.settings.flush_interval_s)
+        slots = store.team_slots(self.settings.slot_ttl_ms)
+        self.team = None if slots is None else TeamCaps(self.pool, slots, self.clock)
+        self.line.admit = None if self.team is None else self.team.admit
         state = self.sync.load()
         if previous is not None and self._running:
             self._in_background(previous.stop())  # the old store gets its last changes
             self._in_background(previous_polls.stop())
+            if previous_team is not None:
+                self._in_background(previous_team.stop())
             self.sync.start()
             self.polls.start()
+            if self.team is not None:
+                self.team.start()
         if state is not None:
             _announce_keys(state, store.location)
 
@@ -133,6 +144,8 @@ class KimiRotator:
         warn_if_store_exposed(self.settings.store)
         if self.sync is not None:
             self.sync.start()
+        if self.team is not None:
+            self.team.start()
         self.polls.start()
 
     async def done(self) -> None:
@@ -143,6 +156,8 @@ class KimiRotator:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self.team is not None:
+            await self.team.stop()
         if self.sync is not None:
             await self.sync.stop()
         self.timeline.detach()
@@ -198,6 +213,8 @@ class KimiRotator:
                 flow.request.port = 443
         now = self.clock.now_ms()
         deadline = now + self.settings.max_wait_ms  # one deadline for waiting and every retry
+        if self.team is not None:  # the team's slot on the key is one round trip away
+            return self._wait_for_key(flow, deadline, streamed)
         lease = self.pool.acquire(now)
         if isinstance(lease, Lease):
             self._send_with(flow, lease, deadline)

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_KIMI_HOSTS = ("api.kimi.com",)
 DEFAULT_MAX_WAIT_S = 30.0
+DEFAULT_SLOT_TTL_S = 30
 MIN_USAGE_INTERVAL_S = 10.0  # /usages is free, but a poll per key every second is not polite
 CLIENT_TOKEN_ENV = "KIMI_ROTATOR_CLIENT_TOKEN"
 
@@ -41,6 +42,7 @@ class Settings:
     accounts_path: Path = field(default_factory=lambda: resolve_accounts_path(None))
     store: str = ""  # "": the accounts file; else a redis:// or rediss:// URL
     store_prefix: str = DEFAULT_PREFIX
+    slot_ttl_ms: int = DEFAULT_SLOT_TTL_S * 1000  # a team store's slot of a dead proxy expires then
     flush_interval_s: float = 1.0
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     max_attempts: int = 0  # 0: automatic
@@ -73,6 +75,8 @@ def read_settings(current: Settings, options: Any, updated: set[str]) -> Setting
         changes["store"] = parse_store(options.kimi_store)
     if "kimi_store_prefix" in updated:
         changes["store_prefix"] = options.kimi_store_prefix or DEFAULT_PREFIX
+    if "kimi_slot_ttl" in updated:
+        changes["slot_ttl_ms"] = int(parse_seconds("kimi_slot_ttl", options.kimi_slot_ttl, 1, 3600) * 1000)
     if "kimi_flush_interval" in updated:
         changes["flush_interval_s"] = parse_seconds("kimi_flush_interval", options.kimi_flush_interval, 0.05, 3600)
     if "kimi_max_in_flight" in updated:
@@ -198,6 +202,11 @@ def add_options(loader: Any) -> None:
     loader.add_option(
         "kimi_store_prefix", str, DEFAULT_PREFIX,
         "Prefix of the pool's Redis keys, so several pools can share one server.",
+    )
+    loader.add_option(
+        "kimi_slot_ttl", str, f"{DEFAULT_SLOT_TTL_S}",
+        "Team store: seconds after which the in-flight slots of a proxy that stopped "
+        "refreshing them (killed, or its machine lost) free up.",
     )
     loader.add_option(
         "kimi_accounts", str, "",

@@ -1,14 +1,18 @@
 """Where the pool's shared state lives: the `StateStore` interface every store implements.
 
 The proxy's save loop (`rotator.sync`) and the CLI know only this interface; the
-accounts file (`rotator.store.file`) is its first implementation.
+accounts file (`rotator.store.file`) is its first implementation, a Redis server
+(`rotator.store.redis_store`) its second. A store shared by several machines also holds
+the live state a team must share (`TeamSlots`: in-flight slots; `TeamEvents`: notices
+of changes); the file store has none, and the proxy then keeps that state per process.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import enum
 import os
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from rotator.merge import PoolChange
 from rotator.models import AccountsFile
@@ -40,6 +44,72 @@ class StateStore(Protocol):
     def sync(self, changes: PoolChange) -> AccountsFile | None:
         """Merge a proxy's changes; the state now stored, or None if nothing changed."""
         ...
+
+    def team_slots(self, ttl_ms: int) -> "TeamSlots | None":
+        """Team-wide in-flight slots (a slot not refreshed for `ttl_ms` expires), or None:
+        every proxy on this store runs on this machine and caps its own requests."""
+        ...
+
+    def team_events(self) -> "TeamEvents | None":
+        """Notices of what other processes changed, or None: this store has none to give."""
+        ...
+
+    def close(self) -> None:
+        """Let go of connections (a proxy switching stores)."""
+        ...
+
+
+class TeamSlots(Protocol):
+    """A key's in-flight requests counted for every proxy on a shared store. Each call is
+    one server round trip; `StoreError` when the store does not answer in time."""
+
+    ttl_ms: int  # a slot not refreshed for this long expires
+
+    async def take(self, key: str, cap: int) -> bool:
+        """Hold one of `key`'s slots if fewer than `cap` are held; False: the team is at it."""
+        ...
+
+    async def give(self, key: str, cap: int) -> None:
+        """Give back one slot this proxy holds on `key` (`cap`: as taken, so that a proxy
+        waiting for the key hears it freed)."""
+        ...
+
+    async def refresh(self) -> None:
+        """Keep this proxy's slots from expiring (slots of a proxy that died expire)."""
+        ...
+
+    async def ping(self) -> None:
+        """Whether the store answers (raises `StoreError` if not)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class NoticeKind(enum.Enum):
+    STATE = "state"  # the stored pool changed: read it
+    FREED = "freed"  # a slot on a key the team held at its cap was given back
+    PAUSE = "pause"  # Kimi throttles the team: every key paused until `until_ms`
+
+
+class Notice(NamedTuple):
+    kind: NoticeKind
+    key: str | None = None  # FREED: the key
+    until_ms: int = 0  # PAUSE: until when
+
+
+class TeamEvents(Protocol):
+    """Notices between the processes on a shared store."""
+
+    async def listen(self, on_notice: Callable[[Notice], None], on_connected: Callable[[], None]) -> None:
+        """Call `on_notice` for each notice until cancelled; reconnects with backoff,
+        calling `on_connected` each time it (re)subscribes (notices may have been missed)."""
+        ...
+
+    async def pause(self, until_ms: int) -> None:
+        """Tell the team Kimi throttles it: every key paused until `until_ms`."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 STORE_ENV = "KIMI_ROTATOR_STORE"

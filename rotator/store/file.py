@@ -368,3 +368,12 @@ class FileStore:
             raise
         self._last_read_failed = False
         return state
+
+    def team_slots(self, ttl_ms: int) -> None:
+        return None  # proxies on one file share a machine: each caps its own requests
+
+    def team_events(self) -> None:
+        return None  # changes are seen by re-reading the file at each save
+
+    def close(self) -> None:
+        pass

@@ -11,15 +11,20 @@ add exactly across proxies, as on the file store.
 Every call is bounded by short timeouts and redis-py's own retries are off: the save loop
 (`rotator.sync`) already keeps changes and retries. Errors become `StoreError` naming the
 server with the password masked; a stored value that can't be read is never overwritten.
-Blocking (the sync client): call from a worker thread, as `PoolSync` does.
+Blocking (the sync client): call from a worker thread, as `PoolSync` does. The live state a
+team shares (`team_slots`, `team_events`) runs on redis-py's asyncio client instead, on
+the proxy's event loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import redis
+import redis.asyncio
+import redis.asyncio.retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from pydantic import ValidationError
@@ -30,6 +35,9 @@ from rotator.keys import scrub
 from rotator.models import AccountsFile
 from rotator.store import StoreError
 from rotator.store.urls import DEFAULT_PREFIX, SCHEMES, masked_url
+
+if TYPE_CHECKING:
+    from rotator.store.redis_slots import RedisSlots
 
 SOCKET_TIMEOUT_S = 1.0
 CONNECT_TIMEOUT_S = 0.75
@@ -59,6 +67,7 @@ class RedisStore:
         self._accounts_key = f"{prefix}accounts"
         self._version_key = f"{prefix}version"
         self._version: int | None = None  # the version this store last read or wrote
+        self._async: redis.asyncio.Redis | None = None
         self._last_read_failed = False
         try:
             self._client = redis.Redis.from_url(
@@ -74,7 +83,7 @@ class RedisStore:
 
     # -- the interface -------------------------------------------------------------
     def read(self) -> AccountsFile:
-        with self._errors("read"):
+        with self.errors("read"):
             raw, _ = self._client.mget(self._accounts_key, self._version_key)
         return self._parse(raw)
 
@@ -83,7 +92,7 @@ class RedisStore:
 
     def load(self) -> AccountsFile:
         try:
-            with self._errors("read"):
+            with self.errors("read"):
                 raw, version = self._client.mget(self._accounts_key, self._version_key)
             state = self._parse(raw)
         except StoreError:
@@ -98,7 +107,7 @@ class RedisStore:
         we nor anyone else changed it since this store last saw it."""
         try:
             if not changes and not self._last_read_failed:
-                with self._errors("read"):
+                with self.errors("read"):
                     version = int(self._client.get(self._version_key) or 0)
                 if version == self._version:
                     return None
@@ -109,14 +118,39 @@ class RedisStore:
         self._last_read_failed = False
         return state
 
+    def team_slots(self, ttl_ms: int) -> "RedisSlots":
+        from rotator.store.redis_slots import RedisSlots
+
+        return RedisSlots(self, ttl_ms)
+
+    def team_events(self) -> None:
+        return None
+
     def close(self) -> None:
         self._client.close()
+
+    def async_client(self) -> redis.asyncio.Redis:
+        """The asyncio client of this store (one, shared by its slots and notices)."""
+        if self._async is None:
+            self._async = redis.asyncio.Redis.from_url(
+                self.url,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_connect_timeout=CONNECT_TIMEOUT_S,
+                retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+                retry_on_timeout=False,
+                health_check_interval=0,
+            )
+        return self._async
+
+    def errors(self, action: str) -> _RedisErrors:
+        """A context in which redis-py's errors become one-line `RedisStoreError`s."""
+        return _RedisErrors(self, action)
 
     # -- one optimistic transaction ------------------------------------------------------
     def _transact(self, change: Callable[[AccountsFile], AccountsFile | None]) -> tuple[AccountsFile, bool]:
         action = "read"
         for _ in range(MAX_CONFLICT_RETRIES):
-            with self._errors(action):
+            with self.errors(action):
                 with self._client.pipeline(transaction=True) as pipe:
                     try:
                         pipe.watch(self._accounts_key, self._version_key)
@@ -174,8 +208,6 @@ class RedisStore:
             text = text.replace(password, "***")
         return scrub(text.splitlines()[0] if text else text)
 
-    def _errors(self, action: str) -> _RedisErrors:
-        return _RedisErrors(self, action)
 
 
 class _RedisErrors:
@@ -192,13 +224,13 @@ class _RedisErrors:
         if error is None or isinstance(error, (StoreError, redis.WatchError)):
             return False
         store = self.store
-        if isinstance(error, redis.TimeoutError):
+        if isinstance(error, (redis.TimeoutError, TimeoutError)):
             problem = f"no answer within {SOCKET_TIMEOUT_S:g} s ({store._scrub(error)})"
         elif isinstance(error, redis.AuthenticationError):
             problem = f"authentication failed ({store._scrub(error)})"
         elif isinstance(error, redis.exceptions.NoPermissionError):
             problem = f"permission denied for keys {store.prefix}* ({store._scrub(error)})"
-        elif isinstance(error, redis.ConnectionError):
+        elif isinstance(error, (redis.ConnectionError, ConnectionError)):
             problem = f"unreachable ({store._scrub(error)})"
         elif isinstance(error, redis.RedisError):
             problem = f"Redis error ({store._scrub(error)})"

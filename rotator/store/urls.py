@@ -1,4 +1,5 @@
 """Naming a Redis store without the Redis client: its URL schemes, the default key prefix,
+the names of what it holds (key ids, slots, the notices channel),
 the URL as messages show it (password masked), and whether keys would travel safely.
 
 Kept apart from `rotator.store.redis_store` so options and messages work where the
@@ -7,6 +8,7 @@ optional `redis` client (the `team` extra) is not installed.
 
 from __future__ import annotations
 
+import hashlib
 from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_PREFIX = "kimi-rotator:"
@@ -33,3 +35,20 @@ def is_private_url(url: str) -> bool:
         return True
     host = (parts.hostname or "localhost").lower()
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def key_id(key: str) -> str:
+    """How a Redis key name or a notice names an API key: a short digest, so the key
+    itself shows in no key name, MONITOR line or notice."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def notices_channel(prefix: str) -> str:
+    """The pub/sub channel a pool's processes tell each other on: "state" (the pool
+    changed), "freed <key id>" (a slot given back on a key at its cap), "pause <until ms>"."""
+    return f"{prefix}notices"
+
+
+def slots_key(prefix: str, key: str) -> str:
+    """The sorted set of a key's in-flight slots (member: holder, score: expiry ms)."""
+    return f"{prefix}slots:{key_id(key)}"

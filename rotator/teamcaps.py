@@ -1,0 +1,149 @@
+"""In-flight caps that hold for a whole team: each attempt the pool chose a key for takes
+one of the key's team-wide slots (`rotator.store.TeamSlots`) before it is sent.
+
+The pool still caps this process's own requests; a key the team holds at its cap is
+skipped (`KeyPool.hold_team_full`) until a notice says a slot on it was given back, or
+for `HOLD_MS` (a notice can be missed; a dead proxy's slots expire). Slots go back in
+the background when the pool's request on the key ends, so an answer never waits on
+the store.
+
+When the store does not answer, requests go on under this process's caps alone: the
+problem is logged once, the store is asked again with growing pauses, and team-wide
+caps come back when it answers. Requests sent meanwhile hold no slot, and nothing is
+given back for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Coroutine
+from typing import Any
+
+from rotator.clock import MS_PER_SECOND, Clock
+from rotator.pool import KeyPool, Lease
+from rotator.store import StoreError, TeamSlots
+from rotator.store.urls import key_id
+
+logger = logging.getLogger(__name__)
+ALERT = logging.INFO + 1  # mitmproxy's ALERT, by value: this module runs without mitmproxy
+
+HOLD_MS = 500
+RETRY_FIRST_S = 0.25
+RETRY_MOST_S = 5.0
+
+
+class TeamCaps:
+    def __init__(self, pool: KeyPool, slots: TeamSlots, clock: Clock) -> None:
+        self.pool = pool
+        self.slots = slots
+        self.clock = clock
+        self.away: str | None = None  # why the store does not answer, while it doesn't
+        self._slotted: Counter[str] = Counter()  # this pool's requests holding a team slot
+        self._unslotted: Counter[str] = Counter()  # … and those holding none
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._refreshing: asyncio.Task[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        pool.slot_freed = self._freed
+
+    # -- the request path ----------------------------------------------------------
+    async def admit(self, lease: Lease) -> bool:
+        """Whether the attempt on `lease` may go: False when the team holds its key at
+        the cap (the lease is then handed back, uncounted, and the key skipped)."""
+        key = lease.key
+        if self.away is None:
+            try:
+                taken = await self.slots.take(key, self.pool.team_cap(key))
+            except StoreError as e:
+                self._went_away(e)
+            else:
+                if not taken:
+                    self._unslotted[key] += 1  # the abandon below consumes it
+                    self.pool.abandon(lease)
+                    self.pool.hold_team_full(key)
+                    self.clock.call_at(self.clock.now_ms() + HOLD_MS, lambda: self.pool.team_freed(key))
+                    return False
+                self._slotted[key] += 1
+                return True
+        self._unslotted[key] += 1
+        return True
+
+    def _freed(self, key: str) -> None:
+        if self._unslotted[key] > 0:
+            self._unslotted[key] -= 1
+        elif self._slotted[key] > 0:
+            self._slotted[key] -= 1
+            self._soon(self._give(key, self.pool.team_cap(key)))
+
+    async def _give(self, key: str, cap: int) -> None:
+        try:
+            await self.slots.give(key, cap)
+        except StoreError as e:
+            self._went_away(e)  # the slot is no longer refreshed: it expires
+
+    # -- notices -------------------------------------------------------------------
+    def freed(self, key_digest: str) -> None:
+        """A notice: another process gave back a slot on the key with this id."""
+        for account in self.pool.accounts:
+            if key_id(account.key) == key_digest:
+                self.pool.team_freed(account.key)
+
+    # -- background ----------------------------------------------------------------
+    def start(self) -> None:
+        if self._refreshing is None:
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        for task in (self._refreshing, self._reconnecting):
+            if task is not None:
+                task.cancel()
+        self._refreshing = self._reconnecting = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.slots.close()
+        self.pool.slot_freed = None
+
+    async def _refresh_forever(self) -> None:
+        interval_s = self._ttl_s() / 3
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.away is not None:
+                continue
+            try:
+                await self.slots.refresh()
+            except StoreError as e:
+                self._went_away(e)
+
+    def _ttl_s(self) -> float:
+        return self.slots.ttl_ms / MS_PER_SECOND
+
+    def _went_away(self, error: StoreError) -> None:
+        if self.away is not None:
+            return
+        self.away = str(error)
+        logger.warning(
+            "kimi-rotator: team-wide in-flight caps paused (%s); each proxy caps its own requests until it answers",
+            error,
+        )
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        pause_s = RETRY_FIRST_S
+        while True:
+            await asyncio.sleep(pause_s)
+            try:
+                await self.slots.refresh()
+                await self.slots.ping()
+            except StoreError:
+                pause_s = min(RETRY_MOST_S, pause_s * 2)
+                continue
+            self.away = None
+            self._reconnecting = None
+            logger.log(ALERT, "kimi-rotator: team-wide in-flight caps hold again")
+            return
+
+    def _soon(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
