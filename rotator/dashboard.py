@@ -20,8 +20,8 @@ from typing import Protocol
 from rotator.health import HEALTH_SKIP_BELOW, rest_period_ms
 from rotator.models import AccountsFile
 from rotator.oddities import first_index_by_key
-from rotator.quota import QuotaReading
-from rotator.status import KeyState, KeyView, view_key
+from rotator.quota import QuotaReading, QuotaWindow
+from rotator.status import KeyState, KeyView, view_key, window_json
 from rotator.tally import Tally
 from rotator.text import NAME_MOST, REASON_MOST, clean_line
 from rotator.timeline import Event
@@ -44,17 +44,6 @@ class PoolReading(Protocol):
     paused_until_ms: int
 
     def cap(self, key: str) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class WindowRow:
-    name: str
-    minutes: int | None
-    limit: int | None
-    used: int | None
-    remaining: int | None
-    reset_time: int  # ms since the epoch; 0 when Kimi did not say
-    remaining_ratio: float | None  # 0.0 to 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +82,8 @@ class KeyRow:
         return None if self.quota is None else self.quota.parallel_limit
 
     @property
-    def windows(self) -> tuple[WindowRow, ...]:
-        return _windows(self.quota)
+    def windows(self) -> Sequence[QuotaWindow]:
+        return () if self.quota is None else self.quota.windows
 
     def seconds_until_usable(self, now: int) -> float:
         """0 for a usable key, the seconds left for a cooling one, infinity for a disabled one
@@ -190,15 +179,6 @@ def _row(
     )
 
 
-def _windows(reading: QuotaReading | None) -> tuple[WindowRow, ...]:
-    if reading is None:
-        return ()
-    return tuple(
-        WindowRow(w.name, w.minutes, w.limit, w.used, w.left, w.reset_time, w.remaining_ratio())
-        for w in reading.windows
-    )
-
-
 def median(values: Sequence[int | float]) -> float | None:
     if not values:
         return None
@@ -252,20 +232,8 @@ def key_document(row: KeyRow) -> dict[str, object]:
         "quota": None if row.quota_taken_at is None else {
             "takenAt": row.quota_taken_at,
             "parallelLimit": row.parallel_limit,
-            "windows": [_window_document(w) for w in windows],
+            "windows": [window_json(w) for w in windows],
         },
-    }
-
-
-def _window_document(window: WindowRow) -> dict[str, object]:
-    return {
-        "name": window.name,
-        "minutes": window.minutes,
-        "limit": window.limit,
-        "used": window.used,
-        "remaining": window.remaining,
-        "resetTime": window.reset_time,
-        "remainingRatio": window.remaining_ratio,
     }
 
 

@@ -54,8 +54,9 @@ def families(shot: Snapshot) -> list[Metric]:
         until.add_metric(labels, row.seconds_until_usable(shot.now))
         state.add_metric([*labels, row.state], 1)  # one series per key: a scrape of 1,000 keys stays cheap
         for window in row.windows:
-            if window.remaining_ratio is not None:
-                quota.add_metric([*labels, window.name], window.remaining_ratio)
+            ratio = window.remaining_ratio()
+            if ratio is not None:
+                quota.add_metric([*labels, window.name], ratio)
             if window.reset_time:
                 quota_reset.add_metric([*labels, window.name], max(0.0, (window.reset_time - shot.now) / 1000))
     refused = CounterMetricFamily(

@@ -251,15 +251,19 @@ def quota_lines(view: KeyView, now: int) -> list[str]:
     return lines + [f"     {line}" for line in reading_lines(view.quota, now)]
 
 
+def window_json(window: QuotaWindow) -> dict[str, object]:
+    """One quota window in JSON output (the CLI's and /status.json alike)."""
+    return {
+        "name": window.name, "minutes": window.minutes, "limit": window.limit, "used": window.used,
+        "remaining": window.left, "resetTime": window.reset_time, "remainingRatio": window.remaining_ratio(),
+    }
+
+
 def quota_json(reading: QuotaReading) -> dict[str, object]:
     """A reading in JSON output: windows with limit/used/remaining/resetTime (ms)."""
     return {
         "takenAt": reading.taken_at,
-        "windows": [
-            {"name": w.name, "minutes": w.minutes, "limit": w.limit, "used": w.used,
-             "remaining": w.left, "resetTime": w.reset_time}
-            for w in reading.windows
-        ],
+        "windows": [window_json(w) for w in reading.windows],
         "parallelLimit": reading.parallel_limit,
     }
 

@@ -285,9 +285,9 @@ def test_json_has_masked_keys_windows_parallel_limit_and_errors(path, kimi):
         "index": 0, "name": "Personal", "maskedKey": "sk-kim…00a0", "takenAt": read["takenAt"],
         "windows": [
             {"name": "5-hour", "minutes": 300, "limit": 200, "used": 20, "remaining": 180,
-             "resetTime": reset * 1000},
+             "resetTime": reset * 1000, "remainingRatio": 0.9},
             {"name": "weekly", "minutes": 10080, "limit": 1000, "used": 100, "remaining": 900,
-             "resetTime": (reset + 86400) * 1000},
+             "resetTime": (reset + 86400) * 1000, "remainingRatio": 0.9},
         ],
         "parallelLimit": 8, "httpStatus": 200, "error": None,
     }
@@ -328,9 +328,9 @@ def test_the_reading_lands_in_the_file_and_list_keys_shows_it(path, kimi, monkey
     assert first["quota"] == {
         "takenAt": taken, "parallelLimit": 4,
         "windows": [{"name": "5-hour", "minutes": 300, "limit": 200, "used": 50, "remaining": 150,
-                     "resetTime": reset * 1000},
+                     "resetTime": reset * 1000, "remainingRatio": 0.75},
                     {"name": "weekly", "minutes": 10080, "limit": 2048, "used": 0, "remaining": 2048,
-                     "resetTime": saved[K0]["windows"][1]["resetTime"]}],
+                     "resetTime": saved[K0]["windows"][1]["resetTime"], "remainingRatio": 1.0}],
     }
     assert "quota" not in second
 
