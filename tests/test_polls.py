@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +15,8 @@ from mitmproxy import exceptions, http
 
 from rotator.keys import mask_key
 from rotator.proxy.polls import poll_target
-from tests.hooks import FakeClock, kimi_flow
-from tests.test_retry import KEYS, USAGES, FakeUpstream, kimi_error, success, write_pool
+from tests.hooks import kimi_flow
+from tests.test_retry import KEYS, USAGES, clock, kimi_error, proxy, success  # noqa: F401 (fixtures)
 
 HOUR = 3_600_000
 
@@ -59,37 +58,18 @@ async def settle() -> None:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def polling(tmp_path: Path, clock: FakeClock):
-    """start(answer, **options) -> (addon, upstream, sleep), the addon running."""
-    from mitmproxy.test import taddons
-
-    from rotator.proxy.addon import KimiRotator
-
-    contexts: list[Any] = []
+def polling(proxy):
+    """start(answer, **options) -> (addon, upstream, sleep): test_retry's `proxy`, running,
+    its polls sleeping on a `SteppedSleep`."""
 
     def start(answer, keys=KEYS, fields=None, sleep: SteppedSleep | None = None, **options: Any):
-        path = write_pool(tmp_path / "accounts.json", keys, **(fields or {}))
-        upstream = FakeUpstream(answer)
-        addon = KimiRotator(clock=clock, send=upstream)
-        upstream.addon = addon
-        tctx = taddons.context(addon)
-        contexts.append(tctx)
-        tctx.__enter__()
-        options.setdefault("kimi_hosts", ["api.kimi.com"])
-        tctx.configure(addon, kimi_accounts=str(path), **options)
+        addon, upstream = proxy(answer, keys, fields, **options)
         stepped = sleep or SteppedSleep()
         addon.polls.sleep = stepped
         addon.running()  # each test ends with addon.done()
         return addon, upstream, stepped
 
-    yield start
-    for tctx in contexts:
-        tctx.__exit__(None, None, None)
+    return start
 
 
 async def test_every_enabled_key_is_polled_once_at_start_spread_out_and_never_counted(polling, clock):

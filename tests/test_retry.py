@@ -105,7 +105,8 @@ def proxy(tmp_path: Path, clock: FakeClock):
         tctx = taddons.context(addon)
         contexts.append(tctx)
         tctx.__enter__()
-        tctx.configure(addon, kimi_accounts=str(path), kimi_hosts=["api.kimi.com"], **options)
+        options.setdefault("kimi_hosts", ["api.kimi.com"])
+        tctx.configure(addon, kimi_accounts=str(path), **options)
         return addon, upstream
 
     yield start
