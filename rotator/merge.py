@@ -64,6 +64,9 @@ RULES: dict[str, Rule] = {
 # Rules whose values are counts, history or measurements: never undone by a person's edit.
 _COUNTED = frozenset({Rule.ADD, Rule.BY_DAY, Rule.NEWEST, Rule.READING})
 _CLAMPED = {"health_score": clamp_health}
+# Fields that decide whether a key can be chosen: a proxy that changed one tells the
+# others at once (a shared store's notices) instead of at their next save.
+_DECISIVE = frozenset({"rate_limit_reset_time", "disabled_reason", "cooldown_reason", "cooldown_level"})
 # Top-level field a proxy changes: the key it moved the pool to.
 ACTIVE_INDEX = "active_index"
 
@@ -175,6 +178,12 @@ class PoolChange:
             self.for_key(key).absorb(change)
         if newer.active_key is not None:
             self.active_key = newer.active_key
+
+
+def is_decisive(change: PoolChange) -> bool:
+    """Whether `change` makes a key usable or not (a cooldown, a disabled key), as
+    opposed to counts, moments and the rotation, which can wait for the next save."""
+    return any(not _DECISIVE.isdisjoint(key_change.fields) for key_change in change.keys.values())
 
 
 def apply(state: AccountsFile, change: PoolChange) -> AccountsFile:

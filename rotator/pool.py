@@ -10,53 +10,23 @@ key may have freed up (`key_freed`).
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import NamedTuple
 
 from rotator import merge, oddities, quota, stats, throttle
 from rotator.clock import SYSTEM_CLOCK, Clock, seconds_until
 from rotator.health import HEALTH_MAX, apply_health_delta, rest_period_ms
-from rotator.keys import mask_key
+from rotator.lease import Lease, SkipKeys
 from rotator.models import Account, AccountsFile
 from rotator.policy import Outcome, Verdict
 from rotator.status import key_label
 from rotator.strategies import Shortage, Unavailable, choose_key, next_index
+
+__all__ = ["KeyPool", "Lease"]  # Lease lives in rotator.lease; callers know it from here
 
 DEFAULT_MAX_IN_FLIGHT = 30
 # Cooldowns that follow each other with no success between them grow: ×2 each time,
 # up to this cap. Plan windows and disabled keys have their own deadlines and don't.
 MAX_BACKOFF_MS = 30 * 60 * 1000
 BACKOFF_VERDICTS = frozenset({Verdict.RATE_LIMITED, Verdict.CONCURRENCY_LIMIT, Verdict.ACCESS_DENIED})
-
-
-class Lease(NamedTuple):
-    """One attempt's hold on a key, from choice to outcome (made once per request:
-    a NamedTuple is the cheapest immutable record)."""
-
-    key: str
-    index: int
-    name: str
-    at_ms: int = 0  # when the key was chosen (a waiting request is sent only then)
-
-    @property
-    def masked_key(self) -> str:
-        return mask_key(self.key)
-
-    @property
-    def label(self) -> str:
-        return key_label(self.index, self.name, self.key)
-
-
-class _SkipKeys:
-    """`index in skip` for choose_key, answered from a set of keys."""
-
-    __slots__ = ("accounts", "keys")
-
-    def __init__(self, accounts: list[Account], keys: Collection[str]) -> None:
-        self.accounts = accounts
-        self.keys = keys
-
-    def __contains__(self, index: object) -> bool:
-        return isinstance(index, int) and self.accounts[index].key in self.keys
 
 
 def _nobody_waits() -> None:
@@ -79,6 +49,10 @@ class KeyPool:
         self._team_full: set[str] = set()
         # Called with a key whenever one of this pool's requests on it ends.
         self.slot_freed: Callable[[str], None] | None = None
+        # Called when a key's state changed (the event lines below), so a team hears it now.
+        self.state_changed: Callable[[], None] | None = None
+        # Called with how long every key is paused, when this pool pauses them for a throttle.
+        self.paused: Callable[[int], None] | None = None
         self.changes = merge.PoolChange()
         self.paused_until_ms = 0
         self._recent_limits = throttle.RecentLimits()
@@ -111,7 +85,7 @@ class KeyPool:
             return Unavailable(Shortage.THROTTLED, self.paused_until_ms)
         state = self._state
         excluded = self._at_cap.union(tried) if tried else self._at_cap
-        skip = _SkipKeys(state.accounts, excluded) if excluded else ()
+        skip = SkipKeys(state.accounts, excluded) if excluded else ()
         return choose_key(
             state.accounts, state.rotation_strategy, state.active_index, now_ms, skip, self._rest_ms
         )
@@ -154,7 +128,7 @@ class KeyPool:
         account = self.account(lease.key)
         event = None if account is None else self._account_outcome(lease, account, outcome, now_ms, took_ms)
         self._after_slot_freed(lease.key, account)
-        return event
+        return self._tell(event)
 
     def abandon(self, lease: Lease) -> None:
         """An attempt that was never sent (its client left first): as if never chosen."""
@@ -201,6 +175,11 @@ class KeyPool:
             self._team_full.discard(key)
             self._after_slot_freed(key, self.account(key))
 
+    def pause_for(self, pause_ms: int, now_ms: int) -> None:
+        """Another proxy saw Kimi throttle the team: every key here pauses too (for at
+        most `throttle.PAUSE_MS`, whatever the notice asked)."""
+        self.paused_until_ms = max(self.paused_until_ms, now_ms + max(0, min(pause_ms, throttle.PAUSE_MS)))
+
     def _update_cap(self, key: str, busy: int, account: Account) -> None:
         """A key at its in-flight cap is not chosen. A key back from a cooldown
         (half-open) has a cap of one until a request on it succeeds."""
@@ -220,6 +199,8 @@ class KeyPool:
             burst = self._recent_limits.burst(lease.key, now_ms)
             if burst is not None:
                 self.paused_until_ms = now_ms + throttle.PAUSE_MS
+                if self.paused is not None:
+                    self.paused(throttle.PAUSE_MS)
                 for limit in burst:
                     self._refund(limit, now_ms)
                 return throttle.pause_line(burst)
@@ -271,7 +252,7 @@ class KeyPool:
         if account is None or account.disabled_reason is not None:
             return None
         label = key_label(self._index_by_key[key], account.name, key)
-        return self._disable(label, account, self.changes.for_key(key), reason, now_ms)
+        return self._tell(self._disable(label, account, self.changes.for_key(key), reason, now_ms))
 
     def take_reading(self, key: str, reading: quota.QuotaReading, now_ms: int) -> str | None:
         """Keep a key's newest quota reading; a spent window cools the key until it resets
@@ -285,7 +266,7 @@ class KeyPool:
         self._update_cap(key, self.in_flight.get(key, 0), account)
         event = self._steer(key, account, now_ms)
         self.key_freed()  # a raised parallel limit frees a slot
-        return event
+        return self._tell(event)
 
     def _note_parallel(self, key: str, reading: quota.QuotaReading | None) -> None:
         if reading is not None and reading.parallel_limit is not None:
@@ -326,7 +307,12 @@ class KeyPool:
         self.key_freed()
         seconds = seconds_until(deadline_ms, now_ms)
         index = self._index_by_key[key]
-        return f"key {key_label(index, account.name, key)}: Kimi says its limit resets in {seconds} s"
+        return self._tell(f"key {key_label(index, account.name, key)}: Kimi says its limit resets in {seconds} s")
+
+    def _tell(self, event: str | None) -> str | None:
+        if event is not None and self.state_changed is not None:
+            self.state_changed()
+        return event
 
     def _add_health(self, account: Account, change: merge.KeyChange, delta: int, now_ms: int) -> None:
         new = apply_health_delta(account, delta, now_ms, self._rest_ms)

@@ -30,6 +30,9 @@ from rotator.store import StateStore, StoreError
 logger = logging.getLogger(__name__)
 # mitmproxy's ALERT level (INFO + 1), named by value: this module runs without mitmproxy.
 ALERT = logging.INFO + 1
+# Saves asked for by notices follow each other at most this often (a burst of cooldowns
+# on several proxies must not turn into a save per notice).
+SOON_GAP_S = 0.1
 
 
 class PoolSync:
@@ -46,6 +49,8 @@ class PoolSync:
         self._pending_ops: list[ops.Op] = []
         self._one_save_at_a_time = asyncio.Lock()
         self._soon: set[asyncio.Task[None]] = set()
+        self._soon_wanted = False  # a save asked by `soon` waits to start
+        self._last_soon_s = float("-inf")  # when the last one started (the loop's clock)
 
     def load(self) -> AccountsFile | None:
         """Read the store at start (blocking; start-up and option changes only)."""
@@ -81,6 +86,30 @@ class PoolSync:
         """Wait for the saves `run_op` started."""
         while self._soon:
             await asyncio.gather(*self._soon, return_exceptions=True)
+
+    def soon(self) -> None:
+        """Save and read the store now, not at the next interval: another process says it
+        changed (a shared store's notice). However many ask while one such save waits,
+        it is one save, and they follow each other at most every `SOON_GAP_S`."""
+        if self._soon_wanted:
+            return
+        self._soon_wanted = True
+        task = asyncio.get_running_loop().create_task(self._save_soon())
+        self._soon.add(task)
+        task.add_done_callback(self._soon.discard)
+
+    async def _save_soon(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            wait_s = self._last_soon_s + SOON_GAP_S - loop.time()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            async with self._one_save_at_a_time:
+                self._soon_wanted = False  # a notice from now on needs a save after this one
+                self._last_soon_s = loop.time()
+                await self._save()
+        except Exception:
+            logger.exception("kimi-rotator: saving to %s failed", self.store.location)
 
     @property
     def pending_ops(self) -> int:

@@ -49,6 +49,7 @@ from rotator.strategies import Unavailable
 from rotator.sync import PoolSync
 from rotator.tally import Tally
 from rotator.teamcaps import TeamCaps
+from rotator.teamnotices import TeamNotices
 from rotator.timeline import Timeline
 from rotator.waitline import ABANDONED, WaitLine
 
@@ -66,6 +67,7 @@ class KimiRotator:
         self._use_pool(KeyPool(AccountsFile(), clock=clock))
         self.sync: PoolSync | None = None
         self.team: TeamCaps | None = None  # team-wide in-flight caps, on a shared store
+        self.notices: TeamNotices | None = None  # what the team's processes tell each other
         self._running = False
         self._background: set[asyncio.Task[None]] = set()
         # Addons of their own that read this one's state; mitmproxy loads them with it.
@@ -106,23 +108,21 @@ class KimiRotator:
 
     def _open_store(self, store: StateStore) -> None:
         # Runs at start-up and on option changes only, never per request.
-        previous, previous_polls, previous_team = self.sync, self.polls, self.team
+        previous, previous_polls = self.sync, self.polls
+        previous_team = [part for part in (self.team, self.notices) if part is not None]
         self._use_pool(KeyPool(AccountsFile(), self.pool.max_in_flight, self.clock))
         self.polls.default_target = previous_polls.default_target
         self.sync = PoolSync(store, self.pool, self.settings.flush_interval_s)
         slots = store.team_slots(self.settings.slot_ttl_ms)
         self.team = None if slots is None else TeamCaps(self.pool, slots, self.clock)
         self.line.admit = None if self.team is None else self.team.admit
+        events = store.team_events()
+        self.notices = None if events is None else TeamNotices(events, self.pool, self.sync, self.team, self.clock)
         state = self.sync.load()
         if previous is not None and self._running:
-            self._in_background(previous.stop())  # the old store gets its last changes
+            self._in_background(self._let_go(previous, previous_team))  # it gets its last changes
             self._in_background(previous_polls.stop())
-            if previous_team is not None:
-                self._in_background(previous_team.stop())
-            self.sync.start()
-            self.polls.start()
-            if self.team is not None:
-                self.team.start()
+            self._start_store()
         if state is not None:
             _announce_keys(state, store.location)
 
@@ -142,10 +142,7 @@ class KimiRotator:
         self.timeline.attach()
         warn_if_listening_beyond_loopback(self.settings.allow_remote)
         warn_if_store_exposed(self.settings.store)
-        if self.sync is not None:
-            self.sync.start()
-        if self.team is not None:
-            self.team.start()
+        self._start_store()
         self.polls.start()
 
     async def done(self) -> None:
@@ -156,11 +153,24 @@ class KimiRotator:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        if self.team is not None:
-            await self.team.stop()
         if self.sync is not None:
-            await self.sync.stop()
+            await self._let_go(self.sync, [part for part in (self.team, self.notices) if part is not None])
         self.timeline.detach()
+
+    def _start_store(self) -> None:
+        if self.sync is not None:
+            self.sync.start()
+        for part in (self.team, self.notices):
+            if part is not None:
+                part.start()
+
+    @staticmethod
+    async def _let_go(sync: PoolSync, team: list[TeamCaps | TeamNotices]) -> None:
+        """Stop using a store: its team parts first (slots given back), then the last save."""
+        for part in team:
+            await part.stop()
+        await sync.stop()
+        sync.store.close()
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

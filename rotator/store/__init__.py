@@ -86,15 +86,15 @@ class TeamSlots(Protocol):
 
 
 class NoticeKind(enum.Enum):
-    STATE = "state"  # the stored pool changed: read it
+    STATE = "state"  # the stored pool changed in a way others must see now: read it
     FREED = "freed"  # a slot on a key the team held at its cap was given back
-    PAUSE = "pause"  # Kimi throttles the team: every key paused until `until_ms`
+    PAUSE = "pause"  # Kimi throttles the team: every key paused for `pause_ms`
 
 
 class Notice(NamedTuple):
     kind: NoticeKind
-    key: str | None = None  # FREED: the key
-    until_ms: int = 0  # PAUSE: until when
+    key_id: str = ""  # FREED: the key, as `urls.key_id` names it
+    pause_ms: int = 0  # PAUSE: how long
 
 
 class TeamEvents(Protocol):
@@ -105,8 +105,8 @@ class TeamEvents(Protocol):
         calling `on_connected` each time it (re)subscribes (notices may have been missed)."""
         ...
 
-    async def pause(self, until_ms: int) -> None:
-        """Tell the team Kimi throttles it: every key paused until `until_ms`."""
+    async def pause(self, pause_ms: int) -> None:
+        """Tell the team Kimi throttles it: every key paused for `pause_ms`."""
         ...
 
     async def close(self) -> None: ...

@@ -20,7 +20,7 @@ import socket
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-from rotator.store.urls import key_id, notices_channel, slots_key
+from rotator.store.urls import NOTICE_FREED, key_id, notices_channel, slots_key
 
 if TYPE_CHECKING:
     from rotator.store.redis_store import RedisStore
@@ -38,12 +38,12 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return held + 1
 """
 
-# KEYS[1] the slots; ARGV member, cap, channel, key id. A proxy may be waiting for a slot
+# KEYS[1] the slots; ARGV member, cap, channel, notice. A proxy may be waiting for a slot
 # only if the key was at its cap: only then is the team told.
 GIVE = """
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
 if removed == 1 and redis.call('ZCARD', KEYS[1]) + 1 >= tonumber(ARGV[2]) then
-  redis.call('PUBLISH', ARGV[3], 'freed ' .. ARGV[4])
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
 end
 return removed
 """
@@ -80,7 +80,7 @@ class RedisSlots:
         self.holder = holder or holder_name()
         self._numbers = itertools.count(1)
         self._held: defaultdict[str, list[str]] = defaultdict(list)  # key -> our members
-        client = store.async_client()
+        self._client = client = store.new_async_client()
         self._take = client.register_script(TAKE)
         self._give = client.register_script(GIVE)
         self._refresh = client.register_script(REFRESH)
@@ -111,7 +111,7 @@ class RedisSlots:
             del self._held[key]
         with self.store.errors("write"):
             await self._give(
-                keys=[slots_key(self.store.prefix, key)], args=[member, cap, self._channel, key_id(key)]
+                keys=[slots_key(self.store.prefix, key)], args=[member, cap, self._channel, f"{NOTICE_FREED} {key_id(key)}"]
             )
 
     async def refresh(self) -> None:
@@ -127,7 +127,7 @@ class RedisSlots:
 
     async def ping(self) -> None:
         with self.store.errors("read"):
-            await self.store.async_client().ping()
+            await self._client.ping()
 
     async def close(self) -> None:
         # Slots still held go back now rather than at their expiry (a proxy stopping
@@ -138,3 +138,7 @@ class RedisSlots:
                     await asyncio.wait_for(self.give(key, 1), 1.0)
                 except Exception:
                     break  # away: they expire
+        try:
+            await asyncio.wait_for(self._client.aclose(), 1.0)
+        except Exception:
+            pass  # its connections are gone already

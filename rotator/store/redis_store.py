@@ -34,9 +34,10 @@ from rotator import merge
 from rotator.keys import scrub
 from rotator.models import AccountsFile
 from rotator.store import StoreError
-from rotator.store.urls import DEFAULT_PREFIX, SCHEMES, masked_url
+from rotator.store.urls import DEFAULT_PREFIX, NOTICE_STATE, SCHEMES, masked_url, notices_channel
 
 if TYPE_CHECKING:
+    from rotator.store.redis_events import RedisEvents
     from rotator.store.redis_slots import RedisSlots
 
 SOCKET_TIMEOUT_S = 1.0
@@ -66,8 +67,8 @@ class RedisStore:
         self.what = "the team store"
         self._accounts_key = f"{prefix}accounts"
         self._version_key = f"{prefix}version"
+        self._channel = notices_channel(prefix)
         self._version: int | None = None  # the version this store last read or wrote
-        self._async: redis.asyncio.Redis | None = None
         self._last_read_failed = False
         try:
             self._client = redis.Redis.from_url(
@@ -88,7 +89,7 @@ class RedisStore:
         return self._parse(raw)
 
     def edit(self, change: Callable[[AccountsFile], AccountsFile | None]) -> AccountsFile:
-        return self._transact(change)[0]
+        return self._transact(change, tell_team=True)[0]
 
     def load(self) -> AccountsFile:
         try:
@@ -111,7 +112,10 @@ class RedisStore:
                     version = int(self._client.get(self._version_key) or 0)
                 if version == self._version:
                     return None
-            state, _ = self._transact(lambda stored: merge.apply(stored, changes) if changes else None)
+            state, _ = self._transact(
+                lambda stored: merge.apply(stored, changes) if changes else None,
+                tell_team=merge.is_decisive(changes),
+            )
         except StoreError:
             self._last_read_failed = True
             raise
@@ -123,31 +127,36 @@ class RedisStore:
 
         return RedisSlots(self, ttl_ms)
 
-    def team_events(self) -> None:
-        return None
+    def team_events(self) -> "RedisEvents":
+        from rotator.store.redis_events import RedisEvents
+
+        return RedisEvents(self)
 
     def close(self) -> None:
         self._client.close()
 
-    def async_client(self) -> redis.asyncio.Redis:
-        """The asyncio client of this store (one, shared by its slots and notices)."""
-        if self._async is None:
-            self._async = redis.asyncio.Redis.from_url(
-                self.url,
-                socket_timeout=SOCKET_TIMEOUT_S,
-                socket_connect_timeout=CONNECT_TIMEOUT_S,
-                retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
-                retry_on_timeout=False,
-                health_check_interval=0,
-            )
-        return self._async
+    def new_async_client(self) -> redis.asyncio.Redis:
+        """An asyncio client of this server, with the same timeouts, for the proxy's event
+        loop; its user closes it (`aclose`)."""
+        return redis.asyncio.Redis.from_url(
+            self.url,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
 
     def errors(self, action: str) -> _RedisErrors:
         """A context in which redis-py's errors become one-line `RedisStoreError`s."""
         return _RedisErrors(self, action)
 
     # -- one optimistic transaction ------------------------------------------------------
-    def _transact(self, change: Callable[[AccountsFile], AccountsFile | None]) -> tuple[AccountsFile, bool]:
+    def _transact(
+        self, change: Callable[[AccountsFile], AccountsFile | None], tell_team: bool = False
+    ) -> tuple[AccountsFile, bool]:
+        """`tell_team`: the write is one other proxies must see at once (a person's
+        change, a cooldown): it publishes a state notice in the same transaction."""
         action = "read"
         for _ in range(MAX_CONFLICT_RETRIES):
             with self.errors(action):
@@ -168,7 +177,9 @@ class RedisStore:
                         pipe.multi()
                         pipe.set(self._accounts_key, after)
                         pipe.incr(self._version_key)
-                        _, new_version = pipe.execute()
+                        if tell_team:
+                            pipe.publish(self._channel, NOTICE_STATE)
+                        new_version = pipe.execute()[1]
                     except redis.WatchError:
                         action = "read"
                         continue  # someone wrote between our read and our write: again

@@ -43,9 +43,16 @@ def key_id(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+# What a pool's processes tell each other (`notices_channel`): "state" (the stored pool
+# changed in a way others must see now), "freed <key id>" (a slot given back on a key at
+# its cap), "pause <ms>" (Kimi throttles the team: every key paused this long).
+NOTICE_STATE = "state"
+NOTICE_FREED = "freed"
+NOTICE_PAUSE = "pause"
+
+
 def notices_channel(prefix: str) -> str:
-    """The pub/sub channel a pool's processes tell each other on: "state" (the pool
-    changed), "freed <key id>" (a slot given back on a key at its cap), "pause <until ms>"."""
+    """The pub/sub channel a pool's processes tell each other on."""
     return f"{prefix}notices"
 
 

@@ -1,0 +1,42 @@
+"""One attempt's hold on a key (`Lease`), and the keys a choice skips (`SkipKeys`): the
+small records the pool hands out and reads on every request."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import NamedTuple
+
+from rotator.keys import mask_key
+from rotator.models import Account
+from rotator.status import key_label
+
+
+class Lease(NamedTuple):
+    """One attempt's hold on a key, from choice to outcome (made once per request:
+    a NamedTuple is the cheapest immutable record)."""
+
+    key: str
+    index: int
+    name: str
+    at_ms: int = 0  # when the key was chosen (a waiting request is sent only then)
+
+    @property
+    def masked_key(self) -> str:
+        return mask_key(self.key)
+
+    @property
+    def label(self) -> str:
+        return key_label(self.index, self.name, self.key)
+
+
+class SkipKeys:
+    """`index in skip` for choose_key, answered from a set of keys."""
+
+    __slots__ = ("accounts", "keys")
+
+    def __init__(self, accounts: list[Account], keys: Collection[str]) -> None:
+        self.accounts = accounts
+        self.keys = keys
+
+    def __contains__(self, index: object) -> bool:
+        return isinstance(index, int) and self.accounts[index].key in self.keys

@@ -1,0 +1,72 @@
+"""What the processes on a shared store tell each other, wired to this proxy's pool: a
+key this pool cooled or disabled is saved at once, so the store tells the others;
+another process's change is read at once (`PoolSync.soon`); a slot freed on a key the
+team held at its cap lets this pool choose it again (`TeamCaps.freed`), and a throttle
+one proxy sees pauses every proxy's keys (`KeyPool.pause_for`).
+
+Notices only hurry what would happen anyway: the save loop still reads the store about
+once an interval and held keys are retried after `teamcaps.HOLD_MS`, so a notice lost
+(the store away, a listener reconnecting) costs time, never state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from rotator.clock import Clock
+from rotator.pool import KeyPool
+from rotator.store import Notice, NoticeKind, StoreError, TeamEvents
+from rotator.sync import PoolSync
+from rotator.teamcaps import TeamCaps
+
+logger = logging.getLogger(__name__)
+
+
+class TeamNotices:
+    def __init__(self, events: TeamEvents, pool: KeyPool, sync: PoolSync, caps: TeamCaps | None, clock: Clock) -> None:
+        self.events = events
+        self.pool = pool
+        self.sync = sync
+        self.caps = caps
+        self.clock = clock
+        self._listening: asyncio.Task[None] | None = None
+        self._telling: set[asyncio.Task[None]] = set()
+        pool.paused = self._tell_pause
+        pool.state_changed = sync.soon  # a cooldown or a disabled key is saved, and told, now
+
+    def heard(self, notice: Notice) -> None:
+        if notice.kind is NoticeKind.STATE:
+            self.sync.soon()
+        elif notice.kind is NoticeKind.FREED:
+            if self.caps is not None:
+                self.caps.freed(notice.key_id)
+        elif notice.kind is NoticeKind.PAUSE:
+            self.pool.pause_for(notice.pause_ms, self.clock.now_ms())
+
+    def start(self) -> None:
+        if self._listening is None:
+            self._listening = asyncio.get_running_loop().create_task(
+                self.events.listen(self.heard, self.sync.soon)
+            )
+
+    async def stop(self) -> None:
+        self.pool.paused = self.pool.state_changed = None
+        if self._listening is not None:
+            self._listening.cancel()
+            await asyncio.gather(self._listening, return_exceptions=True)
+            self._listening = None
+        if self._telling:
+            await asyncio.gather(*self._telling, return_exceptions=True)
+        await self.events.close()
+
+    def _tell_pause(self, pause_ms: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._pause(pause_ms))
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
+
+    async def _pause(self, pause_ms: int) -> None:
+        try:
+            await self.events.pause(pause_ms)
+        except StoreError as e:
+            logger.debug("kimi-rotator: could not tell the team of a pause: %s", e)
