@@ -3,9 +3,10 @@ one of the key's team-wide slots (`rotator.store.TeamSlots`) before it is sent.
 
 The pool still caps this process's own requests; a key the team holds at its cap is
 skipped (`KeyPool.hold_team_full`) until a notice says a slot on it was given back, or
-for `HOLD_MS` (a notice can be missed; a dead proxy's slots expire). Slots go back in
-the background when the pool's request on the key ends, so an answer never waits on
-the store.
+for `HOLD_MS` (a notice can be missed; a dead proxy's slots expire). A slot goes back
+when the pool's request on the key ends, with the next take or at most `GIVE_DELAY_MS`
+later (at once if this proxy's take filled the key's cap), so an answer never waits on
+the store and a busy proxy makes one round trip per request.
 
 When the store does not answer, requests go on under this process's caps alone: the
 problem is logged once, the store is asked again with growing pauses, and team-wide
@@ -21,7 +22,7 @@ from collections import Counter
 from collections.abc import Coroutine
 from typing import Any
 
-from rotator.clock import MS_PER_SECOND, Clock
+from rotator.clock import MS_PER_SECOND, Clock, Timer
 from rotator.pool import KeyPool, Lease
 from rotator.store import StoreError, TeamSlots
 from rotator.store.urls import key_id
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 ALERT = logging.INFO + 1  # mitmproxy's ALERT, by value: this module runs without mitmproxy
 
 HOLD_MS = 500
+# Long enough that a busy proxy's next take carries the slot back, short next to
+# HOLD_MS: a proxy refused meanwhile hears the "freed" notice this much later.
+GIVE_DELAY_MS = 20
 RETRY_FIRST_S = 0.25
 RETRY_MOST_S = 5.0
 
@@ -45,6 +49,7 @@ class TeamCaps:
         self._tasks: set[asyncio.Task[None]] = set()
         self._refreshing: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
+        self._flush_timer: Timer | None = None  # the given-back slots' send, planned
         pool.slot_freed = self._freed
 
     # -- the request path ----------------------------------------------------------
@@ -74,13 +79,22 @@ class TeamCaps:
             self._unslotted[key] -= 1
         elif self._slotted[key] > 0:
             self._slotted[key] -= 1
-            self._soon(self._give(key, self.pool.team_cap(key)))
+            if self.slots.give(key, self.pool.team_cap(key)):
+                self._flush()
+            elif self._flush_timer is None:
+                self._flush_timer = self.clock.call_at(self.clock.now_ms() + GIVE_DELAY_MS, self._flush)
 
-    async def _give(self, key: str, cap: int) -> None:
+    def _flush(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        self._soon(self._send_given())
+
+    async def _send_given(self) -> None:
         try:
-            await self.slots.give(key, cap)
+            await self.slots.flush()
         except StoreError as e:
-            self._went_away(e)  # the slot is no longer refreshed: it expires
+            self._went_away(e)  # the slots are no longer refreshed: they expire
 
     # -- notices -------------------------------------------------------------------
     def freed(self, key_digest: str) -> None:
@@ -95,14 +109,19 @@ class TeamCaps:
             self._refreshing = asyncio.get_running_loop().create_task(self._refresh_forever())
 
     async def stop(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         for task in (self._refreshing, self._reconnecting):
             if task is not None:
                 task.cancel()
         self._refreshing = self._reconnecting = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.slots.close()
+        # Detached first: a request ending while the slots close must not queue a slot
+        # that nothing sends any more (`close` gives back every slot still held).
         self.pool.slot_freed = None
+        await self.slots.close()
 
     async def _refresh_forever(self) -> None:
         interval_s = self._ttl_s() / 3

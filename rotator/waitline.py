@@ -67,11 +67,11 @@ class WaitLine:
         ABANDONED once `gone()` says the request's client has left."""
         while True:
             got = await self._wait(deadline_ms, tried, gone)
-            if isinstance(got, Lease) and gone():
+            if isinstance(got, Lease) and self.admit is not None and not gone() and not await self.admit(got):
+                continue  # the team holds that key at its cap: the pool skips it now
+            if isinstance(got, Lease) and gone():  # before the team's answer, or while it came
                 self.pool.abandon(got)  # never sent: as if never chosen
                 return ABANDONED
-            if isinstance(got, Lease) and self.admit is not None and not await self.admit(got):
-                continue  # the team holds that key at its cap: the pool skips it now
             return got
 
     async def _wait(self, deadline_ms: int, tried: Collection[str], gone: Gone) -> Lease | Unavailable | Abandoned:

@@ -60,7 +60,8 @@ def test_the_readme_acl_user_can_run_a_pool(acl_url):
         assert await slots.take(KEY, 1)  # the scripts: EVALSHA (SCRIPT LOAD first), TIME, Z*
         assert not await slots.take(KEY, 1)
         await slots.refresh()
-        await slots.give(KEY, 1)  # at its cap: publishes "freed"
+        assert slots.give(KEY, 1)  # at its cap: to be sent at once
+        await slots.flush()  # publishes "freed"
         await events.pause(1000)
         for _ in range(200):
             if len(heard) >= 2:

@@ -60,18 +60,25 @@ class StateStore(Protocol):
 
 
 class TeamSlots(Protocol):
-    """A key's in-flight requests counted for every proxy on a shared store. Each call is
-    one server round trip; `StoreError` when the store does not answer in time."""
+    """A key's in-flight requests counted for every proxy on a shared store. Each async
+    call is one server round trip; `StoreError` when the store does not answer in time."""
 
     ttl_ms: int  # a slot not refreshed for this long expires
 
     async def take(self, key: str, cap: int) -> bool:
-        """Hold one of `key`'s slots if fewer than `cap` are held; False: the team is at it."""
+        """Hold one of `key`'s slots if fewer than `cap` are held; False: the team is at it.
+        Slots given back since the last call go with it."""
         ...
 
-    async def give(self, key: str, cap: int) -> None:
+    def give(self, key: str, cap: int) -> bool:
         """Give back one slot this proxy holds on `key` (`cap`: as taken, so that a proxy
-        waiting for the key hears it freed)."""
+        waiting for the key hears it freed). No round trip: it goes with the next `take`
+        or `flush`. True when it should go now: this proxy's take filled the cap, so
+        another may be waiting for it."""
+        ...
+
+    async def flush(self) -> None:
+        """Send the slots given back that no take has carried yet."""
         ...
 
     async def refresh(self) -> None:

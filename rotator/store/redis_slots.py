@@ -3,9 +3,10 @@
 Each key has a sorted set of slots (`urls.slots_key`): a member per request in flight,
 named for the proxy holding it, scored with when it expires by the server's clock (so
 machines whose clocks differ agree). Taking a slot (drop the expired, count, add if
-under the cap) and giving one back (remove it, and tell the team if the key was at its
-cap) are each one script run on the server: one round trip, no read-modify-write from
-here. A proxy refreshes its own slots every third of their lifetime, so a proxy that
+under the cap) is one script run on the server: one round trip, no read-modify-write
+from here. Slots given back (remove, and tell the team if the key was at its cap) ride
+along with this proxy's next take, or go in one script of their own when the caller
+flushes them: so a busy proxy makes one round trip per request, not two. A proxy refreshes its own slots every third of their lifetime, so a proxy that
 dies (SIGKILL, a lost machine) stops refreshing and its slots expire.
 
 Runs on the proxy's event loop with redis-py's asyncio client.
@@ -20,14 +21,38 @@ import socket
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
+from rotator.store import StoreError
 from rotator.store.urls import NOTICE_FREED, key_id, notices_channel, slots_key
 
 if TYPE_CHECKING:
     from rotator.store.redis_store import RedisStore
 
-# KEYS[1] the slots; ARGV cap, lifetime ms, member. Returns the slots held after, negative
-# if refused. The set expires with its newest slot, so a key nobody uses leaves nothing.
-TAKE = """
+# Giving back: per slot, KEYS[i] its set and ARGV member, cap, notice (from `first`). A
+# proxy may be waiting for a slot only if the key was at its cap: only then is the team
+# told. Shared by both scripts below.
+GIVE_BACK = """
+local function give_back(first_key, first_arg, channel)
+  local given = 0
+  local at = first_arg
+  for i = first_key, #KEYS do
+    if redis.call('ZREM', KEYS[i], ARGV[at]) == 1 then
+      given = given + 1
+      if redis.call('ZCARD', KEYS[i]) + 1 >= tonumber(ARGV[at + 1]) then
+        redis.call('PUBLISH', channel, ARGV[at + 2])
+      end
+    end
+    at = at + 3
+  end
+  return given
+end
+"""
+
+# KEYS[1] the slots to take one of, then the sets of slots given back with it; ARGV cap,
+# lifetime ms, member, channel, then the slots given back. Returns the slots held after,
+# negative if refused. The set expires with its newest slot, so a key nobody uses leaves
+# nothing.
+TAKE = GIVE_BACK + """
+give_back(2, 5, ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -38,17 +63,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return held + 1
 """
 
-# KEYS[1] the slots; ARGV member, cap, channel, notice. A proxy may be waiting for a slot
-# only if the key was at its cap: only then is the team told.
-GIVE = """
-local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-if removed == 1 and redis.call('ZCARD', KEYS[1]) + 1 >= tonumber(ARGV[2]) then
-  redis.call('PUBLISH', ARGV[3], ARGV[4])
-end
-return removed
+# KEYS the sets of the slots given back; ARGV channel, then the slots. Returns how many
+# were still held.
+GIVE = GIVE_BACK + """
+return give_back(1, 2, ARGV[1])
 """
 
 # KEYS the slot sets; ARGV lifetime ms, then per key: how many members, the members.
+# XX: only slots still held move on; a slot given back on another connection after this
+# refresh was planned, but run before it, must not come back.
 REFRESH = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -57,7 +80,7 @@ local at = 2
 for i, slots in ipairs(KEYS) do
   local n = tonumber(ARGV[at])
   for j = 1, n do
-    redis.call('ZADD', slots, now + ttl, ARGV[at + j])
+    redis.call('ZADD', slots, 'XX', now + ttl, ARGV[at + j])
   end
   redis.call('PEXPIRE', slots, ttl)
   at = at + n + 1
@@ -79,7 +102,9 @@ class RedisSlots:
         self.ttl_ms = ttl_ms
         self.holder = holder or holder_name()
         self._numbers = itertools.count(1)
-        self._held: defaultdict[str, list[str]] = defaultdict(list)  # key -> our members
+        # key -> our members, each with the slots held just after it was taken
+        self._held: defaultdict[str, list[tuple[str, int]]] = defaultdict(list)
+        self._giving: list[tuple[str, str, int]] = []  # (key, member, cap): given, not yet sent
         self._client = client = store.new_async_client()
         self._take = client.register_script(TAKE)
         self._give = client.register_script(GIVE)
@@ -88,34 +113,61 @@ class RedisSlots:
 
     @property
     def held(self) -> int:
-        """Slots this proxy holds now, over all keys."""
-        return sum(len(members) for members in self._held.values())
+        """Slots this proxy holds now, over all keys (those given back but not yet sent
+        included: the team still counts them)."""
+        return sum(len(members) for members in self._held.values()) + len(self._giving)
 
     async def take(self, key: str, cap: int) -> bool:
         member = f"{self.holder}:{next(self._numbers)}"
-        with self.store.errors("write"):
-            held = await self._take(keys=[slots_key(self.store.prefix, key)], args=[cap, self.ttl_ms, member])
-        if int(held) < 0:
+        giving = self._giving
+        keys, args = self._given_back([slots_key(self.store.prefix, key)], [cap, self.ttl_ms, member, self._channel])
+        try:
+            with self.store.errors("write"):
+                held = int(await self._take(keys=keys, args=args))
+        except StoreError:
+            # No answer: the server may have run the script all the same. The slots given
+            # back are sent again and this one with them (removing a slot twice, or one
+            # never taken, changes nothing), else it would stay held until it expires.
+            self._giving = giving + [(key, member, cap)] + self._giving
+            raise
+        if held < 0:
             return False
-        self._held[key].append(member)
+        self._held[key].append((member, held))
         return True
 
-    async def give(self, key: str, cap: int) -> None:
+    def give(self, key: str, cap: int) -> bool:
         members = self._held.get(key)
         if not members:
-            return
-        # Forgotten first: if the server does not hear of it, the slot is no longer
+            return False
+        # Forgotten at once: if the server never hears of it, the slot is no longer
         # refreshed and expires.
-        member = members.pop()
+        member, held_then = members.pop()
         if not members:
             del self._held[key]
-        with self.store.errors("write"):
-            await self._give(
-                keys=[slots_key(self.store.prefix, key)], args=[member, cap, self._channel, f"{NOTICE_FREED} {key_id(key)}"]
-            )
+        self._giving.append((key, member, cap))
+        return held_then >= cap
+
+    async def flush(self) -> None:
+        giving = self._giving
+        keys, args = self._given_back([], [self._channel])
+        if keys:
+            try:
+                with self.store.errors("write"):
+                    await self._give(keys=keys, args=args)
+            except StoreError:
+                self._giving = giving + self._giving  # sent again with the next call
+                raise
+
+    def _given_back(self, keys: list[str], args: list[str | int]) -> tuple[list[str], list[str | int]]:
+        """A script's KEYS and ARGV with the slots given back since the last call added."""
+        giving, self._giving = self._giving, []
+        for key, member, cap in giving:
+            keys.append(slots_key(self.store.prefix, key))
+            args += [member, cap, f"{NOTICE_FREED} {key_id(key)}"]
+        return keys, args
 
     async def refresh(self) -> None:
-        held = {key: list(members) for key, members in self._held.items() if members}
+        held = {key: [member for member, _ in members] for key, members in self._held.items() if members}
         if not held:
             return
         keys = [slots_key(self.store.prefix, key) for key in held]
@@ -133,11 +185,12 @@ class RedisSlots:
         # Slots still held go back now rather than at their expiry (a proxy stopping
         # with requests in flight: they have been answered or cut by now).
         for key in list(self._held):
-            while self._held.get(key):
-                try:
-                    await asyncio.wait_for(self.give(key, 1), 1.0)
-                except Exception:
-                    break  # away: they expire
+            while key in self._held:
+                self.give(key, 1)
+        try:
+            await asyncio.wait_for(self.flush(), 1.0)
+        except Exception:
+            pass  # away: they expire
         try:
             await asyncio.wait_for(self._client.aclose(), 1.0)
         except Exception:
