@@ -47,12 +47,13 @@ class KeyPool:
         self._at_cap: set[str] = set()
         # Keys the team holds at their cap (rotator.teamcaps), skipped until one frees.
         self._team_full: set[str] = set()
-        # Called with a key whenever one of this pool's requests on it ends.
+        # What a team hears of (rotator.teamcaps, rotator.teamnotices): a request on a key
+        # ended; a key's state changed (the event lines below); every key paused this long
+        # for a throttle; a rate limit seen here and charged to its key.
         self.slot_freed: Callable[[str], None] | None = None
-        # Called when a key's state changed (the event lines below), so a team hears it now.
         self.state_changed: Callable[[], None] | None = None
-        # Called with how long every key is paused, when this pool pauses them for a throttle.
         self.paused: Callable[[int], None] | None = None
+        self.limited: Callable[[str], None] | None = None
         self.changes = merge.PoolChange()
         self.paused_until_ms = 0
         self._recent_limits = throttle.RecentLimits()
@@ -177,8 +178,31 @@ class KeyPool:
 
     def pause_for(self, pause_ms: int, now_ms: int) -> None:
         """Another proxy saw Kimi throttle the team: every key here pauses too (for at
-        most `throttle.PAUSE_MS`, whatever the notice asked)."""
+        most `throttle.PAUSE_MS`, whatever the notice asked), and the rate limits this
+        pool charged to keys just before were the throttle's, not theirs: refunded."""
         self.paused_until_ms = max(self.paused_until_ms, now_ms + max(0, min(pause_ms, throttle.PAUSE_MS)))
+        for limit in self._recent_limits.take_charged(now_ms):
+            self._refund(limit, now_ms)
+
+    def heard_limit(self, key: str, now_ms: int) -> str | None:
+        """Another proxy saw Kimi rate limit `key` (its own to charge): counted towards a
+        throttle here. Returns the pause line if it completes one."""
+        if self.account(key) is None or now_ms < self.paused_until_ms:
+            return None
+        burst = self._recent_limits.burst(key, now_ms)
+        if burst is None:
+            self._recent_limits.remember(throttle.RecentLimit(now_ms, key, 0, 0, 0, charged=False))
+            return None
+        return self._pause_for_burst(burst, now_ms)
+
+    def _pause_for_burst(self, burst: list[throttle.RecentLimit], now_ms: int) -> str:
+        self.paused_until_ms = now_ms + throttle.PAUSE_MS
+        if self.paused is not None:
+            self.paused(throttle.PAUSE_MS)
+        for limit in burst:
+            if limit.charged:
+                self._refund(limit, now_ms)
+        return throttle.pause_line(burst)
 
     def _update_cap(self, key: str, busy: int, account: Account) -> None:
         """A key at its in-flight cap is not chosen. A key back from a cooldown
@@ -198,15 +222,12 @@ class KeyPool:
                 return None  # the shared pause is on: not the key's fault
             burst = self._recent_limits.burst(lease.key, now_ms)
             if burst is not None:
-                self.paused_until_ms = now_ms + throttle.PAUSE_MS
-                if self.paused is not None:
-                    self.paused(throttle.PAUSE_MS)
-                for limit in burst:
-                    self._refund(limit, now_ms)
-                return throttle.pause_line(burst)
+                return self._pause_for_burst(burst, now_ms)
             self._recent_limits.remember(throttle.RecentLimit(
                 now_ms, lease.key, account.rate_limit_reset_time, account.cooldown_level, account.health_score
             ))
+            if self.limited is not None:
+                self.limited(lease.key)
         change = self.changes.for_key(lease.key)
         was_cooling = account.rate_limit_reset_time > now_ms or account.billing_limit_reset_time > now_ms
         delta = outcome.health_delta

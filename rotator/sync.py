@@ -26,10 +26,10 @@ from rotator.merge import PoolChange
 from rotator.models import AccountsFile
 from rotator.pool import KeyPool
 from rotator.store import StateStore, StoreError
+from rotator.timeline import ALERT
 
 logger = logging.getLogger(__name__)
 # mitmproxy's ALERT level (INFO + 1), named by value: this module runs without mitmproxy.
-ALERT = logging.INFO + 1
 # Saves asked for by notices follow each other at most this often (a burst of cooldowns
 # on several proxies must not turn into a save per notice).
 SOON_GAP_S = 0.1

@@ -25,10 +25,10 @@ from typing import Any
 from rotator.clock import MS_PER_SECOND, Clock, Timer
 from rotator.pool import KeyPool, Lease
 from rotator.store import StoreError, TeamSlots
-from rotator.store.urls import key_id
+from rotator.store.urls import key_with_id
+from rotator.timeline import ALERT
 
 logger = logging.getLogger(__name__)
-ALERT = logging.INFO + 1  # mitmproxy's ALERT, by value: this module runs without mitmproxy
 
 HOLD_MS = 500
 # Long enough that a busy proxy's next take carries the slot back, short next to
@@ -99,9 +99,9 @@ class TeamCaps:
     # -- notices -------------------------------------------------------------------
     def freed(self, key_digest: str) -> None:
         """A notice: another process gave back a slot on the key with this id."""
-        for account in self.pool.accounts:
-            if key_id(account.key) == key_digest:
-                self.pool.team_freed(account.key)
+        key = key_with_id((account.key for account in self.pool.accounts), key_digest)
+        if key is not None:
+            self.pool.team_freed(key)
 
     # -- background ----------------------------------------------------------------
     def start(self) -> None:

@@ -4,6 +4,8 @@ Rate limits on `THROTTLE_KEYS` different keys within `THROTTLE_WINDOW_MS` look l
 throttling the client (its IP or account), not like each key's fault: the pool then
 pauses every key for `PAUSE_MS` instead, and refunds what the burst charged to keys.
 `RecentLimits` remembers the charges that may have to be refunded; the pool applies them.
+On a team store, the rate limits other proxies saw count too (each proxy sees only part
+of a burst), though only this proxy's own charges are refunded here.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class RecentLimit:
     previous_deadline: int
     previous_level: int
     previous_health: int
+    charged: bool = True  # False: another proxy saw it (a team store); nothing to refund here
 
 
 @dataclass(slots=True)
@@ -43,6 +46,14 @@ class RecentLimits:
             return None
         self.limits = []
         return recent
+
+    def take_charged(self, now_ms: int) -> list[RecentLimit]:
+        """This proxy's charges still in the window, forgotten here: the team paused for
+        a throttle they were part of."""
+        window_start = now_ms - THROTTLE_WINDOW_MS
+        charged = [r for r in self.limits if r.at_ms >= window_start and r.charged]
+        self.limits = []
+        return charged
 
 
 def pause_line(recent: list[RecentLimit]) -> str:

@@ -1,7 +1,8 @@
 """The live state a team shares on one Redis, with real mitmdump proxies and a real
 redis-server in front of the fake Kimi: a key's in-flight cap holds for every proxy,
 a killed proxy's slots expire, and a change (a CLI's, another proxy's cooldown or
-disabled key) reaches every proxy within a second. Everything on 127.0.0.1."""
+disabled key) reaches every proxy within a second, and a throttle one proxy sees, or the
+team sees spread over its proxies, pauses every proxy. Everything on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from rotator import cli, ops
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import slots_key
+from tests.conftest import fake_key
 from tests.harness import Proxy, counts_seen, poll
 from tests.redis_server import RedisServer
 from tests.test_e2e_failures import client, send
@@ -183,4 +185,37 @@ def test_a_throttle_one_proxy_sees_pauses_the_team(redis_srv, fake_kimi, start_p
         answer = send(c, watcher)
     assert answer.status_code in (429, 503), answer.text
     assert "paus" in answer.text or "throttl" in answer.text.lower(), answer.text
+    assert len(fake_kimi.message_requests()) == before  # nothing sent upstream while paused
+
+
+def test_a_throttle_spread_over_the_team_is_seen_and_pauses_it(redis_srv, fake_kimi, start_proxy, keys):
+    """Kimi refuses three keys within 5 s, each through a different proxy: no proxy saw a
+    throttle alone, the team did (each tells the others of its rate limits)."""
+    pool_keys = [*keys, fake_key("key3")]  # a fourth key: each proxy's own retry is served
+    _pool(redis_srv.url, pool_keys)
+    options = {"kimi_store": redis_srv.url, "kimi_max_wait": "1", **SLOW_SAVES}
+    proxies = [start_proxy(fake_kimi, options=options) for _ in range(3)]
+    with client() as c:
+        assert all(send(c, p).status_code == 200 for p in proxies)
+        last: list[int] = []
+        for proxy, key in zip(proxies, keys):
+            refusals = sum(r.status == 429 for r in fake_kimi.message_requests())
+            fake_kimi.set_kimi_error(key, "too_many_requests", times=1)
+
+            def refused(proxy: Proxy = proxy, refusals: int = refusals) -> bool:
+                last.append(send(c, proxy).status_code)
+                return sum(r.status == 429 for r in fake_kimi.message_requests()) > refusals
+
+            # Through this proxy only, until Kimi gave its one refusal.
+            assert poll(refused, 4, interval=0)
+            if key != keys[-1]:  # one key's refusal: charged to it, retried on another
+                assert last[-1] == 200
+        assert not any("pausing all keys" in p.output() for p in proxies[:2])
+        started = time.monotonic()
+        # The proxy that saw the third refusal, or one that heard of it, pauses the team.
+        _all_within(lambda p: send(c, p).status_code in (429, 503), proxies, started)
+        assert any("pausing all keys" in p.output() for p in proxies)
+        before = len(fake_kimi.message_requests())
+        answers = [send(c, p) for p in proxies]
+    assert [a.status_code in (429, 503) for a in answers] == [True] * 3, [a.text for a in answers]
     assert len(fake_kimi.message_requests()) == before  # nothing sent upstream while paused

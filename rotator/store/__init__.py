@@ -96,11 +96,12 @@ class NoticeKind(enum.Enum):
     STATE = "state"  # the stored pool changed in a way others must see now: read it
     FREED = "freed"  # a slot on a key the team held at its cap was given back
     PAUSE = "pause"  # Kimi throttles the team: every key paused for `pause_ms`
+    LIMITED = "limited"  # Kimi rate limited a key at another proxy: a throttle may be starting
 
 
 class Notice(NamedTuple):
     kind: NoticeKind
-    key_id: str = ""  # FREED: the key, as `urls.key_id` names it
+    key_id: str = ""  # FREED, LIMITED: the key, as `urls.key_id` names it
     pause_ms: int = 0  # PAUSE: how long
 
 
@@ -114,6 +115,11 @@ class TeamEvents(Protocol):
 
     async def pause(self, pause_ms: int) -> None:
         """Tell the team Kimi throttles it: every key paused for `pause_ms`."""
+        ...
+
+    async def limited(self, key_id: str) -> None:
+        """Tell the team Kimi rate limited the key with this id (`urls.key_id`): each proxy
+        counts it towards the throttle it detects."""
         ...
 
     async def close(self) -> None: ...

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rotator.store import Notice, NoticeKind, StoreError
-from rotator.store.urls import NOTICE_FREED, NOTICE_PAUSE, NOTICE_STATE, notices_channel
+from rotator.store.urls import NOTICE_FREED, NOTICE_LIMITED, NOTICE_PAUSE, NOTICE_STATE, notices_channel
+from rotator.timeline import ALERT
 
 if TYPE_CHECKING:
     from rotator.store.redis_store import RedisStore
 
 logger = logging.getLogger(__name__)
-ALERT = logging.INFO + 1  # mitmproxy's ALERT, by value: this module runs without mitmproxy
 
 RETRY_FIRST_S = 0.25
 RETRY_MOST_S = 5.0
@@ -44,8 +44,8 @@ def parse_notice(data: bytes | str) -> Notice | None:
     kind, _, argument = data.partition(" ")
     if kind == NOTICE_STATE and not argument:
         return Notice(NoticeKind.STATE)
-    if kind == NOTICE_FREED and len(argument) == 16 and _KEY_ID_CHARS.issuperset(argument):
-        return Notice(NoticeKind.FREED, key_id=argument)
+    if kind in (NOTICE_FREED, NOTICE_LIMITED) and len(argument) == 16 and _KEY_ID_CHARS.issuperset(argument):
+        return Notice(NoticeKind.FREED if kind == NOTICE_FREED else NoticeKind.LIMITED, key_id=argument)
     if kind == NOTICE_PAUSE and argument.isdigit() and len(argument) <= 9:
         return Notice(NoticeKind.PAUSE, pause_ms=int(argument))
     return None
@@ -112,6 +112,10 @@ class RedisEvents:
     async def pause(self, pause_ms: int) -> None:
         with self.store.errors("write"):
             await self._client.publish(self.channel, f"{NOTICE_PAUSE} {int(pause_ms)}")
+
+    async def limited(self, key_id: str) -> None:
+        with self.store.errors("write"):
+            await self._client.publish(self.channel, f"{NOTICE_LIMITED} {key_id}")
 
     async def close(self) -> None:
         # The listener's own connection closed with its task; this closes the others.

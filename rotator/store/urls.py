@@ -9,6 +9,7 @@ optional `redis` client (the `team` extra) is not installed.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_PREFIX = "kimi-rotator:"
@@ -43,12 +44,19 @@ def key_id(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+def key_with_id(keys: Iterable[str], wanted: str) -> str | None:
+    """The key among `keys` that a notice's key id names, if any."""
+    return next((key for key in keys if key_id(key) == wanted), None)
+
+
 # What a pool's processes tell each other (`notices_channel`): "state" (the stored pool
 # changed in a way others must see now), "freed <key id>" (a slot given back on a key at
-# its cap), "pause <ms>" (Kimi throttles the team: every key paused this long).
+# its cap), "pause <ms>" (Kimi throttles the team: every key paused this long), "limited
+# <key id>" (Kimi rate limited that key at one proxy: the others count it for a throttle).
 NOTICE_STATE = "state"
 NOTICE_FREED = "freed"
 NOTICE_PAUSE = "pause"
+NOTICE_LIMITED = "limited"
 
 
 def notices_channel(prefix: str) -> str:
