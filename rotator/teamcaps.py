@@ -63,6 +63,9 @@ class TeamCaps:
             except StoreError as e:
                 self._went_away(e)
             else:
+                if self._flush_timer is not None and not self.slots.unsent:
+                    self._flush_timer.cancel()  # the take carried them
+                    self._flush_timer = None
                 if not taken:
                     self._unslotted[key] += 1  # the abandon below consumes it
                     self.pool.abandon(lease)

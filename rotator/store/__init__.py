@@ -65,6 +65,11 @@ class TeamSlots(Protocol):
 
     ttl_ms: int  # a slot not refreshed for this long expires
 
+    @property
+    def unsent(self) -> int:
+        """Slots given back that no call has carried yet."""
+        ...
+
     async def take(self, key: str, cap: int) -> bool:
         """Hold one of `key`'s slots if fewer than `cap` are held; False: the team is at it.
         Slots given back since the last call go with it."""

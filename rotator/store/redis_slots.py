@@ -117,6 +117,10 @@ class RedisSlots:
         included: the team still counts them)."""
         return sum(len(members) for members in self._held.values()) + len(self._giving)
 
+    @property
+    def unsent(self) -> int:
+        return len(self._giving)
+
     async def take(self, key: str, cap: int) -> bool:
         member = f"{self.holder}:{next(self._numbers)}"
         giving = self._giving
