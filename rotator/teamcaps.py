@@ -49,6 +49,7 @@ class TeamCaps:
         self._tasks: set[asyncio.Task[None]] = set()
         self._refreshing: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
+        self._stopped = False
         self._flush_timer: Timer | None = None  # the given-back slots' send, planned
         pool.slot_freed = self._freed
 
@@ -112,6 +113,7 @@ class TeamCaps:
             self._refreshing = asyncio.get_running_loop().create_task(self._refresh_forever())
 
     async def stop(self) -> None:
+        self._stopped = True  # a send failing from here on starts no reconnecting
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
@@ -126,10 +128,22 @@ class TeamCaps:
         self.pool.slot_freed = None
         await self.slots.close()
 
-    async def _refresh_forever(self) -> None:
-        interval_s = self._ttl_s() / 3
+    def set_ttl(self, ttl_ms: int) -> None:
+        """A new slot lifetime (kimi_slot_ttl changed): slots refreshed at once, and then
+        every third of it."""
+        self.slots.ttl_ms = ttl_ms
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_forever(at_once=True))
+
+    async def _refresh_forever(self, at_once: bool = False) -> None:
+        if at_once and self.away is None:
+            try:
+                await self.slots.refresh()
+            except StoreError as e:
+                self._went_away(e)
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(self._ttl_s() / 3)
             if self.away is not None:
                 continue
             try:
@@ -141,7 +155,7 @@ class TeamCaps:
         return self.slots.ttl_ms / MS_PER_SECOND
 
     def _went_away(self, error: StoreError) -> None:
-        if self.away is not None:
+        if self.away is not None or self._stopped:
             return
         self.away = str(error)
         logger.warning(

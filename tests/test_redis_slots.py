@@ -151,6 +151,7 @@ async def test_a_slot_not_refreshed_expires_and_a_refreshed_one_lives_on(server,
     slots = slots_key(DEFAULT_PREFIX, KEY)
     assert await gone.take(KEY, 2)
     assert await alive.take(KEY, 2)
+    assert await gone.take(OTHER, 2)  # a key only the proxy that stops refreshing uses
     gone_expiry = client.zscore(slots, "gone:1")
     first_expiry = client.zscore(slots, "alive:1")
     assert gone_expiry is not None and first_expiry is not None
@@ -164,6 +165,7 @@ async def test_a_slot_not_refreshed_expires_and_a_refreshed_one_lives_on(server,
     try:
         await until(lambda: server_ms(client) > gone_expiry + 50)  # server time: past its ttl
         assert client.zcard(slots) == 2  # expired, but nothing has dropped it yet
+        assert client.exists(slots_key(DEFAULT_PREFIX, OTHER)) == 0  # a key nobody uses leaves nothing
         refreshed = client.zscore(slots, "alive:1")
         assert refreshed is not None and refreshed > first_expiry + 50
         assert refreshed > server_ms(client)  # still alive past its first ttl

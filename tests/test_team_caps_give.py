@@ -217,3 +217,29 @@ def test_every_slot_taken_is_given_back_once(filled):
         await caps.stop()
 
     asyncio.run(run())
+
+
+def test_a_new_slot_lifetime_refreshes_at_once_and_then_at_its_own_pace():
+    async def run() -> tuple[int, int]:
+        pool, slots, clock, caps = _setup()
+        refreshed: list[int] = []
+
+        async def refresh() -> None:
+            refreshed.append(slots.ttl_ms)
+
+        slots.refresh = refresh  # type: ignore[method-assign]
+        caps.start()
+        await _settle()
+        caps.set_ttl(60)  # kimi_slot_ttl lowered from 30 s: the 10-s wait is not kept
+        await _settle()
+        at_once = len(refreshed)
+        for _ in range(200):
+            if len(refreshed) >= 4:
+                break
+            await asyncio.sleep(0.01)
+        await caps.stop()
+        assert set(refreshed) == {60}
+        return at_once, len(refreshed)
+
+    at_once, later = asyncio.run(run())
+    assert at_once == 1 and later >= 4

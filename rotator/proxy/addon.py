@@ -87,7 +87,7 @@ class KimiRotator:
         if "kimi_flush_interval" in updated and self.sync is not None:
             self.sync.interval_s = self.settings.flush_interval_s
         if "kimi_slot_ttl" in updated and self.team is not None:
-            self.team.slots.ttl_ms = self.settings.slot_ttl_ms
+            self.team.set_ttl(self.settings.slot_ttl_ms)
         if "kimi_max_in_flight" in updated:
             self.pool.max_in_flight = self.settings.max_in_flight
         if "kimi_quota_reserve" in updated:

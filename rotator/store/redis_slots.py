@@ -47,11 +47,19 @@ local function give_back(first_key, first_arg, channel)
 end
 """
 
+# A set of slots lives as long as its longest-lived slot: proxies may run with different
+# lifetimes (kimi_slot_ttl), and a short one must not cut the others' slots off.
+KEEP_FOR = """
+local function keep_for(slots, ttl)
+  if redis.call('PTTL', slots) < ttl then redis.call('PEXPIRE', slots, ttl) end
+end
+"""
+
 # KEYS[1] the slots to take one of, then the sets of slots given back with it; ARGV cap,
 # lifetime ms, member, channel, then the slots given back. Returns the slots held after,
 # negative if refused. The set expires with its newest slot, so a key nobody uses leaves
 # nothing.
-TAKE = GIVE_BACK + """
+TAKE = GIVE_BACK + KEEP_FOR + """
 give_back(2, 5, ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -59,7 +67,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local held = redis.call('ZCARD', KEYS[1])
 if held >= tonumber(ARGV[1]) then return -held end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+keep_for(KEYS[1], tonumber(ARGV[2]))
 return held + 1
 """
 
@@ -72,7 +80,7 @@ return give_back(1, 2, ARGV[1])
 # KEYS the slot sets; ARGV lifetime ms, then per key: how many members, the members.
 # XX: only slots still held move on; a slot given back on another connection after this
 # refresh was planned, but run before it, must not come back.
-REFRESH = """
+REFRESH = KEEP_FOR + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
@@ -82,7 +90,7 @@ for i, slots in ipairs(KEYS) do
   for j = 1, n do
     redis.call('ZADD', slots, 'XX', now + ttl, ARGV[at + j])
   end
-  redis.call('PEXPIRE', slots, ttl)
+  keep_for(slots, ttl)
   at = at + n + 1
 end
 return #KEYS
@@ -102,8 +110,8 @@ class RedisSlots:
         self.ttl_ms = ttl_ms
         self.holder = holder or holder_name()
         self._numbers = itertools.count(1)
-        # key -> our members, each with the slots held just after it was taken
-        self._held: defaultdict[str, list[tuple[str, int]]] = defaultdict(list)
+        # key -> our members, each with the slots held just after it was taken and the cap
+        self._held: defaultdict[str, list[tuple[str, int, int]]] = defaultdict(list)
         self._giving: list[tuple[str, str, int]] = []  # (key, member, cap): given, not yet sent
         self._client = client = store.new_async_client()
         self._take = client.register_script(TAKE)
@@ -136,7 +144,7 @@ class RedisSlots:
             raise
         if held < 0:
             return False
-        self._held[key].append((member, held))
+        self._held[key].append((member, held, cap))
         return True
 
     def give(self, key: str, cap: int) -> bool:
@@ -145,7 +153,7 @@ class RedisSlots:
             return False
         # Forgotten at once: if the server never hears of it, the slot is no longer
         # refreshed and expires.
-        member, held_then = members.pop()
+        member, held_then, _ = members.pop()
         if not members:
             del self._held[key]
         self._giving.append((key, member, cap))
@@ -171,7 +179,7 @@ class RedisSlots:
         return keys, args
 
     async def refresh(self) -> None:
-        held = {key: [member for member, _ in members] for key, members in self._held.items() if members}
+        held = {key: [member for member, _, _ in members] for key, members in self._held.items() if members}
         if not held:
             return
         keys = [slots_key(self.store.prefix, key) for key in held]
@@ -190,7 +198,7 @@ class RedisSlots:
         # with requests in flight: they have been answered or cut by now).
         for key in list(self._held):
             while key in self._held:
-                self.give(key, 1)
+                self.give(key, self._held[key][-1][2])  # as taken: "freed" only if at the cap
         try:
             await asyncio.wait_for(self.flush(), 1.0)
         except Exception:
