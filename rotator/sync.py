@@ -29,7 +29,6 @@ from rotator.store import StateStore, StoreError
 from rotator.timeline import ALERT
 
 logger = logging.getLogger(__name__)
-# mitmproxy's ALERT level (INFO + 1), named by value: this module runs without mitmproxy.
 # Saves asked for by notices follow each other at most this often (a burst of cooldowns
 # on several proxies must not turn into a save per notice).
 SOON_GAP_S = 0.1

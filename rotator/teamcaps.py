@@ -64,9 +64,8 @@ class TeamCaps:
             except StoreError as e:
                 self._went_away(e)
             else:
-                if self._flush_timer is not None and not self.slots.unsent:
-                    self._flush_timer.cancel()  # the take carried them
-                    self._flush_timer = None
+                if not self.slots.unsent:
+                    self._drop_planned_send()  # the take carried them
                 if not taken:
                     self._unslotted[key] += 1  # the abandon below consumes it
                     self.pool.abandon(lease)
@@ -89,10 +88,13 @@ class TeamCaps:
                 self._flush_timer = self.clock.call_at(self.clock.now_ms() + GIVE_DELAY_MS, self._flush)
 
     def _flush(self) -> None:
+        self._drop_planned_send()
+        self._soon(self._send_given())
+
+    def _drop_planned_send(self) -> None:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
-        self._soon(self._send_given())
 
     async def _send_given(self) -> None:
         try:
@@ -114,9 +116,7 @@ class TeamCaps:
 
     async def stop(self) -> None:
         self._stopped = True  # a send failing from here on starts no reconnecting
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
+        self._drop_planned_send()
         for task in (self._refreshing, self._reconnecting):
             if task is not None:
                 task.cancel()

@@ -6,8 +6,9 @@ machines whose clocks differ agree). Taking a slot (drop the expired, count, add
 under the cap) is one script run on the server: one round trip, no read-modify-write
 from here. Slots given back (remove, and tell the team if the key was at its cap) ride
 along with this proxy's next take, or go in one script of their own when the caller
-flushes them: so a busy proxy makes one round trip per request, not two. A proxy refreshes its own slots every third of their lifetime, so a proxy that
-dies (SIGKILL, a lost machine) stops refreshing and its slots expire.
+flushes them: so a busy proxy makes one round trip per request, not two. A proxy
+refreshes its own slots every third of their lifetime, so a proxy that dies (SIGKILL, a
+lost machine) stops refreshing and its slots expire.
 
 Runs on the proxy's event loop with redis-py's asyncio client.
 """
@@ -19,12 +20,14 @@ import itertools
 import os
 import socket
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rotator.store import StoreError
 from rotator.store.urls import NOTICE_FREED, key_id, notices_channel, slots_key
 
 if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript
+
     from rotator.store.redis_store import RedisStore
 
 # Giving back: per slot, KEYS[i] its set and ARGV member, cap, notice (from `first`). A
@@ -57,8 +60,8 @@ end
 
 # KEYS[1] the slots to take one of, then the sets of slots given back with it; ARGV cap,
 # lifetime ms, member, channel, then the slots given back. Returns the slots held after,
-# negative if refused. The set expires with its newest slot, so a key nobody uses leaves
-# nothing.
+# negative if refused. The set expires with its longest-lived slot, so a key nobody uses
+# leaves nothing.
 TAKE = GIVE_BACK + KEEP_FOR + """
 give_back(2, 5, ARGV[4])
 local t = redis.call('TIME')
@@ -131,17 +134,10 @@ class RedisSlots:
 
     async def take(self, key: str, cap: int) -> bool:
         member = f"{self.holder}:{next(self._numbers)}"
-        giving = self._giving
-        keys, args = self._given_back([slots_key(self.store.prefix, key)], [cap, self.ttl_ms, member, self._channel])
-        try:
-            with self.store.errors("write"):
-                held = int(await self._take(keys=keys, args=args))
-        except StoreError:
-            # No answer: the server may have run the script all the same. The slots given
-            # back are sent again and this one with them (removing a slot twice, or one
-            # never taken, changes nothing), else it would stay held until it expires.
-            self._giving = giving + [(key, member, cap)] + self._giving
-            raise
+        held = int(await self._with_given_back(
+            self._take, [slots_key(self.store.prefix, key)], [cap, self.ttl_ms, member, self._channel],
+            unanswered=[(key, member, cap)],  # else, if taken, it would stay held until it expires
+        ))
         if held < 0:
             return False
         self._held[key].append((member, held, cap))
@@ -160,23 +156,27 @@ class RedisSlots:
         return held_then >= cap
 
     async def flush(self) -> None:
-        giving = self._giving
-        keys, args = self._given_back([], [self._channel])
-        if keys:
-            try:
-                with self.store.errors("write"):
-                    await self._give(keys=keys, args=args)
-            except StoreError:
-                self._giving = giving + self._giving  # sent again with the next call
-                raise
+        if self._giving:
+            await self._with_given_back(self._give, [], [self._channel])
 
-    def _given_back(self, keys: list[str], args: list[str | int]) -> tuple[list[str], list[str | int]]:
-        """A script's KEYS and ARGV with the slots given back since the last call added."""
+    async def _with_given_back(
+        self, script: AsyncScript, keys: list[str], args: list[str | int],
+        unanswered: list[tuple[str, str, int]] | None = None,
+    ) -> Any:
+        """Run `script` with the slots given back since the last call added to its KEYS
+        and ARGV. No answer: the server may have run it all the same, so those slots, and
+        `unanswered`, go again with the next call (removing a slot twice, or one never
+        taken, changes nothing)."""
         giving, self._giving = self._giving, []
         for key, member, cap in giving:
             keys.append(slots_key(self.store.prefix, key))
             args += [member, cap, f"{NOTICE_FREED} {key_id(key)}"]
-        return keys, args
+        try:
+            with self.store.errors("write"):
+                return await script(keys=keys, args=args)
+        except StoreError:
+            self._giving = giving + (unanswered or []) + self._giving
+            raise
 
     async def refresh(self) -> None:
         held = {key: [member for member, _, _ in members] for key, members in self._held.items() if members}
