@@ -36,7 +36,7 @@ def test_a_refresh_run_after_a_give_does_not_bring_the_slot_back(tmp_path):
         await slots.flush()
         after_give = server.command("ZCARD", slots_name)
         # The refresh planned before that give, arriving now.
-        late = sync_redis.Redis(port=server.port).register_script(REFRESH)
+        late = sync_redis.Redis(port=server.port).register_script(REFRESH.source)
         late(keys=[slots_name], args=[30_000, 1, member])
         after_refresh = server.command("ZCARD", slots_name)
         await slots.close()

@@ -10,7 +10,9 @@ flushes them: so a busy proxy makes one round trip per request, not two. A proxy
 refreshes its own slots every third of their lifetime, so a proxy that dies (SIGKILL, a
 lost machine) stops refreshing and its slots expire.
 
-Runs on the proxy's event loop with redis-py's asyncio client.
+Runs on the proxy's event loop, every script on one pipelined connection
+(`RedisLine`): the slot scripts are on the request path, and there redis-py's client
+costs more than Redis does.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from rotator.store import StoreError
+from rotator.store.redis_line import RedisLine, Script
 from rotator.store.urls import NOTICE_FREED, key_id, notices_channel, slots_key
 
 if TYPE_CHECKING:
-    from redis.commands.core import AsyncScript
-
     from rotator.store.redis_store import RedisStore
 
 # Giving back: per slot, KEYS[i] its set and ARGV member, cap, notice (from `first`). A
@@ -62,7 +63,7 @@ end
 # lifetime ms, member, channel, then the slots given back. Returns the slots held after,
 # negative if refused. The set expires with its longest-lived slot, so a key nobody uses
 # leaves nothing.
-TAKE = GIVE_BACK + KEEP_FOR + """
+TAKE = Script(GIVE_BACK + KEEP_FOR + """
 give_back(2, 5, ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -72,18 +73,18 @@ if held >= tonumber(ARGV[1]) then return -held end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
 keep_for(KEYS[1], tonumber(ARGV[2]))
 return held + 1
-"""
+""")
 
 # KEYS the sets of the slots given back; ARGV channel, then the slots. Returns how many
 # were still held.
-GIVE = GIVE_BACK + """
+GIVE = Script(GIVE_BACK + """
 return give_back(1, 2, ARGV[1])
-"""
+""")
 
 # KEYS the slot sets; ARGV lifetime ms, then per key: how many members, the members.
 # XX: only slots still held move on; a slot given back on another connection after this
 # refresh was planned, but run before it, must not come back.
-REFRESH = KEEP_FOR + """
+REFRESH = Script(KEEP_FOR + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
@@ -97,7 +98,7 @@ for i, slots in ipairs(KEYS) do
   at = at + n + 1
 end
 return #KEYS
-"""
+""")
 
 
 def holder_name() -> str:
@@ -116,10 +117,7 @@ class RedisSlots:
         # key -> our members, each with the slots held just after it was taken and the cap
         self._held: defaultdict[str, list[tuple[str, int, int]]] = defaultdict(list)
         self._giving: list[tuple[str, str, int]] = []  # (key, member, cap): given, not yet sent
-        self._client = client = store.new_async_client()
-        self._take = client.register_script(TAKE)
-        self._give = client.register_script(GIVE)
-        self._refresh = client.register_script(REFRESH)
+        self._line = RedisLine(store.new_async_connections())
         self._channel = notices_channel(store.prefix)
 
     @property
@@ -135,7 +133,7 @@ class RedisSlots:
     async def take(self, key: str, cap: int) -> bool:
         member = f"{self.holder}:{next(self._numbers)}"
         held = int(await self._with_given_back(
-            self._take, [slots_key(self.store.prefix, key)], [cap, self.ttl_ms, member, self._channel],
+            TAKE, [slots_key(self.store.prefix, key)], [cap, self.ttl_ms, member, self._channel],
             unanswered=[(key, member, cap)],  # else, if taken, it would stay held until it expires
         ))
         if held < 0:
@@ -157,10 +155,10 @@ class RedisSlots:
 
     async def flush(self) -> None:
         if self._giving:
-            await self._with_given_back(self._give, [], [self._channel])
+            await self._with_given_back(GIVE, [], [self._channel])
 
     async def _with_given_back(
-        self, script: AsyncScript, keys: list[str], args: list[str | int],
+        self, script: Script, keys: list[str], args: list[str | int],
         unanswered: list[tuple[str, str, int]] | None = None,
     ) -> Any:
         """Run `script` with the slots given back since the last call added to its KEYS
@@ -173,8 +171,8 @@ class RedisSlots:
             args += [member, cap, f"{NOTICE_FREED} {key_id(key)}"]
         try:
             with self.store.errors("write"):
-                return await script(keys=keys, args=args)
-        except StoreError:
+                return await self._line.run(script, keys, args)
+        except (StoreError, asyncio.CancelledError):
             self._giving = giving + (unanswered or []) + self._giving
             raise
 
@@ -187,11 +185,11 @@ class RedisSlots:
         for members in held.values():
             args += [len(members), *members]
         with self.store.errors("write"):
-            await self._refresh(keys=keys, args=args)
+            await self._line.run(REFRESH, keys, args)
 
     async def ping(self) -> None:
         with self.store.errors("read"):
-            await self._client.ping()
+            await self._line.call("PING")
 
     async def close(self) -> None:
         # Slots still held go back now rather than at their expiry (a proxy stopping
@@ -203,7 +201,4 @@ class RedisSlots:
             await asyncio.wait_for(self.flush(), 1.0)
         except Exception:
             pass  # away: they expire
-        try:
-            await asyncio.wait_for(self._client.aclose(), 1.0)
-        except Exception:
-            pass  # its connections are gone already
+        await self._line.close()

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.connection
 import redis.asyncio.retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -146,6 +147,18 @@ class RedisStore:
             retry_on_timeout=False,
             health_check_interval=0,
         )
+
+    def new_async_connections(self) -> Callable[[], redis.asyncio.connection.AbstractConnection]:
+        """A maker of unconnected asyncio connections to this server (the URL's user,
+        password, database and TLS), with the connect timeout but no socket timeout: for
+        a caller that times each call itself (`RedisLine`)."""
+        pool = redis.asyncio.ConnectionPool.from_url(
+            self.url,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        return pool.make_connection
 
     def errors(self, action: str) -> _RedisErrors:
         """A context in which redis-py's errors become one-line `RedisStoreError`s."""
