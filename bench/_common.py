@@ -196,28 +196,31 @@ def fake_kimi(*args: str, module: str | None = None) -> Iterator[tuple[subproces
 
 
 def start_proxy(work: Path, name: str, upstream_port: int, *, addon: bool,
-                accounts: Path | None = None, options: dict[str, object] | None = None
-                ) -> harness.Proxy:
+                accounts: Path | None = None, options: dict[str, object] | None = None,
+                scripts: Sequence[Path] = (), wrapper: Sequence[str] = ()) -> harness.Proxy:
     """mitmdump in reverse mode to the fake server, with or without the rotator addon.
 
     Both arms get ``flow_detail=0`` (no per-flow console output) and the harness's
     tiny readiness script (a ``running`` hook only); the addon arm also gets the
     accounts file and ``kimi_hosts=127.0.0.1`` so that requests to the fake count as
     Kimi requests, and neither the status page nor quota polling unless `options` asks.
+    `scripts`: more addons, loaded first; `wrapper`: a command mitmdump runs under
+    (valgrind: then it is given minutes to start).
     """
     opts: dict[str, object] = {"flow_detail": 0}
-    addons: list[Path] = []
+    addons: list[Path] = list(scripts)
     if addon:
         if accounts is None:
             raise ValueError("the addon arm needs an accounts file")
-        addons = [ADDON_SCRIPT]
+        addons.append(ADDON_SCRIPT)
         # The key work alone: no status page, no quota polling (an arm turns them on).
         opts.update(kimi_accounts=str(accounts), kimi_hosts="127.0.0.1", kimi_status="off",
                     kimi_usage_interval=0)
     opts.update(options or {})
+    slow = {"timeout": 900.0, "ready_timeout": 600.0} if wrapper else {}
     return harness.start_mitmdump(
         addons=addons, mode=f"reverse:http://127.0.0.1:{upstream_port}",
-        options=opts, confdir=work / f"mitm-{name}")
+        options=opts, confdir=work / f"mitm-{name}", wrapper=wrapper, **slow)
 
 
 def check_one_request(base_url: str) -> None:

@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK_DNS = Path(__file__).resolve().parent / "loopback_dns.py"
@@ -209,7 +209,8 @@ def start_mitmdump(*, addons: Iterable[Path | str] = (), mode: str | None = None
                    extra_args: Iterable[str] = (), timeout: float = 20.0,
                    cwd: Path | str | None = None, wait_ready: bool = True,
                    ready_timeout: float = 5.0,
-                   allow_unknown_options: bool = False) -> Proxy:
+                   allow_unknown_options: bool = False,
+                   wrapper: Sequence[str] = ()) -> Proxy:
     """Start mitmdump on 127.0.0.1:<ephemeral> and wait for its "listening at" line.
 
     ``mode``: the whole ``--mode`` value (None = regular), e.g.
@@ -223,6 +224,7 @@ def start_mitmdump(*, addons: Iterable[Path | str] = (), mode: str | None = None
     at" line; the marker never comes if a ``--set`` value of the wrong type for
     a script's option made mitmdump 11 silently stop configuring the scripts
     loaded after that one - their configure/running hooks never run).
+    ``wrapper``: a command mitmdump runs under (``valgrind --tool=callgrind``, say).
     Raises RuntimeError with the captured output if mitmdump exits or is not
     ready within ``timeout``, or if an ``options`` name was claimed by no addon
     (mitmdump itself ignores such ``--set`` silently) unless
@@ -233,7 +235,7 @@ def start_mitmdump(*, addons: Iterable[Path | str] = (), mode: str | None = None
     """
     confdir = Path(confdir)
     confdir.mkdir(parents=True, exist_ok=True)
-    args = [mitmdump_path(), "--listen-host", "127.0.0.1", "-p", "0",
+    args = [*wrapper, mitmdump_path(), "--listen-host", "127.0.0.1", "-p", "0",
             "--set", f"confdir={confdir}"]
     if mode is not None:
         args += ["--mode", mode]

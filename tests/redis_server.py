@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -24,12 +25,13 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, tmp: Path, password: str | None = None) -> None:
+    def __init__(self, tmp: Path, password: str | None = None, wrapper: Sequence[str] = ()) -> None:
         if not Path(REDIS_SERVER).exists():
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.tmp = tmp
         self.port = free_port()
         self.password = password
+        self.wrapper = list(wrapper)  # a command to run it under (valgrind, say)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -38,19 +40,20 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        args = [*self.wrapper, REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(self.tmp)]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        wait_s = 60 if self.wrapper else 10
+        deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if self._pings():
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
             time.sleep(0.02)
-        raise RuntimeError("redis-server did not answer PING within 10 s")
+        raise RuntimeError(f"redis-server did not answer PING within {wait_s} s")
 
     def _pings(self) -> bool:
         try:

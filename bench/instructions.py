@@ -1,0 +1,229 @@
+"""Instructions per request: what each arm costs mitmdump, counted by valgrind, not timed.
+
+On these shared 2-core machines wall-clock throughput moves by ±30 % from minute to
+minute, too much to see a few per cent. Here every proxy runs under
+`valgrind --tool=callgrind`, which counts the instructions the process executes: the
+same work gives the same count however busy the machine is. Per arm, after a warm-up
+(every connection used once), the counters are zeroed, N requests go through, and the
+counters are read (`callgrind_control -z` / `-d`); first over 1 keep-alive connection
+(one request at a time), then over 16 at once (the proxy busy, as under full load).
+For a proxy that is bound by its CPU, bare/arm instructions is the throughput the arm
+keeps.
+
+Arms (all reverse mode in front of one fake Kimi, flow_detail=0):
+- bare: mitmdump alone;
+- hooks: a script whose four request hooks do nothing: what calling a script costs;
+- passthrough: the addon loaded, but kimi_hosts left at api.kimi.com, so its hooks
+  return at once;
+- addon: the addon on an accounts file of 3 keys, every request gets a pool key;
+- redis: the same on a Redis store (`--redis`): each request takes a team slot; the
+  redis-server's own instructions (also under callgrind) are added, since it runs on
+  the same machine.
+
+The save loop and the slot refresh run once a second and every few seconds of wall
+time; under valgrind a second holds about 60 times fewer requests than at full speed, so
+they are moved out of the window (kimi_flush_interval and kimi_slot_ttl set long) and
+what is counted is the per-request work.
+
+    python bench/instructions.py [--quick] [--requests N] [--redis] [--arms a,b,...]
+"""
+
+from __future__ import annotations
+
+import glob
+import http.client
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import _common as C  # noqa: E402
+from bench import _team as T  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
+
+ARMS = ("bare", "hooks", "passthrough", "addon", "redis")
+CONNECTIONS = (1, 16)
+TARGET_RATIO = 0.95  # issue 9's bar for the addon vs bare mitmdump
+TEAM_TARGET_RATIO = 0.9  # issue 12's bar for the Redis store vs the file store
+LONG_S = 3600  # the periodic work, out of the window
+
+HOOKS_SCRIPT = """\
+class Hooks:
+    def requestheaders(self, flow): pass
+    def request(self, flow): pass
+    def responseheaders(self, flow): pass
+    def response(self, flow): pass
+
+addons = [Hooks()]
+"""
+
+
+@dataclass
+class Counted:
+    arm: str
+    per_request: dict[int, float]  # connections -> instructions per request (mitmdump + redis)
+    redis_share: dict[int, float]  # … of which redis-server's
+
+
+def callgrind(out: Path) -> list[str]:
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"]
+
+
+def zero(pid: int) -> None:
+    subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True, timeout=120)
+
+
+def dumped(pid: int, out: Path) -> int:
+    """Dump the counters since the last zero; the instructions in that dump."""
+    before = set(glob.glob(f"{out}.{pid}.*"))
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True, timeout=120)
+    (new,) = set(glob.glob(f"{out}.{pid}.*")) - before
+    for line in Path(new).read_text().splitlines():
+        if line.startswith("summary:"):
+            return int(line.split()[1])
+    raise SystemExit(f"bench: no summary in {new}")
+
+
+class Clients:
+    """`connections` keep-alive connections to a proxy, kept open from the warm-up to the
+    count, so the count holds requests and nothing of opening connections."""
+
+    def __init__(self, port: int, connections: int) -> None:
+        self.conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=600) for _ in range(connections)]
+        self.pool = ThreadPoolExecutor(connections)
+
+    def send(self, requests: int) -> None:
+        """`requests` POSTs spread over the connections, all at once; each answered 200."""
+        n = len(self.conns)
+        shares = [requests // n + (1 if i < requests % n else 0) for i in range(n)]
+        list(self.pool.map(self._send_on, self.conns, shares))
+
+    @staticmethod
+    def _send_on(conn: http.client.HTTPConnection, count: int) -> None:
+        for _ in range(count):
+            conn.request("POST", C.MESSAGES_PATH, json.dumps(C.REQUEST_BODY),
+                         {"content-type": "application/json", "x-api-key": C.PLACEHOLDER_KEY})
+            answer = conn.getresponse()
+            body = answer.read()
+            if answer.status != 200:
+                raise SystemExit(f"bench: answered {answer.status}: {body[:200]!r}")
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        for conn in self.conns:
+            conn.close()
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+def count(arm: str, work: Path, fake_port: int, requests: int) -> Counted:
+    out = work / f"cg-{arm}"
+    options: dict[str, object] = {"kimi_flush_interval": LONG_S}
+    scripts: list[Path] = []
+    with ExitStack() as stack:
+        redis: RedisServer | None = None
+        if arm == "redis":
+            (work / "redis").mkdir()
+            redis = RedisServer(work / "redis", wrapper=callgrind(work / "cg-redis-server"))
+            redis.start()
+            stack.callback(redis.stop)
+            T.fill_redis(redis.url)
+            accounts = work / "unused-accounts.json"
+            options.update(kimi_store=redis.url, kimi_slot_ttl=LONG_S, kimi_max_in_flight=T.MAX_IN_FLIGHT)
+        else:
+            accounts = C.make_accounts_file(work / f"accounts-{arm}.json", T.KEYS, T.STRATEGY)
+        if arm == "hooks":
+            scripts.append(work / "hooks.py")
+            scripts[0].write_text(HOOKS_SCRIPT)
+        if arm == "passthrough":
+            options["kimi_hosts"] = "api.kimi.com"
+        proxy = C.start_proxy(work, arm, fake_port, addon=arm in ("passthrough", "addon", "redis"),
+                              accounts=accounts, options=options if arm != "bare" and arm != "hooks" else {},
+                              scripts=scripts, wrapper=callgrind(out))
+        stack.callback(stop, proxy.process)
+        port = int(proxy.url.rsplit(":", 1)[1])
+        pids = [proxy.process.pid] + ([redis.proc.pid] if redis is not None and redis.proc else [])
+        per_request: dict[int, float] = {}
+        redis_share: dict[int, float] = {}
+        for connections in CONNECTIONS:
+            clients = Clients(port, connections)
+            clients.send(2 * connections)  # every connection opened, upstream too
+            for pid in pids:
+                zero(pid)
+            clients.send(requests)
+            counts = [dumped(pid, out if pid == proxy.process.pid else work / "cg-redis-server") for pid in pids]
+            clients.close()
+            per_request[connections] = sum(counts) / requests
+            redis_share[connections] = (counts[1] / requests) if len(counts) > 1 else 0.0
+        return Counted(arm, per_request, redis_share)
+
+
+def main() -> int:
+    ap = C.parser(__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, help="requests counted per arm and load (default 300; quick 40)")
+    ap.add_argument("--redis", action="store_true", help="add the redis arm (the team store)")
+    ap.add_argument("--arms", help=f"comma-separated, from {','.join(ARMS)} (default: all but redis)")
+    args = ap.parse_args()
+    requests = args.requests or (40 if args.quick else 300)
+    arms = args.arms.split(",") if args.arms else [a for a in ARMS if a != "redis" or args.redis]
+    unknown = set(arms) - set(ARMS)
+    if unknown or not arms:
+        ap.error(f"--arms: choose from {', '.join(ARMS)} (got {args.arms!r})")
+    if args.redis and "redis" not in arms:
+        arms.append("redis")
+
+    C.print_header("instructions per request: mitmdump under callgrind, per arm",
+                   [f"valgrind: {subprocess.run(['valgrind', '--version'], capture_output=True, text=True).stdout.strip()}",
+                    f"arms {', '.join(arms)}: {requests} requests counted per load, over {CONNECTIONS} connection(s), "
+                    f"after a warm-up; kimi_flush_interval={LONG_S} (the once-a-second save out of the window)"])
+    with C.watchdog(3600), C.workdir("instructions") as work, C.fake_kimi("--no-record") as (_, fake_port):
+        # Two at a time: callgrind runs one thread at a time, and these machines have 2 cores.
+        with ThreadPoolExecutor(2) as pool:
+            counted = {c.arm: c for c in pool.map(lambda a: count(a, work, fake_port, requests), arms)}
+
+    rows = []
+    base = counted.get("bare")
+    for arm in arms:
+        c = counted[arm]
+        row: list[object] = [arm]
+        for connections in CONNECTIONS:
+            row.append(f"{c.per_request[connections] / 1e6:.3f}")
+            row.append(f"{base.per_request[connections] / c.per_request[connections]:.3f}" if base else "-")
+        row.append(" / ".join(f"{c.redis_share[n] / 1e3:.0f}k" for n in CONNECTIONS) if arm == "redis" else "-")
+        rows.append(row)
+    print()
+    C.print_table(["arm", "M instr/req, 1 conn", "bare/arm", "M instr/req, 16 conns", "bare/arm",
+                   "redis-server's share (1 / 16)"], rows)
+    print()
+    if base and "addon" in counted:
+        addon = counted["addon"]
+        for connections in CONNECTIONS:
+            ratio = base.per_request[connections] / addon.per_request[connections]
+            extra = (addon.per_request[connections] - base.per_request[connections]) / 1e3
+            print(f"addon vs bare, {connections:2} connection(s): {ratio:.3f} (+{extra:.0f}k instructions a request): "
+                  f"target ≥ {TARGET_RATIO}: {C.verdict(ratio >= TARGET_RATIO)}")
+    if "addon" in counted and "redis" in counted:
+        addon, team = counted["addon"], counted["redis"]
+        for connections in CONNECTIONS:
+            ratio = addon.per_request[connections] / team.per_request[connections]
+            extra = (team.per_request[connections] - addon.per_request[connections]) / 1e3
+            print(f"redis vs file store, {connections:2} connection(s): {ratio:.3f} (+{extra:.0f}k instructions a "
+                  f"request, redis-server included): target ≥ {TEAM_TARGET_RATIO}: "
+                  f"{C.verdict(ratio >= TEAM_TARGET_RATIO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
