@@ -25,16 +25,18 @@ time; under valgrind a second holds about 60 times fewer requests than at full s
 they are moved out of the window (kimi_flush_interval and kimi_slot_ttl set long) and
 what is counted is the per-request work.
 
-    python bench/instructions.py [--quick] [--requests N] [--redis] [--arms a,b,...]
+    python bench/instructions.py [--quick] [--requests N] [--redis] [--arms a,b,...] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import glob
+import shutil
 import http.client
 import json
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -51,6 +53,8 @@ CONNECTIONS = (1, 16)
 TARGET_RATIO = 0.95  # issue 9's bar for the addon vs bare mitmdump
 TEAM_TARGET_RATIO = 0.9  # issue 12's bar for the Redis store vs the file store
 LONG_S = 3600  # the periodic work, out of the window
+WARM_UP_PER_CONNECTION = 10
+IDLE_S = 10.0
 
 HOOKS_SCRIPT = """\
 class Hooks:
@@ -68,6 +72,8 @@ class Counted:
     arm: str
     per_request: dict[int, float]  # connections -> instructions per request (mitmdump + redis)
     redis_share: dict[int, float]  # … of which redis-server's
+    seconds: dict[int, float]  # how long the counted requests took
+    idle_per_s: float  # instructions a second with no request at all
 
 
 def callgrind(out: Path) -> list[str]:
@@ -128,6 +134,16 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(10)
 
 
+def idle_rate(pids: list[int], out: Path, work: Path) -> list[float]:
+    """Instructions a second each process runs with no request: timers, loops."""
+    for pid in pids:
+        zero(pid)
+    started = time.monotonic()
+    time.sleep(IDLE_S)
+    took_s = time.monotonic() - started
+    return [dumped(pid, out if i == 0 else work / "cg-redis-server") / took_s for i, pid in enumerate(pids)]
+
+
 def count(arm: str, work: Path, fake_port: int, requests: int) -> Counted:
     out = work / f"cg-{arm}"
     options: dict[str, object] = {"kimi_flush_interval": LONG_S}
@@ -157,17 +173,24 @@ def count(arm: str, work: Path, fake_port: int, requests: int) -> Counted:
         pids = [proxy.process.pid] + ([redis.proc.pid] if redis is not None and redis.proc else [])
         per_request: dict[int, float] = {}
         redis_share: dict[int, float] = {}
+        seconds: dict[int, float] = {}
+        idle: list[float] = []
         for connections in CONNECTIONS:
             clients = Clients(port, connections)
-            clients.send(2 * connections)  # every connection opened, upstream too
+            clients.send(WARM_UP_PER_CONNECTION * connections)  # every connection opened, upstream too
             for pid in pids:
                 zero(pid)
+            started = time.monotonic()
             clients.send(requests)
+            took_s = time.monotonic() - started
             counts = [dumped(pid, out if pid == proxy.process.pid else work / "cg-redis-server") for pid in pids]
             clients.close()
+            if connections == CONNECTIONS[0]:
+                idle = idle_rate(pids, out, work)
             per_request[connections] = sum(counts) / requests
+            seconds[connections] = took_s
             redis_share[connections] = (counts[1] / requests) if len(counts) > 1 else 0.0
-        return Counted(arm, per_request, redis_share)
+        return Counted(arm, per_request, redis_share, seconds, sum(idle))
 
 
 def main() -> int:
@@ -175,6 +198,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, help="requests counted per arm and load (default 300; quick 40)")
     ap.add_argument("--redis", action="store_true", help="add the redis arm (the team store)")
     ap.add_argument("--arms", help=f"comma-separated, from {','.join(ARMS)} (default: all but redis)")
+    ap.add_argument("--keep", type=Path, metavar="DIR", help="keep callgrind's files there, to read by function")
     args = ap.parse_args()
     requests = args.requests or (40 if args.quick else 300)
     arms = args.arms.split(",") if args.arms else [a for a in ARMS if a != "redis" or args.redis]
@@ -192,6 +216,12 @@ def main() -> int:
         # Two at a time: callgrind runs one thread at a time, and these machines have 2 cores.
         with ThreadPoolExecutor(2) as pool:
             counted = {c.arm: c for c in pool.map(lambda a: count(a, work, fake_port, requests), arms)}
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for dump in work.glob("cg-*.*"):
+                shutil.copy(dump, args.keep / dump.name)
+            print(f"callgrind's files kept in {args.keep} (callgrind_annotate FILE): per arm and process, "
+                  "dump .1 the 1-connection count, .2 idle, .3 the 16-connection count")
 
     rows = []
     base = counted.get("bare")
@@ -202,10 +232,12 @@ def main() -> int:
             row.append(f"{c.per_request[connections] / 1e6:.3f}")
             row.append(f"{base.per_request[connections] / c.per_request[connections]:.3f}" if base else "-")
         row.append(" / ".join(f"{c.redis_share[n] / 1e3:.0f}k" for n in CONNECTIONS) if arm == "redis" else "-")
+        row.append(f"{c.idle_per_s / 1e3:.0f}k")
+        row.append(" / ".join(f"{c.idle_per_s * c.seconds[n] / requests / 1e3:.0f}k" for n in CONNECTIONS))
         rows.append(row)
     print()
     C.print_table(["arm", "M instr/req, 1 conn", "bare/arm", "M instr/req, 16 conns", "bare/arm",
-                   "redis-server's share (1 / 16)"], rows)
+                   "redis-server's share (1 / 16)", "idle instr/s", "idle's share (1 / 16)"], rows)
     print()
     if base and "addon" in counted:
         addon = counted["addon"]

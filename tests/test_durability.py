@@ -609,7 +609,7 @@ async def test_stopping_while_a_save_waits_for_its_thread_loses_nothing(tmp_path
     busy: list[asyncio.Future[bool]] = []
     try:
         with taddons.context(addon) as tctx:
-            tctx.configure(addon, kimi_accounts=str(path), kimi_flush_interval="0.05")
+            tctx.configure(addon, kimi_accounts=str(path), kimi_flush_interval="0.05", kimi_status="off")
             now = int(time.time() * 1000)
             for _ in range(5):  # five answered requests, not saved yet
                 lease = addon.pool.acquire(now)

@@ -106,7 +106,7 @@ def proxy(tmp_path: Path, clock: FakeClock):
         contexts.append(tctx)
         tctx.__enter__()
         options.setdefault("kimi_hosts", ["api.kimi.com"])
-        tctx.configure(addon, kimi_accounts=str(path), **options)
+        tctx.configure(addon, kimi_accounts=str(path), **{"kimi_status": "off", **options})
         return addon, upstream
 
     yield start

@@ -54,7 +54,7 @@ def write_pool(path: Path) -> Path:
 
 
 def page_of(rotator: KimiRotator) -> StatusPage:
-    return next(a for a in rotator.addons if isinstance(a, StatusPage))
+    return rotator.status_page
 
 
 @contextlib.asynccontextmanager

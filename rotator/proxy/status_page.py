@@ -2,7 +2,7 @@
 the `kimi_status` option, the listener's lifecycle (started in `running`, restarted when
 the option changes, stopped in `done`) and who may read what.
 
-A companion addon of KimiRotator (in its `addons`), reading its pool, tally, timeline,
+A part of KimiRotator (loaded and run by it: no addon of its own), reading its pool, tally, timeline,
 clock and settings. What the pages say is built elsewhere: rotator.dashboard (the
 snapshot and the JSON), rotator.metrics (Prometheus), status_page.html (the page).
 The same rule as the proxy's decides who may read them (rotator.access.check_client),
@@ -140,11 +140,18 @@ class StatusPage:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def running(self) -> None:
+    def running(self) -> Awaitable[None] | None:
+        """Start listening, if on (None if off: nothing to wait for)."""
         self._running = True
-        if self._page is None:
-            self._page = await asyncio.to_thread(load_page)
-        await self._restart()
+        return None if self.address is None else self._restart()
+
+    async def _restart(self) -> None:
+        async with self._switch:  # one change at a time, in order
+            await self._stop()
+            if self.address is not None and self._running:
+                if self._page is None:
+                    self._page = await asyncio.to_thread(load_page)
+                await self._start(*self.address)
 
     async def done(self) -> None:
         self._running = False
@@ -153,12 +160,6 @@ class StatusPage:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         async with self._switch:
             await self._stop()
-
-    async def _restart(self) -> None:
-        async with self._switch:  # one change at a time, in order
-            await self._stop()
-            if self.address is not None and self._running:
-                await self._start(*self.address)
 
     async def _start(self, host: str, port: int) -> None:
         server = StatusServer(self.answer, COMMON_HEADERS)
