@@ -74,6 +74,7 @@ class Counted:
     redis_share: dict[int, float]  # … of which redis-server's
     seconds: dict[int, float]  # how long the counted requests took
     idle_per_s: float  # instructions a second with no request at all
+    evalsha: dict[int, float]  # scripts run in Redis per request
 
 
 def callgrind(out: Path) -> list[str]:
@@ -174,15 +175,18 @@ def count(arm: str, work: Path, fake_port: int, requests: int) -> Counted:
         per_request: dict[int, float] = {}
         redis_share: dict[int, float] = {}
         seconds: dict[int, float] = {}
+        scripts: dict[int, float] = {}
         idle: list[float] = []
         for connections in CONNECTIONS:
             clients = Clients(port, connections)
             clients.send(WARM_UP_PER_CONNECTION * connections)  # every connection opened, upstream too
             for pid in pids:
                 zero(pid)
+            scripts_before = T.evalsha_calls(redis)
             started = time.monotonic()
             clients.send(requests)
             took_s = time.monotonic() - started
+            scripts[connections] = (T.evalsha_calls(redis) - scripts_before) / requests
             counts = [dumped(pid, out if pid == proxy.process.pid else work / "cg-redis-server") for pid in pids]
             clients.close()
             if connections == CONNECTIONS[0]:
@@ -190,7 +194,7 @@ def count(arm: str, work: Path, fake_port: int, requests: int) -> Counted:
             per_request[connections] = sum(counts) / requests
             seconds[connections] = took_s
             redis_share[connections] = (counts[1] / requests) if len(counts) > 1 else 0.0
-        return Counted(arm, per_request, redis_share, seconds, sum(idle))
+        return Counted(arm, per_request, redis_share, seconds, sum(idle), scripts)
 
 
 def main() -> int:
@@ -232,12 +236,13 @@ def main() -> int:
             row.append(f"{c.per_request[connections] / 1e6:.3f}")
             row.append(f"{base.per_request[connections] / c.per_request[connections]:.3f}" if base else "-")
         row.append(" / ".join(f"{c.redis_share[n] / 1e3:.0f}k" for n in CONNECTIONS) if arm == "redis" else "-")
+        row.append(" / ".join(f"{c.evalsha[n]:.2f}" for n in CONNECTIONS) if arm == "redis" else "-")
         row.append(f"{c.idle_per_s / 1e3:.0f}k")
         row.append(" / ".join(f"{c.idle_per_s * c.seconds[n] / requests / 1e3:.0f}k" for n in CONNECTIONS))
         rows.append(row)
     print()
     C.print_table(["arm", "M instr/req, 1 conn", "bare/arm", "M instr/req, 16 conns", "bare/arm",
-                   "redis-server's share (1 / 16)", "idle instr/s", "idle's share (1 / 16)"], rows)
+                   "redis-server's share (1 / 16)", "EVALSHA/req", "idle instr/s", "idle's share (1 / 16)"], rows)
     print()
     if base and "addon" in counted:
         addon = counted["addon"]

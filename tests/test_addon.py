@@ -14,6 +14,7 @@ from rotator.proxy.options import parse_hosts
 from rotator.store import file as storage
 from tests.conftest import fake_key
 from tests.hooks import call_hook
+from tests.harness import REPO_ROOT
 
 POOL_KEY = fake_key("pool0")
 
@@ -175,3 +176,53 @@ async def test_plain_http_to_a_remote_kimi_host_is_upgraded_to_https(tmp_path):
         local.request.scheme, local.request.port = "http", 8000
         await call_hook(addon, "request", local)
         assert (local.request.scheme, local.request.port) == ("http", 8000)
+
+
+FREEZE_PROBE = """
+import asyncio, gc, sys
+from mitmproxy.test import taddons
+from rotator.proxy.addon import KimiRotator
+from tests.hooks import call_hook
+from tests.harness import REPO_ROOT
+
+async def main():
+    start = gc.get_freeze_count()
+    addon = KimiRotator()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, kimi_accounts=sys.argv[1], kimi_status="off", kimi_usage_interval="0")
+        made_before = [addon]
+        await call_hook(addon, "running")
+        made_after = [addon]
+        frozen = gc.get_freeze_count() - start
+        walked = gc.get_objects()
+        print(frozen, any(o is made_before for o in walked), any(o is made_after for o in walked))
+        await call_hook(addon, "done")
+        again = KimiRotator()  # a reload: nothing frozen again
+        with taddons.context(again) as tctx2:
+            tctx2.configure(again, kimi_accounts=sys.argv[1], kimi_status="off", kimi_usage_interval="0")
+            count = gc.get_freeze_count()
+            await call_hook(again, "running")
+            print(gc.get_freeze_count() == count)
+            await call_hook(again, "done")
+
+asyncio.run(main())
+"""
+
+
+def test_what_exists_when_the_proxy_starts_is_kept_out_of_the_collectors_walks(tmp_path):
+    """The collector walks every object it tracks in each full collection; what lives as
+    long as the proxy (modules, classes, the addon's state) is frozen when it first runs,
+    so a collection walks only what requests made (bench/instructions.py: ~100k
+    instructions a request). In a process of its own: freezing happens once a process."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "kimi-accounts.json"
+    storage.write_accounts(path, AccountsFile(accounts=[Account(key=POOL_KEY)]))
+    probe = subprocess.run([sys.executable, "-c", FREEZE_PROBE, str(path)], capture_output=True, text=True,
+                           timeout=60, cwd=str(REPO_ROOT))
+    assert probe.returncode == 0, probe.stderr
+    frozen, before_walked, after_walked, second_froze_nothing = probe.stdout.split()
+    assert int(frozen) > 10_000  # mitmproxy's and the addon's modules, at least
+    assert before_walked == "False" and after_walked == "True"
+    assert second_froze_nothing == "True"
