@@ -53,17 +53,17 @@ def require_wrk() -> str:
     return found
 
 
-def run_bench(script: str, *args: str) -> str:
+def run_bench(script: str, *args: str, timeout_s: float = TIMEOUT_S) -> str:
     """Run bench/<script> --quick ARGS; its output (stdout and stderr) once it exited 0."""
     cmd = [sys.executable, str(BENCH / script), "--quick", *args]
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
     try:
         done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, encoding="utf-8",
-                              errors="replace", timeout=TIMEOUT_S)
+                              errors="replace", timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode("utf-8", "replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        pytest.fail(f"{script} --quick did not finish in {TIMEOUT_S} s:\n{out}", pytrace=False)
+        pytest.fail(f"{script} --quick did not finish in {timeout_s} s:\n{out}", pytrace=False)
     output = done.stdout + ("\n--- stderr ---\n" + done.stderr if done.stderr.strip() else "")
     assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}:\n{output}"
     check_header(output)
