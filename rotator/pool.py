@@ -4,36 +4,34 @@ Choosing a key, accounting for an answer and waiting for a key touch memory only
 changed since the last save is recorded as a `merge.PoolChange`, so a save applies *our
 changes* to whatever the file holds by then instead of overwriting it.
 Requests that find no key wait in `rotator.waitline`, which the pool tells whenever a
-key may have freed up (`key_freed`).
+key may have freed up (`key_freed`). What an answer does to a key's saved state is in
+`rotator.key_outcomes`; what the pool hears besides answers (quota readings, the team's
+notices) in its base class, `rotator.pool_heard`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
 
-from rotator import merge, oddities, quota, stats, throttle
-from rotator.clock import SYSTEM_CLOCK, Clock, seconds_until
-from rotator.health import HEALTH_MAX, apply_health_delta, rest_period_ms
+from rotator import key_outcomes, merge, oddities, quota, throttle
+from rotator.clock import SYSTEM_CLOCK, Clock
+from rotator.health import rest_period_ms
 from rotator.lease import Lease, SkipKeys
 from rotator.models import Account, AccountsFile
 from rotator.policy import Outcome, Verdict
-from rotator.status import key_label
+from rotator.pool_heard import HeardFromOutside
 from rotator.strategies import Shortage, Unavailable, choose_key, next_index
 
 __all__ = ["KeyPool", "Lease"]  # Lease lives in rotator.lease; callers know it from here
 
 DEFAULT_MAX_IN_FLIGHT = 30
-# Cooldowns that follow each other with no success between them grow: ×2 each time,
-# up to this cap. Plan windows and disabled keys have their own deadlines and don't.
-MAX_BACKOFF_MS = 30 * 60 * 1000
-BACKOFF_VERDICTS = frozenset({Verdict.RATE_LIMITED, Verdict.CONCURRENCY_LIMIT, Verdict.ACCESS_DENIED})
 
 
 def _nobody_waits() -> None:
     pass
 
 
-class KeyPool:
+class KeyPool(HeardFromOutside):
     def __init__(
         self, state: AccountsFile, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, clock: Clock = SYSTEM_CLOCK
     ) -> None:
@@ -166,35 +164,6 @@ class KeyPool:
         account = self.account(key)
         return 1 if account is not None and account.cooldown_level else self.cap(key)
 
-    def hold_team_full(self, key: str) -> None:
-        """The team holds `key` at its cap: skip it until `team_freed`."""
-        self._team_full.add(key)
-        self._at_cap.add(key)
-
-    def team_freed(self, key: str) -> None:
-        if key in self._team_full:
-            self._team_full.discard(key)
-            self._after_slot_freed(key, self.account(key))
-
-    def pause_for(self, pause_ms: int, now_ms: int) -> None:
-        """Another proxy saw Kimi throttle the team: every key here pauses too (for at
-        most `throttle.PAUSE_MS`, whatever the notice asked), and the rate limits this
-        pool charged to keys just before were the throttle's, not theirs: refunded."""
-        self.paused_until_ms = max(self.paused_until_ms, now_ms + max(0, min(pause_ms, throttle.PAUSE_MS)))
-        for limit in self._recent_limits.take_charged(now_ms):
-            self._refund(limit, now_ms)
-
-    def heard_limit(self, key: str, now_ms: int) -> str | None:
-        """Another proxy saw Kimi rate limit `key` (its own to charge): counted towards a
-        throttle here. Returns the pause line if it completes one."""
-        if self.account(key) is None or now_ms < self.paused_until_ms:
-            return None
-        burst = self._recent_limits.burst(key, now_ms)
-        if burst is None:
-            self._recent_limits.remember(throttle.RecentLimit(now_ms, key, 0, 0, 0, charged=False))
-            return None
-        return self._pause_for_burst(burst, now_ms)
-
     def _pause_for_burst(self, burst: list[throttle.RecentLimit], now_ms: int) -> str:
         self.paused_until_ms = now_ms + throttle.PAUSE_MS
         if self.paused is not None:
@@ -229,134 +198,17 @@ class KeyPool:
             if self.limited is not None:
                 self.limited(lease.key)
         change = self.changes.for_key(lease.key)
-        was_cooling = account.rate_limit_reset_time > now_ms or account.billing_limit_reset_time > now_ms
-        delta = outcome.health_delta
-        if delta < 0 or (delta > 0 and account.health_score < HEALTH_MAX):
-            self._add_health(account, change, delta, now_ms)
-        event: str | None = None
-        if outcome.counts_as_success:
-            if stats.record_success(account, change, took_ms, now_ms):
-                event = f"key {lease.label} recovered: back to full traffic"
-        elif outcome.health_delta < 0:
-            account.consecutive_failures += 1
-            change.set("consecutive_failures", account.consecutive_failures, now_ms)
-        if outcome.disable and account.disabled_reason is None:
-            event = self._disable(lease.label, account, change, outcome.reason, now_ms)
-        deadline = outcome.cooldown_until_ms
-        if deadline is not None:
-            level = account.cooldown_level
-            # Requests already in flight when the key first cooled are the same episode:
-            # only a refusal after the cooldown ended (the half-open probe) grows it.
-            if outcome.verdict in BACKOFF_VERDICTS and not was_cooling:
-                if level:
-                    deadline = now_ms + min(MAX_BACKOFF_MS, max(0, deadline - now_ms) << level)
-                account.cooldown_level = level + 1
-                change.set("cooldown_level", level + 1, now_ms)
-            if deadline > account.rate_limit_reset_time:
-                account.rate_limit_reset_time = deadline
-                change.later("rate_limit_reset_time", deadline, now_ms)
-                account.cooldown_reason = outcome.reason
-                change.set("cooldown_reason", outcome.reason, now_ms)
-                if not was_cooling:
-                    seconds = seconds_until(deadline, now_ms)
-                    event = f"key {lease.label} cooling for {seconds} s: {outcome.reason}"
-        return event
-
-    def _disable(self, label: str, account: Account, change: merge.KeyChange, reason: str, now_ms: int) -> str:
-        account.disabled_reason = reason
-        change.set("disabled_reason", reason, now_ms)
-        return f"key {label} disabled: {reason}; run `kimi-rotator enable-key` to use it again"
-
-    def disable(self, key: str, reason: str, now_ms: int) -> str | None:
-        """Disable a key outside any request (a quota poll answered 401)."""
-        account = self.account(key)
-        if account is None or account.disabled_reason is not None:
-            return None
-        label = key_label(self._index_by_key[key], account.name, key)
-        return self._tell(self._disable(label, account, self.changes.for_key(key), reason, now_ms))
-
-    def take_reading(self, key: str, reading: quota.QuotaReading, now_ms: int) -> str | None:
-        """Keep a key's newest quota reading; a spent window cools the key until it resets
-        (returns a log line then)."""
-        account = self.account(key)
-        if account is None:
-            return None
-        account.quota = reading
-        self.changes.for_key(key).set("quota", reading, now_ms)
-        self._note_parallel(key, reading)
-        self._update_cap(key, self.in_flight.get(key, 0), account)
-        event = self._steer(key, account, now_ms)
-        self.key_freed()  # a raised parallel limit frees a slot
-        return self._tell(event)
-
-    def _note_parallel(self, key: str, reading: quota.QuotaReading | None) -> None:
-        if reading is not None and reading.parallel_limit is not None:
-            self._parallel[key] = reading.parallel_limit
-        else:
-            self._parallel.pop(key, None)
-
-    def _steer(self, key: str, account: Account, now_ms: int) -> str | None:
-        """Cool a key whose reading shows a spent window, unless a person cleared its
-        cooldown after the reading was taken (they may know better: a topped-up plan)."""
-        reading = account.quota
-        spent = quota.steer(reading, self.quota_reserve_percent, now_ms)
-        if spent is None or reading is None or spent.until_ms <= account.rate_limit_reset_time:
-            return None
-        cleared_at = account.edited_at.get(merge.disk_name("rate_limit_reset_time"), 0)
-        if cleared_at > reading.taken_at:
-            return None
-        was_cooling = account.cooling_until > now_ms
-        change = self.changes.for_key(key)
-        account.rate_limit_reset_time = spent.until_ms
-        change.later("rate_limit_reset_time", spent.until_ms, now_ms)
-        account.cooldown_reason = spent.reason
-        change.set("cooldown_reason", spent.reason, now_ms)
-        if was_cooling:
-            return None
-        label = key_label(self._index_by_key[key], account.name, key)
-        return f"key {label} cooling for {seconds_until(spent.until_ms, now_ms)} s: {spent.reason}"
-
-    def set_exact_reset(self, key: str, deadline_ms: int, now_ms: int) -> str | None:
-        """Replace a cooling key's estimated deadline with the one Kimi reported."""
-        account = self.account(key)
-        if account is None or account.rate_limit_reset_time <= now_ms:
-            return None
-        if deadline_ms == account.rate_limit_reset_time:
-            return None
-        account.rate_limit_reset_time = deadline_ms
-        self.changes.for_key(key).set("rate_limit_reset_time", deadline_ms, now_ms)
-        self.key_freed()
-        seconds = seconds_until(deadline_ms, now_ms)
-        index = self._index_by_key[key]
-        return self._tell(f"key {key_label(index, account.name, key)}: Kimi says its limit resets in {seconds} s")
+        return key_outcomes.answered(account, change, lease.label, outcome, now_ms, took_ms, self._rest_ms)
 
     def _tell(self, event: str | None) -> str | None:
         if event is not None and self.state_changed is not None:
             self.state_changed()
         return event
 
-    def _add_health(self, account: Account, change: merge.KeyChange, delta: int, now_ms: int) -> None:
-        new = apply_health_delta(account, delta, now_ms, self._rest_ms)
-        change.add("health_score", new.score - account.health_score, now_ms)
-        account.health_score = new.score
-        account.health_rest_since = new.rest_since
-        change.set("health_rest_since", new.rest_since, now_ms)
-
     def _refund(self, limit: throttle.RecentLimit, now_ms: int) -> None:
         account = self.account(limit.key)
-        if account is None:
-            return
-        change = self.changes.for_key(limit.key)
-        account.rate_limit_reset_time = limit.previous_deadline
-        change.set("rate_limit_reset_time", limit.previous_deadline, now_ms)
-        account.cooldown_level = limit.previous_level
-        change.set("cooldown_level", limit.previous_level, now_ms)
-        refund = limit.previous_health - account.health_score
-        if refund > 0:
-            self._add_health(account, change, refund, now_ms)
-        if account.consecutive_failures:
-            account.consecutive_failures -= 1
-            change.set("consecutive_failures", account.consecutive_failures, now_ms)
+        if account is not None:
+            key_outcomes.refunded(account, self.changes.for_key(limit.key), limit, now_ms, self._rest_ms)
 
     # -- persistence -------------------------------------------------------------
     def take_changes(self) -> merge.PoolChange:
