@@ -19,9 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Coroutine
-from typing import Any
 
+from rotator.background import Background
 from rotator.clock import MS_PER_SECOND, Clock, Timer
 from rotator.pool import KeyPool, Lease
 from rotator.store import StoreError, TeamSlots
@@ -46,7 +45,7 @@ class TeamCaps:
         self.away: str | None = None  # why the store does not answer, while it doesn't
         self._slotted: Counter[str] = Counter()  # this pool's requests holding a team slot
         self._unslotted: Counter[str] = Counter()  # … and those holding none
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._sends = Background()  # slots given back, on their way
         self._refreshing: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._stopped = False
@@ -89,7 +88,7 @@ class TeamCaps:
 
     def _flush(self) -> None:
         self._drop_planned_send()
-        self._soon(self._send_given())
+        self._sends.start(self._send_given())
 
     def _drop_planned_send(self) -> None:
         if self._flush_timer is not None:
@@ -121,8 +120,7 @@ class TeamCaps:
             if task is not None:
                 task.cancel()
         self._refreshing = self._reconnecting = None
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._sends.stop(cancel=False)
         # Detached first: a request ending while the slots close must not queue a slot
         # that nothing sends any more (`close` gives back every slot still held).
         self.pool.slot_freed = None
@@ -178,8 +176,3 @@ class TeamCaps:
             self._reconnecting = None
             logger.log(ALERT, "kimi-rotator: team-wide in-flight caps hold again")
             return
-
-    def _soon(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)

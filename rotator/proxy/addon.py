@@ -10,16 +10,16 @@ that gets a key at once costs no extra task.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.log import ALERT
 
 from rotator import access, policy
+from rotator.background import Background
 from rotator.clock import SYSTEM_CLOCK, Clock
 from rotator.models import AccountsFile
 from rotator.pool import KeyPool, Lease
@@ -31,7 +31,6 @@ from rotator.proxy.flows import (
     FlowLedger,
     FlowRecord,
     attempt_note,
-    client_closed,
     client_gone,
 )
 from rotator.proxy.options import (
@@ -70,7 +69,7 @@ class KimiRotator:
         self.team: TeamCaps | None = None  # team-wide in-flight caps, on a shared store
         self.notices: TeamNotices | None = None  # what the team's processes tell each other
         self._running = False
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background()
         # Parts that read this addon's state, loaded and run by it rather than as child
         # addons: mitmproxy visits every addon in the tree for every event of every flow
         # (~8 a request), and two children cost ~40k instructions a request for hooks
@@ -129,8 +128,8 @@ class KimiRotator:
         self.notices = None if events is None else TeamNotices(events, self.pool, self.sync, self.team, self.clock)
         state = self.sync.load()
         if previous is not None and self._running:
-            self._in_background(self._let_go(previous, previous_team))  # it gets its last changes
-            self._in_background(previous_polls.stop())
+            self._background.start(let_go(previous, previous_team))  # it gets its last changes
+            self._background.start(previous_polls.stop())
             self._start_store()
         if state is not None:
             _announce_keys(state, store.location)
@@ -161,11 +160,9 @@ class KimiRotator:
         # write, which runs after this hook: mask their keys first.
         self.ledger.mask_all()
         await self.polls.stop()
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.stop(cancel=True)
         if self.sync is not None:
-            await self._let_go(self.sync, [part for part in (self.team, self.notices) if part is not None])
+            await let_go(self.sync, [part for part in (self.team, self.notices) if part is not None])
         self.timeline.detach()
         await self.status_page.done()
 
@@ -175,19 +172,6 @@ class KimiRotator:
         for part in (self.team, self.notices):
             if part is not None:
                 part.start()
-
-    @staticmethod
-    async def _let_go(sync: PoolSync, team: list[TeamCaps | TeamNotices]) -> None:
-        """Stop using a store: its team parts first (slots given back), then the last save."""
-        for part in team:
-            await part.stop()
-        await sync.stop()
-        sync.store.close()
-
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     # -- traffic -----------------------------------------------------------------
     def is_kimi_request(self, flow: http.HTTPFlow) -> bool:
@@ -300,28 +284,16 @@ class KimiRotator:
         if record.kind is FlowKind.CLIENT:
             if outcome.retry_elsewhere and not response.stream:
                 if not bodies.is_streamed(flow.request):
-                    return self.attempts.retry(record, lease, self._most_attempts())
+                    most = retry.max_attempts(self.settings.max_attempts, len(self.pool.accounts))
+                    return self.attempts.retry(record, lease, most)
                 flow.comment += f"; {bodies.NOT_RESENT}"
             self.ledger.show_attempts_afresh(record)
         return None
 
     def error(self, flow: http.HTTPFlow) -> None:
         record = self.ledger.forget(flow.id)
-        if record is None or record.lease is None:
-            return
-        message = flow.error.msg if flow.error else "connection failed"
-        answered = flow.response.status_code if flow.response is not None else None
-        now = self.clock.now_ms()
-        # Our own resends carry a copy of the client's connection, closed: only a client's
-        # own flow says whether its client left.
-        client_left = record.kind is FlowKind.CLIENT and client_closed(flow)
-        outcome = policy.classify_connection_error(message, now, answered, client_left=client_left)
-        self.attempts.settle(record, outcome, now)
-        if record.kind is FlowKind.CLIENT:
-            self.ledger.show_attempts_afresh(record)
-
-    def _most_attempts(self) -> int:
-        return retry.max_attempts(self.settings.max_attempts, len(self.pool.accounts))
+        if record is not None and record.lease is not None:
+            self.attempts.failed(record, self.clock.now_ms())
 
     def _no_key_answer(self, why: Unavailable) -> http.Response:
         assert self.sync is not None
@@ -329,6 +301,14 @@ class KimiRotator:
         return answers.no_key(
             why, self.pool.state, self.clock.now_ms(), self.sync.store.location, self.sync.problem
         )
+
+
+async def let_go(sync: PoolSync, team: list[TeamCaps | TeamNotices]) -> None:
+    """Stop using a store: its team parts first (slots given back), then the last save."""
+    for part in team:
+        await part.stop()
+    await sync.stop()
+    sync.store.close()
 
 
 _frozen = False

@@ -18,7 +18,15 @@ from rotator import policy, stats
 from rotator.clock import Clock
 from rotator.pool import KeyPool, Lease
 from rotator.proxy import answers, retry, upstream
-from rotator.proxy.flows import METADATA_KEY, FlowKind, FlowLedger, FlowRecord, attempt_note, client_gone
+from rotator.proxy.flows import (
+    METADATA_KEY,
+    FlowKind,
+    FlowLedger,
+    FlowRecord,
+    attempt_note,
+    client_closed,
+    client_gone,
+)
 from rotator.strategies import Unavailable
 from rotator.tally import Tally
 from rotator.waitline import ABANDONED, WaitLine
@@ -67,6 +75,19 @@ class Attempts:
         if record.kind is FlowKind.ATTEMPT:
             self.ledger.show_attempts(record)
         record.flow.comment = f"kimi-rotator: {lease.label} → {verdict}"
+
+    def failed(self, record: FlowRecord, now: int) -> None:
+        """The attempt's flow ended with an error (no answer, or one cut off): settled as
+        a connection error, or as the client's leaving."""
+        flow = record.flow
+        message = flow.error.msg if flow.error else "connection failed"
+        answered = flow.response.status_code if flow.response is not None else None
+        # Our own resends carry a copy of the client's connection, closed: only a client's
+        # own flow says whether its client left.
+        client_left = record.kind is FlowKind.CLIENT and client_closed(flow)
+        self.settle(record, policy.classify_connection_error(message, now, answered, client_left=client_left), now)
+        if record.kind is FlowKind.CLIENT:
+            self.ledger.show_attempts_afresh(record)
 
     async def retry(self, client: FlowRecord, failed: Lease, most_attempts: int) -> None:
         """Resend on other keys; the client sees only the last answer. Each attempt is
