@@ -13,16 +13,19 @@ class Background:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def __len__(self) -> int:
+        return len(self._tasks)
+
     def start(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self, cancel: bool) -> None:
-        """Wait until no task is left, those started meanwhile included (cancelled first
-        with `cancel`); their errors are theirs to log."""
-        while self._tasks:
-            if cancel:
-                for task in self._tasks:
-                    task.cancel()
+        """Wait for every task to end (cancelled first with `cancel`); their errors are
+        theirs to log."""
+        if cancel:
+            for task in self._tasks:
+                task.cancel()
+        if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
