@@ -14,10 +14,11 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import _common as C
+from rotator.text import clean_line
 from tests import harness
 from tests.redis_server import RedisServer
 
@@ -78,11 +79,21 @@ class Arm:
     completed: int = 0  # requests answered to a client: wrk's (warm-ups too) and the checks
     cut: int = 0  # requests wrk may have left in flight when it stopped: its connections, per run
     probes: int = 0  # requests sent straight to the fake by `upstream_seen`
+    exits: list[int | None] = field(default_factory=list)  # each proxy's exit status, once stopped
 
     def stop_proxies(self) -> None:
-        """SIGINT each proxy: its done() hook saves its last counts and gives its slots back."""
-        for proxy in self.proxies:
-            proxy.stop()
+        """SIGINT each proxy: its done() hook saves its last counts and gives its slots back.
+        A proxy that has not exited 30 s later is killed (its status then says so)."""
+        if not self.exits:
+            self.exits = [proxy.stop(timeout=30.0) for proxy in self.proxies]
+
+    def shutdown_report(self) -> str:
+        """Each proxy's exit status and its last lines: why a last save may be missing."""
+        parts = []
+        for i, (proxy, status) in enumerate(zip(self.proxies, self.exits)):
+            tail = "\n".join("      " + clean_line(line, 300) for line in proxy.output().splitlines()[-12:])
+            parts.append(f"    {self.name}-{i}: exit status {status}\n{tail}")
+        return "\n".join(parts)
 
     def describe(self) -> str:
         if self.redis is None:

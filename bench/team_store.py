@@ -165,13 +165,19 @@ def main() -> int:
         print(f"check: {name} arm, last {sent} requests ({EXACT_PER_PROXY} through each proxy at once, then "
               f"shutdown): the store counted {got[0]} ({got[1]} successful), its fake Kimi saw {got[2]}: "
               f"{'exact' if exact else 'MISMATCH'}")
+        clean_exit = all(status == 0 for status in arms[name].exits)
+        bad += not clean_exit
+        print(f"check: {name} arm, shutdown: the proxies exited with status "
+              f"{', '.join(map(str, arms[name].exits))}: {'clean' if clean_exit else 'NOT CLEAN'}")
     print(f"check: redis arm: team slots still held after shutdown: {slots_left}; "
           f"its unused accounts file {'WAS WRITTEN' if unused_file_made else 'stays absent'}")
     bad += bool(slots_left) + unused_file_made
     if errors:
         print(f"WARNING: {errors} wrk errors (socket errors, timeouts or non-2xx answers): figures suspect")
     if bad:
-        print(f"WARNING: {bad} check(s) failed: figures suspect")
+        print(f"WARNING: {bad} check(s) failed: figures suspect. How each proxy stopped:")
+        for name in T.ARMS:
+            print(arms[name].shutdown_report())
     if args.quick:
         print("(--quick: one short round; the figures are rough, use the full run for numbers)")
     return 1 if errors or bad else 0
