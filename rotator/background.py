@@ -13,19 +13,20 @@ class Background:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def __len__(self) -> int:
-        return len(self._tasks)
-
     def start(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self, cancel: bool) -> None:
-        """Wait for every task to end (cancelled first with `cancel`); their errors are
-        theirs to log."""
-        if cancel:
-            for task in self._tasks:
-                task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Wait until no task is left, those started meanwhile included (cancelled first
+        with `cancel`); their errors are theirs to log."""
+        # Asks which tasks have not ended rather than which are still in the set: a task
+        # leaves the set by a callback the loop runs later, and gathering tasks that have
+        # all ended returns without giving the loop a turn, so waiting for the set to
+        # empty would spin forever.
+        while unfinished := [task for task in self._tasks if not task.done()]:
+            if cancel:
+                for task in unfinished:
+                    task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)

@@ -22,6 +22,7 @@ import asyncio
 import logging
 
 from rotator import oddities, ops
+from rotator.background import Background
 from rotator.merge import PoolChange
 from rotator.models import AccountsFile
 from rotator.pool import KeyPool
@@ -47,7 +48,7 @@ class PoolSync:
         # A person's changes made in memory and not yet in the store, oldest first.
         self._pending_ops: list[ops.Op] = []
         self._one_save_at_a_time = asyncio.Lock()
-        self._soon: set[asyncio.Task[None]] = set()
+        self._soon = Background()  # saves started now rather than at the interval
         self._soon_wanted = False  # a save asked by `soon` waits to start
         self._last_soon_s = float("-inf")  # when the last one started (the loop's clock)
 
@@ -76,15 +77,12 @@ class PoolSync:
         message = op(self.pool.state)
         self._pending_ops.append(op)
         _say_events(self._refresh_pool())
-        task = asyncio.get_running_loop().create_task(self._save_logged())
-        self._soon.add(task)
-        task.add_done_callback(self._soon.discard)
+        self._soon.start(self._save_logged())
         return message
 
     async def saved(self) -> None:
         """Wait for the saves `run_op` started."""
-        while self._soon:
-            await asyncio.gather(*self._soon, return_exceptions=True)
+        await self._soon.stop(cancel=False)
 
     def soon(self) -> None:
         """Save and read the store now, not at the next interval: another process says it
@@ -93,9 +91,7 @@ class PoolSync:
         if self._soon_wanted:
             return
         self._soon_wanted = True
-        task = asyncio.get_running_loop().create_task(self._save_soon())
-        self._soon.add(task)
-        task.add_done_callback(self._soon.discard)
+        self._soon.start(self._save_soon())
 
     async def _save_soon(self) -> None:
         loop = asyncio.get_running_loop()

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+from rotator.background import Background
 from rotator.clock import Clock
 from rotator.pool import KeyPool
 from rotator.store import Notice, NoticeKind, StoreError, TeamEvents
@@ -36,7 +37,7 @@ class TeamNotices:
         self.caps = caps
         self.clock = clock
         self._listening: asyncio.Task[None] | None = None
-        self._telling: set[asyncio.Task[None]] = set()
+        self._telling = Background()
         pool.paused = self._tell_pause
         pool.limited = self._tell_limited
         pool.state_changed = sync.soon  # a cooldown or a disabled key is saved, and told, now
@@ -67,8 +68,7 @@ class TeamNotices:
             self._listening.cancel()
             await asyncio.gather(self._listening, return_exceptions=True)
             self._listening = None
-        if self._telling:
-            await asyncio.gather(*self._telling, return_exceptions=True)
+        await self._telling.stop(cancel=False)
         await self.events.close()
 
     def _tell_pause(self, pause_ms: int) -> None:
@@ -78,9 +78,7 @@ class TeamNotices:
         self._tell(self.events.limited(key_id(key)), "a rate limit")
 
     def _tell(self, telling: Coroutine[Any, Any, None], what: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._try(telling, what))
-        self._telling.add(task)
-        task.add_done_callback(self._telling.discard)
+        self._telling.start(self._try(telling, what))
 
     @staticmethod
     async def _try(telling: Coroutine[Any, Any, None], what: str) -> None:

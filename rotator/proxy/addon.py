@@ -82,8 +82,8 @@ class KimiRotator:
     def load(self, loader: Any) -> None:
         add_options(loader)
         self.status_page.load(loader)
-        for path, func in self.commands.table():
-            loader.add_command(path, func)
+        # What mitmproxy does with each addon it registers, for a part that is none.
+        loader.master.commands.collect_commands(self.commands)
 
     def configure(self, updated: set[str]) -> None:
         self.settings = read_settings(self.settings, ctx.options, updated)
@@ -314,19 +314,17 @@ async def let_go(sync: PoolSync, team: list[TeamCaps | TeamNotices]) -> None:
 _frozen = False
 
 
-def freeze_what_lives_on() -> bool:
+def freeze_what_lives_on() -> None:
     """Once per process, when the proxy first runs: what exists then (modules, classes,
     mitmproxy's and this addon's state) lives until it stops, so it goes out of the
     garbage collector's sight (`gc.freeze`) and each collection walks only what requests
     made since. Walking this addon's imports (pydantic, redis, …) at every full
-    collection cost ~100k instructions a request (bench/instructions.py). Returns
-    whether it froze now. Never thawed: an addon reloaded later is collected as usual."""
+    collection cost ~100k instructions a request (bench/instructions.py). Never
+    thawed: an addon reloaded later is collected as usual."""
     global _frozen
-    if _frozen:
-        return False
-    _frozen = True
-    gc.freeze()
-    return True
+    if not _frozen:
+        _frozen = True
+        gc.freeze()
 
 
 def _announce_keys(state: AccountsFile, location: str) -> None:

@@ -39,12 +39,6 @@ class RotatorCommands:
     def __init__(self, rotator: KimiRotator) -> None:
         self.rotator = rotator
 
-    def table(self) -> list[tuple[str, Callable[..., object]]]:
-        """Each command's name and method, for `loader.add_command` (the addon loads
-        these itself: this is no addon of mitmproxy's tree)."""
-        found = (getattr(self, name) for name in dir(type(self)) if not name.startswith("_"))
-        return [(method.command_name, method) for method in found if isinstance(getattr(method, "command_name", None), str)]
-
     # -- reading ---------------------------------------------------------------
     @command.command("kimi.status")
     def status(self) -> Sequence[str]:

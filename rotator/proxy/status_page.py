@@ -24,6 +24,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions
 
 from rotator import access, dashboard, metrics
+from rotator.background import Background
 from rotator.status_http import Request, Response, StatusServer, plain
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class StatusPage:
         self._page: tuple[bytes, str] | None = None
         self._running = False
         self._switch = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._restarts = Background()
 
     # -- options and lifecycle ---------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -136,9 +137,7 @@ class StatusPage:
         changed = address != self.address
         self.address = address
         if changed and self._running:
-            task = asyncio.get_running_loop().create_task(self._restart())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._restarts.start(self._restart())
 
     def running(self) -> Awaitable[None] | None:
         """Start listening, if on (None if off: nothing to wait for)."""
@@ -155,9 +154,7 @@ class StatusPage:
 
     async def done(self) -> None:
         self._running = False
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._restarts.stop(cancel=True)
         async with self._switch:
             await self._stop()
 

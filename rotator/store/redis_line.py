@@ -25,6 +25,7 @@ from typing import Any
 import redis
 import redis.asyncio.connection
 
+from rotator.background import Background
 from rotator.store.redis_store import SOCKET_TIMEOUT_S
 
 Connection = redis.asyncio.connection.AbstractConnection
@@ -49,7 +50,7 @@ class RedisLine:
         self._connecting: asyncio.Future[None] | None = None
         self._waiting: deque[tuple[asyncio.Future[Any], asyncio.TimerHandle]] = deque()
         self._reader: asyncio.Task[None] | None = None
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing = Background()  # broken connections, closing
         self._closed = False
 
     async def run(self, script: Script, keys: list[str], args: list[str | int]) -> Any:
@@ -79,8 +80,7 @@ class RedisLine:
     async def close(self) -> None:
         self._closed = True
         self._break(self._connection, redis.ConnectionError("the line is closed"))
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        await self._closing.stop(cancel=False)
 
     # -- the connection ------------------------------------------------------------
     async def _connect(self) -> Connection:
@@ -141,9 +141,7 @@ class RedisLine:
             self._reader.cancel()
         self._reader = None
         if self._connection is not None:
-            closing = asyncio.get_running_loop().create_task(self._connection.disconnect(nowait=True))
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+            self._closing.start(self._connection.disconnect(nowait=True))
             self._connection = None
         waiting, self._waiting = self._waiting, deque()
         for waiter, timer in waiting:

@@ -138,27 +138,24 @@ class RedisStore:
 
     def new_async_client(self) -> redis.asyncio.Redis:
         """An asyncio client of this server, with the same timeouts, for the proxy's event
-        loop; its user closes it (`aclose`)."""
-        return redis.asyncio.Redis.from_url(
-            self.url,
-            socket_timeout=SOCKET_TIMEOUT_S,
-            socket_connect_timeout=CONNECT_TIMEOUT_S,
-            retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            health_check_interval=0,
-        )
+        loop; its user closes it (`aclose`, which closes its connections too)."""
+        return redis.asyncio.Redis.from_pool(self._async_pool(SOCKET_TIMEOUT_S))
 
     def new_async_connections(self) -> Callable[[], redis.asyncio.connection.AbstractConnection]:
         """A maker of unconnected asyncio connections to this server (the URL's user,
         password, database and TLS), with the connect timeout but no socket timeout: for
         a caller that times each call itself (`RedisLine`)."""
-        pool = redis.asyncio.ConnectionPool.from_url(
+        return self._async_pool(None).make_connection
+
+    def _async_pool(self, socket_timeout_s: float | None) -> redis.asyncio.ConnectionPool:
+        # No retries of redis-py's own: the callers retry, with their own pauses.
+        return redis.asyncio.ConnectionPool.from_url(
             self.url,
+            socket_timeout=socket_timeout_s,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
-        return pool.make_connection
 
     def errors(self, action: str) -> _RedisErrors:
         """A context in which redis-py's errors become one-line `RedisStoreError`s."""
