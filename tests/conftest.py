@@ -1,4 +1,5 @@
-"""Shared fixtures: a fake Kimi server, an accounts file, and real mitmdump proxies."""
+"""Shared fixtures: a fake Kimi server, an accounts file, real mitmdump proxies, and a
+real redis-server."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rotator.models import Account, AccountsFile
 from rotator.store import file as storage
 from tests.fake_kimi import FakeKimi
 from tests.harness import LOOPBACK_DNS, REPO_ROOT, Proxy, start_mitmdump
+from tests.redis_server import RedisServer
 
 ADDON_SCRIPT = REPO_ROOT / "kimi_rotator_addon.py"
 FLUSH_INTERVAL_S = 0.2  # start_proxy's kimi_flush_interval: a proxy saves this often
@@ -27,6 +29,17 @@ def fake_key(label: str | int) -> str:
 def fake_kimi() -> Iterator[FakeKimi]:
     with FakeKimi() as server:
         yield server
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own: loopback, a free port, persistence off, its
+    files in <tmp>/redis; stopped at the end."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 
 from rotator import ops
 from rotator.store.redis_store import RedisStore
@@ -16,38 +15,29 @@ from tests.test_e2e_failures import client, send
 FLUSH_DEADLINE_S = 10.0
 
 
-@pytest.fixture
-def redis_srv(tmp_path):
-    srv = RedisServer(tmp_path / "redis")
-    (tmp_path / "redis").mkdir()
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 def _counts_in_redis(url: str, keys: list[str]) -> dict[str, tuple[int, int]]:
     by_key = {a.key: (a.total_requests, a.successful_requests) for a in RedisStore(url).read().accounts}
     return {k: by_key.get(k, (0, 0)) for k in keys}
 
 
-def test_three_proxies_count_exactly_and_see_cli_changes(redis_srv, fake_kimi, start_proxy, keys):
-    store = RedisStore(redis_srv.url)
+def test_three_proxies_count_exactly_and_see_cli_changes(redis_server, fake_kimi, start_proxy, keys):
+    store = RedisStore(redis_server.url)
     for i, key in enumerate(keys[:2]):
         ops.run(store, ops.add_key(key, f"K{i}", i + 1))
     ops.run(store, ops.set_strategy("round-robin", 10))
-    proxies = [start_proxy(fake_kimi, options={"kimi_store": redis_srv.url}) for _ in range(3)]
+    proxies = [start_proxy(fake_kimi, options={"kimi_store": redis_server.url}) for _ in range(3)]
     with client() as c, ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda i: send(c, proxies[i % 3]), range(60)))
     assert all(a.status_code == 200 for a in answers)
     seen = counts_seen(fake_kimi, keys)
     assert sum(total for total, _ in seen.values()) == 60
-    assert poll(lambda: _counts_in_redis(redis_srv.url, keys) == seen, FLUSH_DEADLINE_S), (
-        _counts_in_redis(redis_srv.url, keys), seen)
+    assert poll(lambda: _counts_in_redis(redis_server.url, keys) == seen, FLUSH_DEADLINE_S), (
+        _counts_in_redis(redis_server.url, keys), seen)
 
     # A person's change through the CLI (a third key) reaches every proxy: round robin
     # puts it on one of each proxy's next requests.
     from rotator import cli
-    assert cli.main(["--store", redis_srv.url, "add-key", keys[2], "K2"]) == 0
+    assert cli.main(["--store", redis_server.url, "add-key", keys[2], "K2"]) == 0
     with client() as c:
         for proxy in proxies:
             def uses_new_key() -> bool:
@@ -73,23 +63,23 @@ def test_unreachable_at_start_answers_503_then_serves(tmp_path, fake_kimi, start
             srv.stop()
 
 
-def test_redis_away_under_load_costs_no_request_and_counts_end_exact(redis_srv, fake_kimi, start_proxy, keys):
+def test_redis_away_under_load_costs_no_request_and_counts_end_exact(redis_server, fake_kimi, start_proxy, keys):
     import time
 
-    store = RedisStore(redis_srv.url)
+    store = RedisStore(redis_server.url)
     for i, key in enumerate(keys):
         ops.run(store, ops.add_key(key, f"K{i}", i + 1))
-    proxies = [start_proxy(fake_kimi, options={"kimi_store": redis_srv.url}) for _ in range(2)]
+    proxies = [start_proxy(fake_kimi, options={"kimi_store": redis_server.url}) for _ in range(2)]
     with client() as c:
         assert all(send(c, p).status_code == 200 for p in proxies)
-        redis_srv.stop(keep_data=True)
+        redis_server.stop(keep_data=True)
         statuses = []
         away_until = time.monotonic() + 5  # the outage's length, not an ordering wait
         with ThreadPoolExecutor(4) as pool:
             while time.monotonic() < away_until:
                 statuses += [a.status_code for a in pool.map(lambda i: send(c, proxies[i % 2]), range(8))]
-        redis_srv.start()
+        redis_server.start()
         assert statuses and set(statuses) == {200}
     seen = counts_seen(fake_kimi, keys)
-    assert poll(lambda: _counts_in_redis(redis_srv.url, keys) == seen, FLUSH_DEADLINE_S), (
-        _counts_in_redis(redis_srv.url, keys), seen)
+    assert poll(lambda: _counts_in_redis(redis_server.url, keys) == seen, FLUSH_DEADLINE_S), (
+        _counts_in_redis(redis_server.url, keys), seen)

@@ -11,28 +11,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 
 from rotator import cli, ops
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import slots_key
 from tests.conftest import fake_key
 from tests.harness import Proxy, counts_seen, poll
-from tests.redis_server import RedisServer
 from tests.test_e2e_failures import client, send
 
 SEEN_WITHIN_S = 1.0
 # Saves far apart: only the team's notices can make a change seen within a second.
 SLOW_SAVES = {"kimi_flush_interval": "5"}
-
-
-@pytest.fixture
-def redis_srv(tmp_path):
-    (tmp_path / "redis").mkdir()
-    srv = RedisServer(tmp_path / "redis")
-    srv.start()
-    yield srv
-    srv.stop()
 
 
 def _pool(url: str, keys: list[str], strategy: str = "round-robin") -> RedisStore:
@@ -43,11 +32,11 @@ def _pool(url: str, keys: list[str], strategy: str = "round-robin") -> RedisStor
     return store
 
 
-def test_three_proxies_keep_each_keys_cap_for_the_whole_team(redis_srv, fake_kimi, start_proxy, keys):
+def test_three_proxies_keep_each_keys_cap_for_the_whole_team(redis_server, fake_kimi, start_proxy, keys):
     two = keys[:2]
-    _pool(redis_srv.url, two)
+    _pool(redis_server.url, two)
     fake_kimi.set_default(delay=0.25)  # slow answers: requests pile up on each key
-    options = {"kimi_store": redis_srv.url, "kimi_max_in_flight": "2"}
+    options = {"kimi_store": redis_server.url, "kimi_max_in_flight": "2"}
     proxies = [start_proxy(fake_kimi, options=options) for _ in range(3)]
     requests = 48
     with client() as c, ThreadPoolExecutor(18) as pool:  # 6 clients per proxy, 12 > 2 keys × 2
@@ -59,20 +48,20 @@ def test_three_proxies_keep_each_keys_cap_for_the_whole_team(redis_srv, fake_kim
     seen = counts_seen(fake_kimi, two)
     assert sum(total for total, _ in seen.values()) == requests
     # Every slot was given back.
-    assert poll(lambda: all(redis_srv.command("ZCARD", slots_key("kimi-rotator:", k)) == 0 for k in two), 5)
+    assert poll(lambda: all(redis_server.command("ZCARD", slots_key("kimi-rotator:", k)) == 0 for k in two), 5)
 
 
-def test_a_killed_proxys_slots_expire(redis_srv, fake_kimi, start_proxy, keys):
+def test_a_killed_proxys_slots_expire(redis_server, fake_kimi, start_proxy, keys):
     key = keys[0]
-    _pool(redis_srv.url, [key])
-    options = {"kimi_store": redis_srv.url, "kimi_max_in_flight": "1", "kimi_slot_ttl": "1", **SLOW_SAVES}
+    _pool(redis_server.url, [key])
+    options = {"kimi_store": redis_server.url, "kimi_max_in_flight": "1", "kimi_slot_ttl": "1", **SLOW_SAVES}
     doomed, survivor = (start_proxy(fake_kimi, options=options) for _ in range(2))
     fake_kimi.set_response(key, 200, times=1, delay=8)  # the doomed proxy's request hangs upstream
     hung = threading.Thread(target=_send_ignoring_errors, args=(doomed,), daemon=True)
     hung.start()
     assert poll(lambda: fake_kimi.in_flight_by_key().get(key) == 1, 10)
     slots = slots_key("kimi-rotator:", key)
-    assert redis_srv.command("ZCARD", slots) == 1  # the doomed proxy holds the key's one slot
+    assert redis_server.command("ZCARD", slots) == 1  # the doomed proxy holds the key's one slot
     doomed.process.kill()
     doomed.process.wait(5)
     started = time.monotonic()
@@ -126,10 +115,10 @@ def _all_within(check, proxies: list[Proxy], started: float) -> list[float]:
     return took
 
 
-def test_changes_reach_every_proxy_within_a_second(redis_srv, fake_kimi, start_proxy, keys):
+def test_changes_reach_every_proxy_within_a_second(redis_server, fake_kimi, start_proxy, keys):
     k0, k1, k2 = keys
-    _pool(redis_srv.url, [k0, k1])
-    options = {"kimi_store": redis_srv.url, **SLOW_SAVES}
+    _pool(redis_server.url, [k0, k1])
+    options = {"kimi_store": redis_server.url, **SLOW_SAVES}
     proxies = [start_proxy(fake_kimi, options=options) for _ in range(3)]
     with client() as c:
         assert all(_uses(c, p, fake_kimi, k0) for p in proxies)
@@ -142,12 +131,12 @@ def test_changes_reach_every_proxy_within_a_second(redis_srv, fake_kimi, start_p
         _all_within(lambda p: _avoids(c, p, fake_kimi, k0), proxies[1:], started)
 
         # A person's change from the CLI: the cooldown cleared, a key added, one removed.
-        assert cli.main(["--store", redis_srv.url, "clear-limits", "all"]) == 0
+        assert cli.main(["--store", redis_server.url, "clear-limits", "all"]) == 0
         started = time.monotonic()
         _all_within(lambda p: _uses(c, p, fake_kimi, k0), proxies, started)
 
-        assert cli.main(["--store", redis_srv.url, "remove-key", "1"]) == 0
-        assert cli.main(["--store", redis_srv.url, "add-key", k2, "K2"]) == 0
+        assert cli.main(["--store", redis_server.url, "remove-key", "1"]) == 0
+        assert cli.main(["--store", redis_server.url, "add-key", k2, "K2"]) == 0
         started = time.monotonic()
         _all_within(lambda p: _uses(c, p, fake_kimi, k2) and _avoids(c, p, fake_kimi, k1), proxies, started)
 
@@ -157,15 +146,15 @@ def test_changes_reach_every_proxy_within_a_second(redis_srv, fake_kimi, start_p
         _send_until_refused(c, proxies[1], fake_kimi, 401)
         started = time.monotonic()
         _all_within(lambda p: _avoids(c, p, fake_kimi, k0), [proxies[0], proxies[2]], started)
-        assert cli.main(["--store", redis_srv.url, "enable-key", "0"]) == 0
+        assert cli.main(["--store", redis_server.url, "enable-key", "0"]) == 0
         started = time.monotonic()
         _all_within(lambda p: _uses(c, p, fake_kimi, k0), proxies, started)
 
 
-def test_a_throttle_one_proxy_sees_pauses_the_team(redis_srv, fake_kimi, start_proxy, keys):
-    _pool(redis_srv.url, keys)
+def test_a_throttle_one_proxy_sees_pauses_the_team(redis_server, fake_kimi, start_proxy, keys):
+    _pool(redis_server.url, keys)
     # A pause (10 s) longer than a request may wait: a paused proxy answers at once.
-    options = {"kimi_store": redis_srv.url, "kimi_max_wait": "1", **SLOW_SAVES}
+    options = {"kimi_store": redis_server.url, "kimi_max_wait": "1", **SLOW_SAVES}
     watcher, limited = (start_proxy(fake_kimi, options=options) for _ in range(2))
     with client() as c:
         assert send(c, watcher).status_code == 200
@@ -188,12 +177,12 @@ def test_a_throttle_one_proxy_sees_pauses_the_team(redis_srv, fake_kimi, start_p
     assert len(fake_kimi.message_requests()) == before  # nothing sent upstream while paused
 
 
-def test_a_throttle_spread_over_the_team_is_seen_and_pauses_it(redis_srv, fake_kimi, start_proxy, keys):
+def test_a_throttle_spread_over_the_team_is_seen_and_pauses_it(redis_server, fake_kimi, start_proxy, keys):
     """Kimi refuses three keys within 5 s, each through a different proxy: no proxy saw a
     throttle alone, the team did (each tells the others of its rate limits)."""
     pool_keys = [*keys, fake_key("key3")]  # a fourth key: each proxy's own retry is served
-    _pool(redis_srv.url, pool_keys)
-    options = {"kimi_store": redis_srv.url, "kimi_max_wait": "1", **SLOW_SAVES}
+    _pool(redis_server.url, pool_keys)
+    options = {"kimi_store": redis_server.url, "kimi_max_wait": "1", **SLOW_SAVES}
     proxies = [start_proxy(fake_kimi, options=options) for _ in range(3)]
     with client() as c:
         assert all(send(c, p).status_code == 200 for p in proxies)

@@ -21,33 +21,25 @@ ECHO = Script("return {KEYS[1], ARGV[1]}")
 BUSY = Script("local n = 0 for i = 1, tonumber(ARGV[1]) do n = n + 1 end return n")
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = RedisServer(tmp_path)
-    srv.start()
-    yield srv
-    srv.stop()
+def line_to(redis_server: RedisServer, timeout_s: float = 1.0) -> RedisLine:
+    return RedisLine(RedisStore(redis_server.url).new_async_connections(), timeout_s)
 
 
-def line_to(server: RedisServer, timeout_s: float = 1.0) -> RedisLine:
-    return RedisLine(RedisStore(server.url).new_async_connections(), timeout_s)
+def clients(redis_server: RedisServer) -> int:
+    return int(redis_server.command("INFO", "clients")["connected_clients"])
 
 
-def clients(server: RedisServer) -> int:
-    return int(server.command("INFO", "clients")["connected_clients"])
-
-
-async def test_calls_in_flight_at_once_each_get_their_own_answer_on_one_connection(server):
-    line = line_to(server)
-    before = clients(server)
+async def test_calls_in_flight_at_once_each_get_their_own_answer_on_one_connection(redis_server):
+    line = line_to(redis_server)
+    before = clients(redis_server)
     answers = await asyncio.gather(*(line.run(ECHO, [f"k{i}"], [i]) for i in range(200)))
     assert answers == [[f"k{i}".encode(), str(i).encode()] for i in range(200)]
-    assert clients(server) == before + 1
+    assert clients(redis_server) == before + 1
     await line.close()
 
 
-async def test_an_error_answer_fails_its_call_only(server):
-    line = line_to(server)
+async def test_an_error_answer_fails_its_call_only(redis_server):
+    line = line_to(redis_server)
     await line.call("SET", "text", "not a number")
     results = await asyncio.gather(line.call("INCR", "n"), line.call("INCR", "text"), line.call("INCR", "n"),
                                    return_exceptions=True)
@@ -56,19 +48,19 @@ async def test_an_error_answer_fails_its_call_only(server):
     await line.close()
 
 
-async def test_a_server_that_lost_its_scripts_gets_them_again(server):
-    line = line_to(server)
+async def test_a_server_that_lost_its_scripts_gets_them_again(redis_server):
+    line = line_to(redis_server)
     assert await line.run(ECHO, ["a"], [1]) == [b"a", b"1"]
-    server.command("SCRIPT", "FLUSH")
+    redis_server.command("SCRIPT", "FLUSH")
     assert await line.run(ECHO, ["b"], [2]) == [b"b", b"2"]
-    assert server.command("SCRIPT", "EXISTS", ECHO.sha) == [True]
+    assert redis_server.command("SCRIPT", "EXISTS", ECHO.sha) == [True]
     await line.close()
 
 
-async def test_no_answer_in_time_fails_every_waiting_call_and_the_next_connects_afresh(server):
-    line = line_to(server, timeout_s=0.3)
+async def test_no_answer_in_time_fails_every_waiting_call_and_the_next_connects_afresh(redis_server):
+    line = line_to(redis_server, timeout_s=0.3)
     assert await line.run(BUSY, [], [1]) == 1  # loaded: the busy one below is one EVALSHA
-    before = clients(server)
+    before = clients(redis_server)
     started = asyncio.get_running_loop().time()
     results = await asyncio.gather(line.run(BUSY, [], [60_000_000]), line.call("PING"), return_exceptions=True)
     waited = asyncio.get_running_loop().time() - started
@@ -82,27 +74,27 @@ async def test_no_answer_in_time_fails_every_waiting_call_and_the_next_connects_
         except redis.TimeoutError:
             pass
     assert await line.run(ECHO, ["c"], [3]) == [b"c", b"3"]
-    assert clients(server) == before
+    assert clients(redis_server) == before
     await line.close()
 
 
-async def test_a_server_gone_fails_fast_and_the_line_comes_back_with_it(server):
-    line = line_to(server)
+async def test_a_server_gone_fails_fast_and_the_line_comes_back_with_it(redis_server):
+    line = line_to(redis_server)
     assert await line.call("PING") == b"PONG"
-    server.stop()
+    redis_server.stop()
     started = asyncio.get_running_loop().time()
     with pytest.raises(redis.ConnectionError):
         await line.call("PING")
     with pytest.raises(redis.ConnectionError):  # refused at connect
         await line.call("PING")
     assert asyncio.get_running_loop().time() - started < 2.0
-    server.start()  # same port
+    redis_server.start()  # same port
     assert await line.call("PING") == b"PONG"
     await line.close()
 
 
-async def test_a_caller_cancelled_in_flight_leaves_the_others_in_step(server):
-    line = line_to(server)
+async def test_a_caller_cancelled_in_flight_leaves_the_others_in_step(redis_server):
+    line = line_to(redis_server)
     calls = [asyncio.ensure_future(line.run(ECHO, [f"k{i}"], [i])) for i in range(20)]
     await asyncio.sleep(0)  # all sent
     calls[5].cancel()
@@ -118,23 +110,23 @@ async def test_a_caller_cancelled_in_flight_leaves_the_others_in_step(server):
 
 
 async def test_the_urls_password_holds(tmp_path):
-    server = RedisServer(tmp_path, password="s3cret-pass")
-    server.start()
+    redis_server = RedisServer(tmp_path, password="s3cret-pass")
+    redis_server.start()
     try:
-        line = line_to(server)
+        line = line_to(redis_server)
         assert await line.call("SET", "x", "1") == b"OK"
-        assert server.command("GET", "x") == b"1"
+        assert redis_server.command("GET", "x") == b"1"
         await line.close()
-        wrong = RedisLine(RedisStore(server.url.replace("s3cret-pass", "wrong")).new_async_connections())
+        wrong = RedisLine(RedisStore(redis_server.url.replace("s3cret-pass", "wrong")).new_async_connections())
         with pytest.raises(redis.AuthenticationError):
             await wrong.call("PING")
         await wrong.close()
     finally:
-        server.stop()
+        redis_server.stop()
 
 
-async def test_close_fails_what_waits_and_every_later_call(server):
-    line = line_to(server, timeout_s=5.0)
+async def test_close_fails_what_waits_and_every_later_call(redis_server):
+    line = line_to(redis_server, timeout_s=5.0)
     assert await line.run(BUSY, [], [1]) == 1
     waiting = asyncio.ensure_future(line.run(BUSY, [], [20_000_000]))
     await asyncio.sleep(0.05)

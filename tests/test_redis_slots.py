@@ -18,7 +18,6 @@ from rotator.store import StoreError
 from rotator.store.redis_slots import RedisSlots
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import DEFAULT_PREFIX, NOTICE_FREED, key_id, notices_channel, slots_key
-from tests.redis_server import RedisServer
 
 KEY = "sk-kimi-" + "s" * 40
 OTHER = "sk-kimi-" + "t" * 40
@@ -26,16 +25,8 @@ LONG_TTL_MS = 30_000
 
 
 @pytest.fixture
-def server(tmp_path):
-    srv = RedisServer(tmp_path)
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def client(server):
-    c = redis.Redis(port=server.port)
+def client(redis_server):
+    c = redis.Redis(port=redis_server.port)
     yield c
     c.close()
 
@@ -71,8 +62,8 @@ async def until(condition, timeout_s: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_the_cap_holds_for_every_proxy_on_the_store(server, client):
-    store = RedisStore(server.url)
+async def test_the_cap_holds_for_every_proxy_on_the_store(redis_server, client):
+    store = RedisStore(redis_server.url)
     a = RedisSlots(store, LONG_TTL_MS, holder="a")
     b = RedisSlots(store, LONG_TTL_MS, holder="b")
     assert await a.take(KEY, 2)
@@ -91,8 +82,8 @@ async def test_the_cap_holds_for_every_proxy_on_the_store(server, client):
     await b.close()
 
 
-async def test_a_slot_given_back_rides_with_the_next_take(server, client):
-    store = RedisStore(server.url)
+async def test_a_slot_given_back_rides_with_the_next_take(redis_server, client):
+    store = RedisStore(redis_server.url)
     a = RedisSlots(store, LONG_TTL_MS, holder="a")
     b = RedisSlots(store, LONG_TTL_MS, holder="b")
     assert await a.take(KEY, 2)  # 1 held: did not fill the cap
@@ -118,8 +109,8 @@ async def test_a_slot_given_back_rides_with_the_next_take(server, client):
     await b.close()
 
 
-async def test_freed_is_published_only_when_the_key_was_at_its_cap(server, client):
-    store = RedisStore(server.url)
+async def test_freed_is_published_only_when_the_key_was_at_its_cap(redis_server, client):
+    store = RedisStore(redis_server.url)
     channel = notices_channel(DEFAULT_PREFIX)
     pubsub = listen(client, channel)
     a = RedisSlots(store, LONG_TTL_MS, holder="a")
@@ -143,8 +134,8 @@ async def test_freed_is_published_only_when_the_key_was_at_its_cap(server, clien
     await b.close()
 
 
-async def test_a_slot_not_refreshed_expires_and_a_refreshed_one_lives_on(server, client):
-    store = RedisStore(server.url)
+async def test_a_slot_not_refreshed_expires_and_a_refreshed_one_lives_on(redis_server, client):
+    store = RedisStore(redis_server.url)
     ttl_ms = 300
     gone = RedisSlots(store, ttl_ms, holder="gone")  # a proxy that stops refreshing
     alive = RedisSlots(store, ttl_ms, holder="alive")
@@ -182,9 +173,9 @@ async def test_a_slot_not_refreshed_expires_and_a_refreshed_one_lives_on(server,
     await alive.close()
 
 
-async def test_pools_on_other_prefixes_share_no_slots(server, client):
-    one = RedisSlots(RedisStore(server.url, "team-one:"), LONG_TTL_MS, holder="one")
-    two = RedisSlots(RedisStore(server.url, "team-two:"), LONG_TTL_MS, holder="two")
+async def test_pools_on_other_prefixes_share_no_slots(redis_server, client):
+    one = RedisSlots(RedisStore(redis_server.url, "team-one:"), LONG_TTL_MS, holder="one")
+    two = RedisSlots(RedisStore(redis_server.url, "team-two:"), LONG_TTL_MS, holder="two")
     pubsub = listen(client, notices_channel("team-one:"), notices_channel("team-two:"))
     assert await one.take(KEY, 1)
     assert await two.take(KEY, 1)  # the same key, another pool: its own cap
@@ -201,8 +192,8 @@ async def test_pools_on_other_prefixes_share_no_slots(server, client):
     await two.close()
 
 
-async def test_no_key_shows_in_any_redis_name_or_member(server, client):
-    store = RedisStore(server.url)
+async def test_no_key_shows_in_any_redis_name_or_member(redis_server, client):
+    store = RedisStore(redis_server.url)
     pubsub = listen(client, notices_channel(DEFAULT_PREFIX))
     a = RedisSlots(store, LONG_TTL_MS)  # the real holder name: host and process
     b = RedisSlots(store, LONG_TTL_MS, holder="b")
@@ -226,21 +217,21 @@ async def test_no_key_shows_in_any_redis_name_or_member(server, client):
     await b.close()
 
 
-async def test_a_server_that_is_gone_fails_fast_and_loses_no_slot_given_back(server, client):
-    store = RedisStore(server.url)
+async def test_a_server_that_is_gone_fails_fast_and_loses_no_slot_given_back(redis_server, client):
+    store = RedisStore(redis_server.url)
     a = RedisSlots(store, LONG_TTL_MS, holder="a")
     slots = slots_key(DEFAULT_PREFIX, KEY)
     assert await a.take(KEY, 3)
     assert await a.take(KEY, 3)
     assert not a.give(KEY, 3)  # queued, still counted on the server
-    server.stop(keep_data=True)
+    redis_server.stop(keep_data=True)
     for call in (lambda: a.take(OTHER, 3), a.flush, a.ping):
         started = time.monotonic()
         with pytest.raises(StoreError):
             await call()
         assert time.monotonic() - started < 1.5
     assert a.held == 3  # one held, the one given back, the take that got no answer
-    server.start()  # same port, same data
+    redis_server.start()  # same port, same data
     assert members(client, KEY) == {"a:1", "a:2"}
     await a.flush()
     assert members(client, KEY) == {"a:1"}  # the give queued before the outage went
@@ -270,16 +261,16 @@ def answers_ping(port: int) -> bool:
             return False
 
 
-async def test_a_take_that_got_no_answer_is_given_back_with_the_next_call(server, client):
-    store = RedisStore(server.url)
+async def test_a_take_that_got_no_answer_is_given_back_with_the_next_call(redis_server, client):
+    store = RedisStore(redis_server.url)
     a = RedisSlots(store, LONG_TTL_MS, holder="a")
     assert await a.take(KEY, 2)  # the scripts are loaded: the take below is one EVALSHA
     assert a.give(KEY, 1)
     await a.flush()
     # Another client keeps the server busy longer than the client waits for an answer:
     # the take times out here, and the server runs it when the busy script ends.
-    busy = asyncio.create_task(asyncio.to_thread(server.command, "EVAL", BUSY, "0", "2000000"))
-    await until(lambda: not answers_ping(server.port))
+    busy = asyncio.create_task(asyncio.to_thread(redis_server.command, "EVAL", BUSY, "0", "2000000"))
+    await until(lambda: not answers_ping(redis_server.port))
     with pytest.raises(StoreError):
         await a.take(KEY, 2)
     await busy
@@ -290,8 +281,8 @@ async def test_a_take_that_got_no_answer_is_given_back_with_the_next_call(server
     await a.close()
 
 
-async def test_close_gives_back_every_slot_still_held(server, client):
-    store = RedisStore(server.url)
+async def test_close_gives_back_every_slot_still_held(redis_server, client):
+    store = RedisStore(redis_server.url)
     a = RedisSlots(store, LONG_TTL_MS, holder="a")
     b = RedisSlots(store, LONG_TTL_MS, holder="b")
     for _ in range(3):

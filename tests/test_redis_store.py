@@ -19,30 +19,22 @@ KEY_A = "sk-kimi-" + "a" * 40
 KEY_B = "sk-kimi-" + "b" * 40
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = RedisServer(tmp_path)
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 def _counts(n: int, key: str = KEY_A) -> merge.PoolChange:
     change = merge.PoolChange()
     change.for_key(key).add("total_requests", n, int(time.time() * 1000))
     return change
 
 
-def test_empty_pool_then_edit_and_read(server):
-    store = RedisStore(server.url)
+def test_empty_pool_then_edit_and_read(redis_server):
+    store = RedisStore(redis_server.url)
     assert store.load().accounts == []
     ops.run(store, ops.add_key(KEY_A, "A", 1))
-    assert [a.key for a in RedisStore(server.url).read().accounts] == [KEY_A]
-    assert server.command("GET", "kimi-rotator:version") == b"1"
+    assert [a.key for a in RedisStore(redis_server.url).read().accounts] == [KEY_A]
+    assert redis_server.command("GET", "kimi-rotator:version") == b"1"
 
 
-def test_sync_reports_other_writers_only(server):
-    mine, other = RedisStore(server.url), RedisStore(server.url)
+def test_sync_reports_other_writers_only(redis_server):
+    mine, other = RedisStore(redis_server.url), RedisStore(redis_server.url)
     ops.run(mine, ops.add_key(KEY_A, "A", 1))
     mine.load()
     assert mine.sync(merge.PoolChange()) is None
@@ -52,9 +44,9 @@ def test_sync_reports_other_writers_only(server):
     assert mine.sync(merge.PoolChange()) is None
 
 
-def test_racing_syncs_add_counts_exactly(server):
-    ops.run(RedisStore(server.url), ops.add_key(KEY_A, "A", 1))
-    stores = [RedisStore(server.url) for _ in range(4)]
+def test_racing_syncs_add_counts_exactly(redis_server):
+    ops.run(RedisStore(redis_server.url), ops.add_key(KEY_A, "A", 1))
+    stores = [RedisStore(redis_server.url) for _ in range(4)]
 
     def hammer(store: RedisStore) -> None:
         store.load()
@@ -66,11 +58,11 @@ def test_racing_syncs_add_counts_exactly(server):
         t.start()
     for t in threads:
         t.join()
-    assert RedisStore(server.url).read().accounts[0].total_requests == 200
+    assert RedisStore(redis_server.url).read().accounts[0].total_requests == 200
 
 
-def test_a_persons_edit_wins_by_time(server):
-    store = RedisStore(server.url)
+def test_a_persons_edit_wins_by_time(redis_server):
+    store = RedisStore(redis_server.url)
     ops.run(store, ops.add_key(KEY_A, "A", 1))
     store.load()
     stale = merge.PoolChange()
@@ -81,16 +73,16 @@ def test_a_persons_edit_wins_by_time(server):
     assert state is not None and state.active_index == 1
 
 
-def test_corrupt_value_is_not_overwritten(server):
-    server.command("SET", "kimi-rotator:accounts", "{not json")
-    store = RedisStore(server.url)
+def test_corrupt_value_is_not_overwritten(redis_server):
+    redis_server.command("SET", "kimi-rotator:accounts", "{not json")
+    store = RedisStore(redis_server.url)
     with pytest.raises(StoreError, match="no readable pool"):
         store.read()
     with pytest.raises(StoreError):
         store.sync(_counts(1))
     with pytest.raises(StoreError):
         ops.run(store, ops.add_key(KEY_A, "A", 1))
-    assert server.command("GET", "kimi-rotator:accounts") == b"{not json"
+    assert redis_server.command("GET", "kimi-rotator:accounts") == b"{not json"
 
 
 def test_unreachable_is_a_quick_store_error():
@@ -118,20 +110,20 @@ def test_wrong_password_is_named_and_masked(tmp_path):
         srv.stop()
 
 
-def test_stopped_then_back(server):
-    store = RedisStore(server.url)
+def test_stopped_then_back(redis_server):
+    store = RedisStore(redis_server.url)
     ops.run(store, ops.add_key(KEY_A, "A", 1))
     store.load()
-    server.stop()
+    redis_server.stop()
     with pytest.raises(StoreError):
         store.sync(_counts(3))
-    server.start()  # persistence is off: the pool is gone, the store still works
+    redis_server.start()  # persistence is off: the pool is gone, the store still works
     ops.run(store, ops.add_key(KEY_A, "A", 1))
     assert store.sync(_counts(3)).accounts[0].total_requests == 3
 
 
-def test_prefix_isolation(server):
-    team_a, team_b = RedisStore(server.url, "a:"), RedisStore(server.url, "b:")
+def test_prefix_isolation(redis_server):
+    team_a, team_b = RedisStore(redis_server.url, "a:"), RedisStore(redis_server.url, "b:")
     ops.run(team_a, ops.add_key(KEY_A, "A", 1))
     assert team_b.read().accounts == []
     assert [a.key for a in team_a.read().accounts] == [KEY_A]
@@ -148,18 +140,18 @@ def test_open_store_and_urls(tmp_path):
     assert not is_private_url("redis://example.com:6379/0")
 
 
-def test_cli_verbs_and_import_export_through_redis(server, tmp_path, monkeypatch, capsys):
+def test_cli_verbs_and_import_export_through_redis(redis_server, tmp_path, monkeypatch, capsys):
     from rotator import cli
 
     plain = tmp_path / "accounts.json"
     assert cli.main(["--accounts", str(plain), "add-key", KEY_A, "A"]) == 0
-    assert cli.main(["--store", server.url, "import-keys", str(plain)]) == 0
-    assert [a.key for a in RedisStore(server.url).read().accounts] == [KEY_A]
-    monkeypatch.setenv("KIMI_ROTATOR_STORE", server.url)
+    assert cli.main(["--store", redis_server.url, "import-keys", str(plain)]) == 0
+    assert [a.key for a in RedisStore(redis_server.url).read().accounts] == [KEY_A]
+    monkeypatch.setenv("KIMI_ROTATOR_STORE", redis_server.url)
     assert cli.main(["add-key", KEY_B, "B"]) == 0
     assert cli.main(["--store-prefix", "other:", "list-keys"]) == 0
     assert "No Kimi API keys" in capsys.readouterr().out
-    assert len(RedisStore(server.url).read().accounts) == 2
+    assert len(RedisStore(redis_server.url).read().accounts) == 2
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("a-long-password\n"))
     backup = tmp_path / "out.enc"
     assert cli.main(["export-keys", str(backup)]) == 0 and backup.exists()

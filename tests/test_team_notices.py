@@ -28,14 +28,6 @@ KEY = "sk-kimi-" + "n" * 40
 OTHER = "sk-kimi-" + "o" * 40
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = RedisServer(tmp_path)
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 # -- the wire ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("data", "notice"),
@@ -60,8 +52,8 @@ def test_a_channel_message_is_a_notice_or_nothing(data, notice):
 
 
 # -- what the store publishes ----------------------------------------------------------
-def _listen(server: RedisServer) -> redis.client.PubSub:
-    pubsub = redis.Redis(port=server.port).pubsub(ignore_subscribe_messages=True)
+def _listen(redis_server: RedisServer) -> redis.client.PubSub:
+    pubsub = redis.Redis(port=redis_server.port).pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(notices_channel("kimi-rotator:"))
     assert pubsub.get_message(timeout=2) is None  # the confirmation, ignored
     return pubsub
@@ -74,9 +66,9 @@ def _heard(pubsub: redis.client.PubSub) -> list[bytes]:
     return heard
 
 
-def test_a_persons_change_and_a_cooldown_are_published_counts_are_not(server):
-    store = RedisStore(server.url)
-    pubsub = _listen(server)
+def test_a_persons_change_and_a_cooldown_are_published_counts_are_not(redis_server):
+    store = RedisStore(redis_server.url)
+    pubsub = _listen(redis_server)
     ops.run(store, ops.add_key(KEY, "K", 1))
     assert _heard(pubsub) == [b"state"]
 
@@ -200,8 +192,8 @@ def test_saves_asked_by_notices_keep_their_distance():
 
 
 # -- a listener on a real server --------------------------------------------------------
-def test_a_listener_hears_changes_and_comes_back_after_a_restart(server, caplog):
-    store = RedisStore(server.url)
+def test_a_listener_hears_changes_and_comes_back_after_a_restart(redis_server, caplog):
+    store = RedisStore(redis_server.url)
 
     async def run() -> tuple[list[Notice], int]:
         heard: list[Notice] = []
@@ -216,12 +208,12 @@ def test_a_listener_hears_changes_and_comes_back_after_a_restart(server, caplog)
         events = store.team_events()
         listening = asyncio.create_task(events.listen(heard.append, on_connected))
         await asyncio.wait_for(connected.wait(), 5)
-        await asyncio.to_thread(ops.run, RedisStore(server.url), ops.add_key(KEY, "K", 1))
+        await asyncio.to_thread(ops.run, RedisStore(redis_server.url), ops.add_key(KEY, "K", 1))
         await _until(lambda: heard == [Notice(NoticeKind.STATE)])
 
         connected.clear()
-        await asyncio.to_thread(server.stop)
-        await asyncio.to_thread(server.start)  # same port, empty
+        await asyncio.to_thread(redis_server.stop)
+        await asyncio.to_thread(redis_server.start)  # same port, empty
         await asyncio.wait_for(connected.wait(), 10)  # it says so: the proxy reads the pool
         await events.pause(2_000)
         await _until(lambda: heard[-1:] == [Notice(NoticeKind.PAUSE, pause_ms=2_000)])
