@@ -85,7 +85,7 @@ class Arm:
         """SIGINT each proxy: its done() hook saves its last counts and gives its slots back.
         A proxy that has not exited 30 s later is killed (its status then says so)."""
         if not self.exits:
-            self.exits = [proxy.stop(timeout=30.0) for proxy in self.proxies]
+            self.exits = [proxy.stop(timeout=30.0, must_exit=False) for proxy in self.proxies]
 
     def shutdown_report(self) -> str:
         """Each proxy's exit status and its last lines: why a last save may be missing."""

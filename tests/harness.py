@@ -165,14 +165,20 @@ class Proxy:
     def returncode(self) -> int | None:
         return self.process.poll()
 
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGINT (so ``done`` hooks run), SIGKILL after ``timeout``; returns exit code."""
+    def stop(self, timeout: float = 10.0, must_exit: bool = True) -> int:
+        """SIGINT (so ``done`` hooks run), SIGKILL after ``timeout``; returns exit code.
+
+        A mitmdump still running ``timeout`` s after SIGINT has a shutdown that hangs
+        (and loses its last save): with ``must_exit`` that fails the caller, with the
+        end of its log, once it is killed."""
         p = self.process
+        hung = False
         if p.poll() is None:
             try:
                 p.send_signal(signal.SIGINT)
                 p.wait(timeout)
             except subprocess.TimeoutExpired:
+                hung = True
                 p.kill()
                 p.wait(5)
             except ProcessLookupError:
@@ -180,6 +186,10 @@ class Proxy:
         self._out.join(5)
         if p.stdout:
             p.stdout.close()
+        if hung and must_exit:
+            tail = "\n".join(self.output().splitlines()[-20:])
+            raise AssertionError(f"mitmdump did not exit within {timeout:g} s of SIGINT (killed): "
+                                 f"its shutdown hung. Its last lines:\n{tail}")
         return p.returncode
 
     def __enter__(self) -> "Proxy":
