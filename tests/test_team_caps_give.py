@@ -17,6 +17,7 @@ from rotator.pool import KeyPool
 from rotator.store import StoreError
 from rotator.store.urls import key_id
 from rotator.teamcaps import GIVE_DELAY_MS, HOLD_MS, TeamCaps
+from rotator.waitline import ABANDONED, WaitLine
 from tests.hooks import FakeClock
 
 NOW = 1_800_000_000_000
@@ -243,3 +244,31 @@ def test_a_new_slot_lifetime_refreshes_at_once_and_then_at_its_own_pace():
 
     at_once, later = asyncio.run(run())
     assert at_once == 1 and later >= 4
+
+
+def test_a_client_that_leaves_while_its_team_slot_is_taken_sends_nothing_and_gives_the_slot_back():
+    async def run() -> None:
+        pool, slots, clock, caps = _setup()
+        line = WaitLine(pool)
+        line.admit = caps.admit  # as the addon wires a team store
+        left = False
+        take = slots.take
+
+        async def take_while_the_client_hangs_up(key: str, cap: int) -> bool:
+            nonlocal left
+            taken = await take(key, cap)
+            left = True  # the client hung up while the team's answer was on its way
+            return taken
+
+        slots.take = take_while_the_client_hangs_up
+        got = await line.acquire(NOW + 30_000, gone=lambda: left)
+        assert got is ABANDONED
+        assert [key for key, _, _ in slots.takes] == [KEYS[0]]  # the slot was taken …
+        assert pool.in_flight == {}
+        assert [a.total_requests for a in pool.accounts] == [0, 0]  # … nothing counted
+        clock.advance(GIVE_DELAY_MS)
+        await _settle()
+        assert slots.flushes == [[KEYS[0]]]  # … and it goes back to the team
+        await caps.stop()
+
+    asyncio.run(run())
