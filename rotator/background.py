@@ -19,8 +19,8 @@ class Background:
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self, cancel: bool) -> None:
-        """Wait until no task is left, those started meanwhile included (cancelled first
-        with `cancel`); their errors are theirs to log."""
+        """Wait until every task has ended, those started meanwhile included (cancelled
+        first with `cancel`); their errors are theirs to log."""
         # Asks which tasks have not ended rather than which are still in the set: a task
         # leaves the set by a callback the loop runs later, and gathering tasks that have
         # all ended returns without giving the loop a turn, so waiting for the set to

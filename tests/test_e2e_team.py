@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-
 from rotator import ops
 from rotator.store.redis_store import RedisStore
 from tests.harness import counts_seen, poll

@@ -110,19 +110,19 @@ async def test_a_caller_cancelled_in_flight_leaves_the_others_in_step(redis_serv
 
 
 async def test_the_urls_password_holds(tmp_path):
-    redis_server = RedisServer(tmp_path, password="s3cret-pass")
-    redis_server.start()
+    with_password = RedisServer(tmp_path, password="s3cret-pass")
+    with_password.start()
     try:
-        line = line_to(redis_server)
+        line = line_to(with_password)
         assert await line.call("SET", "x", "1") == b"OK"
-        assert redis_server.command("GET", "x") == b"1"
+        assert with_password.command("GET", "x") == b"1"
         await line.close()
-        wrong = RedisLine(RedisStore(redis_server.url.replace("s3cret-pass", "wrong")).new_async_connections())
+        wrong = RedisLine(RedisStore(with_password.url.replace("s3cret-pass", "wrong")).new_async_connections())
         with pytest.raises(redis.AuthenticationError):
             await wrong.call("PING")
         await wrong.close()
     finally:
-        redis_server.stop()
+        with_password.stop()
 
 
 async def test_close_fails_what_waits_and_every_later_call(redis_server):
