@@ -18,6 +18,7 @@ from tests.redis_server import RedisServer
 ADDON_SCRIPT = REPO_ROOT / "kimi_rotator_addon.py"
 FLUSH_INTERVAL_S = 0.2  # start_proxy's kimi_flush_interval: a proxy saves this often
 _counter = itertools.count()
+pytest_plugins = ["tests.tiers", "pytester"]
 
 
 def fake_key(label: str | int) -> str:

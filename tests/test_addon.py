@@ -209,6 +209,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow
 def test_what_exists_when_the_proxy_starts_is_kept_out_of_the_collectors_walks(tmp_path):
     """The collector walks every object it tracks in each full collection; what lives as
     long as the proxy (modules, classes, the addon's state) is frozen when it first runs,

@@ -134,6 +134,7 @@ def test_export_decrypts_with_the_plugins_algorithm(pool: Path, tmp_path: Path) 
     assert [a["key"] for a in doc["accounts"]] == [KEY_A, KEY_B]
 
 
+@pytest.mark.slow
 def test_export_decrypts_with_node_running_the_plugins_code(pool: Path, tmp_path: Path) -> None:
     backup = tmp_path / "keys.enc"
     assert cli(pool, "export-keys", str(backup), stdin=PASSWORD + "\n").returncode == 0
@@ -207,6 +208,7 @@ def test_a_backup_made_as_the_plugin_makes_it_imports(tmp_path: Path) -> None:
     assert [a["name"] for a in json.loads(listed.stdout)["accounts"]] == ["Personal", "Work"]
 
 
+@pytest.mark.slow
 def test_a_backup_made_by_node_running_the_plugins_code_imports(tmp_path: Path) -> None:
     plain, backup, accounts = tmp_path / "plain.json", tmp_path / "plugin.enc", tmp_path / "new.json"
     plain.write_bytes(plugin_export([plugin_account(KEY_C, "Node", 12)], "round-robin"))
@@ -333,6 +335,7 @@ def test_import_at_a_terminal_asks_once_without_echo(tmp_path: Path, monkeypatch
     assert [a["key"] for a in json.loads(accounts.read_text())["accounts"]] == [KEY_A]
 
 
+@pytest.mark.slow
 def test_passwords_piped_to_the_real_command(pool: Path, tmp_path: Path) -> None:
     backup, accounts = tmp_path / "keys.enc", tmp_path / "new.json"
     done = run_cli(pool, "export-keys", str(backup), stdin=PASSWORD + "\n")

@@ -96,6 +96,7 @@ def positive(text: str, what: str, output: str) -> float:
     return value
 
 
+@pytest.mark.slow
 def test_proxy_overhead_quick() -> None:
     require_wrk()
     out = run_bench("proxy_overhead.py", "--passthrough", "--visibility")
@@ -136,6 +137,7 @@ def test_proxy_overhead_quick() -> None:
     assert "WARNING" not in out, out
 
 
+@pytest.mark.slow
 def test_hook_cost_quick() -> None:
     out = run_bench("hook_cost.py")
     cell = rf"{NUMBER} / {NUMBER}"
@@ -159,6 +161,7 @@ def test_hook_cost_quick() -> None:
     search(rf"^overall: {VERDICT}$", out, "overall verdict")
 
 
+@pytest.mark.slow
 def test_streaming_quick() -> None:
     out = run_bench("streaming.py")
     for arm in ("direct", "bare", "addon"):
@@ -189,6 +192,7 @@ def test_streaming_quick() -> None:
            out, "the one-by-one line")
 
 
+@pytest.mark.slow
 def test_persistence_quick() -> None:
     require_wrk()
     out = run_bench("persistence.py")
@@ -214,6 +218,7 @@ def test_persistence_quick() -> None:
         positive(m.group(1), f"save ms at {keys} keys", out)
 
 
+@pytest.mark.slow
 def test_status_cost_quick() -> None:
     out = run_bench("status_cost.py")
     cell = rf"{NUMBER} / {NUMBER}"

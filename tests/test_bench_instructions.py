@@ -15,6 +15,8 @@ import pytest
 from tests.test_bench import NUMBER, VERDICT, positive, run_bench, search
 from tests.test_bench_team import require_redis_server
 
+pytestmark = pytest.mark.slow  # each test starts a process or a server
+
 
 def test_instructions_quick() -> None:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:

@@ -21,6 +21,8 @@ import pytest
 from tests.redis_server import REDIS_SERVER
 from tests.test_bench import NUMBER, VERDICT, findall, positive, require_wrk, run_bench, search
 
+pytestmark = pytest.mark.slow  # each test starts a process or a server
+
 CELLS = [(1, 1), (1, 16), (3, 1), (3, 16)]  # (proxies loaded at once, clients per proxy)
 ARMS = ("file", "redis")
 

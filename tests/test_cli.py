@@ -704,6 +704,7 @@ def test_format_duration(ms, text):
     assert status.format_duration(ms) == text
 
 
+@pytest.mark.slow
 def test_python_dash_m_help():
     result = run_cli(None, "--help")  # its own process: python -m rotator.cli
     assert result.returncode == 0, result.stderr

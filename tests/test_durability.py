@@ -434,6 +434,7 @@ def restore_file(path: Path, good: bytes) -> None:
 EXPECTED_PROBLEM = {"corrupt": "not valid JSON", "directory": "Is a directory", "version": "unsupported version 2"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", BAD_KINDS)
 def test_cli_refuses_a_bad_file_in_one_line_and_leaves_it_alone(kind, keys, accounts_path, write_accounts):
     write_accounts(keys)

@@ -51,6 +51,7 @@ def post(client: httpx.Client, url: str, key: str | None = "sk-kimi-a", *,
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_json_success_and_request_log(kimi, client):
     r1 = post(client, kimi.url, "sk-kimi-a", headers={"User-Agent": "claude-cli/2.0",
                                                       "X-Msh-Platform": "test"})
@@ -75,6 +76,7 @@ def test_json_success_and_request_log(kimi, client):
     assert seen.host == f"127.0.0.1:{kimi.port}"
 
 
+@pytest.mark.slow
 def test_no_key_unknown_path_bad_body(kimi, client):
     r = post(client, kimi.url, None)
     assert r.status_code == 401
@@ -91,6 +93,7 @@ def test_no_key_unknown_path_bad_body(kimi, client):
     assert r.status_code == 200 and kimi.requests[-1].host == "api.kimi.com"
 
 
+@pytest.mark.slow
 def test_sse_events_arrive_one_by_one(kimi, client):
     gate = kimi.hold_stream_after_first_event(key="sk-kimi-s")
     arrivals: list[tuple[float, str]] = []
@@ -138,6 +141,7 @@ def test_sse_events_arrive_one_by_one(kimi, client):
     assert kimi.requests[0].stream and gate.claimed_by == 1
 
 
+@pytest.mark.slow
 def test_sse_close_framing_and_mid_stream_error(client):
     with FakeKimi(stream_framing="close", event_delay=0.001) as k:
         with client.stream("POST", k.url + MESSAGES_PATH, json={**MSG, "stream": True},
@@ -156,6 +160,7 @@ def test_sse_close_framing_and_mid_stream_error(client):
             "type": "overloaded_error", "message": KIMI_ERRORS["overloaded"][2]}})
 
 
+@pytest.mark.slow
 def test_scripted_errors_with_times(kimi, client):
     kimi.set_kimi_error("sk-kimi-a", "overloaded", times=2)
     kimi.add_response("sk-kimi-a", 403, {"type": "error", "error": {
@@ -216,6 +221,7 @@ def test_error_catalogue():
     assert status == 403 and set(bare) == {"error"}
 
 
+@pytest.mark.slow
 def test_usages_and_models(kimi, client):
     reset = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
     kimi.set_usage("sk-kimi-a", five_hour_reset=reset, weekly_reset="2030-01-09T00:00:00Z",
@@ -245,6 +251,7 @@ def test_usages_and_models(kimi, client):
     assert "kimi-for-coding" in [m["id"] for m in models["data"]]
 
 
+@pytest.mark.slow
 def test_in_flight_tracking_and_stop(client):
     k = FakeKimi().start()
     k.set_response("a", delay=0.3)
@@ -264,6 +271,7 @@ def test_in_flight_tracking_and_stop(client):
         post(client, url, "a")  # the keep-alive connection was closed too
 
 
+@pytest.mark.slow
 def test_cli_process():
     proc, port = start_fake_kimi_process()
     try:
@@ -280,6 +288,7 @@ def test_cli_process():
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mitmdump_reverse_regular_and_https(kimi, tmp_path):
     headers = {"x-api-key": "sk-kimi-rev", "User-Agent": "claude-cli/2.0 (external, cli)",
                "X-Msh-Platform": "kimi_cli"}
@@ -331,6 +340,7 @@ def test_mitmdump_reverse_regular_and_https(kimi, tmp_path):
     assert "api.kimi.com" not in rev.output()
 
 
+@pytest.mark.slow
 def test_loopback_dns_refuses_unmapped_hosts(kimi, tmp_path):
     with start_mitmdump(addons=[LOOPBACK_DNS], confdir=tmp_path / "mitm",
                         options={"loopback_dns_map": f"api.kimi.com={kimi.port}"}) as p:
@@ -348,6 +358,7 @@ def test_loopback_dns_refuses_unmapped_hosts(kimi, tmp_path):
     ({"loopback_dns_map": "nonsense"}, "Error logged during startup"),  # after 'listening'
     ({"loopback_dns_port": "abc"}, "did not finish starting"),  # mitmdump: silent
 ])
+@pytest.mark.slow
 def test_harness_reports_startup_failure(tmp_path, options, match):
     with pytest.raises(RuntimeError, match=match):
         start_mitmdump(addons=[LOOPBACK_DNS], confdir=tmp_path / "mitm",

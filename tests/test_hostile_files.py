@@ -86,6 +86,7 @@ DEEP_FILES = {
 # -- 5. deeply nested JSON ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", DEEP_FILES)
 def test_cli_refuses_deeply_nested_json_in_one_line(kind, keys, accounts_path, write_accounts):
     write_accounts(keys)
@@ -152,6 +153,7 @@ def linked(tmp_path: Path, accounts_path: Path) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_cli_writes_through_a_symlink_to_its_target(keys, accounts_path, linked):
     storage.write_accounts(linked, AccountsFile(accounts=[Account(key=keys[0], name="Old")]))
     done = run_cli(accounts_path, "add-key", keys[1], "New")
@@ -161,6 +163,7 @@ def test_cli_writes_through_a_symlink_to_its_target(keys, accounts_path, linked)
     assert list(linked.parent.glob(".*.tmp")) == [] and list(accounts_path.parent.glob(".*.tmp")) == []
 
 
+@pytest.mark.slow
 def test_a_dangling_symlink_gets_its_target_created(keys, accounts_path, linked):
     assert not linked.exists()
     done = run_cli(accounts_path, "add-key", keys[0], "First")
@@ -169,6 +172,7 @@ def test_a_dangling_symlink_gets_its_target_created(keys, accounts_path, linked)
     assert [a["key"] for a in accounts_on_disk(linked)] == keys[:1]
 
 
+@pytest.mark.slow
 def test_a_symlink_into_a_missing_folder_is_refused_and_left_alone(keys, tmp_path, accounts_path):
     accounts_path.parent.mkdir(parents=True)
     target = tmp_path / "not-cloned-yet" / "kimi-accounts.json"
@@ -299,6 +303,7 @@ def test_proxy_on_a_truncated_file_never_calls_it_readable_again(fake_kimi, keys
 # -- 12. activeIndex out of range, write and lock failures --------------------------------
 
 
+@pytest.mark.slow
 def test_active_index_out_of_range_is_key_0_and_is_said(keys, accounts_path):
     accounts_path.parent.mkdir(parents=True)
     accounts_path.write_bytes(raw_file([{"key": k, "name": f"K{i}"} for i, k in enumerate(keys)], activeIndex=7))

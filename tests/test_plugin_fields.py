@@ -173,6 +173,7 @@ def on_disk(path: Path) -> dict[str, Any]:
 # -- round trip ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_file_the_plugin_wrote_keeps_every_field_through_our_write(tmp_path, zod_folder):
     path = tmp_path / "kimi-accounts.json"
     written = plugin_file(path, [

@@ -108,6 +108,7 @@ def lock_of(path: Path) -> Path:
 # -- the two tools exclude each other -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_add_key_waits_while_the_plugin_holds_the_lock(plugin_lock, accounts):
     plugin = start_plugin(plugin_lock, accounts, 1000, fake_key("plugin"))
     wait_until_locked(plugin)
@@ -121,6 +122,7 @@ def test_add_key_waits_while_the_plugin_holds_the_lock(plugin_lock, accounts):
     assert not lock_of(accounts).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verb", [["list-keys", "--json"], ["add-key", fake_key("ours"), "Ours"]])
 def test_a_file_the_plugin_is_rewriting_is_read_once_it_is_done(plugin_lock, accounts, verb):
     plugin = start_plugin(plugin_lock, accounts, 1000, fake_key("plugin"), in_place=True)
@@ -136,6 +138,7 @@ def test_a_file_the_plugin_is_rewriting_is_read_once_it_is_done(plugin_lock, acc
         assert keys_on_disk(accounts) == [fake_key("first"), fake_key("plugin"), fake_key("ours")]
 
 
+@pytest.mark.slow
 def test_through_a_symlink_both_tools_lock_beside_its_target(plugin_lock, accounts, tmp_path):
     # A dotfile manager's link: proper-lockfile resolves it (realpath) as we do.
     link = tmp_path / "dotfiles-link.json"
@@ -151,6 +154,7 @@ def test_through_a_symlink_both_tools_lock_beside_its_target(plugin_lock, accoun
     assert link.is_symlink()
 
 
+@pytest.mark.slow
 async def test_a_proxy_save_waits_for_the_plugin_and_keeps_both_changes(plugin_lock, accounts):
     sync = PoolSync(FileStore(accounts), pool := KeyPool(AccountsFile()), 1.0)
     assert sync.load() is not None
@@ -164,6 +168,7 @@ async def test_a_proxy_save_waits_for_the_plugin_and_keeps_both_changes(plugin_l
     assert storage.read_accounts(accounts).accounts[0].total_requests == 1
 
 
+@pytest.mark.slow
 def test_the_plugin_waits_while_kimi_rotator_holds_the_lock(plugin_lock, accounts):
     # Held for 3 s against the plugin's shortest stale time (proper-lockfile allows 2 s,
     # polling every 100 ms): only our refreshing the lock keeps it from a takeover.
@@ -187,6 +192,7 @@ def test_the_plugin_waits_while_kimi_rotator_holds_the_lock(plugin_lock, account
     assert not lock_of(accounts).exists()
 
 
+@pytest.mark.slow
 def test_the_plugin_can_lock_right_after_a_kimi_rotator_write(plugin_lock, accounts):
     assert run_cli(accounts, "add-key", fake_key("ours"), "Ours").returncode == 0
     plugin = start_plugin(plugin_lock, accounts, 0, fake_key("plugin"), retries=0)
@@ -198,6 +204,7 @@ def test_the_plugin_can_lock_right_after_a_kimi_rotator_write(plugin_lock, accou
 # -- abandoned locks ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_stale_lock_directory_is_taken_over(accounts):
     lock = lock_of(accounts)
     lock.mkdir()
@@ -235,6 +242,7 @@ def test_something_else_at_the_lock_path_is_named_and_left_alone(accounts, tmp_p
     assert lock_of(accounts).is_symlink() and elsewhere.is_dir()
 
 
+@pytest.mark.slow
 def test_a_kimi_rotator_killed_while_holding_the_lock_holds_up_nobody(accounts):
     # Killed mid-save (SIGKILL, the OOM killer): its lock directory stays, fresh, but a
     # kimi-rotator does not wait the 5 s stale time for it, as it never did with flock.
@@ -333,6 +341,7 @@ def old_holder(old_lock_file: Path) -> Iterator[int]:
         os.close(fd)
 
 
+@pytest.mark.slow
 def test_an_unused_old_lock_file_is_removed(plugin_lock, accounts, old_lock_file):
     added = run_cli(accounts, "add-key", fake_key("ours"), "Ours")
     assert added.returncode == 0, added.stderr
@@ -343,6 +352,7 @@ def test_an_unused_old_lock_file_is_removed(plugin_lock, accounts, old_lock_file
     assert keys_on_disk(accounts) == [fake_key("first"), fake_key("ours"), fake_key("plugin")]
 
 
+@pytest.mark.slow
 def test_an_old_lock_file_in_use_is_waited_for(plugin_lock, accounts, old_holder):
     def old_save_then_unlock() -> None:
         time.sleep(1.0)

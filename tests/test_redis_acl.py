@@ -17,6 +17,8 @@ from rotator.store.redis_store import RedisStore
 from rotator.store.urls import key_id
 from tests.redis_server import RedisServer
 
+pytestmark = pytest.mark.slow  # each test starts a process or a server
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 KEY = "sk-kimi-ACLTEST0000000000000000000000key0"
 PASSWORD = "a-long-password"

@@ -109,6 +109,7 @@ async def test_a_caller_cancelled_in_flight_leaves_the_others_in_step(redis_serv
     await line.close()
 
 
+@pytest.mark.slow
 async def test_the_urls_password_holds(tmp_path):
     with_password = RedisServer(tmp_path, password="s3cret-pass")
     with_password.start()

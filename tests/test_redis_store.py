@@ -96,6 +96,7 @@ def test_unreachable_is_a_quick_store_error():
     assert "hunter22" not in store.location
 
 
+@pytest.mark.slow
 def test_wrong_password_is_named_and_masked(tmp_path):
     srv = RedisServer(tmp_path, password="right-pass-123")
     srv.start()
@@ -174,6 +175,7 @@ def test_the_proxys_log_names_the_team_store_not_a_file(caplog):
     assert "accounts file" not in caplog.text and "sekrit99" not in caplog.text
 
 
+@pytest.mark.slow
 def test_without_the_redis_client_the_proxy_and_cli_still_work_and_a_team_store_says_what_to_install(tmp_path):
     """redis is the optional `team` extra: the README's install (no extras) must start the proxy."""
     import subprocess

@@ -357,6 +357,7 @@ class FakeProxyServer:
         return self.addresses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("addresses, exposed", [
     ([("0.0.0.0", 8080)], "0.0.0.0:8080"),
     ([("::", 8080, 0, 0)], ":::8080"),
@@ -532,6 +533,7 @@ def test_accounts_file_stays_0600_after_the_proxy_writes(
     assert_no_pool_key(proxy.output(), keys, "mitmdump output")
 
 
+@pytest.mark.slow
 def test_cli_output_never_holds_a_key_and_the_file_stays_private(keys, tmp_path: Path) -> None:
     path = tmp_path / "fresh" / "kimi-rotator" / "kimi-accounts.json"
     first, second, third = keys

@@ -82,6 +82,7 @@ def no_full_key(*texts: str) -> None:
             assert key[8:] not in text  # not even without its prefix
 
 
+@pytest.mark.slow
 async def test_status_json_over_the_listener(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     async with running(tmp_path) as (rotator, page, _):
@@ -104,6 +105,7 @@ async def test_status_json_over_the_listener(tmp_path: Path, caplog: pytest.LogC
         no_full_key(answer.text)
 
 
+@pytest.mark.slow
 async def test_metrics_parse_as_prometheus_text(tmp_path: Path) -> None:
     async with running(tmp_path) as (rotator, page, _):
         rotator.tally.attempt_ended(KEYS[0], "success")
@@ -132,6 +134,7 @@ async def test_metrics_parse_as_prometheus_text(tmp_path: Path) -> None:
         assert sample("kimi_rotator_paused_seconds") == 0
 
 
+@pytest.mark.slow
 async def test_the_page_itself(tmp_path: Path) -> None:
     async with running(tmp_path) as (_, page, _):
         async with client() as http:
@@ -149,6 +152,7 @@ async def test_the_page_itself(tmp_path: Path) -> None:
         assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
 
 
+@pytest.mark.slow
 async def test_unknown_paths_and_methods(tmp_path: Path) -> None:
     async with running(tmp_path) as (_, page, _):
         async with client() as http:
@@ -174,6 +178,7 @@ async def answered(page: StatusPage, made: Request) -> status_http.Response:
     return await response if inspect.isawaitable(response) else response
 
 
+@pytest.mark.slow
 async def test_other_machines_are_refused_unless_allowed(tmp_path: Path) -> None:
     async with running(tmp_path) as (_, page, _):
         assert (await answered(page, request())).status == 403
@@ -184,6 +189,7 @@ async def test_other_machines_are_refused_unless_allowed(tmp_path: Path) -> None
         assert (await answered(page, request(peer="127.0.0.1", host="evil.example:8766"))).status == 403
 
 
+@pytest.mark.slow
 async def test_with_remote_clients_allowed_the_token_is_required(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
@@ -204,6 +210,7 @@ async def test_with_remote_clients_allowed_the_token_is_required(tmp_path: Path)
             assert (await http.get(page.url + "metrics", headers={"x-api-key": TOKEN})).status_code == 200
 
 
+@pytest.mark.slow
 async def test_remote_clients_allowed_by_proxyauth_alone_do_not_get_the_page(tmp_path: Path) -> None:
     async with running(tmp_path) as (rotator, page, _):
         # As kimi_allow_remote with proxyauth and no client token leaves the settings.
@@ -213,6 +220,7 @@ async def test_remote_clients_allowed_by_proxyauth_alone_do_not_get_the_page(tmp
         assert (await answered(page, request(peer="127.0.0.1", host="127.0.0.1"))).status == 200
 
 
+@pytest.mark.slow
 async def test_off_means_no_listener_and_a_change_restarts_it(tmp_path: Path) -> None:
     async with running(tmp_path, kimi_status="off") as (rotator, page, tctx):
         assert page.url is None and page.server is None
@@ -249,6 +257,7 @@ async def wait_for_url(page: StatusPage, other_than: str | None) -> str:
     raise AssertionError("the status page did not (re)start")
 
 
+@pytest.mark.slow
 async def test_a_busy_port_is_a_warning_not_a_stop(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -293,6 +302,7 @@ async def raw(url: str, data: bytes, wait_s: float = 3.0) -> bytes:
         writer.close()
 
 
+@pytest.mark.slow
 async def test_hostile_clients_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(status_http, "HEAD_TIMEOUT_S", 0.3)
     async with running(tmp_path) as (_, page, _):
@@ -321,6 +331,7 @@ async def test_hostile_clients_are_bounded(tmp_path: Path, monkeypatch: pytest.M
         assert (await raw(page.url, b"GET /status.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
 
 
+@pytest.mark.slow
 async def test_never_a_full_key_even_in_text_set_in_memory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)  # mitmproxy logs ALERT; the timeline keeps those lines
     async with running(tmp_path) as (rotator, page, _):

@@ -153,6 +153,7 @@ def test_notices_wire_the_pool_to_the_team(caplog):
     assert KEYS[0] not in caplog.text
 
 
+@pytest.mark.slow
 def test_a_rate_limit_reaches_another_proxys_listener(tmp_path):
     server = RedisServer(tmp_path)
     server.start()

@@ -94,6 +94,7 @@ def closed_port() -> int:
 # -- what it shows -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_shows_each_keys_windows_and_parallel_limit_as_kimi_reports_them(path, kimi):
     pool(path)
     now = time.time()
@@ -119,6 +120,7 @@ def test_shows_each_keys_windows_and_parallel_limit_as_kimi_reports_them(path, k
     assert sorted(asked) == sorted(("GET", USAGES_PATH, f"Bearer {key}") for key in KEYS[:2])
 
 
+@pytest.mark.slow
 def test_a_spent_window_shows_a_full_bar_and_says_spent(path, kimi):
     pool(path, keys=(K0,))
     kimi.set_usage(K0, five_hour_limit=200, five_hour_used=200, five_hour_reset=time.time() + 1800 + 30)
@@ -128,6 +130,7 @@ def test_a_spent_window_shows_a_full_bar_and_says_spent(path, kimi):
     assert "weekly  ░░░░░░░░░░  0/2048 used, 2048 left, resets in" in result.stdout  # not spent
 
 
+@pytest.mark.slow
 def test_an_invalid_key_is_named_and_the_others_still_read(path, kimi):
     pool(path, keys=KEYS)
     # Kimi's answer echoes the key: it must reach the screen masked.
@@ -159,6 +162,7 @@ def test_a_network_error_is_shown_and_nothing_is_written(path):
     assert (path.read_bytes(), path.stat().st_mtime_ns) == before
 
 
+@pytest.mark.slow
 def test_an_answer_that_is_not_a_usages_document_says_so(path, kimi):
     pool(path, keys=(K0,))
     kimi.set_response(K0, 200, "<html>welcome</html>", headers={"content-type": "text/html"}, path=USAGES_PATH)
@@ -169,6 +173,7 @@ def test_an_answer_that_is_not_a_usages_document_says_so(path, kimi):
     assert path.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_slow_answer_is_given_up_after_the_timeout(path, kimi, monkeypatch):
     pool(path, keys=(K0,))
     monkeypatch.setattr(usage_cli, "TIMEOUT_S", 0.2)
@@ -178,6 +183,7 @@ def test_a_slow_answer_is_given_up_after_the_timeout(path, kimi, monkeypatch):
     assert "   no answer within 0.2 s" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_redirect_is_not_followed_so_the_key_goes_nowhere_else(path, kimi):
     pool(path, keys=(K0,))
     with FakeKimi() as elsewhere:
@@ -188,6 +194,7 @@ def test_a_redirect_is_not_followed_so_the_key_goes_nowhere_else(path, kimi):
     assert "Kimi answered 302 (a redirect; not followed" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_key_no_header_can_carry_is_not_sent(path, kimi):
     odd = "sk-kimi-FAKEodd\nSECRETPART0000000000zz"
     storage.write_accounts(path, AccountsFile(accounts=[Account(key=odd, name="Odd"), Account(key=K0)]))
@@ -198,6 +205,7 @@ def test_a_key_no_header_can_carry_is_not_sent(path, kimi):
     assert kimi.keys_seen() == [K0]
 
 
+@pytest.mark.slow
 def test_keys_are_asked_at_the_same_time(path, kimi, monkeypatch):
     pool(path, keys=KEYS)
     # Each ask waits until all three are under way: asked one after another, the first
@@ -216,6 +224,7 @@ def test_keys_are_asked_at_the_same_time(path, kimi, monkeypatch):
         "[0] Personal (sk-kim…00a0)", "[1] Work (sk-kim…00b1)", "[2] Spare (sk-kim…00c2)"]
 
 
+@pytest.mark.slow
 def test_index_asks_only_that_key(path, kimi):
     pool(path, keys=KEYS)
     result = usage(path, kimi, "1")
@@ -225,6 +234,7 @@ def test_index_asks_only_that_key(path, kimi):
     assert result.stdout.splitlines()[-1] == "Read the quota of 1 key (saved in the accounts file)."
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index, message", [
     ("5", "index 5 out of range (2 keys: 0-1)"),
     ("-1", "index must be a whole number 0 or more, got '-1'"),
@@ -249,6 +259,7 @@ def test_a_bad_base_url_is_a_usage_error(path, base):
     assert "--base-url must be an http(s) URL" in result.stderr
 
 
+@pytest.mark.slow
 def test_no_keys_says_how_to_add_one(path, kimi):
     result = usage(path, kimi)
     assert result.returncode == 0
@@ -256,6 +267,7 @@ def test_no_keys_says_how_to_add_one(path, kimi):
     assert kimi.requests == [] and not path.exists()
 
 
+@pytest.mark.slow
 def test_the_base_url_comes_from_kimi_clis_variable_unless_given(path, kimi, monkeypatch):
     pool(path, keys=(K0,))
     monkeypatch.setenv(usage_cli.BASE_URL_ENV, kimi.base_url + "/v1")  # Kimi CLI's form
@@ -268,6 +280,7 @@ def test_the_base_url_comes_from_kimi_clis_variable_unless_given(path, kimi, mon
 # -- the JSON document -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_json_has_masked_keys_windows_parallel_limit_and_errors(path, kimi):
     pool(path)
     reset = int(time.time()) + 3600
@@ -301,6 +314,7 @@ def test_json_has_masked_keys_windows_parallel_limit_and_errors(path, kimi):
 # -- the reading in the accounts file and in list-keys ---------------------------------------
 
 
+@pytest.mark.slow
 def test_the_reading_lands_in_the_file_and_list_keys_shows_it(path, kimi, monkeypatch):
     pool(path)
     reset = int(time.time()) + 2 * 3600
@@ -346,6 +360,7 @@ def test_list_keys_says_when_a_window_has_reset_since_the_reading(path, monkeypa
         in listed
 
 
+@pytest.mark.slow
 def test_saving_merges_with_what_others_wrote_meanwhile(path, kimi, monkeypatch):
     newer = QuotaReading(taken_at=int(time.time() * 1000) + 3_600_000, parallel_limit=99)
     pool(path, keys=KEYS, a2={"quota": newer})
@@ -379,6 +394,7 @@ def test_saving_merges_with_what_others_wrote_meanwhile(path, kimi, monkeypatch)
 # -- through a real HTTPS proxy ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_https_proxy_and_ssl_cert_file_from_the_environment_are_honoured(path, kimi, tmp_path):
     pool(path, keys=(K0,))
     kimi.set_usage(K0, five_hour_limit=300, five_hour_used=123, five_hour_reset=time.time() + 3 * 3600 + 90,
