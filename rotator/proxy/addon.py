@@ -23,7 +23,7 @@ from rotator.background import Background
 from rotator.clock import SYSTEM_CLOCK, Clock
 from rotator.models import AccountsFile
 from rotator.pool import KeyPool, Lease
-from rotator.proxy import answers, bodies, retry, upstream
+from rotator.proxy import answers, bodies, retry, startup_checks, upstream
 from rotator.proxy.attempts import Attempts
 from rotator.proxy.commands import RotatorCommands
 from rotator.proxy.flows import (
@@ -82,6 +82,8 @@ class KimiRotator:
     def load(self, loader: Any) -> None:
         add_options(loader)
         self.status_page.load(loader)
+        startup_checks.check_deferred(loader.master.options)
+        startup_checks.install_one_line_option_errors()
         # What mitmproxy does with each addon it registers, for a part that is none.
         loader.master.commands.collect_commands(self.commands)
 

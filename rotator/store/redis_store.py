@@ -60,7 +60,11 @@ class RedisStore:
     """The `StateStore` on one Redis server and key prefix."""
 
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX) -> None:
-        if urlsplit(url).scheme not in SCHEMES:
+        try:
+            scheme = urlsplit(url).scheme
+        except ValueError as e:  # "[" without "]": not even a URL
+            raise StoreError(f"{masked_url(url)}: not a usable Redis URL ({e})") from e
+        if scheme not in SCHEMES:
             raise StoreError(f"{masked_url(url)}: not a redis:// or rediss:// URL")
         self.url = url
         self.prefix = prefix

@@ -17,15 +17,21 @@ SCHEMES = ("redis", "rediss")
 
 
 def masked_url(url: str) -> str:
-    """`url` with its password replaced by *** (the user name kept)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
+    """`url` with its password replaced by *** (the user name kept); one that does not
+    parse as a URL is all *** after its scheme, as a password may be anywhere in it."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        port = parts.port
+    except ValueError:
+        scheme, sep, _ = url.partition("://")
+        return f"{scheme}://***" if sep else "***"
     user = parts.username or ""
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    netloc = f"{user}:***@{host}" + (f":{port}" if port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
