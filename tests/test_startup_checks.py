@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mitmproxy import exceptions
 
-from rotator.proxy.startup_checks import OptionErrorsInOneLine, deferred_problems
+from rotator.proxy.startup_checks import OptionErrorsInOneLine, deferred_problems, reverse_targets_not_kimi
 from rotator.store.urls import masked_url
 from tests.conftest import ADDON_SCRIPT
 from tests.harness import _child_env, mitmdump_path, run_cli
@@ -112,3 +112,24 @@ def test_the_cli_says_a_store_url_that_does_not_parse_in_one_line(tmp_path: Path
     done = run_cli(None, "--store", "redis://u:secret@[bad", "list-keys", in_process=True)
     assert done.returncode == 1
     assert done.stderr.strip() == "kimi-rotator: error: redis://***: not a usable Redis URL (Invalid IPv6 URL)"
+
+
+@pytest.mark.parametrize(("modes", "hosts", "outside"), [
+    (["reverse:https://api.moonshot.ai"], {"api.kimi.com"}, ["api.moonshot.ai"]),
+    (["reverse:https://API.Kimi.com."], {"api.kimi.com"}, []),
+    (["regular"], {"api.kimi.com"}, []),
+    (["reverse:http://127.0.0.1:9000", "reverse:https://x.example@8081"], {"127.0.0.1"}, ["x.example"]),
+    (["reverse:not a url at all["], {"api.kimi.com"}, []),  # mitmproxy says what is wrong
+])
+def test_reverse_targets_not_kimi(modes: list[str], hosts: set[str], outside: list[str]) -> None:
+    assert reverse_targets_not_kimi(modes, hosts) == outside
+
+
+@pytest.mark.slow
+def test_a_reverse_target_outside_kimi_hosts_is_said_at_start(fake_kimi, write_accounts, keys, start_proxy) -> None:
+    write_accounts(keys)
+    told = start_proxy(fake_kimi, options={"kimi_hosts": "api.kimi.com"})
+    assert ("kimi-rotator: the reverse target 127.0.0.1 is not one of kimi_hosts (api.kimi.com): its requests "
+            "get no pool key and pass as the client sent them. If it is Kimi's, start with "
+            "--set kimi_hosts=127.0.0.1") in told.output()
+    assert "reverse target" not in start_proxy(fake_kimi).output()  # the harness's own: 127.0.0.1 is a Kimi host

@@ -103,6 +103,7 @@ class KimiRotator:
             self.pool.quota_reserve_percent = self.settings.quota_reserve_percent
         if {"mode", "kimi_hosts"} & updated:
             self.polls.default_target = poll_target(ctx.options.mode, self.settings.hosts)
+            startup_checks.warn_of_reverse_targets_not_kimi(ctx.options.mode, self.settings.hosts)
         if "kimi_usage_interval" in updated:
             self.polls.interval_s = self.settings.usage_interval_s
             if self._running:

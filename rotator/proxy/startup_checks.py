@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from mitmproxy import exceptions
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,31 @@ def check_deferred(options: Any) -> None:
     for name, problem in deferred_problems(options.deferred, defaults).items():
         options.deferred.pop(name, None)
         logger.error("kimi-rotator: %s", problem)
+
+
+def reverse_targets_not_kimi(modes: Sequence[str], hosts: Collection[str]) -> list[str]:
+    """The hosts of reverse modes that are not among the Kimi hosts: their requests get
+    no pool key (keys go only to kimi_hosts), which a person rarely means."""
+    outside = []
+    for spec in modes:
+        try:
+            mode = ProxyMode.parse(spec)
+        except ValueError:
+            continue  # mitmproxy itself says what is wrong with it
+        if isinstance(mode, ReverseMode):
+            host = mode.address[0].lower().rstrip(".")
+            if host not in hosts and host not in outside:
+                outside.append(host)
+    return outside
+
+
+def warn_of_reverse_targets_not_kimi(modes: Sequence[str], hosts: Collection[str]) -> None:
+    for host in reverse_targets_not_kimi(modes, hosts):
+        logger.warning(
+            "kimi-rotator: the reverse target %s is not one of kimi_hosts (%s): its requests get no "
+            "pool key and pass as the client sent them. If it is Kimi's, start with --set kimi_hosts=%s",
+            host, ", ".join(sorted(hosts)) or "none", host,
+        )
 
 
 class OptionErrorsInOneLine(logging.Filter):
