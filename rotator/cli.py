@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from rotator import backup_cli, oddities, ops, usage_cli
+from rotator import backup_cli, launch, oddities, ops, usage_cli
 from rotator.cli_help import help_text, synopsis
 from rotator.clock import now_ms
 from rotator.keys import KEY_PREFIX, is_kimi_key, looks_like_key, mask_key
@@ -300,6 +300,12 @@ VERBS: tuple[Verb, ...] = (
     Verb("set-cooldown", "Set the minutes of rest per +10 health (1-1440, default 30).",
          lambda p: p.add_argument("minutes", metavar="MINUTES", type=_cooldown_minutes),
          make_op=lambda a, cx: ops.set_cooldown(a.minutes, cx.now_ms)),
+    Verb("proxy", "Start mitmdump with the addon; mitmdump's own options follow "
+         "(e.g. --mode reverse:https://api.kimi.com -p 8080).",
+         lambda p: p.add_argument("mitmdump_options", metavar="[MITMDUMP OPTIONS]", nargs=argparse.REMAINDER),
+         show=lambda a, cx: launch.run_mitmdump(a.mitmdump_options)),
+    Verb("addon-path", "Print the addon script's path, for mitmdump, mitmweb or mitmproxy -s.", _no_arguments,
+         show=lambda a, cx: _out(str(launch.ADDON_SCRIPT))),
     Verb("help", "Show this help message.", _no_arguments, show=_help),
 )
 _BY_NAME = {verb.name: verb for verb in VERBS}
@@ -360,8 +366,11 @@ def _run(args: argparse.Namespace, prog: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     prog = _prog_name()
     parser = build_parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["proxy"]:  # the rest is mitmdump's, options and all
+        return launch.run_mitmdump(argv[1:])
     try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = parser.parse_args(argv)
         return _run(args, prog)
     except _ParserExit as e:
         return e.code
