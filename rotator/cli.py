@@ -23,17 +23,16 @@ import argparse
 import getpass
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from rotator import backup_cli, launch, oddities, ops, usage_cli
+from rotator import backup_cli, cli_args, launch, oddities, ops, usage_cli
 from rotator.cli_help import help_text, synopsis
 from rotator.clock import now_ms
-from rotator.keys import KEY_PREFIX, is_kimi_key, looks_like_key, mask_key
+from rotator.keys import key_problem, looks_like_key, mask_key
 from rotator.models import STRATEGIES
 from rotator.status import as_json, list_block, stats_json, stats_page, view_pool
 from rotator.terminal import emit
@@ -46,8 +45,8 @@ _KNOWN_PROGS = ("kimi-rotator", "opencode-kimi")
 EXIT_OK = 0
 EXIT_FILE = 1
 EXIT_USAGE = 2
-
-_INDEX_SHAPE = re.compile(r"[0-9]+")
+EXIT_CODES = ("Exit codes: 0 ok, 1 the accounts file can't be read or written (usage: a key could not be"
+              " read), 2 usage error.")
 
 
 class CliError(Exception):
@@ -100,24 +99,6 @@ def _prog_name() -> str:
 # --------------------------------------------------------------------------- arguments
 
 
-def parse_index(text: str) -> int:
-    """A key's position in the file: a whole number, 0 or more."""
-    if not _INDEX_SHAPE.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"index must be a whole number 0 or more, got {text!r}")
-    return int(text)
-
-
-def _index_or_all(text: str) -> int | str:
-    if text.lower() == "all":
-        return "all"
-    try:
-        return parse_index(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected an index (a whole number 0 or more) or 'all', got {text!r}"
-        ) from None
-
-
 def _read_key(raw: str) -> str:
     if raw != "-":
         return raw.strip()
@@ -143,9 +124,10 @@ class Context:
 
 def _add_key(args: argparse.Namespace, cx: Context) -> ops.Op:
     key = _read_key(args.key)
-    if not is_kimi_key(key):
+    problem = key_problem(key)
+    if problem is not None:
         shown = f" (got {mask_key(key)})" if key else ""
-        raise CliError(f"not a Kimi API key (they start with {KEY_PREFIX}){shown}")
+        raise CliError(f"{problem}{shown}")
     return ops.add_key(key, _checked_name(args.name), cx.now_ms)
 
 
@@ -161,13 +143,13 @@ def _checked_name(raw: str | None) -> str | None:
     return name
 
 
-def _key_target(text: str) -> int | str:
-    """remove-key's TARGET: an index, else a name or masked key (`ops.names`)."""
-    return parse_index(text) if _INDEX_SHAPE.fullmatch(text) else text
+def _on_key(make: Callable[[int, int], ops.Op]) -> Callable[[argparse.Namespace, Context], ops.Op]:
+    """make_op for a verb on one key (`make(index, now_ms)`), named as `cli_args.key_argument` takes it."""
+    return lambda a, cx: ops.on_target(a.target, lambda index: make(index, cx.now_ms))
 
 
 def _remove_key(args: argparse.Namespace, cx: Context) -> ops.Op:
-    return ops.remove_key(_key_target(args.target), args.expect)
+    return ops.remove_key(cli_args.key_target(args.target), args.expect)
 
 
 def _list_keys(args: argparse.Namespace, cx: Context) -> None:
@@ -211,25 +193,27 @@ def _usage(args: argparse.Namespace, cx: Context) -> int:
         raise CliError(str(e)) from None
 
 
-def _true_or_false(text: str) -> bool:
-    if text not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r} (when true, resting keys"
-                                         " regain health after each cooldown period)")
-    return text == "true"
+def full_help(parser: argparse.ArgumentParser) -> str:
+    """The one help page: `help`, `--help` and the bare command show it."""
+    assert isinstance(parser, _Parser)
+    rows = [(synopsis(parser.verb_parsers[verb.name], parser.prog), verb.help) for verb in VERBS]
+    options = [(", ".join(a.option_strings) + (f" {a.metavar}" if a.metavar else ""), a.help or "")
+               for a in parser._actions if a.option_strings]
+    return help_text(parser.prog, rows, options, EXIT_CODES)
 
 
-def _cooldown_minutes(text: str) -> int:
-    if not _INDEX_SHAPE.fullmatch(text) or not 1 <= int(text) <= 1440:
-        raise argparse.ArgumentTypeError(f"MINUTES must be a whole number from 1 to 1440, got {text!r} (the"
-                                         " rest per +10 health after a rate limit; default 30)")
-    return int(text)
+class _FullHelp(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0,
+                         help="show this help")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> NoReturn:
+        _out(full_help(parser))
+        raise _ParserExit(EXIT_OK)
 
 
 def _help(args: argparse.Namespace, cx: Context) -> None:
-    parser = build_parser(cx.prog)
-    assert isinstance(parser, _Parser)
-    rows = [(synopsis(parser.verb_parsers[verb.name], cx.prog), verb.help) for verb in VERBS]
-    _out(help_text(cx.prog, rows))
+    _out(full_help(build_parser(cx.prog)))
 
 
 @dataclass(frozen=True)
@@ -245,10 +229,6 @@ class Verb:
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
     pass
-
-
-def _index_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("index", metavar="INDEX", type=parse_index)
 
 
 def _remove_key_arguments(parser: argparse.ArgumentParser) -> None:
@@ -274,16 +254,16 @@ VERBS: tuple[Verb, ...] = (
          _remove_key_arguments, make_op=_remove_key),
     Verb("rotate", "Make the next key the active one.", _no_arguments,
          make_op=lambda a, cx: ops.rotate(cx.now_ms)),
-    Verb("use-key", "Make the key at INDEX the active one.", _index_argument,
-         make_op=lambda a, cx: ops.use_key(a.index, cx.now_ms)),
+    Verb("use-key", "Make a key the active one.", cli_args.key_argument, make_op=_on_key(ops.use_key)),
     Verb("set-strategy", "Choose how the proxy picks keys.",
          lambda p: p.add_argument("strategy", metavar="|".join(STRATEGIES)),
          make_op=lambda a, cx: ops.set_strategy(a.strategy, cx.now_ms)),
-    Verb("enable-key", "Re-enable a key that was disabled (e.g. after a 401).", _index_argument,
-         make_op=lambda a, cx: ops.enable_key(a.index, cx.now_ms)),
+    Verb("enable-key", "Re-enable a key that was disabled (e.g. after a 401).", cli_args.key_argument,
+         make_op=_on_key(ops.enable_key)),
     Verb("clear-limits", "Forget the rate-limit cooldown of one key or all keys.",
-         lambda p: p.add_argument("target", metavar="INDEX|all", type=_index_or_all),
-         make_op=lambda a, cx: ops.clear_limits(a.target, cx.now_ms)),
+         lambda p: p.add_argument("target", metavar="INDEX|NAME|KEY|all", type=cli_args.target_or_all),
+         make_op=lambda a, cx: ops.clear_limits("all", cx.now_ms) if a.target == "all"
+         else ops.on_target(a.target, lambda index: ops.clear_limits(index, cx.now_ms))),
     Verb("export-keys", "Export every key, with its statistics, to an encrypted backup (the plugin's format).",
          backup_cli.export_arguments, show=lambda a, cx: _out(backup_cli.export_keys(a, cx.store, cx.now_ms))),
     Verb("import-keys", "Import keys from an encrypted backup or a plain accounts file (present keys skipped).",
@@ -291,14 +271,14 @@ VERBS: tuple[Verb, ...] = (
     Verb("stats", "Show each key's requests, success rate, response times and recent days.",
          _json_argument, show=_stats),
     Verb("usage", "Ask Kimi for each key's quota: windows used and left, resets, parallel limit.",
-         lambda p: usage_cli.arguments(p, parse_index), show=_usage),
+         lambda p: usage_cli.arguments(p, cli_args.parse_index), show=_usage),
     Verb("refresh-health", "Give +10 health to each key rested past the cooldown.", _no_arguments,
          make_op=lambda a, cx: ops.refresh_health(cx.now_ms)),
     Verb("set-auto-refresh", "Turn health recovery at rest on or off.",
-         lambda p: p.add_argument("enabled", metavar="true|false", type=_true_or_false),
+         lambda p: p.add_argument("enabled", metavar="true|false", type=cli_args.true_or_false),
          make_op=lambda a, cx: ops.set_auto_refresh(a.enabled, cx.now_ms)),
     Verb("set-cooldown", "Set the minutes of rest per +10 health (1-1440, default 30).",
-         lambda p: p.add_argument("minutes", metavar="MINUTES", type=_cooldown_minutes),
+         lambda p: p.add_argument("minutes", metavar="MINUTES", type=cli_args.cooldown_minutes),
          make_op=lambda a, cx: ops.set_cooldown(a.minutes, cx.now_ms)),
     Verb("proxy", "Start mitmdump with the addon; mitmdump's own options follow "
          "(e.g. --mode reverse:https://api.kimi.com -p 8080).",
@@ -334,11 +314,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         prog=prog,
         parents=[common],
         description="Manage the Kimi API keys that the kimi-rotator proxy rotates between.",
-        epilog="Exit codes: 0 ok, 1 the accounts file can't be read or written (usage: a key"
-               " could not be read), 2 usage error.",
+        epilog=EXIT_CODES, add_help=False,
     )
+    parser.add_argument("-h", "--help", action=_FullHelp)
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    subparsers.required = True
+    subparsers.required = False  # none: the help page
     parser.verb_parsers = {}
     for verb in VERBS:
         sub = parser.verb_parsers[verb.name] = subparsers.add_parser(
@@ -371,6 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return launch.run_mitmdump(argv[1:])
     try:
         args = parser.parse_args(argv)
+        if args.verb is None:
+            _out(full_help(parser))
+            return EXIT_OK
         return _run(args, prog)
     except _ParserExit as e:
         return e.code
@@ -383,6 +366,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err(f"{prog}: interrupted")
         return 130
+    except BrokenPipeError:  # `kimi-rotator usage | head -3`: the reader has all it wanted
+        _stdout_to_devnull()
+        return EXIT_FILE
+
+
+def _stdout_to_devnull() -> None:
+    """So that Python's own flush of stdout at exit does not fail again (the recipe in
+    the signal module's documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (tests capture it): nothing to flush
+        pass
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ def synopsis(verb_parser: argparse.ArgumentParser, prog: str) -> str:
     return _COMMON_OPTIONS.sub("", usage).strip()
 
 
-def help_text(prog: str, verbs: Sequence[tuple[str, str]]) -> str:
-    """The help page, from (synopsis, what it does) per verb."""
-    width = max((len(usage) for usage, _ in verbs), default=0) + 2
+def help_text(prog: str, verbs: Sequence[tuple[str, str]], options: Sequence[tuple[str, str]] = (),
+              epilog: str = "") -> str:
+    """The help page, from (synopsis, what it does) per verb and per option."""
+    width = max((len(usage) for usage, _ in [*verbs, *options]), default=0) + 2
     return "\n".join([
         "Kimi API Key Rotator (kimi-rotator)",
         "",
@@ -42,4 +43,7 @@ def help_text(prog: str, verbs: Sequence[tuple[str, str]]) -> str:
         f"  {prog} usage",
         f"  {prog} refresh-health",
         f"  {prog} set-cooldown 60",
+        *(["", "Options (before or after the command):", *(f"  {o.ljust(width)}{text}" for o, text in options)]
+          if options else []),
+        *(["", epilog] if epilog else []),
     ])

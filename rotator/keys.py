@@ -16,6 +16,18 @@ def is_kimi_key(value: str) -> bool:
     return _KEY_SHAPE.fullmatch(value) is not None
 
 
+def key_problem(value: str) -> str | None:
+    """What keeps `value` from being a Kimi API key, in words; None for a key."""
+    if is_kimi_key(value):
+        return None
+    if not value.startswith(KEY_PREFIX):
+        return f"not a Kimi API key (they start with {KEY_PREFIX})"
+    rest = value[len(KEY_PREFIX):]
+    if re.fullmatch(r"[A-Za-z0-9_\-]*", rest) is None:
+        return "holds characters no Kimi API key has (a space, a line break, punctuation?)"
+    return f"too short for a Kimi API key ({KEY_PREFIX} and at least 8 more characters; this has {len(rest)})"
+
+
 @functools.lru_cache(maxsize=4096)  # asked several times for every request; keys are few
 def mask_key(key: str) -> str:
     """`sk-kim…abcd`: enough to tell keys apart, never enough to use one.

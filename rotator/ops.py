@@ -110,6 +110,16 @@ def on_key(key: str, make: Callable[[int], Op]) -> Op:
     return change
 
 
+def on_target(target: int | str, make: Callable[[int], Op]) -> Op:
+    """`make(index)` for the key `target` is: an index, or a name or masked key
+    (`find_key`) looked up in the state the op runs on."""
+
+    def change(state: AccountsFile) -> str:
+        return make(target if isinstance(target, int) else find_key(state, target))(state)
+
+    return change
+
+
 def rotate_past(key: str, now_ms: int) -> Op:
     """`rotate`, from `key` (the active key the person saw): the key after it becomes
     active, however often the op runs and whatever the state's active key was."""

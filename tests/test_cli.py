@@ -185,11 +185,19 @@ def test_add_key_reads_the_key_from_stdin(run):
     assert run.data()["accounts"][0]["key"] == KEY3
 
 
-@pytest.mark.parametrize("bad", [NOT_KIMI, "hello", "sk-kimi-short", "sk-kimi-FAKE key0000000001", ""])
-def test_add_key_refuses_what_is_not_a_kimi_key(run, bad):
+@pytest.mark.parametrize(("bad", "why"), [
+    (NOT_KIMI, "not a Kimi API key (they start with sk-kimi-)"),
+    ("hello", "not a Kimi API key (they start with sk-kimi-)"),
+    ("", "not a Kimi API key (they start with sk-kimi-)"),
+    # It does start with sk-kimi-: say what is wrong instead.
+    ("sk-kimi-short", "too short for a Kimi API key (sk-kimi- and at least 8 more characters; this has 5)"),
+    ("sk-kimi-FAKE key0000000001", "holds characters no Kimi API key has (a space, a line break, punctuation?)"),
+    ("sk-kimi-FAKE00000000\r\n00000001", "holds characters no Kimi API key has"),
+])
+def test_add_key_refuses_what_is_not_a_kimi_key(run, bad, why):
     raw = write(run.path, three_keys())
     err = run.fails("add-key", bad, "Name")
-    assert err.startswith("kimi-rotator: error: not a Kimi API key (they start with sk-kimi-)")
+    assert err.startswith(f"kimi-rotator: error: {why}")
     if len(bad) > 12:
         assert bad not in err
     assert run.path.read_bytes() == raw
@@ -424,6 +432,33 @@ def test_use_key(run):
     assert run.data()["activeIndex"] == 2
 
 
+@pytest.mark.parametrize("ref", ["Three", mask_key(KEY3), mask_key(KEY3).replace("…", "...")])
+def test_use_key_by_name_or_masked_key(run, ref):
+    write(run.path, three_keys())
+    assert run.ok("use-key", ref) == f"Now using [2] Three ({mask_key(KEY3)}).\n"
+    assert run.data()["activeIndex"] == 2
+
+
+def test_a_name_that_is_no_key_changes_nothing(run):
+    raw = write(run.path, three_keys())
+    assert run.fails("use-key", "Nobody") == (
+        "kimi-rotator: error: 'Nobody' is neither an INDEX (a whole number 0 or more) nor the name"
+        " or masked key of a key (see list-keys)"
+    )
+    assert run.path.read_bytes() == raw
+
+
+def test_enable_key_and_clear_limits_by_name(run):
+    data = three_keys()
+    data["accounts"][1].update(disabledReason="401 Unauthorized", consecutiveFailures=3,
+                               rateLimitResetTime=NOW + MIN, cooldownReason="429")
+    write(run.path, data)
+    assert run.ok("enable-key", "Two").startswith(f"Enabled [1] Two ({mask_key(KEY2)})")
+    run.ok("clear-limits", "Two")
+    after = run.data()["accounts"][1]
+    assert after["disabledReason"] is None and after["rateLimitResetTime"] == 0
+
+
 # ------------------------------------------------------------------------- set-strategy
 
 
@@ -522,7 +557,7 @@ def test_index_must_be_a_whole_number(run, verb, bad):
 
 def test_missing_arguments_and_unknown_verb(run):
     raw = write(run.path, three_keys())
-    assert "required" in run.fails()
+    assert run.ok().startswith("Kimi API Key Rotator")  # no verb: the help page (issue 27)
     assert "required" in run.fails("remove-key")
     assert "required" in run.fails("add-key")
     assert "invalid choice" in run.fails("frobnicate")
@@ -682,7 +717,22 @@ def test_accounts_from_the_environment(run, monkeypatch):
 def test_help_everywhere(run, verb):
     code, out, err = run(*([verb] if verb else []), "--help")
     assert (code, err) == (0, "")
-    assert out.startswith(f"usage: kimi-rotator {verb or ''}".rstrip())
+    if verb:
+        assert out.startswith(f"usage: kimi-rotator {verb}")
+    else:
+        assert out.startswith("Kimi API Key Rotator (kimi-rotator)\n\nUsage: kimi-rotator ")
+    assert not run.path.exists()
+
+
+@pytest.mark.parametrize("asked", [(), ("--help",), ("-h",), ("help",)], ids=["bare", "--help", "-h", "help"])
+def test_one_help_page_lists_verbs_options_and_exit_codes(run, asked):
+    code, out, err = run(*asked)
+    assert (code, err) == (0, "")
+    assert out == run("help")[1]  # the same page, whichever way it is asked for
+    for part in ("Commands:", "  use-key INDEX|NAME|KEY", "Strategies:", "Examples:",
+                 "Options (before or after the command):", "  --accounts PATH", "  --store URL",
+                 "  -h, --help", "Exit codes: 0 ok"):
+        assert part in out, part
     assert not run.path.exists()
 
 
@@ -692,7 +742,7 @@ def test_prog_is_the_invoked_name(run, monkeypatch):
     assert code == 2 and out == ""
     assert err == "opencode-kimi: error: index 3 out of range (no keys configured)\n"
     code, out, _ = run("--help")
-    assert out.startswith("usage: opencode-kimi ")
+    assert "\nUsage: opencode-kimi " in out and "  opencode-kimi add-key" in out
 
 
 @pytest.mark.parametrize(
@@ -708,7 +758,21 @@ def test_format_duration(ms, text):
 def test_python_dash_m_help():
     result = run_cli(None, "--help")  # its own process: python -m rotator.cli
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("usage: kimi-rotator ")
+    assert "\nUsage: kimi-rotator " in result.stdout
     for verb in ("add-key", "list-keys", "remove-key", "rotate", "use-key", "set-strategy",
                  "enable-key", "clear-limits"):
         assert verb in result.stdout
+
+
+class ClosedPipe(io.StringIO):
+    """Standard output after its reader went (`kimi-rotator usage | head -3`)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(run, monkeypatch, capsys):
+    write(run.path, three_keys())
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert cli.main(["--accounts", str(run.path), "list-keys"]) == 1  # no exception escapes
+    assert capsys.readouterr().err == ""

@@ -210,6 +210,6 @@ def test_help_lists_every_verb_with_its_arguments(path):
     commands = [line.split()[0] for line in lines[lines.index("Commands:") + 1:lines.index("Strategies:") - 1]]
     assert commands == [verb.name for verb in cli.VERBS]
     for shown in ("stats [--json]", "set-auto-refresh true|false", "set-cooldown MINUTES",
-                  "clear-limits INDEX|all", "use-key INDEX", "add-key KEY [NAME]", "refresh-health"):
+                  "clear-limits INDEX|NAME|KEY|all", "use-key INDEX|NAME|KEY", "add-key KEY [NAME]", "refresh-health"):
         assert any(line.strip().startswith(shown) for line in lines), shown
     assert not path.exists()
