@@ -122,9 +122,11 @@ def _why_unavailable(accounts: Sequence[Account], now_ms: int) -> Unavailable:
     if not enabled:
         return Unavailable(Shortage.ALL_DISABLED)
     deadlines = [a.cooling_until for a in enabled if a.cooling_until > now_ms]
-    if deadlines:
+    if len(deadlines) == len(enabled):
         return Unavailable(Shortage.ALL_COOLING, min(deadlines))
-    return Unavailable(Shortage.ALL_SKIPPED)
+    # Some key is merely busy (or tried): it frees when a request on it ends, or a
+    # cooling one at its deadline, whichever comes first.
+    return Unavailable(Shortage.ALL_SKIPPED, min(deadlines, default=None))
 
 
 def next_index(chosen: int, count: int, strategy: Strategy) -> int:

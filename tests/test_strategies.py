@@ -98,6 +98,27 @@ def test_all_cooling_reports_the_soonest_deadline(strategy):
 
 
 @pytest.mark.parametrize("strategy", ["round-robin", "health-based", "sticky"])
+def test_busy_and_cooling_keys_are_not_all_cooling(strategy):
+    """One key busy (at its cap: in `skip`), the other cooling: the truth is that a key
+    is busy, and the cooling one's deadline is still when waiting surely helps."""
+    accounts = pool(100, 100, k1={"rate_limit_reset_time": NOW + 10_000})
+    assert choose_key(accounts, strategy, 0, NOW, skip={0}) == Unavailable(Shortage.ALL_SKIPPED, NOW + 10_000)
+
+
+def test_every_key_busy_says_busy_not_cooling():
+    from rotator.models import AccountsFile
+    from rotator.proxy import answers
+
+    accounts = pool(100, 100)
+    why = choose_key(accounts, "round-robin", 0, NOW, skip={0, 1})
+    answer = answers.no_key(why, AccountsFile(accounts=accounts), NOW, "accounts.json", None)
+    text = answer.get_text()
+    assert answer.status_code == 429 and answer.headers["retry-after"] == "1"
+    assert "every usable key is busy or already tried; a busy key frees when a request on it ends." in text
+    assert "cooling" not in text
+
+
+@pytest.mark.parametrize("strategy", ["round-robin", "health-based", "sticky"])
 def test_all_disabled(strategy):
     accounts = pool(100, k0={"disabled_reason": "revoked"})
     assert choose_key(accounts, strategy, 0, NOW) == Unavailable(Shortage.ALL_DISABLED)

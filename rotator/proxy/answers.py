@@ -104,9 +104,15 @@ def no_key(why: Unavailable, state: AccountsFile, now: int, location: str, store
     wait_s = 1
     if why.available_at_ms is not None:
         wait_s = max(1, seconds_until(why.available_at_ms, now))
+    if why.shortage is Shortage.ALL_SKIPPED:
+        when = "a busy key frees when a request on it ends"
+        if why.available_at_ms is not None:
+            when += f", a cooling one in {wait_s} s"
+        wait_s = 1
+    else:
+        when = f"the next key is free in {wait_s} s"
     return anthropic_error(
-        429, "rate_limit_error",
-        f"kimi-rotator: {why.shortage.value}; the next key is free in {wait_s} s. " + keys,
+        429, "rate_limit_error", f"kimi-rotator: {why.shortage.value}; {when}. " + keys,
         {"retry-after": str(wait_s)},
     )
 
