@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from rotator import ops
+from rotator.keys import KEY_PREFIX, is_kimi_key, mask_key
 from rotator.models import Account, AccountsFile, Strategy
 from rotator.store.file import MAX_DEPTH, json_depth
 
@@ -152,11 +153,28 @@ def parse_document(raw: bytes, what: str) -> BackupDoc:
     if data.get("version", BACKUP_VERSION) != BACKUP_VERSION:
         raise BackupError(f"{what} has version {data['version']!r}; this kimi-rotator reads version {BACKUP_VERSION}")
     try:
-        return BackupDoc.model_validate(data)
+        document = BackupDoc.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "top level"
         raise BackupError(f"{what} is not a valid kimi backup at {where}: {first['msg']}") from None
+    for i, account in enumerate(document.accounts):
+        if not is_kimi_key(account.key):  # as add-key refuses it: never sent, and a line break would inject headers
+            raise BackupError(f'{what} is not a valid kimi backup at accounts.{i} ("{account.name}"): '
+                              f"not a Kimi API key (they start with {KEY_PREFIX}; got {mask_key(account.key)}"
+                              f"{_flaw(account.key)})")
+    return document
+
+
+def _flaw(key: str) -> str:
+    """What makes `key` plainly no key, for a message that never shows it whole."""
+    if "\r" in key or "\n" in key:
+        return ", which holds a line break"
+    if any(c.isspace() for c in key):
+        return ", which holds a space"
+    if not key.isprintable():
+        return ", which holds a control character"
+    return ""
 
 
 # -------------------------------------------------------------------------- the merge

@@ -25,7 +25,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -339,6 +339,11 @@ def _run(args: argparse.Namespace, prog: str) -> int:
         code = verb.show(args, cx)
         return EXIT_OK if code is None else code
     assert verb.make_op is not None
+    # A person's change is stamped by the store's clock: a team's server, which every
+    # machine agrees on whatever its own clock says (`merge`).
+    server_ms = cx.store.server_time_ms()
+    if server_ms is not None:
+        cx = replace(cx, now_ms=server_ms)
     _out(ops.run(cx.store, verb.make_op(args, cx)))
     return EXIT_OK
 

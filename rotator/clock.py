@@ -12,6 +12,11 @@ from collections.abc import Callable
 from typing import Protocol
 
 MS_PER_SECOND = 1000
+# How far ahead of now a recorded moment (a person's edit stamp) may lie and still be
+# believed: clocks a few seconds apart. Further ahead, it was written by a clock that ran
+# ahead (another machine's, this one's before an NTP step back) or by hand, and counts
+# as now (`not_ahead`).
+AHEAD_SLACK_MS = 2_000
 
 
 def now_ms() -> int:
@@ -22,6 +27,11 @@ def now_ms() -> int:
 def seconds_until(deadline_ms: int, now: int) -> int:
     """Whole seconds from now to the deadline, rounded up (never 0 while it is ahead)."""
     return max(0, -(-(deadline_ms - now) // MS_PER_SECOND))
+
+
+def not_ahead(moment_ms: int, now: int) -> int:
+    """`moment_ms`, or `now` if it lies more than `AHEAD_SLACK_MS` in the future."""
+    return now if moment_ms > now + AHEAD_SLACK_MS else moment_ms
 
 
 class Timer(Protocol):

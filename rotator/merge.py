@@ -21,16 +21,26 @@ failed save's changes with newer ones) through `KeyChange.absorb`; both read `RU
 A person's change wins by time, not by save order: the CLI stamps each field it touches
 in `edited_at`, and a proxy's change to that field made before the stamp is dropped,
 even if the proxy saves it later (it could not have known).
+
+A stamp never lies ahead of the store's clock (the server's `TIME` for a team store):
+one further ahead than `clock.AHEAD_SLACK_MS` (a clock that ran ahead, an NTP step back,
+a hand edit, an imported file) counts as the moment a store step read it, and is
+written back so (`syncing`, `editing`). Otherwise it would outrank every change a proxy
+makes until the clocks catch up: a revoked key never disabled, a rate-limited key hit
+again after every save. A proxy's changes are compared on the store's clock too
+(`skew_ms`), so a machine whose clock runs behind the server's is not outranked either.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic.alias_generators import to_camel
 
+from rotator.clock import not_ahead
 from rotator.health import clamp_health
 from rotator.models import Account, AccountsFile
 from rotator.stats import RESPONSE_TIMES_KEPT, drop_old_days
@@ -186,8 +196,10 @@ def is_decisive(change: PoolChange) -> bool:
     return any(not _DECISIVE.isdisjoint(key_change.fields) for key_change in change.keys.values())
 
 
-def apply(state: AccountsFile, change: PoolChange) -> AccountsFile:
-    """Apply a proxy's `change` to `state` (mutated and returned).
+def apply(state: AccountsFile, change: PoolChange, skew_ms: int = 0) -> AccountsFile:
+    """Apply a proxy's `change` to `state` (mutated and returned). `skew_ms`: how far
+    the clock that stamped `state` (the store's) runs ahead of the one `change` was
+    timed by (the proxy's).
 
     Keys `state` no longer has were removed by someone else and stay removed. A key the
     file lists twice is one key: its first entry takes the change (`rotator.oddities`).
@@ -198,21 +210,21 @@ def apply(state: AccountsFile, change: PoolChange) -> AccountsFile:
             key_change = change.keys.get(account.key)
             if key_change is not None and account.key not in applied:
                 applied.add(account.key)
-                apply_to_account(account, key_change)
+                apply_to_account(account, key_change, skew_ms)
     moved = change.active_key
-    if moved is not None and not _older_than_person(state.edited_at, ACTIVE_INDEX, moved.at_ms):
+    if moved is not None and not _older_than_person(state.edited_at, ACTIVE_INDEX, moved.at_ms + skew_ms):
         index = state.index_of(moved.value)
         if index is not None:
             state.active_index = index
     return state
 
 
-def apply_to_account(account: Account, change: KeyChange) -> None:
+def apply_to_account(account: Account, change: KeyChange, skew_ms: int = 0) -> None:
     edited = account.edited_at
     for attr, new in change.fields.items():
         rule = RULES[attr]
         # Counts are never undone: a person's edit only outranks values.
-        if edited and rule not in _COUNTED and _older_than_person(edited, attr, new.at_ms):
+        if edited and rule not in _COUNTED and _older_than_person(edited, attr, new.at_ms + skew_ms):
             continue
         if rule is Rule.BY_DAY:
             daily = getattr(account, attr)
@@ -258,3 +270,56 @@ def stamp_person_edit(target: Account | AccountsFile, attrs: tuple[str, ...], at
     """Record that a person set these fields at `at_ms`, even to the value they had."""
     for attr in attrs:
         target.edited_at[disk_name(attr)] = at_ms
+
+
+def _stamp_maps(state: AccountsFile) -> list[dict[str, int]]:
+    return [state.edited_at, *(account.edited_at for account in state.accounts)]
+
+
+def stamps_ahead(state: AccountsFile, now_ms: int) -> bool:
+    """Whether a person's stamp in `state` lies further ahead of `now_ms` than clocks drift."""
+    return any(not_ahead(at, now_ms) != at for stamps in _stamp_maps(state) for at in stamps.values())
+
+
+def clamp_stamps(state: AccountsFile, now_ms: int) -> bool:
+    """Make each stamp from the future (`clock.not_ahead`) `now_ms`; whether any was."""
+    clamped = False
+    for stamps in _stamp_maps(state):
+        for name, at in stamps.items():
+            if not_ahead(at, now_ms) != at:
+                stamps[name] = now_ms
+                clamped = True
+    return clamped
+
+
+# What a store does to the state it holds under its lock: the state to write, or None.
+StoreStep = Callable[[AccountsFile], AccountsFile | None]
+
+
+def syncing(change: PoolChange, now_ms: int, skew_ms: int = 0) -> StoreStep:
+    """A proxy's save, as a store makes it on the state it holds (at `now_ms` on its
+    clock): stamps from the future read as now, then `change` applied. Returns None when
+    there is nothing to write."""
+
+    def step(state: AccountsFile) -> AccountsFile | None:
+        clamped = clamp_stamps(state, now_ms)
+        if not change:
+            return state if clamped else None
+        return apply(state, change, skew_ms)
+
+    return step
+
+
+def editing(change: StoreStep, now_ms: int) -> StoreStep:
+    """A person's `change`, as a store makes it at `now_ms` on its clock: stamps from the
+    future read as now, before and after (a person's clock may run ahead of the store's)."""
+
+    def step(state: AccountsFile) -> AccountsFile | None:
+        clamped = clamp_stamps(state, now_ms)
+        changed = change(state)
+        if changed is None:
+            return state if clamped else None
+        clamp_stamps(changed, now_ms)
+        return changed
+
+    return step

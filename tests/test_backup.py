@@ -312,6 +312,25 @@ def test_a_bad_backup_is_one_line_and_writes_nothing(tmp_path: Path, case: str) 
     assert said[case] in done.stderr
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain file", "backup"])
+@pytest.mark.parametrize("bad_key", [KEY_B + "\r\n", KEY_B[:30] + "\r\nX-Injected: 1", "sk-kimi-" + "B" * 20 + " B"],
+                         ids=["CRLF at the end", "CRLF inside", "a space"])
+def test_a_key_add_key_would_refuse_is_refused_and_nothing_imported(tmp_path: Path, encrypted: bool,
+                                                                      bad_key: str) -> None:
+    document = plugin_export([plugin_account(KEY_A, "Personal", 5), plugin_account(bad_key, "Work\nline", 9)])
+    source = tmp_path / "import.src"
+    source.write_text(plugin_encrypt(document, PASSWORD) if encrypted else document.decode())
+    have, fresh = _existing(tmp_path), tmp_path / "fresh.json"
+    before = {have: have.read_bytes(), fresh: None}
+    for accounts in (have, fresh):
+        done = cli(accounts, "import-keys", str(source), stdin=PASSWORD + "\n")
+        assert_refused(done, have, fresh, before=before)  # one line, nothing written, not even key A
+        assert "Imported" not in done.stdout
+        assert 'at accounts.1 ("Work line"): not a Kimi API key (they start with sk-kimi-; got sk-kim…' in done.stderr
+        assert ("line break" if "\n" in bad_key else "space") in done.stderr, done.stderr
+        assert bad_key.strip() not in done.stderr and KEY_B[8:-4] not in done.stderr and KEY_A not in done.stderr
+
+
 def test_export_with_no_keys_writes_nothing(tmp_path: Path) -> None:
     backup = tmp_path / "keys.enc"
     done = cli(tmp_path / "empty.json", "export-keys", str(backup), stdin=PASSWORD + "\n")

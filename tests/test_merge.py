@@ -1,6 +1,7 @@
 """The one merge rule: a proxy's change record applied to the state in the store."""
 
 from rotator import merge, ops
+from rotator.clock import AHEAD_SLACK_MS
 from rotator.models import Account, AccountsFile
 
 NOW = 1_800_000_000_000
@@ -142,3 +143,67 @@ def test_use_key_survives_an_older_move_of_the_proxy():
     later = merge.PoolChange()
     later.move_active(KEYS[2], NOW + 100)
     assert merge.apply(disk, later).active_index == 2
+
+
+# -- stamps from the future count as now ------------------------------------------------
+
+HOUR = 3_600_000
+
+
+def test_a_stamp_from_the_future_reads_as_now_and_is_written_so():
+    disk = state(1)
+    ops.enable_key(0, NOW + HOUR)(disk)  # a clock an hour ahead, a hand edit, an import
+    read = merge.syncing(merge.PoolChange(), NOW)(disk)  # a store step at NOW: something to write
+    assert read is not None and read.accounts[0].edited_at == {"disabledReason": NOW, "consecutiveFailures": NOW}
+    # From then on the person's edit is NOW's: a proxy change made after it wins ...
+    merged = merge.syncing(disabled_by_proxy_at(NOW + 1), NOW + 5)(disk)
+    assert merged is not None and merged.accounts[0].disabled_reason == "HTTP 401: key not accepted"
+    # ... and one made before it still loses, as it could not have known.
+    disk = state(1)
+    ops.enable_key(0, NOW + HOUR)(disk)
+    merged = merge.syncing(disabled_by_proxy_at(NOW - 1), NOW)(disk)
+    assert merged is not None and merged.accounts[0].disabled_reason is None
+
+
+def test_a_stamp_a_little_ahead_is_believed_and_nothing_is_written_for_it():
+    disk = state(1)
+    ops.use_key(0, NOW + AHEAD_SLACK_MS)(disk)  # clocks a moment apart
+    assert merge.syncing(merge.PoolChange(), NOW)(disk) is None
+    assert not merge.stamps_ahead(disk, NOW) and merge.stamps_ahead(disk, NOW - 1)
+    disk = state(2)
+    ops.use_key(1, NOW + AHEAD_SLACK_MS)(disk)
+    earlier = merge.PoolChange()
+    earlier.move_active(KEYS[0], NOW + AHEAD_SLACK_MS - 1)
+    merged = merge.syncing(earlier, NOW)(disk)
+    assert merged is not None and merged.active_index == 1  # still the person's
+
+
+def test_a_persons_edit_by_a_clock_ahead_is_stamped_with_the_stores_time():
+    disk = state(2)
+    disk.edited_at["rotationStrategy"] = NOW + HOUR  # already there, from the future
+
+    def enable_key_1(state: AccountsFile) -> AccountsFile:
+        ops.enable_key(1, NOW + HOUR)(state)  # the CLI's clock, an hour ahead
+        return state
+
+    edited = merge.editing(enable_key_1, NOW)(disk)
+    assert edited is not None
+    assert edited.edited_at["rotationStrategy"] == NOW
+    assert set(edited.accounts[1].edited_at.values()) == {NOW}
+    # Nothing else to do, yet a stamp from the future to put right: written.
+    disk.edited_at["rotationStrategy"] = NOW + HOUR
+    assert merge.editing(lambda s: None, NOW)(disk) is disk and disk.edited_at["rotationStrategy"] == NOW
+    assert merge.editing(lambda s: None, NOW)(disk) is None
+
+
+def test_a_change_timed_by_a_clock_behind_the_stores_is_compared_on_the_stores_clock():
+    disk = state(1)
+    ops.enable_key(0, NOW)(disk)  # stamped by the server's clock
+    made_after = disabled_by_proxy_at(NOW + 10 - HOUR)  # 10 ms later, by a clock an hour behind
+    merged = merge.syncing(made_after, NOW + 20, skew_ms=HOUR)(disk)
+    assert merged is not None and merged.accounts[0].disabled_reason == "HTTP 401: key not accepted"
+    disk = state(1)
+    ops.enable_key(0, NOW)(disk)
+    made_before = disabled_by_proxy_at(NOW - 10 - HOUR)
+    merged = merge.syncing(made_before, NOW + 20, skew_ms=HOUR)(disk)
+    assert merged is not None and merged.accounts[0].disabled_reason is None

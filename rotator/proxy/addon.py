@@ -111,7 +111,7 @@ class KimiRotator:
         if {"kimi_accounts", "kimi_store", "kimi_store_prefix"} & updated:
             settings = self.settings
             try:
-                store = open_store(settings.store, settings.accounts_path, settings.store_prefix)
+                store = open_store(settings.store, settings.accounts_path, settings.store_prefix, self.clock)
             except StoreError as e:
                 raise exceptions.OptionsError(f"kimi_store: {e}") from e
             self._open_store(store)

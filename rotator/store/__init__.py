@@ -14,6 +14,7 @@ import enum
 import os
 from typing import NamedTuple, Protocol
 
+from rotator.clock import SYSTEM_CLOCK, Clock
 from rotator.merge import PoolChange
 from rotator.models import AccountsFile
 
@@ -35,6 +36,11 @@ class StateStore(Protocol):
 
     def edit(self, change: Callable[[AccountsFile], AccountsFile | None]) -> AccountsFile:
         """A person's change, made atomically against the current state (None: no write)."""
+        ...
+
+    def server_time_ms(self) -> int | None:
+        """A shared store's own clock (a Redis server's `TIME`), which a person's change is
+        stamped by, or None: the store's clock is this machine's."""
         ...
 
     def load(self) -> AccountsFile:
@@ -133,16 +139,18 @@ class TeamEvents(Protocol):
 STORE_ENV = "KIMI_ROTATOR_STORE"
 
 
-def open_store(spec: str | None, accounts_path: "os.PathLike[str] | str", prefix: str | None = None) -> StateStore:
+def open_store(spec: str | None, accounts_path: "os.PathLike[str] | str", prefix: str | None = None,
+               clock: Clock = SYSTEM_CLOCK) -> StateStore:
     """The store `spec` names: empty = the accounts file at `accounts_path`;
-    `redis://` or `rediss://` = a Redis server (`prefix`: default "kimi-rotator:")."""
+    `redis://` or `rediss://` = a Redis server (`prefix`: default "kimi-rotator:").
+    `clock`: the one this process times its changes by."""
     from pathlib import Path
 
     spec = (spec or "").strip()
     if not spec:
         from rotator.store.file import FileStore
 
-        return FileStore(Path(accounts_path))
+        return FileStore(Path(accounts_path), clock)
     from rotator.store.urls import DEFAULT_PREFIX, masked_url
 
     if spec.startswith(("redis://", "rediss://")):
@@ -153,6 +161,6 @@ def open_store(spec: str | None, accounts_path: "os.PathLike[str] | str", prefix
                 f"{masked_url(spec)}: a team store needs the redis client ({e.name} is not installed):"
                 " pip install 'kimi-rotator[team]'"
             ) from None
-        return RedisStore(spec, prefix or DEFAULT_PREFIX)
+        return RedisStore(spec, prefix or DEFAULT_PREFIX, clock)
 
     raise StoreError(f"{masked_url(spec)}: not a store (give nothing for the accounts file, or a redis:// or rediss:// URL)")

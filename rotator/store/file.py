@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from rotator import merge
+from rotator.clock import SYSTEM_CLOCK, Clock
 from rotator.models import AccountsFile
 from rotator.store import StoreError
 from rotator.store.lock import DirLock, LockLost, LockTimeout
@@ -329,8 +330,9 @@ def _os_problem(e: OSError) -> str:
 class FileStore:
     """The `StateStore` on one accounts file, shared by the CLI and every local proxy."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Clock = SYSTEM_CLOCK) -> None:
         self.path = path
+        self._clock = clock
         self.location = str(path)
         self.what = "the accounts file"
         self._signature: FileSignature | None = None
@@ -341,7 +343,10 @@ class FileStore:
         return read_settled(self.path)
 
     def edit(self, change: Callable[[AccountsFile], AccountsFile | None]) -> AccountsFile:
-        return update_accounts(self.path, change)
+        return update_accounts(self.path, merge.editing(change, self._clock.now_ms()))
+
+    def server_time_ms(self) -> None:
+        return None  # the file's clock is this machine's
 
     def load(self) -> AccountsFile:
         try:
@@ -352,6 +357,15 @@ class FileStore:
             self._last_read_failed = True
             raise
         self._last_read_failed = False
+        now = self._clock.now_ms()
+        if merge.stamps_ahead(state, now):
+            # Read as now, and written so at once: a proxy change made from now on is
+            # newer than the person's, however far ahead the stamp said it was.
+            try:
+                state, self._signature = update_accounts_signed(self.path, merge.syncing(merge.PoolChange(), now))
+            except AccountsFileError:
+                merge.clamp_stamps(state, now)
+                self._last_read_failed = True  # the next save writes it
         return state
 
     def sync(self, changes: merge.PoolChange) -> AccountsFile | None:
@@ -361,7 +375,7 @@ class FileStore:
             return None
         try:
             state, self._signature = update_accounts_signed(
-                self.path, lambda disk: merge.apply(disk, changes) if changes else None
+                self.path, merge.syncing(changes, self._clock.now_ms())
             )
         except AccountsFileError:
             self._last_read_failed = True

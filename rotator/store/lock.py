@@ -8,6 +8,7 @@ its protocol, and kimi-rotator and the plugin exclude each other on one file:
 - a holder keeps the directory's mtime fresh while it holds it (proper-lockfile every
   stale/2, at least every second); a directory whose mtime is older than `stale` is
   abandoned: remove it and mkdir once more (if that mkdir fails, the lock is held);
+  so, here, is one whose mtime is more than `stale` in the future (no holder set that);
 - release is rmdir; a holder that finds the mtime changed under it has lost the lock
   (proper-lockfile calls it compromised) and must not write or remove anything.
 
@@ -73,18 +74,24 @@ class Found(enum.Enum):
     HELD = "held"  # a lock directory refreshed within the stale time (the plugin's, say)
     OURS = "ours"  # the same, made by a kimi-rotator: held while that one's flock is
     STALE = "stale"  # a lock directory nobody refreshed: abandoned
+    AHEAD = "ahead"  # a lock directory whose mtime lies in the future: abandoned too
     OLD_FILE = "old file"  # a regular file, left by an older kimi-rotator
     OTHER = "other"  # a link, a socket...: not ours to remove
 
 
 def judge(st: os.stat_result | None, now_s: float, stale_s: float) -> Found:
     """What an lstat of the lock's path says about it (proper-lockfile's isLockStale,
-    plus our own mark: the sticky bit, which a directory proper-lockfile makes never has)."""
+    plus our own mark: the sticky bit, which a directory proper-lockfile makes never has).
+    A directory whose mtime lies more than `stale_s` ahead was set so by no holder
+    refreshing it (a clock stepped back since, a copy, a hand edit): it is as abandoned
+    as one more than `stale_s` old, where proper-lockfile would wait until then."""
     if st is None:
         return Found.NOTHING
     if stat.S_ISDIR(st.st_mode):
         if st.st_mtime < now_s - stale_s:
             return Found.STALE
+        if st.st_mtime > now_s + stale_s:
+            return Found.AHEAD
         return Found.OURS if st.st_mode & stat.S_ISVTX else Found.HELD
     if stat.S_ISREG(st.st_mode):
         return Found.OLD_FILE
@@ -185,15 +192,22 @@ class DirLock:
             st: os.stat_result | None = os.lstat(self.path)
         except FileNotFoundError:
             st = None
-        found = judge(st, time.time(), self.stale_s)
+        now_s = time.time()
+        found = judge(st, now_s, self.stale_s)
         if found is Found.HELD:
             return False
         if found is Found.OURS:
             if not _remove_if_holder_ended(self.path):
                 return False
-        elif found is Found.STALE:
-            log.info("taking over %s: its holder stopped refreshing it over %g s ago",
-                     self.path, self.stale_s)
+        elif found in (Found.STALE, Found.AHEAD):
+            if found is Found.STALE:
+                log.info("taking over %s: its holder stopped refreshing it over %g s ago",
+                         self.path, self.stale_s)
+            else:
+                assert st is not None
+                log.warning("taking over %s: its modification time is %.0f s in the future, so no holder is "
+                            "refreshing it (a clock set back since, or a copied lock)",
+                            self.path, st.st_mtime - now_s)
             try:
                 os.rmdir(self.path)
             except FileNotFoundError:

@@ -3,7 +3,7 @@
 It owns the pool's layout in Redis and every change to it. The whole accounts file lives
 as its JSON under `<prefix>accounts`, with a counter `<prefix>version` that every write
 increments. Each write (a proxy's `sync`, a person's `edit`) is one optimistic
-transaction: WATCH both keys, read, change in Python (`merge.apply`, the one merge rule,
+transaction: WATCH both keys, read, change in Python (`merge.syncing`, the one merge rule,
 or the person's change), then MULTI/EXEC SET + INCR; a conflicting writer makes EXEC fail
 and the whole step is tried again on what is stored now. So no update is lost and counts
 add exactly across proxies, as on the file store.
@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from rotator import merge
+from rotator.clock import SYSTEM_CLOCK, Clock
 from rotator.keys import scrub
 from rotator.models import AccountsFile
 from rotator.store import StoreError
@@ -59,7 +60,7 @@ class RedisStoreError(StoreError):
 class RedisStore:
     """The `StateStore` on one Redis server and key prefix."""
 
-    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, clock: Clock = SYSTEM_CLOCK) -> None:
         try:
             scheme = urlsplit(url).scheme
         except ValueError as e:  # "[" without "]": not even a URL
@@ -68,6 +69,7 @@ class RedisStore:
             raise StoreError(f"{masked_url(url)}: not a redis:// or rediss:// URL")
         self.url = url
         self.prefix = prefix
+        self._clock = clock  # this process's: the one a proxy's changes are timed by
         self.location = masked_url(url)
         self.what = "the team store"
         self._accounts_key = f"{prefix}accounts"
@@ -94,7 +96,14 @@ class RedisStore:
         return self._parse(raw)
 
     def edit(self, change: Callable[[AccountsFile], AccountsFile | None]) -> AccountsFile:
-        return self._transact(change, tell_team=True)[0]
+        return self._transact(merge.editing(change, self.server_time_ms()), tell_team=True)[0]
+
+    def server_time_ms(self) -> int:
+        """The server's clock (`TIME`): what every stamp in this store is taken by, so the
+        team's machines agree on it whatever their own clocks say."""
+        with self.errors("read"):
+            seconds, micros = self._client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
 
     def load(self) -> AccountsFile:
         try:
@@ -106,6 +115,17 @@ class RedisStore:
             raise
         self._version = int(version or 0)
         self._last_read_failed = False
+        return self._settled(state)
+
+    def _settled(self, state: AccountsFile) -> AccountsFile:
+        # Stamps from the future read as now, and written so at once (`merge.syncing`):
+        # a proxy change made from now on is newer than the person's.
+        try:
+            now = self.server_time_ms()
+            if merge.stamps_ahead(state, now):
+                state, _ = self._transact(merge.syncing(merge.PoolChange(), now))
+        except StoreError:
+            self._last_read_failed = True  # the next save settles them
         return state
 
     def sync(self, changes: merge.PoolChange) -> AccountsFile | None:
@@ -117,8 +137,9 @@ class RedisStore:
                     version = int(self._client.get(self._version_key) or 0)
                 if version == self._version:
                     return None
+            now = self.server_time_ms()  # the proxy's changes compared on the server's clock
             state, _ = self._transact(
-                lambda stored: merge.apply(stored, changes) if changes else None,
+                merge.syncing(changes, now, now - self._clock.now_ms()),
                 tell_team=merge.is_decisive(changes),
             )
         except StoreError:
