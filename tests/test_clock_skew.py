@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from rotator import cli, ops, policy
 from rotator.clock import AHEAD_SLACK_MS, SYSTEM_CLOCK, Timer, now_ms
 from rotator.models import Account, AccountsFile
@@ -210,6 +212,7 @@ def test_a_lock_directory_from_the_future_is_judged_abandoned(tmp_path: Path):
     assert judge(os.stat(folder), now - STALE_S - 1, STALE_S) is Found.AHEAD
 
 
+@pytest.mark.slow
 def test_cli_edit_takes_over_a_lock_from_the_future_and_says_so(tmp_path: Path):
     accounts = tmp_path / "kimi-accounts.json"
     storage.write_accounts(accounts, pool_state(KEYS[:1]))
