@@ -47,6 +47,14 @@ _DEFAULT_SETTINGS: dict[str, Any] = {"autoRefreshHealth": True, "healthRefreshCo
 class BackupError(ops.OpError):
     """A backup that can't be made or read (wrong password, damaged, not a backup); nothing written."""
 
+    exit_code = 2  # the CLI's: how it was asked for is wrong (--force missing, passwords differ)
+
+
+class BackupUnreadable(BackupError):
+    """The file is what is wrong: not a backup, damaged, or the password does not open it."""
+
+    exit_code = 1
+
 
 class BackupDoc(BaseModel):
     """The plaintext of a backup, or a plain accounts file: what an import reads."""
@@ -92,9 +100,9 @@ def unwrap(text: bytes) -> bytes:
     try:
         data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
-        raise BackupError("not a kimi backup: the file is neither an accounts file (JSON) nor base64 text") from None
+        raise BackupUnreadable("not a kimi backup: the file is neither an accounts file (JSON) nor base64 text") from None
     if len(data) <= HEADER_LEN:
-        raise BackupError(
+        raise BackupUnreadable(
             f"not a kimi backup, or a truncated one: {len(data)} bytes where a backup has more than {HEADER_LEN}"
         )
     return data
@@ -107,7 +115,7 @@ def decrypt(text: bytes, password: str) -> bytes:
     try:
         return AESGCM(derive_key(password, salt)).decrypt(iv, ciphertext + tag, None)
     except InvalidTag:
-        raise BackupError("cannot decrypt the backup: wrong password, or the file is damaged or truncated") from None
+        raise BackupUnreadable("cannot decrypt the backup: wrong password, or the file is damaged or truncated") from None
 
 
 # --------------------------------------------------------------------- the plaintext
@@ -143,24 +151,24 @@ def parse_document(raw: bytes, what: str) -> BackupDoc:
     try:
         data = json.loads(raw)
     except RecursionError:
-        raise BackupError(f"{what} is nested too deeply to read") from None
+        raise BackupUnreadable(f"{what} is nested too deeply to read") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BackupError(f"{what} is not valid JSON ({e})") from None
+        raise BackupUnreadable(f"{what} is not valid JSON ({e})") from None
     if json_depth(data) > MAX_DEPTH:
-        raise BackupError(f"{what} is nested too deeply to read")
+        raise BackupUnreadable(f"{what} is nested too deeply to read")
     if not isinstance(data, dict) or not isinstance(data.get("accounts"), list):
-        raise BackupError(f"{what} holds no list of accounts: not a kimi accounts file or backup")
+        raise BackupUnreadable(f"{what} holds no list of accounts: not a kimi accounts file or backup")
     if data.get("version", BACKUP_VERSION) != BACKUP_VERSION:
-        raise BackupError(f"{what} has version {data['version']!r}; this kimi-rotator reads version {BACKUP_VERSION}")
+        raise BackupUnreadable(f"{what} has version {data['version']!r}; this kimi-rotator reads version {BACKUP_VERSION}")
     try:
         document = BackupDoc.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "top level"
-        raise BackupError(f"{what} is not a valid kimi backup at {where}: {first['msg']}") from None
+        raise BackupUnreadable(f"{what} is not a valid kimi backup at {where}: {first['msg']}") from None
     for i, account in enumerate(document.accounts):
         if not is_kimi_key(account.key):  # as add-key refuses it: never sent, and a line break would inject headers
-            raise BackupError(f'{what} is not a valid kimi backup at accounts.{i} ("{account.name}"): '
+            raise BackupUnreadable(f'{what} is not a valid kimi backup at accounts.{i} ("{account.name}"): '
                               f"not a Kimi API key (they start with {KEY_PREFIX}; got {mask_key(account.key)}"
                               f"{_flaw(account.key)})")
     return document

@@ -33,23 +33,31 @@ def import_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an encrypted backup (either tool's export-keys) or a plain accounts file")
 
 
-def read_password(prompt: str, confirm: bool) -> str:
-    """The password: asked without echo at a terminal, else standard input's first line."""
+def read_password(prompt: str, confirm: bool, least: int = 1) -> str:
+    """The password: asked without echo at a terminal (its length checked before it is
+    asked again to confirm), else standard input's first line."""
     stdin = sys.stdin
     if stdin is None:
         raise backup.BackupError("no standard input to read the password from")
     if stdin.isatty():
         try:
             password = getpass.getpass(f"Enter {prompt} password: ")
+            _check_length(password, least)
             if confirm and getpass.getpass(f"Confirm {prompt} password: ") != password:
                 raise backup.BackupError("the passwords do not match; nothing written")
         except EOFError:
             password = ""
     else:
         password = stdin.readline().rstrip("\r\n")
+    _check_length(password, least)
+    return password
+
+
+def _check_length(password: str, least: int) -> None:
     if not password:
         raise backup.BackupError("no password given (type it at the prompt, or pipe it as the first line)")
-    return password
+    if len(password) < least:
+        raise backup.BackupError(f"the password must be at least {least} characters")
 
 
 def export_keys(args: argparse.Namespace, store: StateStore, now_ms: int) -> str:
@@ -60,9 +68,7 @@ def export_keys(args: argparse.Namespace, store: StateStore, now_ms: int) -> str
         return "No keys to export."
     if not args.force and (target.exists() or target.is_symlink()):
         raise backup.BackupError(f"{target} exists; give --force to replace it")
-    password = read_password("encryption", confirm=True)
-    if len(password) < backup.PASSWORD_LEAST:
-        raise backup.BackupError(f"the password must be at least {backup.PASSWORD_LEAST} characters")
+    password = read_password("encryption", confirm=True, least=backup.PASSWORD_LEAST)
     text = backup.encrypt(backup.build_plaintext(state, now_ms), password,
                           secrets.token_bytes(backup.SALT_LEN), secrets.token_bytes(backup.IV_LEN))
     _write_private(target, text.encode("ascii"), replace=args.force)
@@ -76,7 +82,7 @@ def _write_private(target: Path, data: bytes, replace: bool) -> None:
     except FileExistsError:
         raise backup.BackupError(f"{target} exists; give --force to replace it") from None
     except OSError as e:
-        raise backup.BackupError(f"cannot write {target}: {e.strerror or e}") from None
+        raise backup.BackupUnreadable(f"cannot write {target}: {e.strerror or e}") from None
 
 
 def read_import(path: Path) -> backup.BackupDoc:
@@ -84,7 +90,7 @@ def read_import(path: Path) -> backup.BackupDoc:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise backup.BackupError(f"cannot read {path}: {e.strerror or e}") from None
+        raise backup.BackupUnreadable(f"cannot read {path}: {e.strerror or e}") from None
     if backup.is_plain_json(raw):
         return backup.parse_document(raw, f"{path}")
     backup.unwrap(raw)  # not a backup at all: say so before asking for a password

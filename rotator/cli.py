@@ -45,8 +45,8 @@ _KNOWN_PROGS = ("kimi-rotator", "opencode-kimi")
 EXIT_OK = 0
 EXIT_FILE = 1
 EXIT_USAGE = 2
-EXIT_CODES = ("Exit codes: 0 ok, 1 the accounts file can't be read or written (usage: a key could not be"
-              " read), 2 usage error.")
+EXIT_CODES = ("Exit codes: 0 ok, 1 a file (the accounts file, a backup) can't be read or written, or"
+              " (usage) a key's quota could not be read, 2 usage error.")
 
 
 class CliError(Exception):
@@ -364,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code
     except (CliError, ops.OpError) as e:
         _err(f"{prog}: error: {e}")
-        return e.code if isinstance(e, CliError) else EXIT_USAGE
+        return e.code if isinstance(e, CliError) else getattr(e, "exit_code", EXIT_USAGE)
     except StoreError as e:
         _err(f"{prog}: error: {e}")
         return EXIT_FILE

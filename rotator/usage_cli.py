@@ -37,6 +37,7 @@ from rotator.models import Account
 from rotator.quota import QuotaReading, parse_usages
 from rotator.status import label, quota_json, reading_lines
 from rotator.store import StateStore
+from rotator.store.urls import masked_url
 from rotator.text import clean_line
 
 DEFAULT_BASE_URL = "https://api.kimi.com/coding"
@@ -185,14 +186,26 @@ def _refusal(status: int, body: bytes, key: str) -> str:
     return said
 
 
-def _network_error(error: BaseException, key: str, timeout_s: float) -> str:
+def _network_error(error: BaseException, key: str, timeout_s: float, url: str) -> str:
     reason = error.reason if isinstance(error, urllib.error.URLError) else error
     if isinstance(reason, (TimeoutError, socket.timeout)):
-        return f"no answer within {timeout_s:g} s"
-    if isinstance(reason, ssl.SSLError):
-        return f"TLS error: {_shown(str(reason), key)}"
-    text = _shown(str(reason), key) or type(reason).__name__
-    return f"network error: {text}"
+        said = f"no answer within {timeout_s:g} s"
+    elif isinstance(reason, ssl.SSLError):
+        said = f"TLS error: {_shown(str(reason), key)}"
+    else:
+        said = f"network error: {_shown(str(reason), key) or type(reason).__name__}"
+    return f"{said} (asking {route(url)})"
+
+
+def route(url: str) -> str:
+    """Where a request to `url` goes: the URL, and the proxy from the environment
+    (HTTPS_PROXY and the like, NO_PROXY heeded) that carries it, its password masked."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    shown = clean_line(url, 120)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        return f"{shown} through the proxy {clean_line(masked_url(proxy), 120)}"
+    return shown
 
 
 def ask(url: str, key: str, now: Callable[[], int], timeout_s: float = TIMEOUT_S) -> Answer:
@@ -215,7 +228,7 @@ def ask(url: str, key: str, now: Callable[[], int], timeout_s: float = TIMEOUT_S
             body = b""
         return Answer(error=_refusal(e.code, body, key), status=e.code)
     except (OSError, http.client.HTTPException, ValueError) as e:  # URLError is an OSError
-        return Answer(error=_network_error(e, key, timeout_s))
+        return Answer(error=_network_error(e, key, timeout_s, url))
     reading = parse_usages(body, now())
     if reading is None:
         return Answer(error=f"Kimi's answer is not a usages document (HTTP {status},"

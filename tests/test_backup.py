@@ -185,6 +185,22 @@ def test_export_at_a_terminal_asks_twice_without_echo(pool: Path, tmp_path: Path
     assert len(plugin_decrypt(backup.read_text(), PASSWORD)["accounts"]) == 2
 
 
+def test_a_short_password_at_a_terminal_is_refused_before_it_is_asked_again(pool: Path, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    prompts: list[str] = []
+    monkeypatch.setattr("sys.stdin", Terminal())
+    monkeypatch.setattr("getpass.getpass", lambda prompt: prompts.append(prompt) or "short")
+    backup = tmp_path / "keys.enc"
+    done = cli(pool, "export-keys", str(backup))
+    assert_refused(done, backup, before={backup: None})
+    assert done.returncode == 2 and "at least 8 characters" in done.stderr
+    assert prompts == ["Enter encryption password: "]  # not typed twice to hear it was too short
+
+
 # ------------------------------------------------------------------------------ import
 
 
@@ -297,6 +313,7 @@ def test_a_bad_backup_is_one_line_and_writes_nothing(tmp_path: Path, case: str) 
     for accounts in (have, fresh):
         done = cli(accounts, "import-keys", str(backup), stdin=password + "\n")
         assert_refused(done, have, fresh, before=before)
+        assert done.returncode == 1  # the file is what is wrong, not how it was asked for
         assert KEY_A not in done.stderr and PASSWORD not in done.stderr
     said = {
         "wrong password": "wrong password, or the file is damaged",

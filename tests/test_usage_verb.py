@@ -154,12 +154,26 @@ def test_an_invalid_key_is_named_and_the_others_still_read(path, kimi):
 def test_a_network_error_is_shown_and_nothing_is_written(path):
     pool(path)
     before = path.read_bytes(), path.stat().st_mtime_ns
-    result = run(path, "usage", "--base-url", f"http://127.0.0.1:{closed_port()}/coding")
+    port = closed_port()
+    result = run(path, "usage", "--base-url", f"http://127.0.0.1:{port}/coding")
     assert result.returncode == 1
-    assert "   network error: [Errno 111] Connection refused" in block(result.stdout, 0)
-    assert "   network error: [Errno 111] Connection refused" in block(result.stdout, 1)
+    said = f"   network error: [Errno 111] Connection refused (asking http://127.0.0.1:{port}/coding/v1/usages)"
+    assert said in block(result.stdout, 0)
+    assert said in block(result.stdout, 1)
     assert result.stdout.splitlines()[-1] == "Could not read 2 of 2 keys: [0], [1]; read 0."
     assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+
+
+def test_a_network_error_names_the_proxy_it_went_through(path, monkeypatch):
+    pool(path, keys=(K0,))
+    port = closed_port()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://corp:s3cret@127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    result = run(path, "usage", "--base-url", "https://127.0.0.1:9/coding")
+    assert ("(asking https://127.0.0.1:9/coding/v1/usages through the proxy "
+            f"http://corp:***@127.0.0.1:{port})") in block(result.stdout, 0), result.stdout
+    assert "s3cret" not in result.stdout + result.stderr
 
 
 @pytest.mark.slow
