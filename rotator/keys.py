@@ -43,6 +43,12 @@ def mask_key(key: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in masked)
 
 
+def mask_key_ascii(key: str) -> str:
+    """`sk-kim...abcd`: the masked key where bytes may be shown raw (HTTP headers, which
+    mitmproxy's console prints escaped: "…" would read as \\xe2\\x80\\xa6)."""
+    return mask_key(key).replace("…", "...")
+
+
 def looks_like_key(text: str) -> bool:
     return _KEY_LIKE.search(text) is not None
 

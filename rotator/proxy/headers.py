@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from mitmproxy import http
 
-from rotator.keys import mask_key
+from rotator.keys import mask_key_ascii
 
 
 class KeyPlacement(NamedTuple):
@@ -75,7 +75,7 @@ def mask_sent_key(headers: http.Headers, key: str, placement: KeyPlacement | Non
     """Replace the pool key in a request that has gone upstream with its masked form."""
     fields = headers.fields
     secret = key.encode()
-    masked = mask_key(key).encode()
+    masked = mask_key_ascii(key).encode()
     if placement is not None and placement.index < len(fields):
         name, value = fields[placement.index]
         if name.lower() == placement.name and value == placement.prefix + secret:
