@@ -40,7 +40,7 @@ def test_a_user_that_may_not_publish_still_saves_every_count_and_says_so_once(
         answers = [send(c, proxy).status_code for _ in range(6)]
         assert answers == [200] * 6
         seen = counts_seen(fake_kimi, pool)
-        assert seen[pool[0]][0] >= 1 and seen[pool[0]] != (seen[pool[0]][0],) * 2  # the 429 was answered
+        assert seen[pool[0]][1] < seen[pool[0]][0]  # the 429 was answered: the key cooled
         assert poll(lambda: _counts_in_redis(redis_server.url, pool) == seen, FLUSH_DEADLINE_S), (
             _counts_in_redis(redis_server.url, pool), seen, proxy.output())
         # The cooldown itself reached the store.
@@ -85,7 +85,7 @@ def test_a_user_without_the_scripting_commands_says_so_once_and_serves_without_t
     with client() as c:
         answers = [send(c, proxy).status_code for _ in range(3)]
         assert proxy.wait_for_output("team-wide in-flight caps paused", 5), proxy.output()
-        # Two seconds of requests and retries: the caps stay paused, and quiet.
+        # The reconnect loop's tries for two seconds: the caps stay paused, and quiet.
         end = len(proxy.output())
         assert not proxy.wait_for_output("team-wide in-flight caps hold again", 2, start=end), proxy.output()
         answers += [send(c, proxy).status_code for _ in range(3)]
