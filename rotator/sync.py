@@ -7,6 +7,10 @@ is reported once per distinct problem, as what it is; the pool keeps serving fro
 last good state, keeps its changes for the next try (whatever a save failed on), and
 says so once the store works again. What is odd in the store but usable (a key listed
 twice, activeIndex out of range: `rotator.oddities`) is said once, when it appears.
+A store that lost the pool (`PoolLost`: a Redis server restarted without its data) gets
+it back from the pool's memory, its counts and this proxy's unsaved ones included, and
+that is said loudly; a notice the store could not send the team (`untold`) is said once,
+as is its return; changes a last save at exit could not keep are said, with how many.
 
 A person's change made through the proxy (a mitmproxy command: `run_op`) is made at
 once in the pool's memory, so the next request sees it, and saved as the CLI saves it
@@ -26,7 +30,7 @@ from rotator.background import Background
 from rotator.merge import PoolChange
 from rotator.models import AccountsFile
 from rotator.pool import KeyPool
-from rotator.store import StateStore, StoreError
+from rotator.store import PoolLost, StateStore, StoreError
 from rotator.timeline import ALERT
 
 logger = logging.getLogger(__name__)
@@ -43,6 +47,7 @@ class PoolSync:
         self.problem: str | None = None
         self._problem_action = "read"
         self._notes: frozenset[str] = frozenset()
+        self._untold: str | None = None  # why notices can't reach the team, as said
         self._task: asyncio.Task[None] | None = None
         self._saving: asyncio.Future[None] | None = None
         # A person's changes made in memory and not yet in the store, oldest first.
@@ -142,6 +147,13 @@ class PoolSync:
             self._saving = None
         # Shutting down: a last save is what keeps the counts exact.
         await self.save_once()
+        requests, changes = counted_requests(self.pool.changes), len(self._pending_ops)
+        if self.pool.changes or changes:
+            logger.error(
+                "kimi-rotator: stopping with %s not saved to %s %s (%s): they are lost",
+                unsaved_what(requests, changes), self.store.what, self.store.location,
+                self.problem or "made after the last save",
+            )
 
     async def _save_forever(self) -> None:
         while True:
@@ -165,6 +177,10 @@ class PoolSync:
         taken = self.pool.take_changes()
         try:
             refused, state = await asyncio.to_thread(self._write, due, taken)
+        except PoolLost as e:
+            self.pool.give_back(taken)
+            await self._restore(e)
+            return
         except StoreError as e:
             self.pool.give_back(taken)
             self._note_problem(e, logging.ERROR)
@@ -174,18 +190,60 @@ class PoolSync:
             # (Not on cancellation: the thread may still be saving them.)
             self.pool.give_back(taken)
             raise
-        if self.problem is not None:
-            if self._problem_action == "read":
-                logger.log(ALERT, "kimi-rotator: %s is readable again", self.store.location)
-            else:
-                logger.log(ALERT, "kimi-rotator: saving to %s works again", self.store.location)
-            self.problem = None
+        self._store_works()
         # Saved, or refused by the state as stored (the key was removed meanwhile).
         del self._pending_ops[: len(due)]
         for why in refused:
             logger.warning("kimi-rotator: a change made from mitmproxy was not saved: %s", why)
         if state is not None:
             self._adopt(state)
+
+    async def _restore(self, lost: PoolLost) -> None:
+        """Put the pool back from memory: every change this proxy made is in it (taken
+        with it, so none is saved twice), and so is every person's change made here."""
+        taken = self.pool.take_changes()
+        memory = self.pool.state.model_copy(deep=True)
+        keys, in_memory = len(memory.accounts), len(self._pending_ops)
+        try:
+            state = await asyncio.to_thread(self.store.restore, lambda stored: with_keys_added(memory, stored))
+        except StoreError as e:
+            self.pool.give_back(taken)
+            self._note_problem(e, logging.ERROR)
+            return
+        except Exception:
+            self.pool.give_back(taken)
+            raise
+        if state is None:  # another process put it back: ours go in as changes, next save
+            self.pool.give_back(taken)
+            return
+        del self._pending_ops[:in_memory]
+        self._store_works()
+        logger.log(
+            ALERT, "kimi-rotator: %s; put it back from this proxy's memory: %d key(s), with their counts",
+            lost, keys,
+        )
+        self._adopt(state)
+
+    def _store_works(self) -> None:
+        """A save went through: a problem said before is said to be over, and a notice
+        the store could not send (or can again) is said once."""
+        if self.problem is not None:
+            if self._problem_action == "read":
+                logger.log(ALERT, "kimi-rotator: %s is readable again", self.store.location)
+            else:
+                logger.log(ALERT, "kimi-rotator: saving to %s works again", self.store.location)
+            self.problem = None
+        untold = self.store.untold
+        if (untold is None) != (self._untold is None):
+            if untold is not None:
+                logger.warning(
+                    "kimi-rotator: cannot tell the team of changes at %s: %s; other proxies see them at "
+                    "their next save instead of at once (the README's ACL gives the channel)",
+                    self.store.location, untold,
+                )
+            else:
+                logger.log(ALERT, "kimi-rotator: changes are told to the team at %s again", self.store.location)
+            self._untold = untold
 
     def _write(self, due: list[ops.Op], taken: PoolChange) -> tuple[list[str], AccountsFile | None]:
         """In a worker thread: a person's changes first, as the CLI makes them, then the
@@ -229,6 +287,26 @@ class PoolSync:
             logger.log(level, "kimi-rotator: %s", problem_line(error.action, message, bool(self.pool.accounts), self.store.what))
         self.problem = message
         self._problem_action = error.action
+
+
+def with_keys_added(memory: AccountsFile, stored: AccountsFile) -> AccountsFile:
+    """The pool a proxy puts back into a store that lost it: its `memory`, and any key
+    `stored` there since (a person who added one to the emptied store) that it lacks."""
+    have = {account.key for account in memory.accounts}
+    added = [account for account in stored.accounts if account.key not in have]
+    return memory.model_copy(update={"accounts": [*memory.accounts, *added]}) if added else memory
+
+
+def counted_requests(change: PoolChange) -> int:
+    """How many requests `change` counts (over every key)."""
+    return sum(key.fields["total_requests"].value for key in change.keys.values() if "total_requests" in key.fields)
+
+
+def unsaved_what(requests: int, changes: int) -> str:
+    parts = [f"this proxy's counts of {requests} request(s)" if requests else "this proxy's changes"]
+    if changes:
+        parts.append(f"{changes} change(s) made from mitmproxy")
+    return " and ".join(parts)
 
 
 def _say_events(events: list[str]) -> None:

@@ -3,11 +3,16 @@ fake Kimi server; everything on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from rotator import ops
 from rotator.store.redis_store import RedisStore
-from tests.harness import counts_seen, poll
+from rotator.keys import mask_key
+from tests.harness import Proxy, counts_seen, poll
 from tests.redis_server import RedisServer
 from tests.test_e2e_failures import client, send
 
@@ -82,3 +87,51 @@ def test_redis_away_under_load_costs_no_request_and_counts_end_exact(redis_serve
     seen = counts_seen(fake_kimi, keys)
     assert poll(lambda: _counts_in_redis(redis_server.url, keys) == seen, FLUSH_DEADLINE_S), (
         _counts_in_redis(redis_server.url, keys), seen)
+
+
+
+def _lose_the_pool(redis_server: RedisServer, how: str) -> None:
+    if how == "flushall":
+        redis_server.command("FLUSHALL")
+    else:  # a restart without persistence: the server comes back empty
+        redis_server.stop()
+        redis_server.start()
+
+
+def _counts_shown(proxy: Proxy, keys: list[str]) -> dict[str, tuple[int, int]]:
+    """(total, successful) per key as the proxy's status page shows its pool (memory)."""
+    base = proxy.wait_for_output(r"status page at (http://127\.0\.0\.1:\d+)/", 5)
+    assert base is not None, proxy.output()
+    with urllib.request.urlopen(base.group(1) + "/status.json", timeout=5) as answer:
+        shown = {k["maskedKey"]: (k["requests"], k["successfulRequests"]) for k in json.loads(answer.read())["keys"]}
+    return {k: shown.get(mask_key(k), (0, 0)) for k in keys}
+
+
+@pytest.mark.parametrize("how", ["flushall", "restart"])
+def test_redis_losing_its_data_costs_no_key_and_no_count(redis_server, fake_kimi, start_proxy, keys, how):
+    store = RedisStore(redis_server.url)
+    for i, key in enumerate(keys[:2]):
+        ops.run(store, ops.add_key(key, f"K{i}", i + 1))
+    options = {"kimi_store": redis_server.url, "kimi_status": "127.0.0.1:0"}
+    proxies = [start_proxy(fake_kimi, options=options) for _ in range(2)]
+    with client() as c:
+        assert [send(c, proxies[i % 2]).status_code for i in range(8)] == [200] * 8
+        # Each proxy has saved its counts and read the other's: its memory is the pool.
+        for proxy in proxies:
+            assert poll(lambda: _counts_shown(proxy, keys) == counts_seen(fake_kimi, keys), FLUSH_DEADLINE_S)
+        marks = [len(p.output()) for p in proxies]
+        _lose_the_pool(redis_server, how)
+        answers = [send(c, proxies[i % 2]).status_code for i in range(8)]
+        # The pool is back in Redis (a proxy put it back), and more requests go through.
+        assert poll(lambda: redis_server.command("GET", "kimi-rotator:accounts") is not None, FLUSH_DEADLINE_S)
+        answers += [send(c, proxies[i % 2]).status_code for i in range(8)]
+    assert answers == [200] * 16
+    seen = counts_seen(fake_kimi, keys)
+    assert sum(total for total, _ in seen.values()) == 24
+    assert poll(lambda: _counts_in_redis(redis_server.url, keys) == seen, FLUSH_DEADLINE_S), (
+        _counts_in_redis(redis_server.url, keys), seen)
+    logs = [p.output()[mark:] for p, mark in zip(proxies, marks)]
+    assert not any("removed)" in log for log in logs), logs
+    said = [line for log in logs for line in log.splitlines() if "lost the pool" in line]
+    assert said and all(f"{redis_server.url} lost the pool" in line for line in said), logs
+    assert all(log.count("lost the pool") <= 1 for log in logs), logs

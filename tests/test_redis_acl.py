@@ -30,15 +30,19 @@ def readme_acl_line() -> list[str]:
     return found.group(0).split()
 
 
+def acl_user(server: RedisServer, without: tuple[str, ...] = ()) -> str:
+    """The README's ACL user `kimi` on `server`, less the rules in `without`; its URL."""
+    line = readme_acl_line()
+    for rule in without:
+        assert rule in line, rule
+    server.command(*[part for part in line if part not in without])
+    return f"redis://kimi:{PASSWORD}@127.0.0.1:{server.port}/0"
+
+
 @pytest.fixture
-def acl_url(tmp_path):
-    (tmp_path / "redis").mkdir()
-    srv = RedisServer(tmp_path / "redis")
-    srv.start()
-    srv.command(*readme_acl_line())
-    srv.command("SET", "other-app:secret", "x")
-    yield f"redis://kimi:{PASSWORD}@127.0.0.1:{srv.port}/0"
-    srv.stop()
+def acl_url(redis_server):
+    redis_server.command("SET", "other-app:secret", "x")
+    return acl_user(redis_server)
 
 
 def test_the_readme_acl_user_can_run_a_pool(acl_url):
@@ -94,3 +98,63 @@ def test_the_readme_acl_user_sees_nothing_beyond_its_prefix(acl_url):
         RedisStore(acl_url, "other-app:").read()
     assert "permission denied" in str(refused.value)
     assert PASSWORD not in str(refused.value)
+
+
+# -- a user with less than the README's line ---------------------------------------------
+# Redis 7 gives a new user no channel: the README's line without `&kimi-rotator:*`.
+def test_a_user_without_the_channel_gives_slots_back_all_the_same(redis_server):
+    store = RedisStore(acl_user(redis_server, ("&kimi-rotator:*",)))
+
+    async def run() -> None:
+        slots = store.team_slots(30_000)
+        assert await slots.take(KEY, 1)
+        assert slots.give(KEY, 1)  # at its cap: the team is told, or would be
+        await slots.flush()  # the "freed" notice is refused, the slot is given back
+        assert await slots.take(KEY, 1)
+        await slots.close()
+
+    asyncio.run(run())
+    assert redis_server.command("KEYS", "kimi-rotator:slots:*") == []
+
+
+@pytest.mark.parametrize(("without", "named"), [
+    (("+evalsha",), "EVALSHA"), (("+script|load",), "SCRIPT LOAD"), (("+zadd",), "ZADD"), (("+time",), "TIME"),
+])
+def test_the_slot_probe_names_the_command_the_user_lacks(redis_server, without, named):
+    store = RedisStore(acl_user(redis_server, without))
+
+    async def run() -> str:
+        slots = store.team_slots(30_000)
+        try:
+            with pytest.raises(StoreError) as refused:
+                await slots.ping()
+            with pytest.raises(StoreError):
+                await slots.take(KEY, 1)  # what the probe stands for fails too
+        finally:
+            await slots.close()
+        return str(refused.value)
+
+    assert f"permission denied: this user may not run {named}" in asyncio.run(run())
+    assert redis_server.command("KEYS", "*") == []  # the probe changed nothing
+
+
+def test_the_slot_probe_changes_nothing(acl_url, redis_server):
+    async def run() -> None:
+        slots = RedisStore(acl_url).team_slots(30_000)
+        await slots.ping()
+        await slots.close()
+
+    asyncio.run(run())
+    assert redis_server.command("KEYS", "*") == [b"other-app:secret"]
+
+
+def test_a_write_the_user_may_not_make_is_named_as_a_write(redis_server):
+    ops.run(RedisStore(redis_server.url), ops.add_key(KEY, "K0", 1))
+    store = RedisStore(acl_user(redis_server, ("+set",)))
+    store.load()
+    change = merge.PoolChange()
+    change.for_key(KEY).add("total_requests", 1, 1)
+    with pytest.raises(StoreError) as refused:
+        store.sync(change)
+    assert refused.value.action == "write"
+    assert "permission denied: this user may not run SET" in str(refused.value)

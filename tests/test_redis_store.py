@@ -9,9 +9,9 @@ import time
 import pytest
 
 from rotator import merge, ops
-from rotator.store import StoreError, open_store
+from rotator.store import PoolLost, StoreError, open_store
 from rotator.store.file import FileStore
-from rotator.store.redis_store import RedisStore
+from rotator.store.redis_store import RESTORED_VERSION_STEP, RedisStore
 from rotator.store.urls import is_private_url, masked_url
 from tests.redis_server import RedisServer, free_port
 
@@ -119,7 +119,9 @@ def test_stopped_then_back(redis_server):
     with pytest.raises(StoreError):
         store.sync(_counts(3))
     redis_server.start()  # persistence is off: the pool is gone, the store still works
-    ops.run(store, ops.add_key(KEY_A, "A", 1))
+    with pytest.raises(PoolLost):  # ... and knows the pool it saw is gone (a proxy restores it)
+        store.sync(_counts(3))
+    ops.run(RedisStore(redis_server.url), ops.add_key(KEY_A, "A", 1))  # the CLI's own store
     assert store.sync(_counts(3)).accounts[0].total_requests == 3
 
 
@@ -199,3 +201,70 @@ except StoreError as e:
         "redis://:***@127.0.0.1:6379/0: a team store needs the redis client (redis is not installed):"
         " pip install 'kimi-rotator[team]'",
     ], out.stdout
+
+
+def _proxy_store(redis_server: RedisServer) -> RedisStore:
+    """Two keys added as a person would, and a proxy's store that has read them."""
+    for key, name in ((KEY_A, "A"), (KEY_B, "B")):
+        ops.run(RedisStore(redis_server.url), ops.add_key(key, name, 1))
+    store = RedisStore(redis_server.url)
+    assert len(store.load().accounts) == 2
+    return store
+
+
+def test_a_pool_the_server_lost_is_told_apart_from_one_a_person_emptied(redis_server):
+    store = _proxy_store(redis_server)
+    for _ in range(2):  # a person empties the pool: a newer version, an empty pool
+        ops.run(RedisStore(redis_server.url), ops.remove_key(0))
+    assert redis_server.command("GET", "kimi-rotator:accounts") is not None
+    emptied = store.sync(_counts(1))
+    assert emptied is not None and emptied.accounts == []
+
+    store = _proxy_store(redis_server)
+    redis_server.command("FLUSHALL")
+    for lost in (lambda: store.sync(_counts(1)), lambda: store.sync(merge.PoolChange()), store.read,
+                 lambda: ops.run(store, ops.add_key(KEY_A, "A", 1))):
+        with pytest.raises(PoolLost, match=rf"^{redis_server.url} lost the pool \(no kimi-rotator:accounts"):
+            lost()
+    assert redis_server.command("KEYS", "*") == []  # nothing written
+
+
+def test_an_older_snapshot_is_a_lost_pool(redis_server):
+    store = _proxy_store(redis_server)
+    redis_server.command("SAVE")  # the snapshot the server comes back with
+    store.sync(_counts(5))
+    store.sync(_counts(5))
+    redis_server.stop()  # persistence is off: nothing saved since the snapshot
+    redis_server.start()
+    assert redis_server.command("GET", "kimi-rotator:version") == b"2"
+    with pytest.raises(PoolLost, match="an older kimi-rotator:accounts, kimi-rotator:version 2 where it was 4"):
+        store.sync(_counts(1))
+
+
+def test_a_restored_pool_is_ahead_of_every_view_of_the_lost_one(redis_server):
+    first = _proxy_store(redis_server)
+    memory = first.read()
+    memory.accounts[0].total_requests = 7  # its own counts, not saved yet
+    later = RedisStore(redis_server.url)
+    later.load()
+    later.sync(_counts(2, KEY_B))  # a version `first` has not seen (its counts go with the data)
+    redis_server.command("FLUSHALL")
+    with pytest.raises(PoolLost):
+        first.sync(_counts(1))
+    restored = first.restore(lambda stored: memory)
+    assert restored is memory
+    assert int(redis_server.command("GET", "kimi-rotator:version")) == 2 + RESTORED_VERSION_STEP
+    # The other proxy saw a later version of the lost pool: it adds to the restored one.
+    assert later.restore(lambda stored: pytest.fail("not lost any more")) is None
+    state = later.sync(_counts(3, KEY_B))
+    assert state is not None and [a.total_requests for a in state.accounts] == [7, 3]
+    assert [a.total_requests for a in RedisStore(redis_server.url).read().accounts] == [7, 3]
+
+
+def test_a_restore_leaves_an_unreadable_value_alone(redis_server):
+    store = _proxy_store(redis_server)
+    redis_server.command("FLUSHALL")
+    redis_server.command("SET", "kimi-rotator:accounts", "{not json")
+    with pytest.raises(StoreError, match="no readable pool"):
+        store.restore(lambda stored: stored)
+    assert redis_server.command("GET", "kimi-rotator:accounts") == b"{not json"

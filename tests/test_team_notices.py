@@ -143,6 +143,7 @@ def test_each_notice_reaches_what_it_is_for():
 class CountingStore:
     location = "test store"
     what = "the test store"
+    untold = None
 
     def __init__(self) -> None:
         self.syncs = 0

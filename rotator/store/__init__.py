@@ -26,9 +26,19 @@ class StoreError(Exception):
     action: str = "read"
 
 
+class PoolLost(StoreError):
+    """The store no longer holds the pool this process last saw in it: its server lost
+    its data (a restart without persistence, a flush, an older snapshot). A person who
+    empties the pool leaves a newer one, never this. Nothing was written; the message
+    says where and what was found (`StateStore.restore` puts a pool back)."""
+
+
 class StateStore(Protocol):
     location: str  # where the state lives, for messages
     what: str  # what it is, for messages: "the accounts file", "the team store"
+    # Why the last notice to the team could not be sent (the write it followed was
+    # made), or None: sent, or nothing to send.
+    untold: str | None
 
     def read(self) -> AccountsFile:
         """The state as stored now."""
@@ -48,7 +58,13 @@ class StateStore(Protocol):
         ...
 
     def sync(self, changes: PoolChange) -> AccountsFile | None:
-        """Merge a proxy's changes; the state now stored, or None if nothing changed."""
+        """Merge a proxy's changes; the state now stored, or None if nothing changed.
+        Raises `PoolLost` if the pool this store last saw is gone."""
+        ...
+
+    def restore(self, pool: Callable[[AccountsFile], AccountsFile]) -> AccountsFile | None:
+        """After `PoolLost`: store `pool(what is stored now)` as the pool, if it is still
+        lost; the state stored, or None (found again: another process put it back)."""
         ...
 
     def team_slots(self, ttl_ms: int) -> "TeamSlots | None":
@@ -97,7 +113,8 @@ class TeamSlots(Protocol):
         ...
 
     async def ping(self) -> None:
-        """Whether the store answers (raises `StoreError` if not)."""
+        """Whether the store answers and runs what `take` runs (raises `StoreError` if
+        not: unreachable, or a command the user may not run)."""
         ...
 
     async def close(self) -> None: ...

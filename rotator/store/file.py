@@ -335,6 +335,7 @@ class FileStore:
         self._clock = clock
         self.location = str(path)
         self.what = "the accounts file"
+        self.untold: str | None = None  # a file tells no one: its readers re-read it
         self._signature: FileSignature | None = None
         # After a failed read, never trust the signature: nothing said it is good.
         self._last_read_failed = False
@@ -382,6 +383,9 @@ class FileStore:
             raise
         self._last_read_failed = False
         return state
+
+    def restore(self, pool: Callable[[AccountsFile], AccountsFile]) -> AccountsFile | None:
+        return None  # never lost: a missing file is an empty pool (`sync` never raises PoolLost)
 
     def team_slots(self, ttl_ms: int) -> None:
         return None  # proxies on one file share a machine: each caps its own requests

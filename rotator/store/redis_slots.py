@@ -8,7 +8,9 @@ from here. Slots given back (remove, and tell the team if the key was at its cap
 along with this proxy's next take, or go in one script of their own when the caller
 flushes them: so a busy proxy makes one round trip per request, not two. A proxy
 refreshes its own slots every third of their lifetime, so a proxy that dies (SIGKILL, a
-lost machine) stops refreshing and its slots expire.
+lost machine) stops refreshing and its slots expire. A "freed" notice the server refuses
+(a user without the channel) is dropped, never the slot given back with it; and whether
+the store can run the scripts at all (an ACL without EVALSHA) is what `ping` asks.
 
 Runs on the proxy's event loop, every script on one pipelined connection
 (`RedisLine`): the slot scripts are on the request path, and there redis-py's client
@@ -24,6 +26,8 @@ import socket
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from rotator.store import StoreError
 from rotator.store.redis_line import RedisLine, Script
 from rotator.store.urls import NOTICE_FREED, key_id, notices_channel, slots_key
@@ -33,7 +37,8 @@ if TYPE_CHECKING:
 
 # Giving back: per slot, KEYS[i] its set and ARGV member, cap, notice (from `first`). A
 # proxy may be waiting for a slot only if the key was at its cap: only then is the team
-# told. Shared by both scripts below.
+# told (pcall: a notice refused is dropped; others retry the key after teamcaps.HOLD_MS).
+# Shared by both scripts below.
 GIVE_BACK = """
 local function give_back(first_key, first_arg, channel)
   local given = 0
@@ -42,7 +47,7 @@ local function give_back(first_key, first_arg, channel)
     if redis.call('ZREM', KEYS[i], ARGV[at]) == 1 then
       given = given + 1
       if redis.call('ZCARD', KEYS[i]) + 1 >= tonumber(ARGV[at + 1]) then
-        redis.call('PUBLISH', channel, ARGV[at + 2])
+        redis.pcall('PUBLISH', channel, ARGV[at + 2])
       end
     end
     at = at + 3
@@ -99,6 +104,25 @@ for i, slots in ipairs(KEYS) do
 end
 return #KEYS
 """)
+
+
+# KEYS[1] a set that holds nothing. Calls every command the scripts above call, changing
+# nothing; returns the first one the user may not run, or "" (Redis's own error in a
+# script names only the line). Run as they are, so a user without EVALSHA fails here too.
+PROBE = Script("""
+local calls = {
+  {'TIME'}, {'ZREMRANGEBYSCORE', KEYS[1], '-inf', '-inf'}, {'ZADD', KEYS[1], 'XX', 0, 'probe'},
+  {'ZREM', KEYS[1], 'probe'}, {'ZCARD', KEYS[1]}, {'PEXPIRE', KEYS[1], 1}, {'PTTL', KEYS[1]},
+}
+for _, call in ipairs(calls) do
+  local answer = redis.pcall(unpack(call))
+  if type(answer) == 'table' and answer.err and string.find(answer.err, "can't run this command", 1, true) then
+    return call[1]
+  end
+end
+return ''
+""")
+REFUSED_IN_SCRIPT = "can't run this command"
 
 
 def holder_name() -> str:
@@ -170,8 +194,7 @@ class RedisSlots:
             keys.append(slots_key(self.store.prefix, key))
             args += [member, cap, f"{NOTICE_FREED} {key_id(key)}"]
         try:
-            with self.store.errors("write"):
-                return await self._line.run(script, keys, args)
+            return await self._run(script, keys, args)
         except (StoreError, asyncio.CancelledError):
             self._giving = giving + (unanswered or []) + self._giving
             raise
@@ -184,12 +207,28 @@ class RedisSlots:
         args: list[str | int] = [self.ttl_ms]
         for members in held.values():
             args += [len(members), *members]
-        with self.store.errors("write"):
-            await self._line.run(REFRESH, keys, args)
+        await self._run(REFRESH, keys, args)
 
     async def ping(self) -> None:
         with self.store.errors("read"):
-            await self._line.call("PING")
+            await self._probe()
+
+    async def _run(self, script: Script, keys: list[str], args: list[str | int]) -> Any:
+        with self.store.errors("write"):
+            try:
+                return await self._line.run(script, keys, args)
+            except redis.ResponseError as e:
+                if REFUSED_IN_SCRIPT in str(e):
+                    await self._probe()  # names the command
+                raise
+
+    async def _probe(self) -> None:
+        """Raises NoPermissionError naming the first command of the scripts (EVALSHA and
+        SCRIPT LOAD included) that the user may not run."""
+        refused = await self._line.run(PROBE, [f"{self.store.prefix}slots:probe"], [])
+        if refused:
+            name = refused.decode() if isinstance(refused, bytes) else str(refused)
+            raise redis.exceptions.NoPermissionError(f"this user has no permissions to run the '{name.lower()}' command")
 
     async def close(self) -> None:
         # Slots still held go back now rather than at their expiry (a proxy stopping

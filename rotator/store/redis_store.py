@@ -6,7 +6,15 @@ increments. Each write (a proxy's `sync`, a person's `edit`) is one optimistic
 transaction: WATCH both keys, read, change in Python (`merge.syncing`, the one merge rule,
 or the person's change), then MULTI/EXEC SET + INCR; a conflicting writer makes EXEC fail
 and the whole step is tried again on what is stored now. So no update is lost and counts
-add exactly across proxies, as on the file store.
+add exactly across proxies, as on the file store. A write the team must see at once is
+then announced on the notices channel, apart from it: a refused notice costs the notice
+(`untold` says why), never the write.
+
+The version only goes up, so a store that finds no pool, or an older version, than it
+last saw has lost the pool (a server restarted without its data, a flush, an older
+snapshot): it writes nothing and raises `PoolLost`, and the proxy puts its pool back
+from memory (`restore`) at a version far ahead of any other proxy's view of the lost
+one, so they merge into it rather than take it for lost too.
 
 Every call is bounded by short timeouts and redis-py's own retries are off: the save loop
 (`rotator.sync`) already keeps changes and retries. Errors become `StoreError` naming the
@@ -18,6 +26,7 @@ the proxy's event loop.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -35,7 +44,7 @@ from rotator import merge
 from rotator.clock import SYSTEM_CLOCK, Clock
 from rotator.keys import scrub
 from rotator.models import AccountsFile
-from rotator.store import StoreError
+from rotator.store import PoolLost, StoreError
 from rotator.store.urls import DEFAULT_PREFIX, NOTICE_STATE, SCHEMES, masked_url, notices_channel
 
 if TYPE_CHECKING:
@@ -45,6 +54,9 @@ if TYPE_CHECKING:
 SOCKET_TIMEOUT_S = 1.0
 CONNECT_TIMEOUT_S = 0.75
 MAX_CONFLICT_RETRIES = 50
+# A restored pool's version is this far ahead of the lost one's (as its restorer saw
+# it): ahead of what any other proxy saw of it, so none takes the restored pool for lost.
+RESTORED_VERSION_STEP = 1 << 32
 
 
 class RedisStoreError(StoreError):
@@ -76,6 +88,7 @@ class RedisStore:
         self._version_key = f"{prefix}version"
         self._channel = notices_channel(prefix)
         self._version: int | None = None  # the version this store last read or wrote
+        self.untold: str | None = None
         self._last_read_failed = False
         try:
             self._client = redis.Redis.from_url(
@@ -92,8 +105,11 @@ class RedisStore:
     # -- the interface -------------------------------------------------------------
     def read(self) -> AccountsFile:
         with self.errors("read"):
-            raw, _ = self._client.mget(self._accounts_key, self._version_key)
-        return self._parse(raw)
+            raw, version = self._client.mget(self._accounts_key, self._version_key)
+            version = int(version or 0)
+        state = self._parse(raw)
+        self._check_kept(raw, version)
+        return state
 
     def edit(self, change: Callable[[AccountsFile], AccountsFile | None]) -> AccountsFile:
         return self._transact(merge.editing(change, self.server_time_ms()), tell_team=True)[0]
@@ -148,6 +164,38 @@ class RedisStore:
         self._last_read_failed = False
         return state
 
+    def restore(self, pool: Callable[[AccountsFile], AccountsFile]) -> AccountsFile | None:
+        """Put a pool back into a store that lost it: `pool(what is stored now)` (nothing,
+        or what someone stored since), at `RESTORED_VERSION_STEP` past the lost version,
+        and tell the team. None if the pool is no longer lost: nothing written."""
+        for _ in range(MAX_CONFLICT_RETRIES):
+            errors = self.errors("read")
+            with errors, self._client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(self._accounts_key, self._version_key)
+                    raw = pipe.get(self._accounts_key)
+                    version = int(pipe.get(self._version_key) or 0)
+                    stored = self._parse(raw)  # unreadable: raises, nothing written
+                    if self._lost(raw, version) is None:
+                        return None
+                    restored = pool(stored)
+                    after = self._serialise(restored)
+                    new_version = max(version, self._version or 0) + RESTORED_VERSION_STEP
+                    errors.action = "write"
+                    pipe.multi()
+                    pipe.set(self._accounts_key, after)
+                    pipe.set(self._version_key, new_version)
+                    pipe.execute()
+                except redis.WatchError:
+                    continue  # someone wrote meanwhile: lost still?
+            self._version = new_version
+            self._last_read_failed = False
+            self._tell_team()
+            return restored
+        raise RedisStoreError(
+            self.location, f"too many conflicting writers ({MAX_CONFLICT_RETRIES} tries)", "write"
+        )
+
     def team_slots(self, ttl_ms: int) -> "RedisSlots":
         from rotator.store.redis_slots import RedisSlots
 
@@ -191,16 +239,17 @@ class RedisStore:
         self, change: Callable[[AccountsFile], AccountsFile | None], tell_team: bool = False
     ) -> tuple[AccountsFile, bool]:
         """`tell_team`: the write is one other proxies must see at once (a person's
-        change, a cooldown): it publishes a state notice in the same transaction."""
-        action = "read"
+        change, a cooldown): a state notice follows it (`_tell_team`)."""
         for _ in range(MAX_CONFLICT_RETRIES):
-            with self.errors(action):
+            errors = self.errors("read")
+            with errors:
                 with self._client.pipeline(transaction=True) as pipe:
                     try:
                         pipe.watch(self._accounts_key, self._version_key)
                         raw = pipe.get(self._accounts_key)
                         version = int(pipe.get(self._version_key) or 0)
                         current = self._parse(raw)  # unreadable: raises, nothing written
+                        self._check_kept(raw, version)  # lost: raises, nothing written
                         before = raw.decode() if raw is not None else None
                         changed = change(current)
                         after = self._serialise(changed) if changed is not None else None
@@ -208,23 +257,46 @@ class RedisStore:
                             pipe.unwatch()
                             self._version = version
                             return current if changed is None else changed, False
-                        action = "write"
+                        errors.action = "write"
                         pipe.multi()
                         pipe.set(self._accounts_key, after)
                         pipe.incr(self._version_key)
-                        if tell_team:
-                            pipe.publish(self._channel, NOTICE_STATE)
                         new_version = pipe.execute()[1]
                     except redis.WatchError:
-                        action = "read"
                         continue  # someone wrote between our read and our write: again
             self._version = int(new_version)
+            if tell_team:
+                self._tell_team()
             return changed, True
         raise RedisStoreError(
             self.location, f"too many conflicting writers ({MAX_CONFLICT_RETRIES} tries)", "write"
         )
 
+    def _tell_team(self) -> None:
+        """A state notice, after the write it announces: one the server refuses (a user
+        without the channel or PUBLISH) is dropped, and `untold` says why until one goes."""
+        try:
+            self._client.publish(self._channel, NOTICE_STATE)
+        except (redis.RedisError, OSError) as e:
+            self.untold = f"cannot publish on {self._channel} ({self._scrub(e)})"
+        else:
+            self.untold = None
+
     # -- helpers -------------------------------------------------------------------
+    def _lost(self, raw: bytes | None, version: int) -> str | None:
+        """What shows the pool this store last saw is gone, or None: no value, or an
+        older version (a person's change, emptying the pool included, is a newer one)."""
+        seen = self._version
+        if not seen or (raw is not None and version >= seen):
+            return None
+        found = f"no {self._accounts_key}" if raw is None else f"an older {self._accounts_key}"
+        return f"{self.location} lost the pool ({found}, {self._version_key} {version} where it was {seen})"
+
+    def _check_kept(self, raw: bytes | None, version: int) -> None:
+        why = self._lost(raw, version)
+        if why is not None:
+            raise PoolLost(why)
+
     def _parse(self, raw: bytes | None) -> AccountsFile:
         if raw is None:
             return AccountsFile()  # an empty pool, like a missing file
@@ -246,6 +318,16 @@ class RedisStore:
             raise RedisStoreError(
                 self.location, f"cannot be saved as JSON ({str(e).splitlines()[0]})", "write"
             ) from e
+
+    def _refused(self, error: BaseException) -> str:
+        """A permission the ACL user lacks, by name: the command, or else its keys."""
+        text = self._scrub(error)
+        command = re.search(r"permissions to run the '([^']+)' command", text)
+        if command:
+            return f"permission denied: this user may not run {command.group(1).replace('|', ' ').upper()}"
+        if "channel" in text:
+            return f"permission denied for the channel {self._channel} ({text})"
+        return f"permission denied for keys {self.prefix}* ({text})"
 
     def _scrub(self, error: BaseException) -> str:
         text = str(error) or type(error).__name__
@@ -275,7 +357,7 @@ class _RedisErrors:
         elif isinstance(error, redis.AuthenticationError):
             problem = f"authentication failed ({store._scrub(error)})"
         elif isinstance(error, redis.exceptions.NoPermissionError):
-            problem = f"permission denied for keys {store.prefix}* ({store._scrub(error)})"
+            problem = store._refused(error)
         elif isinstance(error, (redis.ConnectionError, ConnectionError)):
             problem = f"unreachable ({store._scrub(error)})"
         elif isinstance(error, redis.RedisError):
