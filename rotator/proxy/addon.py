@@ -17,6 +17,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.log import ALERT
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from rotator import access, policy
 from rotator.background import Background
@@ -25,6 +26,7 @@ from rotator.models import AccountsFile
 from rotator.pool import KeyPool, Lease
 from rotator.proxy import answers, bodies, retry, startup_checks, upstream
 from rotator.proxy.attempts import Attempts
+from rotator.proxy.client_host import ClientHost, Seen
 from rotator.proxy.commands import RotatorCommands
 from rotator.proxy.flows import (
     FlowKind,
@@ -76,6 +78,7 @@ class KimiRotator:
         # they don't have (bench/instructions.py).
         self.status_page = StatusPage(self)
         self.commands = RotatorCommands(self)
+        self.client_host = ClientHost()  # the name a reverse-mode client gave the proxy
         # A hook only while request bodies may be streamed (see configure).
         self.requestheaders: Callable[[http.HTTPFlow], Awaitable[None] | None] | None = None
 
@@ -89,6 +92,7 @@ class KimiRotator:
 
     def configure(self, updated: set[str]) -> None:
         self.settings = read_settings(self.settings, ctx.options, updated)
+        self.client_host.configure(ctx.options, updated)
         if "stream_large_bodies" in updated:
             # Without streamed request bodies, requests need no hook before `request`:
             # mitmproxy then calls none, and the hot path pays nothing for this one.
@@ -177,6 +181,9 @@ class KimiRotator:
                 part.start()
 
     # -- traffic -----------------------------------------------------------------
+    def server_connect(self, data: ServerConnectionHookData) -> None:
+        self.client_host.server_connect(data)
+
     def is_kimi_request(self, flow: http.HTTPFlow) -> bool:
         # request.host is where mitmproxy will connect (the CONNECT target, the URL's
         # host, or the reverse-mode target), never just the client's Host header.
@@ -188,30 +195,39 @@ class KimiRotator:
             if record.kind is not FlowKind.CLIENT:  # our own attempt or probe: its key is chosen
                 self.ledger.put_key(record, bearer=record.kind is FlowKind.POLL)
             return None
+        seen = self.client_host.take(flow)  # before anything goes upstream
         if flow.response is not None or not self.is_kimi_request(flow):
             return None
         if flow.request.stream:  # its headers are gone already, with the client's own key
             flow.comment = "kimi-rotator: no pool key: its body was streamed before one could be put on"
             return None
-        return self._admit(flow)
+        return self._admit(flow, seen)
 
     def _before_streaming(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """requestheaders, with stream_large_bodies: a streamed body's headers go upstream
         before `request` runs, so such a request gets its key now."""
         if not bodies.may_stream(flow.request) or self.ledger.get(flow.id) is not None:
             return None
+        seen = self.client_host.take(flow)
         if flow.response is not None or not self.is_kimi_request(flow):
             return None
-        return self._admit(flow, streamed=True)
+        return self._admit(flow, seen, streamed=True)
 
-    def _admit(self, flow: http.HTTPFlow, streamed: bool = False) -> Awaitable[None] | None:
+    def _admit(self, flow: http.HTTPFlow, seen: Seen, streamed: bool = False) -> Awaitable[None] | None:
+        settings = self.settings
         denial = access.check_client(
             from_loopback=access.is_loopback_address(flow.client_conn.peername),
-            allow_remote=self.settings.allow_remote,
-            client_token=self.settings.client_token,
-            presented=access.presented_credential(flow.request.headers) if self.settings.client_token else None,
+            allow_remote=settings.allow_remote,
+            client_token=settings.client_token,
+            presented=access.presented_credential(flow.request.headers) if settings.client_token else None,
+        ) or access.check_page(
+            addressed=seen.addressed, origin=seen.origin, fetch_site=seen.fetch_site,
+            own_hosts=settings.hosts, allow_remote=settings.allow_remote,
+            token_presented=settings.client_token is not None,  # check_client found it presented
         )
         if denial is not None:
+            if denial in (access.FOREIGN_HOST, access.FOREIGN_PAGE):
+                self.client_host.tell_once(denial, seen)
             self.tally.answered_itself(f"client refused ({denial.status})")
             answers.give(flow, answers.refused(denial), f"kimi-rotator: refused ({denial.status})", streamed=streamed)
             return None

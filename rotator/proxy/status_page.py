@@ -99,12 +99,6 @@ def _metrics_answer(shot: dashboard.Snapshot, accept: str) -> Response:
     return Response(200, body, content_type)
 
 
-def _host_part(host_header: str) -> str:
-    if host_header.startswith("["):
-        return host_header[1:].partition("]")[0]
-    return host_header.rpartition(":")[0] if ":" in host_header else host_header
-
-
 class StatusPage:
     def __init__(self, rotator: Any) -> None:
         self.rotator = rotator
@@ -217,7 +211,7 @@ class StatusPage:
         if not from_loopback and settings.allow_remote and settings.client_token is None:
             return plain(403, NO_TOKEN_FOR_REMOTE)
         host = request.headers.get("host")
-        if not settings.allow_remote and host is not None and not access.is_loopback_host(_host_part(host)):
+        if not settings.allow_remote and host is not None and not access.is_loopback_host(access.host_part(host)):
             return plain(403, FOREIGN_HOST)  # a page elsewhere whose name was made to point here
         denial = access.check_client(
             from_loopback=from_loopback,
