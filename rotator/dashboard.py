@@ -21,6 +21,7 @@ from rotator.health import HEALTH_SKIP_BELOW, rest_period_ms
 from rotator.models import AccountsFile
 from rotator.oddities import first_index_by_key
 from rotator.quota import QuotaReading, QuotaWindow
+from rotator.stats import success_rate
 from rotator.status import KeyState, KeyView, view_key, window_json
 from rotator.tally import Tally
 from rotator.text import NAME_MOST, REASON_MOST, clean_line
@@ -171,7 +172,7 @@ def _row(
         cap=cap,
         requests=total,
         successful=ok,
-        success_rate=round(ok / total * 100, 1) if total else None,
+        success_rate=success_rate(total, ok),
         response_times=tuple(view.response_times),
         outcomes=outcomes,
         retries=retries,

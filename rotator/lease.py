@@ -19,6 +19,9 @@ class Lease(NamedTuple):
     index: int
     name: str
     at_ms: int = 0  # when the key was chosen (a waiting request is sent only then)
+    # Which entry of the key it was taken from (the pool numbers them): a key removed
+    # and added again is a new entry, and the old one's answers count on neither.
+    entry: int = 0
 
     @property
     def masked_key(self) -> str:

@@ -11,6 +11,7 @@ notices) in its base class, `rotator.pool_heard`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Collection
 
 from rotator import key_outcomes, merge, oddities, quota, throttle
@@ -58,6 +59,10 @@ class KeyPool(HeardFromOutside):
         # Called whenever a key may have freed up: an answer, a lowered deadline, a
         # change from the store. The wait line sets it.
         self.key_freed: Callable[[], None] = _nobody_waits
+        # Each key's entry, as (its addedAt, a number given when the pool first saw it):
+        # a lease names the entry it was taken from (see `_entries_of`).
+        self._entries: dict[str, tuple[int, int]] = {}
+        self._entry_numbers = itertools.count(1)
         self._adopt(state)
 
     # -- reading ---------------------------------------------------------------
@@ -110,7 +115,7 @@ class KeyPool(HeardFromOutside):
         busy = self.in_flight.get(key, 0) + 1
         self.in_flight[key] = busy
         self._update_cap(key, busy, account)
-        return Lease(key, chosen, account.name, now_ms)
+        return Lease(key, chosen, account.name, now_ms, self._entries[key][1])
 
     def acquire_preferring_untried(self, now_ms: int, tried: Collection[str]) -> Lease | Unavailable:
         """A key not yet tried for this request, else a tried one that can serve again
@@ -125,7 +130,8 @@ class KeyPool(HeardFromOutside):
         returns a log line if the key's state changed."""
         self._free_slot(lease.key)
         account = self.account(lease.key)
-        event = None if account is None else self._account_outcome(lease, account, outcome, now_ms, took_ms)
+        counted = self._taken_from(lease, account)
+        event = None if counted is None else self._account_outcome(lease, counted, outcome, now_ms, took_ms)
         self._after_slot_freed(lease.key, account)
         return self._tell(event)
 
@@ -133,10 +139,20 @@ class KeyPool(HeardFromOutside):
         """An attempt that was never sent (its client left first): as if never chosen."""
         self._free_slot(lease.key)
         account = self.account(lease.key)
-        if account is not None and account.total_requests > 0:
-            account.total_requests -= 1
+        counted = self._taken_from(lease, account)
+        if counted is not None and counted.total_requests > 0:
+            counted.total_requests -= 1
             self.changes.for_key(lease.key).add("total_requests", -1, self.clock.now_ms())
         self._after_slot_freed(lease.key, account)
+
+    def _taken_from(self, lease: Lease, account: Account | None) -> Account | None:
+        """The account `lease` counts on: its key's entry if it is still the one the lease
+        was taken from, else none (removed, and maybe added again as a new entry; the
+        slot is the key's all the same: Kimi sees one key)."""
+        if account is None:
+            return None
+        entry = self._entries.get(lease.key)
+        return account if entry is not None and entry[1] == lease.entry else None
 
     def _free_slot(self, key: str) -> None:
         busy = self.in_flight.get(key, 1) - 1
@@ -223,15 +239,41 @@ class KeyPool(HeardFromOutside):
 
     def adopt(self, on_disk: AccountsFile) -> list[str]:
         """Take the file's state as the new base, with changes since the save on top;
-        returns log lines for keys a quota reading from the file cooled."""
+        returns log lines for keys a quota reading from the file cooled. Changes made on
+        an entry the file no longer has (removed, or replaced by a new entry of the same
+        key) are dropped: they were that entry's, and it is gone."""
+        self._drop_changes_of_gone_entries(on_disk)
         merge.apply(on_disk, self.changes)
         events = self._adopt(on_disk)
         self.key_freed()
         return events
 
+    def _drop_changes_of_gone_entries(self, on_disk: AccountsFile) -> None:
+        changed = self.changes.keys
+        if not changed:
+            return
+        added_at = {account.key: account.added_at for account in reversed(on_disk.accounts)}  # first entries
+        for key in list(changed):
+            entry = self._entries.get(key)
+            if entry is None or added_at.get(key) != entry[0]:
+                del changed[key]
+
+    def _entries_of(self, state: AccountsFile) -> dict[str, tuple[int, int]]:
+        """Each key's entry in `state`: the one the pool knew while the key stays listed
+        with the same addedAt; a new one for a key that was not listed when last
+        adopted, or whose addedAt changed (removed and added again between two reads)."""
+        known = self._entries
+        entries: dict[str, tuple[int, int]] = {}
+        for key, index in self._index_by_key.items():
+            added_at = state.accounts[index].added_at
+            entry = known.get(key)
+            entries[key] = entry if entry is not None and entry[0] == added_at else (added_at, next(self._entry_numbers))
+        return entries
+
     def _adopt(self, state: AccountsFile) -> list[str]:
         self._state = state = oddities.in_use(state)  # a key listed twice: its first entry
         self._index_by_key = oddities.first_index_by_key(state.accounts)
+        self._entries = self._entries_of(state)
         self._rest_ms = rest_period_ms(state)
         self._parallel = {}
         events = []

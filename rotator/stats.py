@@ -122,6 +122,14 @@ def _average(times: Sequence[int | float]) -> int | None:
     return int(sum(times) / len(times) + 0.5) if times else None
 
 
+def success_rate(total: int, successful: int) -> float | None:
+    """Successes per request in percent, one decimal; None before any request. At most 100:
+    a file counted wrongly or edited by hand can hold more successes than requests."""
+    if total <= 0:
+        return None
+    return round(min(successful, total) / total * 100, 1)
+
+
 def key_stats(
     total: int, successful: int, times: Sequence[int | float], daily: Mapping[str, int], now_ms: int
 ) -> KeyStats:
@@ -130,7 +138,7 @@ def key_stats(
         total=total,
         successful=successful,
         failed=max(0, total - successful),
-        success_rate=round(successful / total * 100, 1) if total else None,
+        success_rate=success_rate(total, successful),
         average_ms=_average(times),
         min_ms=min(times) if times else None,
         max_ms=max(times) if times else None,

@@ -9,9 +9,9 @@ the pool stays synchronous and the waiting, the only part that needs asyncio, is
 small piece.
 
 A request whose client has left is given up, not served: its place is dropped when the
-line next moves (the proxy sees a client leave only by looking: mitmproxy runs no hook
-for it while the request's own hook is pending), and a key it got just then goes back
-uncounted.
+line next moves (the proxy sees a client leave by looking: mitmproxy runs no hook of the
+request's flow for it while the request's own hook is pending), and a key it got just
+then goes back uncounted.
 """
 
 from __future__ import annotations

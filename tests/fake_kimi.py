@@ -69,6 +69,9 @@ first queued script whose ``path`` matches (default: only
 without a matching script get the default answer (``set_default``; normally
 success). ``set_response`` replaces a key's queue, ``add_response`` appends.
 A script with ``status=200`` and ``body=None`` means "normal success".
+A script's ``delay`` (seconds) is slept before answering; with ``until_closed=True``
+the wait ends early, answering nothing, when the client closes its connection
+(``SeenRequest.closed`` then says when): a stalled Kimi whose caller gives up.
 ``kimi_error(name)`` / ``KIMI_ERRORS`` hold Kimi's real error answers
 (see docs in ``KIMI_ERRORS``); ``set_kimi_error(key, name, ...)`` scripts one.
 
@@ -89,6 +92,7 @@ import datetime as _dt
 import http.server
 import itertools
 import json
+import select
 import signal
 import socket
 import sys
@@ -250,6 +254,7 @@ class SeenRequest:
     monotonic: float  # time.monotonic() at arrival
     status: int | None = None  # status answered (set once answered)
     done: float | None = None  # time.monotonic() when the answer was fully written
+    closed: float | None = None  # time.monotonic() the client closed while it waited (until_closed)
 
     @property
     def json(self) -> Any:
@@ -282,6 +287,7 @@ class Script:
     delay: float = 0.0  # seconds to sleep before answering
     path: str | None = MESSAGES_PATH  # path prefix it applies to; None = all
     sse_events: list[tuple[str, Any]] | None = None  # answer as SSE with these events
+    until_closed: bool = False  # the delay ends, with no answer, when the client closes
 
     def is_success(self) -> bool:
         return self.status == 200 and self.body is None and self.sse_events is None
@@ -367,6 +373,24 @@ class _Server(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
     fake: "FakeKimi"
+
+
+def _closed_within(conn: socket.socket, seconds: float) -> bool:
+    """Wait up to ``seconds`` for the client to close ``conn`` (True) without reading
+    from it; bytes it sends meanwhile (not a close) are left for later, and the wait
+    goes on to its end."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        readable, _, _ = select.select([conn], [], [], left)
+        if not readable:
+            return False
+        try:
+            if not conn.recv(1, socket.MSG_PEEK):
+                return True
+        except OSError:  # reset
+            return True
+        time.sleep(max(0.0, end - time.monotonic()))
+    return False
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -530,22 +554,24 @@ class FakeKimi:
                      body: dict | list | bytes | str | None = None,
                      headers: dict[str, str] | None = None, times: int | None = None,
                      *, delay: float = 0.0, path: str | None = MESSAGES_PATH,
-                     sse_events: list[tuple[str, Any]] | None = None) -> None:
+                     sse_events: list[tuple[str, Any]] | None = None,
+                     until_closed: bool = False) -> None:
         """Replace ``key``'s script queue with one answer."""
         with self._lock:
             self._scripts[key] = []
         self.add_response(key, status, body, headers, times, delay=delay, path=path,
-                          sse_events=sse_events)
+                          sse_events=sse_events, until_closed=until_closed)
 
     def add_response(self, key: str, status: int = 200,
                      body: dict | list | bytes | str | None = None,
                      headers: dict[str, str] | None = None, times: int | None = None,
                      *, delay: float = 0.0, path: str | None = MESSAGES_PATH,
-                     sse_events: list[tuple[str, Any]] | None = None) -> None:
+                     sse_events: list[tuple[str, Any]] | None = None,
+                     until_closed: bool = False) -> None:
         """Append an answer to ``key``'s script queue (used after earlier ones run out)."""
         if times is not None and times < 1:
             raise ValueError("times must be >= 1 or None")
-        s = Script(status, body, headers, times, delay, path, sse_events)
+        s = Script(status, body, headers, times, delay, path, sse_events, until_closed)
         with self._lock:
             self._scripts.setdefault(key, []).append(s)
 
@@ -715,7 +741,11 @@ class FakeKimi:
                 "invalid_authentication_error", "Invalid Authentication",
                 envelope="openai" if path == CHAT_COMPLETIONS_PATH else "anthropic"))
         script = self._take_script(seen.key, path)
-        if script.delay:
+        if script.until_closed and _closed_within(h.connection, script.delay):
+            seen.closed = time.monotonic()
+            h.close_connection = True
+            return None
+        if script.delay and not script.until_closed:
             time.sleep(script.delay)
         if not script.is_success():
             if script.sse_events is not None:

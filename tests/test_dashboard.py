@@ -87,6 +87,15 @@ def test_health_low_health_and_numbers() -> None:
     assert keys[2]["successRate"] is None and keys[2]["medianLatencyMs"] is None
 
 
+def test_the_success_rate_never_passes_100_percent() -> None:
+    # More successes than requests: a file counted wrongly (issue 23, item 6) or edited by hand.
+    clock = FakeClock()
+    pool = pool_of(clock, Account(key=KEYS[0], total_requests=1, successful_requests=2),
+                   Account(key=KEYS[1], total_requests=0, successful_requests=3))
+    keys = by_index(document(pool, clock))
+    assert (keys[0]["successRate"], keys[1]["successRate"]) == (100.0, None)
+
+
 def test_in_flight_and_the_cap_follow_the_pool() -> None:
     clock = FakeClock()
     pool = pool_of(clock, Account(key=KEYS[0]), Account(key=KEYS[1]), strategy="sticky")

@@ -263,6 +263,45 @@ def test_a_client_hanging_up_does_not_hurt_the_key(fake_kimi, keys, write_accoun
     assert counts_on_disk(accounts_path)[keys[0]] == (2, 1)
 
 
+@pytest.mark.parametrize("mode", ["reverse", "regular-tls"])
+def test_a_client_leaving_during_a_retry_cancels_it_and_frees_the_key(
+    mode, fake_kimi, keys, write_accounts, start_proxy, accounts_path
+):
+    """The README's "the client leaves -> nothing more is sent", for a retry: the stalled
+    resend is cut, its key free at once, and nothing counted for or against it."""
+    limited, stalling = keys[:2]
+    write_accounts([limited, stalling], "round-robin")
+    fake_kimi.set_kimi_error(limited, "too_many_requests")  # at once; cools it 60 s
+    fake_kimi.set_response(stalling, delay=30, until_closed=True, times=1)  # the retry stalls
+    # One request per key at a time: a resend that kept its slot would hold the key.
+    proxy = start_proxy(fake_kimi, mode, options={"kimi_max_in_flight": "1", "kimi_max_wait": "3"})
+    base = kimi_base(proxy, mode)
+    with client(proxy, mode) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            c.post(base + MESSAGES_PATH, json=MSG, headers={**CLIENT_HEADERS, "x-api-key": PLACEHOLDER}, timeout=1.5)
+        left = time.monotonic()
+        resent = [s for s in fake_kimi.message_requests() if s.key == stalling]
+        assert len(resent) == 1, (fake_kimi.keys_seen(), proxy.output())
+        # The proxy closed the stalled resend's connection as the client left.
+        assert poll(lambda: resent[0].closed is not None, 5), proxy.output()
+        assert resent[0].closed - left < 2
+        started = time.monotonic()
+        r = send(c, base)  # the limited key still cools: the stalling one serves, at once
+        took = time.monotonic() - started
+    assert r.status_code == 200, (r.status_code, r.text)
+    assert took < 2, took  # not a wait for the slot, nor "every key is cooling" after it
+    assert [(s.key, s.status) for s in fake_kimi.message_requests()] == [
+        (limited, 429), (stalling, None), (stalling, 200)
+    ]
+    assert proxy.stop() == 0, proxy.output()
+    # The cut resend reached Kimi (a request), answered nothing: no success, no failure.
+    assert counts_on_disk(accounts_path, [limited, stalling]) == counts_seen(fake_kimi, [limited, stalling])
+    assert counts_on_disk(accounts_path, [stalling]) == {stalling: (2, 1)}
+    account = accounts_on_disk(accounts_path)[1]
+    assert account["healthScore"] == 100 and account["consecutiveFailures"] == 0, account
+    assert "connection to Kimi failed" not in proxy.output()
+
+
 # -- 6. other hosts pass untouched: tests/test_security.py
 #    test_other_hosts_and_lookalikes_get_no_key_pass_unchanged_and_are_not_counted
 # -- 8. no keys, then a key added with the CLI: tests/test_durability.py

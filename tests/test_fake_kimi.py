@@ -195,6 +195,19 @@ def test_scripted_errors_with_times(kimi, client):
     assert post(client, kimi.url, "sk-kimi-z").status_code == 200
 
 
+def test_a_hang_ends_when_the_client_closes_its_connection(kimi, client):
+    kimi.set_response("sk-kimi-a", delay=20, until_closed=True, times=1)
+    with pytest.raises(httpx.ReadTimeout):
+        post(client, kimi.url, timeout=0.3)  # httpx closes the connection on a timeout
+    assert poll(lambda: kimi.requests[0].closed is not None, 5), kimi.requests
+    first = kimi.requests[0]
+    assert first.closed - first.monotonic < 2 and first.status is None  # seen at once, nothing answered
+    assert kimi.in_flight_by_key() == {}
+    kimi.set_response("sk-kimi-a", delay=0.2, until_closed=True, times=1)
+    r = post(client, kimi.url)  # a client that waits gets the answer after the delay
+    assert r.status_code == 200 and kimi.requests[1].closed is None
+
+
 def test_error_catalogue():
     want = {"overloaded": 429, "five_hour": 403, "weekly": 403, "billing_cycle": 403,
             "concurrency": 403, "membership": 402, "client_identity": 403,

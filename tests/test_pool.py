@@ -170,6 +170,62 @@ def test_release_of_a_key_removed_meanwhile_is_ignored():
     assert pool.in_flight == {}
 
 
+# A key removed and added again is a new entry, whose counts start from zero: answers to
+# requests sent with the old entry count on no entry (issue 23, item 6).
+
+
+def re_added(total: int = 0, added_at: int = NOW + 5) -> AccountsFile:
+    return AccountsFile(accounts=[Account(key=KEYS[0], name="again", added_at=added_at, total_requests=total)])
+
+
+def test_answers_sent_with_a_removed_entry_count_on_no_entry_once_it_is_added_again():
+    pool = KeyPool(state(1))
+    leases = [pool.acquire(NOW) for _ in range(3)]  # counted, not saved yet
+    pool.adopt(state(0))
+    pool.adopt(re_added())
+    for lease in leases:
+        assert pool.release(lease, OK, NOW) is None
+    again = pool.accounts[0]
+    assert (again.total_requests, again.successful_requests, again.health_score) == (0, 0, 100)
+    assert pool.in_flight == {}
+    assert not pool.take_changes().keys  # nothing to save onto the new entry
+
+
+def test_an_entry_replaced_between_two_reads_is_a_new_entry_too():
+    # The proxy never saw the file without the key: its addedAt tells the entries apart.
+    pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0], added_at=NOW - 1000)]))
+    stale = pool.acquire(NOW)
+    taken = pool.take_changes()  # saved: the old entry has the request
+    assert taken.keys[KEYS[0]].fields["total_requests"].value == 1
+    pool.adopt(re_added())
+    fresh = pool.acquire(NOW)
+    assert pool.in_flight == {KEYS[0]: 2}  # one key at Kimi, whichever entry sent them
+    pool.release(stale, OK, NOW)
+    assert pool.in_flight == {KEYS[0]: 1}
+    pool.release(fresh, OK, NOW)
+    again = pool.accounts[0]
+    assert (again.total_requests, again.successful_requests) == (1, 1)
+    assert pool.in_flight == {}
+
+
+def test_an_unsent_attempt_of_a_removed_entry_takes_nothing_from_the_new_one():
+    pool = KeyPool(state(1))
+    stale = pool.acquire(NOW)
+    pool.take_changes()  # saved: the old entry has the attempt
+    pool.adopt(re_added(total=4))
+    pool.abandon(stale)
+    assert pool.accounts[0].total_requests == 4
+    assert pool.in_flight == {}
+
+
+def test_the_same_entry_read_again_keeps_its_answers():
+    pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0], added_at=NOW - 1000)]))
+    lease = pool.acquire(NOW)
+    pool.adopt(merge.apply(AccountsFile(accounts=[Account(key=KEYS[0], added_at=NOW - 1000)]), pool.take_changes()))
+    pool.release(lease, OK, NOW)
+    assert (pool.accounts[0].total_requests, pool.accounts[0].successful_requests) == (1, 1)
+
+
 # -- handing changes to the save loop -------------------------------------------------
 
 

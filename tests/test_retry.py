@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
+from mitmproxy.flow import Error
 from mitmproxy.test import taddons
 
 from rotator import policy
@@ -46,13 +48,14 @@ class FakeUpstream:
 
     `answer(flow, key)` gets each request with the full key it carried, and returns a
     response, an exception to raise after the key went on (a resend that blew up), or
-    None to hang until cancelled.
+    None to hang until cancelled (`cut` lists the keys of requests so ended).
     """
 
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
         self.addon: KimiRotator | None = None
         self.seen: list[tuple[str, str]] = []  # (path, key) as upstream saw them
+        self.cut: list[str] = []  # keys of the requests cancelled while they hung
 
     async def __call__(self, flow: http.HTTPFlow) -> None:
         addon = self.addon
@@ -65,7 +68,11 @@ class FakeUpstream:
         self.seen.append((flow.request.path, key))
         result = self.answer(flow, key)
         if result is None:
-            await asyncio.Event().wait()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cut.append(key)
+                raise
         if isinstance(result, Exception):
             raise result
         assert isinstance(result, http.Response)
@@ -216,6 +223,53 @@ async def test_retries_within_the_deadline_still_happen(proxy, clock: FakeClock)
     assert upstream.keys_sent() == [KEYS[0], KEYS[1], KEYS[2], KEYS[0]]
     assert clock.now - start == 10_000
     assert flow.response is not None and flow.response.status_code == 200
+
+
+# -- the client leaves during a resend (issue 23, item 5) ------------------------------------------
+
+
+async def let_tasks_run() -> None:
+    for _ in range(20):  # every ready task, up to its next wait
+        await asyncio.sleep(0)
+
+
+async def test_a_client_leaving_during_a_resend_stops_it_and_frees_its_key(proxy, clock: FakeClock) -> None:
+    def answer(flow: http.HTTPFlow, key: str) -> http.Response | None:
+        return kimi_error(429, "rate limited", {"retry-after": "60"}) if key == KEYS[0] else None  # the resend stalls
+
+    addon, upstream = proxy(answer, keys=KEYS[:2], kimi_max_in_flight=1)
+    flow = kimi_flow()
+    served = asyncio.ensure_future(upstream(flow))
+    await let_tasks_run()
+    assert upstream.keys_sent() == [KEYS[0], KEYS[1]] and addon.pool.in_flight == {KEYS[1]: 1}
+    await call_hook(addon, "client_disconnected", kimi_flow(peer=("127.0.0.1", 50002)).client_conn)
+    await let_tasks_run()
+    assert not served.done() and upstream.cut == []  # another client left: this resend goes on
+    # The client gives up: mitmproxy closes its connection and tells the addons at once
+    # (while the flow's own response hook, the retry, is still pending).
+    flow.client_conn.state = ConnectionState.CLOSED
+    await call_hook(addon, "client_disconnected", flow.client_conn)
+    await let_tasks_run()
+    assert served.done(), "the retry outlived its client"
+    served.result()
+    assert upstream.cut == [KEYS[1]]  # the stalled resend was stopped
+    assert addon.pool.in_flight == {}
+    stalled = addon.pool.account(KEYS[1])
+    assert stalled is not None
+    # Sent, so a request; neither a success nor a failure.
+    assert (stalled.total_requests, stalled.successful_requests) == (1, 0)
+    assert (stalled.health_score, stalled.consecutive_failures, stalled.rate_limit_reset_time) == (100, 0, 0)
+    assert flow.error is not None and flow.error.msg == Error.KILLED_MESSAGE  # nothing more for it
+    assert "the client left" in flow.comment
+    shown = flow.metadata["kimi_rotator"]["attempts"]
+    assert [(a["index"], a["outcome"]) for a in shown] == [(0, "rate_limited"), (1, "client_gone")]
+    assert len(addon.ledger) == 0
+    # The next request gets that key at once (the other one still cools).
+    upstream.answer = lambda flow, key: success()
+    following = kimi_flow(peer=("127.0.0.1", 50001))
+    await run_virtual(clock, upstream(following))
+    assert following.response is not None and following.response.status_code == 200
+    assert upstream.keys_sent()[-1] == KEYS[1]
 
 
 # -- attempts live in the flow's record --------------------------------------------------------

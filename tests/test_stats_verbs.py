@@ -86,6 +86,22 @@ def test_stats_of_a_key_never_used_says_na(path):
     assert "Last 7 Days: ·······" in result.stdout
 
 
+def test_stats_never_shows_more_successes_than_requests_as_over_100_percent(path):
+    # A file counted wrongly (issue 23, item 6: 3 successes on a re-added key's 0 requests)
+    # or edited by hand: the rate is at most 100 %, and no key is "failed" below zero.
+    plugin_file(path, [
+        plugin_account(KEYS[0], "Personal", totalRequests=1, successfulRequests=2),
+        plugin_account(KEYS[1], "Work", totalRequests=0, successfulRequests=3),
+    ])
+    result = run(path, "stats")
+    assert result.returncode == 0, result.stderr
+    assert "Success Rate: 100.0%" in result.stdout and "200" not in result.stdout, result.stdout
+    assert "Overall Success Rate: 100.0%" in result.stdout, result.stdout
+    doc = json.loads(run(path, "stats", "--json").stdout)
+    assert [a["successRate"] for a in doc["accounts"]] == [100.0, None]
+    assert doc["totals"]["successRate"] == 100.0
+
+
 def test_stats_with_no_keys_says_how_to_add_one(path):
     result = run(path, "stats")
     assert result.returncode == 0

@@ -99,3 +99,26 @@ async def test_an_unreadable_file_is_not_declared_readable_until_it_is(
     assert sync.problem is None
     assert "readable again" in caplog.text
     assert [a.key for a in pool.accounts] == [KEYS[0]]
+
+
+# -- a key removed and added again while requests on it are in flight (issue 23, item 6) --
+
+
+async def test_late_answers_on_a_removed_then_re_added_key_count_on_no_entry(tmp_path: Path) -> None:
+    store, pool, sync = setup(tmp_path, strategy="sticky")
+    leases = [pool.acquire(now_ms()) for _ in range(3)]
+    assert all(isinstance(lease, Lease) and lease.key == KEYS[0] for lease in leases)
+    await sync.save_once()  # the three requests are counted on the key's entry
+    ops.run(store, ops.remove_key(0))
+    await sync.save_once()
+    assert KEYS[0] not in [a.key for a in pool.accounts]
+    ops.run(store, ops.add_key(KEYS[0], "again", now_ms()))  # a new entry: its counts start at 0
+    await sync.save_once()
+    for lease in leases:  # the answers sent with the removed entry come back now
+        assert isinstance(lease, Lease)
+        pool.release(lease, policy.classify(200, {}, b"{}", now_ms()), now_ms())
+    await sync.save_once()
+    again = next(a for a in read_accounts(store.path).accounts if a.key == KEYS[0])
+    assert (again.total_requests, again.successful_requests) == (0, 0)  # was 0 requests, 3 successes
+    assert (pool.account(KEYS[0]).total_requests, pool.account(KEYS[0]).successful_requests) == (0, 0)
+    assert pool.in_flight == {}

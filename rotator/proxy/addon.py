@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.log import ALERT
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
@@ -313,6 +313,9 @@ class KimiRotator:
         record = self.ledger.forget(flow.id)
         if record is not None and record.lease is not None:
             self.attempts.failed(record, self.clock.now_ms())
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.ledger.client_left(client)  # a resend for that client stops (rotator.proxy.attempts)
 
     def _no_key_answer(self, why: Unavailable) -> http.Response:
         assert self.sync is not None

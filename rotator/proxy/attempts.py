@@ -2,12 +2,13 @@
 
 `settle` ends an attempt's hold on its key with what the answer meant (the pool counts
 it, the flow shows it); `retry` resends a refused client request on other keys, each
-resend a flow of its own, within the request's one deadline. The addon's hooks call
-both; nothing here reads options or the store.
+resend a flow of its own, within the request's one deadline, and stops a resend whose
+client leaves. The addon's hooks call both; nothing here reads options or the store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -119,8 +120,9 @@ class Attempts:
         attempt = self.ledger.open(FlowRecord(FlowKind.ATTEMPT, copy, lease.key, lease, client.deadline_ms))
         attempt.attempts.append(attempt_note(lease))
         detail = "no answer"
+        left = False
         try:
-            await self.send(copy)
+            left = await self._send_unless_client_leaves(flow, attempt)
         except Exception as e:  # a failed resend must not take the client's answer with it
             logger.exception("kimi-rotator: resending on another key failed")
             detail = str(e) or type(e).__name__
@@ -131,8 +133,34 @@ class Attempts:
             self.settle(attempt, policy.classify_connection_error(detail, now), now)
         assert attempt.outcome is not None
         client.attempts.extend(attempt.attempts)
-        answers.take_resent(flow, copy, detail)
-        flow.comment = (
-            f"kimi-rotator: {lease.label} → {attempt.outcome.verdict.value} (attempt {len(client.attempts)})"
-        )
+        shown = f"kimi-rotator: {lease.label} → {attempt.outcome.verdict.value} (attempt {len(client.attempts)})"
+        if left:  # nobody to answer
+            answers.close(flow, f"{shown}; the client left: the resend was stopped")
+        else:
+            answers.take_resent(flow, copy, detail)
+            flow.comment = shown
         return attempt.outcome
+
+    async def _send_unless_client_leaves(self, flow: http.HTTPFlow, attempt: FlowRecord) -> bool:
+        """Send the attempt; True if the client's connection closed first. Then the
+        resend is stopped (its connection to Kimi closed) and, unless its answer had
+        come, settled as the client's leaving: its slot free at once, nothing counted
+        for or against the key. Told by mitmproxy's `client_disconnected`, not polled."""
+        sending = asyncio.ensure_future(self.send(attempt.flow))
+        with self.ledger.until_client_leaves(flow.client_conn) as leaving:
+            try:
+                await asyncio.wait((sending, leaving), return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                sending.cancel()
+                raise
+        if sending.done():
+            sending.result()  # what the send raised, if anything
+            return False
+        if attempt.lease is not None:
+            now = self.clock.now_ms()
+            outcome = policy.classify_connection_error("the client left during a resend", now, client_left=True)
+            self.settle(attempt, outcome, now)
+        self.ledger.forget(attempt.flow.id)  # before the stopped flow's error hook runs
+        sending.cancel()
+        await asyncio.wait((sending,))
+        return True

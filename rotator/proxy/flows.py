@@ -3,17 +3,21 @@
 A record says what the flow is (a client's request, our resend of one, our quota
 poll), which key it carries and where, its hold on the pool, its deadline and its
 attempts. Records live here, never in `flow.metadata`, which is display data saved with
-the flow. Forgetting a record always masks its key first, whatever path got there.
+the flow. Forgetting a record always masks its key first, whatever path got there. The
+ledger also tells a resend when the client it is made for leaves (`until_client_leaves`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from mitmproxy import http
-from mitmproxy.connection import ConnectionState
+from mitmproxy.connection import Client, ConnectionState
 
 from rotator.policy import Outcome, Window
 from rotator.pool import Lease
@@ -45,10 +49,12 @@ def client_gone(flow: http.HTTPFlow) -> bool:
     """Whether the client has left (or the flow was killed) while the addon held it.
 
     Read, not awaited: while a hook of a flow is pending, mitmproxy queues the client's
-    disconnection for the flow and runs no hook for it (`client_disconnected` comes after
-    the hook returns, and the hook's task is not cancelled) in 11.0 and 12.x alike; what
-    changes at once is the client connection's state (it can no longer be read from).
-    An HTTP/2 client cancelling one stream is seen only when its connection closes.
+    disconnection for the flow and runs no hook *of the flow* for it (its `error` comes
+    after the hook returns, and the hook's task is not cancelled) in 11.0 and 12.x alike;
+    what changes at once is the client connection's state (it can no longer be read
+    from), and the connection's own `client_disconnected` hook runs at once too (see
+    `FlowLedger.client_left`). An HTTP/2 client cancelling one stream is seen only when
+    its connection closes.
     """
     return flow.error is not None or client_closed(flow)
 
@@ -65,6 +71,8 @@ def attempt_note(lease: Lease) -> dict[str, Any]:
 class FlowLedger:
     def __init__(self) -> None:
         self._records: dict[str, FlowRecord] = {}
+        # Per client connection (its id): what waits for it to close (resends on its behalf).
+        self._leaving: dict[str, set[asyncio.Future[None]]] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -95,6 +103,27 @@ class FlowLedger:
         if record is not None:
             self.mask(record)
         return record
+
+    @contextmanager
+    def until_client_leaves(self, client: Client) -> Iterator[asyncio.Future[None]]:
+        """A future done once `client`'s connection closes (`client_left`), while the block runs."""
+        leaving = asyncio.get_running_loop().create_future()
+        waiting = self._leaving.setdefault(client.id, set())
+        waiting.add(leaving)
+        try:
+            yield leaving
+        finally:
+            waiting.discard(leaving)
+            if not waiting and self._leaving.get(client.id) is waiting:
+                del self._leaving[client.id]
+            leaving.cancel()
+
+    def client_left(self, client: Client) -> None:
+        """mitmproxy's `client_disconnected`: it comes as the connection closes, even while
+        a hook of one of its flows (a retry) is pending."""
+        for leaving in self._leaving.pop(client.id, ()):
+            if not leaving.done():
+                leaving.set_result(None)
 
     def mask_all(self) -> None:
         """At shutdown: flows still in flight are saved as they are, so mask them now."""

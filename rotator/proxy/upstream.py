@@ -2,12 +2,14 @@
 
 A retry resends a copy of a client's request; a quota probe sends a fresh request that
 no client made. Both go through mitmproxy's own connection handling, so the upstream
-proxy mode, TLS trust and every other addon apply to them as to any flow.
-`ReplayHandler` is not public API, which is why it is confined to this module.
+proxy mode, TLS trust and every other addon apply to them as to any flow, and both can
+be stopped half-way (cancelled). `ReplayHandler` is not public API, which is why it is
+confined to this module.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -66,5 +68,20 @@ Send = Callable[[http.HTTPFlow], Awaitable[None]]
 
 async def send(flow: http.HTTPFlow) -> None:
     """Send `flow` through mitmproxy; its hooks run as for any flow. Returns once it has
-    an answer or an error."""
-    await ReplayHandler(flow, ctx.options).replay()
+    an answer or an error.
+
+    Cancelled, it stops the flow where it is: killed, so it goes no further if one of its
+    hooks is pending (`flow.kill()` alone can't stop a flow in transit, mitmproxy issue
+    4711), and its server connection closed, so Kimi sees the request end and stops
+    answering it. The flow then gets its `error` hook, as any flow cut short; the
+    connection is closed the way mitmproxy's replay closes it after an answer."""
+    handler = ReplayHandler(flow, ctx.options)
+    try:
+        await handler.replay()
+    except asyncio.CancelledError:
+        if flow.killable:
+            flow.kill()
+        for connection_io in handler.transports.values():
+            if connection_io.handler is not None:
+                connection_io.handler.cancel("kimi-rotator: stopped")
+        raise
