@@ -18,7 +18,12 @@ from tests.redis_server import RedisServer
 
 ECHO = Script("return {KEYS[1], ARGV[1]}")
 # Keeps the server from answering anyone for ARGV[1] iterations.
-BUSY = Script("local n = 0 for i = 1, tonumber(ARGV[1]) do n = n + 1 end return n")
+# Keeps the server busy for ARGV[1] microseconds by its own clock (a counted loop took
+# anywhere from 0.2 to 2 s on these machines, and the test needs it longer than 0.3 s).
+BUSY = Script(
+    "local t = redis.call('TIME') local stop = t[1] * 1000000 + t[2] + tonumber(ARGV[1]) "
+    "repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= stop return 1"
+)
 
 
 def line_to(redis_server: RedisServer, timeout_s: float = 1.0) -> RedisLine:
@@ -62,10 +67,10 @@ async def test_no_answer_in_time_fails_every_waiting_call_and_the_next_connects_
     assert await line.run(BUSY, [], [1]) == 1  # loaded: the busy one below is one EVALSHA
     before = clients(redis_server)
     started = asyncio.get_running_loop().time()
-    results = await asyncio.gather(line.run(BUSY, [], [60_000_000]), line.call("PING"), return_exceptions=True)
+    results = await asyncio.gather(line.run(BUSY, [], [2_000_000]), line.call("PING"), return_exceptions=True)
     waited = asyncio.get_running_loop().time() - started
     assert all(isinstance(r, redis.TimeoutError) for r in results), results
-    assert waited < 2.0  # the busy script runs far longer than that
+    assert waited < 1.5  # the busy script runs 2 s
     # Once the server answers again, the line works on a new connection.
     for _ in range(100):
         try:
@@ -129,7 +134,7 @@ async def test_the_urls_password_holds(tmp_path):
 async def test_close_fails_what_waits_and_every_later_call(redis_server):
     line = line_to(redis_server, timeout_s=5.0)
     assert await line.run(BUSY, [], [1]) == 1
-    waiting = asyncio.ensure_future(line.run(BUSY, [], [20_000_000]))
+    waiting = asyncio.ensure_future(line.run(BUSY, [], [1_000_000]))  # busy 1 s
     await asyncio.sleep(0.05)
     await line.close()
     with pytest.raises(redis.ConnectionError):
