@@ -195,6 +195,7 @@ def test_scripted_errors_with_times(kimi, client):
     assert post(client, kimi.url, "sk-kimi-z").status_code == 200
 
 
+@pytest.mark.slow
 def test_a_hang_ends_when_the_client_closes_its_connection(kimi, client):
     kimi.set_response("sk-kimi-a", delay=20, until_closed=True, times=1)
     with pytest.raises(httpx.ReadTimeout):
