@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rotator.keys import mask_key
+from rotator.keys import mask_key, mask_key_ascii
 from tests.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
 from tests.harness import Proxy, accounts_on_disk, counts_on_disk, counts_seen, poll, saved_flows, sse_events
 
@@ -358,7 +358,7 @@ def test_saved_flows_name_account_masked_key_and_outcome(
         assert attempts[-1]["outcome"] == outcome
         assert outcome in flow.comment
         assert mask_key(keys[index]) in flow.comment
-        assert flow.request.headers["x-api-key"] == mask_key(keys[index])
+        assert flow.request.headers["x-api-key"] == mask_key_ascii(keys[index])
 
 
 # A retried request in a saved dump: tests/test_e2e_failures.py
