@@ -19,8 +19,9 @@ The body rule. Bodies are 30–500 KB, so a field is found with `bytes.rfind` fr
    one more bracket than it opens. A nested key of that name (in a tool's schema)
    closes two or more. This reads everything after the key (Kimi CLI sends its tools
    there: 10–60 KB), with C-speed bytes methods only (`replace`, `translate`, `split`,
-   `count`: ~2 µs per KB), and only up to `MAX_TAIL` bytes: a key followed by more is
-   not believed (no known client sends one; it would cost ~1 ms per 500 KB). A
+   `count`: a few µs per KB), and only up to `MAX_TAIL` bytes: a key followed by more
+   is not believed (no known client sends one; it would cost ~1 ms per 500 KB), so
+   the search itself reads only the body's last `MAX_TAIL` bytes. A
    conversation's turns repeat the same tail (its id, the same tools), so the count is
    remembered by the tail's hash (`DEPTH_MEMO_SIZE` of them): a later turn pays one
    hash of the tail, ~0.4 µs per KB;
@@ -162,16 +163,15 @@ def top_level_value(body: bytes, quoted_name: bytes) -> int | None:
     """Where the value of the top-level key `quoted_name` (with its quotes) starts: the
     last occurrence that passes the module's rule, among the last `MAX_CANDIDATES`."""
     end = len(body)
+    start = max(0, end - MAX_TAIL - len(quoted_name))  # a key followed by more is not believed
     for _ in range(MAX_CANDIDATES):
-        at = body.rfind(quoted_name, 0, end)
+        at = body.rfind(quoted_name, start, end)
         if at < 0:
             return None
         end = at
         if _escaped(body, at):
             continue
         after = at + len(quoted_name)
-        if len(body) - after > MAX_TAIL:
-            return None  # and so would every earlier occurrence
         colon = _COLON.match(body, after)
         if colon is None:
             continue
