@@ -236,6 +236,36 @@ def test_status_cost_quick() -> None:
     search(r"^check: no full key in any body at any size: ok$", out, "the key check")
 
 
+@pytest.mark.slow
+def test_conversation_ids_quick() -> None:
+    out = run_bench("conversation_ids.py")
+    for kb in ("50", "500"):
+        search(rf"^bodies at {kb} KB: kimi {NUMBER} KB, claude {NUMBER} KB, plain {NUMBER} KB, first {NUMBER} KB; "
+               rf"the tools {NUMBER} KB", out, f"the bodies at {kb} KB")
+    for case in ("header \\(Claude Code\\)", "header \\(OpenCode\\)", "body prompt_cache_key \\(Kimi CLI\\)",
+                 "body prompt_cache_key \\(Kimi CLI\\), first turn", "body metadata.user_id \\(no header\\)",
+                 "miss \\(no id\\)", "key before messages \\(no client does\\)", "json.loads of the whole body",
+                 "\\(mitmproxy Headers.get, 5 names\\)"):
+        m = search(rf"^\s*{case}\s+({NUMBER})\s+({NUMBER})$", out, f"µs row {case}")
+        for value in m.groups():
+            positive(value, f"{case} µs", out)
+    for kb in ("50", "500"):
+        m = search(rf"^at {kb} KB: json.loads / body prompt_cache_key = ({NUMBER})×, json.loads / miss = ({NUMBER})×$",
+                   out, f"ratios at {kb} KB")
+        for value in m.groups():
+            positive(value, f"ratio at {kb} KB", out)
+    for keys in ("3", "100"):
+        positive(search(rf"^\s*a turn of a known conversation \({keys} keys, 1,000 live\)\s+({NUMBER})$", out,
+                        f"pin_for at {keys} keys").group(1), "pin_for µs", out)
+        positive(search(rf"^\s*a new conversation: choose_new \+ pin \({keys} keys\)\s+({NUMBER})$", out,
+                        f"choose_new at {keys} keys").group(1), "choose_new µs", out)
+    for count in ("1,000", "10,000"):
+        m = search(rf"^memory for {count} live conversations: ({NUMBER}) KB = ({NUMBER}) KB per 1,000 "
+                   rf"\(tracemalloc, ids included\)$", out, f"memory at {count}")
+        positive(m.group(2), "KB per 1,000 conversations", out)
+    assert "ERROR" not in out, out
+
+
 # -- the benchmarks use the package's public names only --------------------------------
 
 def private_names_of_rotator() -> set[str]:
