@@ -28,6 +28,10 @@ input figures of `message_start` and the latest output figure (`message_start`'s
 placeholder when no `message_delta` came), so a lower bound; in the OpenAI shape,
 whose usage comes only at the end, nothing (None). `complete` says whether the final
 figures were read. An event still open when the stream ends counts when its JSON is whole.
+
+The chunks are read as they are: mitmproxy hands a stream callable the body as sent,
+still in its content coding, so a compressed stream (`content-encoding: gzip`) holds no
+readable "usage" and counts nothing; decoding it is the caller's choice.
 """
 
 from __future__ import annotations
