@@ -266,6 +266,23 @@ def test_conversation_ids_quick() -> None:
     assert "ERROR" not in out, out
 
 
+@pytest.mark.slow
+def test_token_scan_quick() -> None:
+    out = run_bench("token_scan.py")
+    for stream in ("anthropic", "anthropic 16K", "kimi openai", "openai nulls"):
+        m = search(rf"^\s*{stream}\s+({NUMBER})\s+(\d+)\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})"
+                   rf"\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})$", out, f"stream row {stream}")
+        for value, what in zip(m.groups()[2:8], ("floor µs", "no-op µs", "scanner µs", "ms/MB", "µs/chunk",
+                                                  "scanner/floor")):
+            positive(value, f"{stream} {what}", out)
+        search(rf"^CPU per streamed MB, {stream}: scanner {NUMBER} ms, floor {NUMBER} ms$", out, f"per MB {stream}")
+    for shape in ("anthropic", "openai"):
+        m = search(rf"^\s*{shape}\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})$", out, f"JSON row {shape}")
+        for value in m.groups():
+            positive(value, f"{shape} JSON answer figure", out)
+    search(r"^check: every stream and answer read the usage written into it: ok$", out, "the usage check")
+
+
 # -- the benchmarks use the package's public names only --------------------------------
 
 def private_names_of_rotator() -> set[str]:

@@ -1,0 +1,211 @@
+"""The tokens one answer spent (`Usage`), the two shapes Kimi reports them in, and
+reading them from a whole (non-streamed) JSON answer.
+
+Kimi says what an answer cost in its `usage`:
+
+- Anthropic shape (`/coding/v1/messages`): `input_tokens` (the input not read from
+  nor written to the prompt cache), `cache_read_input_tokens`,
+  `cache_creation_input_tokens`, `output_tokens`. All input is the sum of the first three.
+- OpenAI shape (`/coding/v1/chat/completions`): `prompt_tokens` (all input),
+  `completion_tokens`, and the cached part as `cached_tokens` (Kimi, beside the others)
+  or `prompt_tokens_details.cached_tokens` (OpenAI). No cache-write figure: 0.
+
+A `usage` that is missing or odd counts nothing: the readers return None, never raise,
+whatever the body holds (not JSON, deep nesting, huge or negative numbers, floats,
+booleans, NaN, wrong types). A count above `MAX_TOKENS` is odd: no single answer
+spends a billion tokens, and a figure that large would swamp every total it joins.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MAX_TOKENS = 1_000_000_000  # the most one figure of one answer may say
+# Larger whole answers are not parsed (None): Kimi's longest answers are well under a
+# megabyte, and parsing runs on the proxy's event loop.
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+
+# The Anthropic shape's names, and the fields of `Usage` they feed.
+INPUT_TOKENS = "input_tokens"
+OUTPUT_TOKENS = "output_tokens"
+CACHE_READ_TOKENS = "cache_read_input_tokens"
+CACHE_WRITE_TOKENS = "cache_creation_input_tokens"
+ANTHROPIC_NAMES = (INPUT_TOKENS, OUTPUT_TOKENS, CACHE_READ_TOKENS, CACHE_WRITE_TOKENS)
+
+# How a saved total names the four figures (the accounts file's camelCase).
+FIELD_NAMES = ("input", "output", "cacheRead", "cacheWrite")
+
+
+class Shape(enum.Enum):
+    """Which of Kimi's two answer shapes an endpoint speaks."""
+
+    ANTHROPIC = "anthropic"  # /coding/v1/messages
+    OPENAI = "openai"  # /coding/v1/chat/completions
+
+
+def shape_for_path(path: str) -> Shape | None:
+    """The shape of the answer to a request for `path` (query allowed), or None for a
+    path whose answers carry no usage (models, usages, count_tokens, …)."""
+    bare = path.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    if bare.endswith("/chat/completions"):
+        return Shape.OPENAI
+    if bare.endswith("/v1/messages"):
+        return Shape.ANTHROPIC
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens spent: `input` is ALL input (cache reads and writes included), `output`
+    the answer's, `cache_read` the part of the input Kimi served from its prompt cache,
+    `cache_write` the part it wrote to it. Whole numbers ≥ 0; they add up."""
+
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output", "cache_read", "cache_write"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"Usage.{name} must be a whole number ≥ 0, not {value!r}")
+
+    def __add__(self, other: Usage) -> Usage:
+        if not isinstance(other, Usage):
+            return NotImplemented
+        return Usage(self.input + other.input, self.output + other.output,
+                     self.cache_read + other.cache_read, self.cache_write + other.cache_write)
+
+    @property
+    def cache_share(self) -> float | None:
+        """The part of the input served from the prompt cache (cache_read / input), None
+        when there was no input."""
+        return self.cache_read / self.input if self.input else None
+
+    def as_fields(self) -> dict[str, int]:
+        """As saved: `{input, output, cacheRead, cacheWrite}`."""
+        return dict(zip(FIELD_NAMES, (self.input, self.output, self.cache_read, self.cache_write)))
+
+    @classmethod
+    def from_fields(cls, fields: object) -> Usage | None:
+        """A saved total back (`as_fields`' names, each optional: absent is 0); None when
+        it is not a mapping or a figure is not a whole number ≥ 0."""
+        if not isinstance(fields, Mapping):
+            return None
+        values = [fields.get(name, 0) for name in FIELD_NAMES]
+        if any(type(v) is not int or v < 0 for v in values):
+            return None
+        return cls(*values)
+
+    @classmethod
+    def from_anthropic(cls, counts: Mapping[str, int]) -> Usage:
+        """From the Anthropic shape's figures (`ANTHROPIC_NAMES`; absent ones are 0)."""
+        fresh, read, write = (counts.get(n, 0) for n in (INPUT_TOKENS, CACHE_READ_TOKENS, CACHE_WRITE_TOKENS))
+        return cls(fresh + read + write, counts.get(OUTPUT_TOKENS, 0), read, write)
+
+
+ZERO = Usage()
+
+
+def token_count(value: object) -> int | None:
+    """A figure as Kimi sends it: an int in 0..MAX_TOKENS (not a bool, not a float)."""
+    return value if type(value) is int and 0 <= value <= MAX_TOKENS else None  # type: ignore[return-value]
+
+
+_ODD = object()
+
+
+def _optional_count(mapping: Mapping[str, Any], name: str) -> int | None | object:
+    """`name`'s figure; None when absent or null; _ODD when present and not a figure."""
+    value = mapping.get(name)
+    if value is None:
+        return None
+    count = token_count(value)
+    return _ODD if count is None else count
+
+
+def anthropic_counts(usage: object, required: tuple[str, ...] = ()) -> dict[str, int] | None:
+    """The Anthropic-shape figures a `usage` object holds (those of `ANTHROPIC_NAMES`
+    present and not null); None when it is not an object, a figure is odd, or one of
+    `required` is missing."""
+    if not isinstance(usage, dict):
+        return None
+    counts: dict[str, int] = {}
+    for name in ANTHROPIC_NAMES:
+        found = _optional_count(usage, name)
+        if found is _ODD:
+            return None
+        if found is not None:
+            counts[name] = found  # type: ignore[assignment]
+    if any(name not in counts for name in required):
+        return None
+    return counts
+
+
+def openai_usage(usage: object) -> Usage | None:
+    """An OpenAI-shape `usage` object as a Usage; None when it is not one, lacks
+    `prompt_tokens` or `completion_tokens`, holds an odd figure, or says more was
+    cached than was sent. The cached part: Kimi's `cached_tokens` when given, else
+    OpenAI's `prompt_tokens_details.cached_tokens`, else 0."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = token_count(usage.get("prompt_tokens"))
+    completion = token_count(usage.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return None
+    cached = _optional_count(usage, "cached_tokens")
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict):
+        detailed = _optional_count(details, "cached_tokens")
+    else:
+        detailed = None if details is None else _ODD
+    if cached is _ODD or detailed is _ODD:
+        return None
+    read = cached if cached is not None else detailed if detailed is not None else 0
+    if read > prompt:  # type: ignore[operator]
+        return None
+    return Usage(prompt, completion, read, 0)  # type: ignore[arg-type]
+
+
+def openai_usage_in(document: object) -> Usage | None:
+    """The usage of an OpenAI-shape answer or stream chunk: the top-level `usage`, or
+    (Kimi, in a stream's last chunk) the first choice's `usage`."""
+    if not isinstance(document, dict):
+        return None
+    top = document.get("usage")
+    if top is not None:
+        return openai_usage(top)
+    choices = document.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if isinstance(choice, dict) and choice.get("usage") is not None:
+                return openai_usage(choice["usage"])
+    return None
+
+
+def load_json(text: bytes | bytearray | str) -> object:
+    """`text` parsed, or None when it is not JSON or is too deep or too large a number
+    to parse (a hostile body costs a parse, never an exception)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError, TypeError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+def from_json_answer(body: bytes, shape: Shape) -> Usage | None:
+    """The usage of a whole JSON answer of `shape` (its top-level `usage`); None when it
+    has none, it is odd, or the body is not a JSON object (an error, HTML, …)."""
+    if not isinstance(body, (bytes, bytearray)) or len(body) > MAX_ANSWER_BYTES:
+        return None
+    document = load_json(body)
+    if not isinstance(document, dict):
+        return None
+    if shape is Shape.OPENAI:
+        return openai_usage_in(document)
+    counts = anthropic_counts(document.get("usage"), required=(INPUT_TOKENS, OUTPUT_TOKENS))
+    return None if counts is None else Usage.from_anthropic(counts)
