@@ -8,7 +8,7 @@ The plaintext is the plugin's JSON: ``version``, ``exportedAt`` (an ISO time),
 ``autoRefreshHealth`` and ``healthRefreshCooldownMinutes``. A plain accounts file (the
 plugin's ``kimi-accounts.json``) has the same shape and imports the same way.
 
-Everything here is pure; ``rotator.backup_cli`` reads passwords and files.
+Everything here is pure; ``rotator.cli.export_import`` reads passwords and files.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from rotator.models import AccountsFile
 from rotator.oddities import first_index_by_key
 from rotator.quota import QuotaReading, QuotaWindow
 from rotator.stats import success_rate
-from rotator.status import KeyState, KeyView, view_key, window_json
+from rotator.status import KeyState, KeyView, view_key
 from rotator.tally import Tally
 from rotator.text import NAME_MOST, REASON_MOST, clean_line
 from rotator.timeline import Event
@@ -239,3 +239,11 @@ def key_document(row: KeyRow) -> dict[str, object]:
 
 
 SnapshotSource = Callable[[], Snapshot]
+
+
+def window_json(window: QuotaWindow) -> dict[str, object]:
+    """One quota window in JSON output (the CLI's and /status.json alike)."""
+    return {
+        "name": window.name, "minutes": window.minutes, "limit": window.limit, "used": window.used,
+        "remaining": window.left, "resetTime": window.reset_time, "remainingRatio": window.remaining_ratio(),
+    }

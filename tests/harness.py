@@ -412,7 +412,7 @@ def run_cli(accounts: Path | str | None, *args: str, stdin: str | None = None,
 
     By default as its own process (``python -m rotator.cli`` from the repository root,
     as a person runs it next to a proxy; ``KIMI_ROTATOR_ACCOUNTS`` is not passed on
-    unless `env` sets it). With `in_process`, through ``rotator.cli.main`` in this
+    unless `env` sets it). With `in_process`, through ``rotator.cli.main.main`` in this
     process (fast, and a test may replace its clock or ``sys.argv``): standard output
     is written in `encoding` (as a terminal's would be), `stdin` is what it reads.
     """
@@ -433,7 +433,7 @@ def _run_cli_in_process(argv: list[str], stdin: str | None, encoding: str
     import contextlib
     import io
 
-    from rotator import cli
+    import rotator.cli.main as cli
 
     out = io.TextIOWrapper(io.BytesIO(), encoding=encoding, write_through=True)
     err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from rotator import cli, status
+import rotator.cli.main as cli
+from rotator import status
 from rotator.keys import mask_key
 from tests.harness import run_cli
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from rotator import cli, ops, policy
+import rotator.cli.main as cli
+from rotator import ops, policy
 from rotator.clock import AHEAD_SLACK_MS, SYSTEM_CLOCK, Timer, now_ms
 from rotator.models import Account, AccountsFile
 from rotator.pool import KeyPool, Lease

@@ -24,7 +24,7 @@ from mitmproxy import http
 from mitmproxy import io as mitm_io
 from mitmproxy.test import taddons
 
-from rotator import cli
+import rotator.cli.main as cli
 from rotator.keys import mask_key
 from rotator.models import Account, AccountsFile
 from rotator.proxy.addon import KimiRotator

@@ -144,7 +144,7 @@ def test_open_store_and_urls(tmp_path):
 
 
 def test_cli_verbs_and_import_export_through_redis(redis_server, tmp_path, monkeypatch, capsys):
-    from rotator import cli
+    import rotator.cli.main as cli
 
     plain = tmp_path / "accounts.json"
     assert cli.main(["--accounts", str(plain), "add-key", KEY_A, "A"]) == 0
@@ -186,7 +186,7 @@ def test_without_the_redis_client_the_proxy_and_cli_still_work_and_a_team_store_
     script = f"""
 import sys
 sys.modules["redis"] = None  # as if the team extra were not installed
-import rotator.proxy.addon, rotator.cli
+import rotator.proxy.addon, rotator.cli.main
 from rotator.store import open_store, StoreError
 print(type(open_store("", {str(tmp_path / "a.json")!r})).__name__)
 try:

@@ -29,16 +29,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
-from rotator import backup_cli, cli_args, launch, oddities, ops, usage_cli
-from rotator.cli_help import help_text, synopsis
+from rotator import oddities, ops
+from rotator.cli import arg_types, export_import, launch, usage
+from rotator.cli.help import help_text, synopsis
+from rotator.cli.render import as_json, list_block, stats_json, stats_page
+from rotator.cli.terminal import emit
 from rotator.clock import now_ms
 from rotator.keys import key_problem, looks_like_key, mask_key
 from rotator.models import STRATEGIES
-from rotator.status import as_json, list_block, stats_json, stats_page, view_pool
-from rotator.terminal import emit
-from rotator.text import NAME_MOST, refusal
+from rotator.status import view_pool
 from rotator.store import STORE_ENV, StateStore, StoreError, open_store
 from rotator.store.file import FileStore, is_readable_by_others, resolve_accounts_path
+from rotator.text import NAME_MOST, refusal
 
 DEFAULT_PROG = "kimi-rotator"
 _KNOWN_PROGS = ("kimi-rotator", "opencode-kimi")
@@ -144,12 +146,12 @@ def _checked_name(raw: str | None) -> str | None:
 
 
 def _on_key(make: Callable[[int, int], ops.Op]) -> Callable[[argparse.Namespace, Context], ops.Op]:
-    """make_op for a verb on one key (`make(index, now_ms)`), named as `cli_args.key_argument` takes it."""
+    """make_op for a verb on one key (`make(index, now_ms)`), named as `arg_types.key_argument` takes it."""
     return lambda a, cx: ops.on_target(a.target, lambda index: make(index, cx.now_ms))
 
 
 def _remove_key(args: argparse.Namespace, cx: Context) -> ops.Op:
-    return ops.remove_key(cli_args.key_target(args.target), args.expect)
+    return ops.remove_key(arg_types.key_target(args.target), args.expect)
 
 
 def _list_keys(args: argparse.Namespace, cx: Context) -> None:
@@ -188,8 +190,8 @@ def _stats(args: argparse.Namespace, cx: Context) -> None:
 
 def _usage(args: argparse.Namespace, cx: Context) -> int:
     try:
-        return usage_cli.run(args, cx.store, f"{cx.prog} add-key KEY [NAME]", now_ms, _out)
-    except usage_cli.BaseUrlError as e:
+        return usage.run(args, cx.store, f"{cx.prog} add-key KEY [NAME]", now_ms, _out)
+    except usage.BaseUrlError as e:
         raise CliError(str(e)) from None
 
 
@@ -254,31 +256,31 @@ VERBS: tuple[Verb, ...] = (
          _remove_key_arguments, make_op=_remove_key),
     Verb("rotate", "Make the next key the active one.", _no_arguments,
          make_op=lambda a, cx: ops.rotate(cx.now_ms)),
-    Verb("use-key", "Make a key the active one.", cli_args.key_argument, make_op=_on_key(ops.use_key)),
+    Verb("use-key", "Make a key the active one.", arg_types.key_argument, make_op=_on_key(ops.use_key)),
     Verb("set-strategy", "Choose how the proxy picks keys.",
          lambda p: p.add_argument("strategy", metavar="|".join(STRATEGIES)),
          make_op=lambda a, cx: ops.set_strategy(a.strategy, cx.now_ms)),
-    Verb("enable-key", "Re-enable a key that was disabled (e.g. after a 401).", cli_args.key_argument,
+    Verb("enable-key", "Re-enable a key that was disabled (e.g. after a 401).", arg_types.key_argument,
          make_op=_on_key(ops.enable_key)),
     Verb("clear-limits", "Forget the rate-limit cooldown of one key or all keys.",
-         lambda p: p.add_argument("target", metavar="INDEX|NAME|KEY|all", type=cli_args.target_or_all),
+         lambda p: p.add_argument("target", metavar="INDEX|NAME|KEY|all", type=arg_types.target_or_all),
          make_op=lambda a, cx: ops.clear_limits("all", cx.now_ms) if a.target == "all"
          else ops.on_target(a.target, lambda index: ops.clear_limits(index, cx.now_ms))),
     Verb("export-keys", "Export every key, with its statistics, to an encrypted backup (the plugin's format).",
-         backup_cli.export_arguments, show=lambda a, cx: _out(backup_cli.export_keys(a, cx.store, cx.now_ms))),
+         export_import.export_arguments, show=lambda a, cx: _out(export_import.export_keys(a, cx.store, cx.now_ms))),
     Verb("import-keys", "Import keys from an encrypted backup or a plain accounts file (present keys skipped).",
-         backup_cli.import_arguments, make_op=lambda a, cx: backup_cli.import_keys(a, cx.now_ms)),
+         export_import.import_arguments, make_op=lambda a, cx: export_import.import_keys(a, cx.now_ms)),
     Verb("stats", "Show each key's requests, success rate, response times and recent days.",
          _json_argument, show=_stats),
     Verb("usage", "Ask Kimi for each key's quota: windows used and left, resets, parallel limit.",
-         lambda p: usage_cli.arguments(p, cli_args.parse_index), show=_usage),
+         lambda p: usage.arguments(p, arg_types.parse_index), show=_usage),
     Verb("refresh-health", "Give +10 health to each key rested past the cooldown.", _no_arguments,
          make_op=lambda a, cx: ops.refresh_health(cx.now_ms)),
     Verb("set-auto-refresh", "Turn health recovery at rest on or off.",
-         lambda p: p.add_argument("enabled", metavar="true|false", type=cli_args.true_or_false),
+         lambda p: p.add_argument("enabled", metavar="true|false", type=arg_types.true_or_false),
          make_op=lambda a, cx: ops.set_auto_refresh(a.enabled, cx.now_ms)),
     Verb("set-cooldown", "Set the minutes of rest per +10 health (1-1440, default 30).",
-         lambda p: p.add_argument("minutes", metavar="MINUTES", type=cli_args.cooldown_minutes),
+         lambda p: p.add_argument("minutes", metavar="MINUTES", type=arg_types.cooldown_minutes),
          make_op=lambda a, cx: ops.set_cooldown(a.minutes, cx.now_ms)),
     Verb("proxy", "Start mitmdump with the addon; mitmdump's own options follow "
          "(e.g. --mode reverse:https://api.kimi.com -p 8080).",

@@ -32,10 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from rotator import __version__, merge, ops
+from rotator.cli.render import quota_json, reading_lines
 from rotator.keys import mask_key
 from rotator.models import Account
 from rotator.quota import QuotaReading, parse_usages
-from rotator.status import label, quota_json, reading_lines
+from rotator.status import label
 from rotator.store import StateStore
 from rotator.store.urls import masked_url
 from rotator.text import clean_line

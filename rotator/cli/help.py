@@ -1,5 +1,5 @@
 """The CLI's `help` verb as the TypeScript plugin has it: each verb with its arguments,
-the strategies, and examples (the verbs themselves are `rotator.cli.VERBS`)."""
+the strategies, and examples (the verbs themselves are `rotator.cli.main.VERBS`)."""
 
 from __future__ import annotations
 
