@@ -147,8 +147,8 @@ def bench_key(i: int) -> str:
 
 
 def make_accounts_file(path: Path, keys: int, strategy: str = "health-based") -> Path:
+    from rotator.core.models import Account, AccountsFile
     from rotator.store.file import write_accounts
-    from rotator.models import Account, AccountsFile
 
     state = AccountsFile(
         accounts=[Account(key=bench_key(i), name=f"bench-{i}") for i in range(keys)],

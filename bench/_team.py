@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import _common as C
-from rotator.text import clean_line
+from rotator.core.text import clean_line
 from tests import harness
 from tests.redis_server import RedisServer
 
@@ -117,7 +117,7 @@ def evalsha_calls(server: RedisServer | None) -> int:
 def fill_redis(url: str) -> None:
     """The file arm's keys and strategy, put in the team store the way the CLI does."""
     from rotator import ops
-    from rotator.clock import now_ms
+    from rotator.core.clock import now_ms
     from rotator.store.redis_store import RedisStore
 
     store = RedisStore(url)

@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _common as C  # noqa: E402
 from mitmproxy.http import Headers  # noqa: E402
-from rotator import policy  # noqa: E402
-from rotator.clock import now_ms  # noqa: E402
-from rotator.proxy.headers import mask_sent_key, replace_client_key  # noqa: E402
-from rotator.models import Account, AccountsFile  # noqa: E402
+from rotator.core import policy  # noqa: E402
+from rotator.core.clock import now_ms  # noqa: E402
+from rotator.core.models import Account, AccountsFile  # noqa: E402
 from rotator.pool import KeyPool, Lease  # noqa: E402
+from rotator.proxy.headers import mask_sent_key, replace_client_key  # noqa: E402
 
 STRATEGIES = ("round-robin", "health-based", "sticky")
 SCENARIOS = ("ready", "active cooling", "all but one cooling")

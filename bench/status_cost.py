@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _common as C  # noqa: E402
 from rotator import dashboard, metrics, status_http  # noqa: E402
-from rotator.clock import SYSTEM_CLOCK, now_ms  # noqa: E402
-from rotator.models import Account, AccountsFile  # noqa: E402
+from rotator.core.clock import SYSTEM_CLOCK, now_ms  # noqa: E402
+from rotator.core.models import Account, AccountsFile  # noqa: E402
+from rotator.core.quota import QuotaReading, QuotaWindow  # noqa: E402
 from rotator.pool import KeyPool  # noqa: E402
 from rotator.proxy.options import Settings  # noqa: E402
 from rotator.proxy.status_page import StatusPage  # noqa: E402
-from rotator.quota import QuotaReading, QuotaWindow  # noqa: E402
 from rotator.tally import Tally  # noqa: E402
 from rotator.timeline import Event, Timeline  # noqa: E402
 

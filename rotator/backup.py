@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from rotator import ops
-from rotator.keys import KEY_PREFIX, is_kimi_key, mask_key
-from rotator.models import Account, AccountsFile, Strategy
+from rotator.core.keys import KEY_PREFIX, is_kimi_key, mask_key
+from rotator.core.models import Account, AccountsFile, Strategy
 from rotator.store.file import MAX_DEPTH, json_depth
 
 DEFAULT_BACKUP_FILE = "kimi-keys-backup.json.enc"

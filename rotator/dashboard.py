@@ -2,7 +2,7 @@
 state, load, counts and quota; the shared pause, refusals, recent events) and the
 /status.json document built from it. Pure: no mitmproxy, no I/O, the time passed in.
 
-A key's row is built on `rotator.status.view_key` (the one read model of a key), with
+A key's row is built on `rotator.core.key_view.view_key` (the one read model of a key), with
 what only a running proxy knows added: requests in flight and the cap, this process's
 outcomes and retries (`rotator.tally`), the pool's shared pause. Keys are only ever
 shown masked; names and reasons are cleaned once more here (a reason set in memory by
@@ -17,14 +17,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from rotator.health import HEALTH_SKIP_BELOW, rest_period_ms
-from rotator.models import AccountsFile
-from rotator.oddities import first_index_by_key
-from rotator.quota import QuotaReading, QuotaWindow
-from rotator.stats import success_rate
-from rotator.status import KeyState, KeyView, view_key
+from rotator.core.health import HEALTH_SKIP_BELOW, rest_period_ms
+from rotator.core.key_view import KeyState, KeyView, view_key
+from rotator.core.models import AccountsFile
+from rotator.core.oddities import first_index_by_key
+from rotator.core.quota import QuotaReading, QuotaWindow
+from rotator.core.stats import success_rate
+from rotator.core.text import NAME_MOST, REASON_MOST, clean_line
 from rotator.tally import Tally
-from rotator.text import NAME_MOST, REASON_MOST, clean_line
 from rotator.timeline import Event
 
 SERVING = "serving"  # the pool's active key, usable
@@ -64,7 +64,7 @@ class KeyRow:
     successful: int
     success_rate: float | None  # percent, one decimal; None before any request
     response_times: tuple[int | float, ...]  # the newest kept, copied
-    outcomes: Mapping[str, int]  # this process's attempts by verdict (rotator.policy.Verdict)
+    outcomes: Mapping[str, int]  # this process's attempts by verdict (rotator.core.policy.Verdict)
     retries: int  # this process's resends on this key
     quota: QuotaReading | None  # the latest reading (a reading is replaced, never changed)
 

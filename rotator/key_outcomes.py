@@ -9,11 +9,11 @@ the rest.
 
 from __future__ import annotations
 
-from rotator import merge, quota, stats, throttle
-from rotator.clock import seconds_until
-from rotator.health import HEALTH_MAX, apply_health_delta
-from rotator.models import Account
-from rotator.policy import Outcome, Verdict
+from rotator.core import merge, quota, stats, throttle
+from rotator.core.clock import seconds_until
+from rotator.core.health import HEALTH_MAX, apply_health_delta
+from rotator.core.models import Account
+from rotator.core.policy import Outcome, Verdict
 
 # Cooldowns that follow each other with no success between them grow: ×2 each time,
 # up to this cap. Plan windows and disabled keys have their own deadlines and don't.

@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import NamedTuple
 
-from rotator.keys import mask_key
-from rotator.models import Account
-from rotator.status import key_label
+from rotator.core.keys import key_label, mask_key
+from rotator.core.models import Account
 
 
 class Lease(NamedTuple):

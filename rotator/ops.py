@@ -14,13 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from rotator import merge
-from rotator.health import HEALTH_MAX, apply_health_delta, rest_period_ms
-from rotator.keys import mask_key
-from rotator.models import COOLDOWN_MINUTES_RANGE, STRATEGIES, Account, AccountsFile, Strategy
-from rotator.status import STATUS_ACTIVE, key_label, status_text, view_key
+from rotator.core import merge
+from rotator.core.health import HEALTH_MAX, apply_health_delta, rest_period_ms
+from rotator.core.key_view import STATUS_ACTIVE, status_text, view_key
+from rotator.core.keys import key_label, mask_key
+from rotator.core.models import COOLDOWN_MINUTES_RANGE, STRATEGIES, Account, AccountsFile, Strategy
+from rotator.core.text import clean_line
 from rotator.store import StateStore
-from rotator.text import clean_line
 
 Op = Callable[[AccountsFile], str]
 

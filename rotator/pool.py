@@ -14,14 +14,15 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Collection
 
-from rotator import key_outcomes, merge, oddities, quota, throttle
-from rotator.clock import SYSTEM_CLOCK, Clock
-from rotator.health import rest_period_ms
+from rotator import key_outcomes
+from rotator.core import merge, oddities, quota, throttle
+from rotator.core.clock import SYSTEM_CLOCK, Clock
+from rotator.core.health import rest_period_ms
+from rotator.core.models import Account, AccountsFile
+from rotator.core.policy import Outcome, Verdict
+from rotator.core.strategies import Shortage, Unavailable, choose_key, next_index
 from rotator.lease import Lease, SkipKeys
-from rotator.models import Account, AccountsFile
-from rotator.policy import Outcome, Verdict
 from rotator.pool_heard import HeardFromOutside
-from rotator.strategies import Shortage, Unavailable, choose_key, next_index
 
 __all__ = ["KeyPool", "Lease"]  # Lease lives in rotator.lease; callers know it from here
 
@@ -37,7 +38,7 @@ class KeyPool(HeardFromOutside):
         self, state: AccountsFile, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, clock: Clock = SYSTEM_CLOCK
     ) -> None:
         self.max_in_flight = max_in_flight
-        # A window with at most this percent of its limit left counts as spent (rotator.quota).
+        # A window with at most this percent of its limit left counts as spent (rotator.core.quota).
         self.quota_reserve_percent = quota.DEFAULT_RESERVE_PERCENT
         self.clock = clock
         self.in_flight: dict[str, int] = {}

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rotator import key_outcomes, merge, quota, throttle
-from rotator.clock import seconds_until
-from rotator.models import Account
-from rotator.status import key_label
+from rotator import key_outcomes
+from rotator.core import merge, quota, throttle
+from rotator.core.clock import seconds_until
+from rotator.core.keys import key_label
+from rotator.core.models import Account
 
 
 class HeardFromOutside:

@@ -6,7 +6,7 @@ thread, never on the proxy's event loop. A store that can't be read, written or 
 is reported once per distinct problem, as what it is; the pool keeps serving from its
 last good state, keeps its changes for the next try (whatever a save failed on), and
 says so once the store works again. What is odd in the store but usable (a key listed
-twice, activeIndex out of range: `rotator.oddities`) is said once, when it appears.
+twice, activeIndex out of range: `rotator.core.oddities`) is said once, when it appears.
 A store that lost the pool (`PoolLost`: a Redis server restarted without its data) gets
 it back from the pool's memory, its counts and this proxy's unsaved ones included, and
 that is said loudly; a notice the store could not send the team (`untold`) is said once,
@@ -25,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from rotator import oddities, ops
-from rotator.background import Background
-from rotator.merge import PoolChange
-from rotator.models import AccountsFile
+from rotator import ops
+from rotator.core import oddities
+from rotator.core.background import Background
+from rotator.core.log import ALERT
+from rotator.core.merge import PoolChange
+from rotator.core.models import AccountsFile
 from rotator.pool import KeyPool
 from rotator.store import PoolLost, StateStore, StoreError
-from rotator.timeline import ALERT
 
 logger = logging.getLogger(__name__)
 # Saves asked for by notices follow each other at most this often (a burst of cooldowns

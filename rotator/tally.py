@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class Tally:
-    # (key, verdict value) -> attempts that ended so (rotator.policy.Verdict)
+    # (key, verdict value) -> attempts that ended so (rotator.core.policy.Verdict)
     outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
     # key -> attempts that were resends of a refused request
     retries: Counter[str] = field(default_factory=Counter)

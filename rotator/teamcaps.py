@@ -20,12 +20,12 @@ import asyncio
 import logging
 from collections import Counter
 
-from rotator.background import Background
-from rotator.clock import MS_PER_SECOND, Clock, Timer
+from rotator.core.background import Background
+from rotator.core.clock import MS_PER_SECOND, Clock, Timer
+from rotator.core.log import ALERT
 from rotator.pool import KeyPool, Lease
 from rotator.store import StoreError, TeamSlots
 from rotator.store.urls import key_with_id
-from rotator.timeline import ALERT
 
 logger = logging.getLogger(__name__)
 

@@ -17,14 +17,14 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from rotator.background import Background
-from rotator.clock import Clock
+from rotator.core.background import Background
+from rotator.core.clock import Clock
+from rotator.core.log import ALERT
 from rotator.pool import KeyPool
 from rotator.store import Notice, NoticeKind, StoreError, TeamEvents
 from rotator.store.urls import key_id, key_with_id
 from rotator.sync import PoolSync
 from rotator.teamcaps import TeamCaps
-from rotator.timeline import ALERT
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
-from rotator.clock import now_ms
-from rotator.text import clean_line
+from rotator.core.clock import now_ms
+from rotator.core.log import ALERT
+from rotator.core.text import clean_line
 
-ALERT = logging.INFO + 1  # mitmproxy's ALERT level, named by value (no mitmproxy here)
 KEPT = 50
 _PREFIX = "kimi-rotator: "
 

@@ -21,9 +21,9 @@ import enum
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
-from rotator.clock import Timer
+from rotator.core.clock import Timer
+from rotator.core.strategies import Unavailable
 from rotator.pool import KeyPool, Lease
-from rotator.strategies import Unavailable
 
 
 class Abandoned(enum.Enum):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rotator.models import Account, AccountsFile
+from rotator.core.models import Account, AccountsFile
 from rotator.store import file as storage
 from tests.fake_kimi import FakeKimi
 from tests.harness import LOOPBACK_DNS, REPO_ROOT, Proxy, start_mitmdump

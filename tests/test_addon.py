@@ -7,7 +7,7 @@ from mitmproxy import exceptions
 from mitmproxy.http import Headers
 from mitmproxy.test import taddons, tflow, tutils
 
-from rotator.models import Account, AccountsFile
+from rotator.core.models import Account, AccountsFile
 from rotator.proxy.addon import KimiRotator
 from rotator.proxy.headers import mask_sent_key, replace_client_key
 from rotator.proxy.options import parse_hosts

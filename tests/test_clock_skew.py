@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 import rotator.cli.main as cli
-from rotator import ops, policy
-from rotator.clock import AHEAD_SLACK_MS, SYSTEM_CLOCK, Timer, now_ms
-from rotator.models import Account, AccountsFile
+from rotator import ops
+from rotator.core import policy
+from rotator.core.clock import AHEAD_SLACK_MS, SYSTEM_CLOCK, Timer, now_ms
+from rotator.core.models import Account, AccountsFile
 from rotator.pool import KeyPool, Lease
 from rotator.store import file as storage
 from rotator.store.file import FileStore, read_accounts

@@ -14,8 +14,8 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from rotator import merge, policy
-from rotator.models import Account, AccountsFile
+from rotator.core import merge, policy
+from rotator.core.models import Account, AccountsFile
 from rotator.pool import Lease
 from rotator.proxy.addon import KimiRotator
 from rotator.store.file import read_accounts, write_accounts

@@ -9,9 +9,9 @@ import math
 from prometheus_client.parser import text_string_to_metric_families
 
 from rotator import dashboard, metrics
-from rotator.models import Account, AccountsFile
+from rotator.core.models import Account, AccountsFile
+from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.pool import KeyPool, Lease
-from rotator.quota import QuotaReading, QuotaWindow
 from rotator.tally import Tally
 from rotator.timeline import Event
 from tests.conftest import fake_key

@@ -29,8 +29,8 @@ import httpx
 import pytest
 from mitmproxy.test import taddons
 
-from rotator import policy
-from rotator.models import Account, AccountsFile
+from rotator.core import policy
+from rotator.core.models import Account, AccountsFile
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
 from rotator.store.lock import DirLock

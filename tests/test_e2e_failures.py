@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rotator.keys import mask_key
+from rotator.core.keys import mask_key
 from tests.conftest import ADDON_SCRIPT, fake_key
 from tests.fake_kimi import (
     MESSAGES_PATH,

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from rotator.keys import mask_key
+from rotator.core.keys import mask_key
 from tests.fake_kimi import MESSAGES_PATH, USAGES_PATH
 from tests.harness import accounts_on_disk, poll, saved_flows
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rotator.keys import mask_key
+from rotator.core.keys import mask_key
 from tests.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
 from tests.harness import Proxy, accounts_on_disk, counts_on_disk, counts_seen, poll, saved_flows, sse_events
 

@@ -27,9 +27,9 @@ from mitmproxy import http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
-from rotator.keys import mask_key
-from rotator.models import Account, AccountsFile
-from rotator.policy import BODY_SCAN_LIMIT
+from rotator.core.keys import mask_key
+from rotator.core.models import Account, AccountsFile
+from rotator.core.policy import BODY_SCAN_LIMIT
 from rotator.proxy.addon import KimiRotator
 from rotator.proxy.options import parse_hosts
 from rotator.store import file as storage

@@ -25,8 +25,8 @@ from mitmproxy import io as mitm_io
 from mitmproxy.test import taddons
 
 import rotator.cli.main as cli
-from rotator.keys import mask_key
-from rotator.models import Account, AccountsFile
+from rotator.core.keys import mask_key
+from rotator.core.models import Account, AccountsFile
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
 from tests.conftest import fake_key

@@ -16,10 +16,10 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from rotator import policy
-from rotator.keys import mask_key
-from rotator.models import Account, AccountsFile
-from rotator.policy import Verdict
+from rotator.core import policy
+from rotator.core.keys import mask_key
+from rotator.core.models import Account, AccountsFile
+from rotator.core.policy import Verdict
 from rotator.proxy import answers
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from rotator.models import Account, AccountsFile
+from rotator.core.models import Account, AccountsFile
 from rotator.pool import KeyPool, Lease
 from rotator.store import file as storage
 from rotator.store.file import FileStore

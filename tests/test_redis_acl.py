@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from rotator import merge, ops
+from rotator import ops
+from rotator.core import merge
 from rotator.store import Notice, NoticeKind, StoreError
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import key_id

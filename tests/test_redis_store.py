@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from rotator import merge, ops
+from rotator import ops
+from rotator.core import merge
 from rotator.store import PoolLost, StoreError, open_store
 from rotator.store.file import FileStore
 from rotator.store.redis_store import RESTORED_VERSION_STEP, RedisStore
@@ -166,7 +167,7 @@ def test_cli_verbs_and_import_export_through_redis(redis_server, tmp_path, monke
 def test_the_proxys_log_names_the_team_store_not_a_file(caplog):
     import logging
 
-    from rotator.models import AccountsFile
+    from rotator.core.models import AccountsFile
     from rotator.pool import KeyPool
     from rotator.sync import PoolSync
 

@@ -30,7 +30,7 @@ from mitmproxy import exceptions
 from mitmproxy.addons import proxyauth
 from mitmproxy.test import taddons, tflow, tutils
 
-from rotator.keys import mask_key, mask_key_ascii
+from rotator.core.keys import mask_key, mask_key_ascii
 from rotator.proxy.addon import KimiRotator
 from tests.fake_kimi import FakeKimi
 from tests.harness import counts_on_disk, poll, run_cli, sse_events

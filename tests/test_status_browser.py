@@ -23,9 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rotator.clock import now_ms
-from rotator.models import Account, AccountsFile
-from rotator.quota import QuotaReading, QuotaWindow
+from rotator.core.clock import now_ms
+from rotator.core.models import Account, AccountsFile
+from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.store import file as storage
 from tests.conftest import fake_key
 from tests.fake_kimi import FakeKimi

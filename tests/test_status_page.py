@@ -25,11 +25,11 @@ from mitmproxy.test import taddons
 from prometheus_client.parser import text_string_to_metric_families
 
 from rotator import status_http
-from rotator.clock import now_ms
-from rotator.models import Account, AccountsFile
+from rotator.core.clock import now_ms
+from rotator.core.models import Account, AccountsFile
+from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.proxy.addon import KimiRotator
 from rotator.proxy.status_page import StatusPage, parse_address
-from rotator.quota import QuotaReading, QuotaWindow
 from rotator.status_http import Request
 from rotator.store import file as storage
 from tests.conftest import fake_key

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from rotator import ops, policy
-from rotator.clock import now_ms
-from rotator.models import Account, AccountsFile
+from rotator import ops
+from rotator.core import policy
+from rotator.core.clock import now_ms
+from rotator.core.models import Account, AccountsFile
 from rotator.pool import KeyPool, Lease
 from rotator.store.file import FileStore, read_accounts, write_accounts
 from rotator.sync import PoolSync

@@ -8,9 +8,10 @@ import logging
 
 import pytest
 
-from rotator import ops, policy
-from rotator.clock import now_ms
-from rotator.models import AccountsFile
+from rotator import ops
+from rotator.core import policy
+from rotator.core.clock import now_ms
+from rotator.core.models import AccountsFile
 from rotator.pool import KeyPool, Lease
 from rotator.store.redis_store import RedisStore
 from rotator.sync import PoolSync

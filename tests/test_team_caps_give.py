@@ -11,8 +11,9 @@ import logging
 
 import pytest
 
-from rotator import policy, teamcaps
-from rotator.models import Account, AccountsFile
+from rotator import teamcaps
+from rotator.core import policy
+from rotator.core.models import Account, AccountsFile
 from rotator.pool import KeyPool
 from rotator.store import StoreError
 from rotator.store.urls import key_id

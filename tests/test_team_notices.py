@@ -12,8 +12,9 @@ import time
 import pytest
 import redis
 
-from rotator import merge, ops, throttle
-from rotator.models import Account, AccountsFile
+from rotator import ops
+from rotator.core import merge, throttle
+from rotator.core.models import Account, AccountsFile
 from rotator.pool import KeyPool
 from rotator.store import Notice, NoticeKind
 from rotator.store.redis_events import parse_notice

@@ -12,12 +12,13 @@ import asyncio
 import logging
 import time
 
-from rotator import policy, teamcaps
-from rotator.models import Account, AccountsFile
+from rotator import teamcaps
+from rotator.core import policy
+from rotator.core.models import Account, AccountsFile
+from rotator.core.strategies import Unavailable
 from rotator.pool import KeyPool, Lease
 from rotator.store import StoreError
 from rotator.store.urls import key_id
-from rotator.strategies import Unavailable
 from rotator.teamcaps import GIVE_DELAY_MS, HOLD_MS, TeamCaps
 from rotator.timeline import ALERT
 from tests.hooks import FakeClock

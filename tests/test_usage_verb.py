@@ -20,8 +20,8 @@ import pytest
 
 import rotator.cli.main as cli
 from rotator.cli import usage as usage_verb
-from rotator.models import Account, AccountsFile
-from rotator.quota import QuotaReading, QuotaWindow
+from rotator.core.models import Account, AccountsFile
+from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.store import file as storage
 from tests.fake_kimi import USAGES_PATH, FakeKimi
 from tests.harness import LOOPBACK_DNS, accounts_on_disk, run_cli, start_mitmdump

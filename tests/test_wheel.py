@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rotator.models import Account, AccountsFile
+from rotator.core.models import Account, AccountsFile
 from rotator.store import file as storage
 from tests.conftest import fake_key
 from tests.harness import LISTEN_RE, REPO_ROOT, Proxy, _OutputCollector

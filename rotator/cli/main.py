@@ -29,18 +29,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
-from rotator import oddities, ops
+from rotator import ops
 from rotator.cli import arg_types, export_import, launch, usage
 from rotator.cli.help import help_text, synopsis
 from rotator.cli.render import as_json, list_block, stats_json, stats_page
 from rotator.cli.terminal import emit
-from rotator.clock import now_ms
-from rotator.keys import key_problem, looks_like_key, mask_key
-from rotator.models import STRATEGIES
-from rotator.status import view_pool
+from rotator.core import oddities
+from rotator.core.clock import now_ms
+from rotator.core.key_view import view_pool
+from rotator.core.keys import key_problem, looks_like_key, mask_key
+from rotator.core.models import STRATEGIES
+from rotator.core.text import NAME_MOST, refusal
 from rotator.store import STORE_ENV, StateStore, StoreError, open_store
 from rotator.store.file import FileStore, is_readable_by_others, resolve_accounts_path
-from rotator.text import NAME_MOST, refusal
 
 DEFAULT_PROG = "kimi-rotator"
 _KNOWN_PROGS = ("kimi-rotator", "opencode-kimi")

@@ -1,16 +1,16 @@
 """The CLI's text and JSON for keys, built on the one read model of a key
-(`rotator.status.KeyView`): the list-keys block and its JSON, Kimi's quota readings
-(list-keys and `usage`), and what `stats` shows (its numbers from `rotator.stats`).
+(`rotator.core.key_view.KeyView`): the list-keys block and its JSON, Kimi's quota readings
+(list-keys and `usage`), and what `stats` shows (its numbers from `rotator.core.stats`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rotator.core.key_view import KeyView, format_duration, status_text
+from rotator.core.quota import QuotaReading, QuotaWindow
+from rotator.core.stats import KeyStats, key_stats
 from rotator.dashboard import window_json
-from rotator.quota import QuotaReading, QuotaWindow
-from rotator.stats import KeyStats, key_stats
-from rotator.status import KeyView, format_duration, status_text
 
 BAR_CELLS = 10
 

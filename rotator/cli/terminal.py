@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from rotator.text import clean_lines
+from rotator.core.text import clean_lines
 
 # Fallbacks for terminals whose encoding can't show the glyphs.
 ASCII_GLYPHS = str.maketrans(

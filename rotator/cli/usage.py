@@ -31,15 +31,16 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from rotator import __version__, merge, ops
+from rotator import __version__, ops
 from rotator.cli.render import quota_json, reading_lines
-from rotator.keys import mask_key
-from rotator.models import Account
-from rotator.quota import QuotaReading, parse_usages
-from rotator.status import label
+from rotator.core import merge
+from rotator.core.keys import mask_key
+from rotator.core.keys import label
+from rotator.core.models import Account
+from rotator.core.quota import QuotaReading, parse_usages
+from rotator.core.text import clean_line
 from rotator.store import StateStore
 from rotator.store.urls import masked_url
-from rotator.text import clean_line
 
 DEFAULT_BASE_URL = "https://api.kimi.com/coding"
 BASE_URL_ENV = "KIMI_CODE_BASE_URL"

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from mitmproxy import http
 from mitmproxy.log import ALERT
 
-from rotator import policy, stats
-from rotator.clock import Clock
+from rotator.core import policy, stats
+from rotator.core.clock import Clock
 from rotator.pool import KeyPool, Lease
 from rotator.proxy import answers, retry, upstream
 from rotator.proxy.flows import (
@@ -28,7 +28,7 @@ from rotator.proxy.flows import (
     client_closed,
     client_gone,
 )
-from rotator.strategies import Unavailable
+from rotator.core.strategies import Unavailable
 from rotator.tally import Tally
 from rotator.waitline import ABANDONED, WaitLine
 

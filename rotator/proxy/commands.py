@@ -20,9 +20,9 @@ from mitmproxy import command, exceptions
 from mitmproxy.log import ALERT
 
 from rotator import ops
-from rotator.models import STRATEGIES
-from rotator.status import KeyState, KeyView, format_duration, view_pool
-from rotator.text import clean_line, clean_lines
+from rotator.core.key_view import KeyState, KeyView, format_duration, view_pool
+from rotator.core.models import STRATEGIES
+from rotator.core.text import clean_line, clean_lines
 
 if TYPE_CHECKING:
     from rotator.proxy.addon import KimiRotator

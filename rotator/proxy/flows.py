@@ -19,7 +19,7 @@ from typing import Any
 from mitmproxy import http
 from mitmproxy.connection import Client, ConnectionState
 
-from rotator.policy import Outcome, Window
+from rotator.core.policy import Outcome, Window
 from rotator.pool import Lease
 from rotator.proxy.headers import KeyPlacement, mask_sent_key, replace_client_key
 

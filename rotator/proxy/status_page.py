@@ -5,7 +5,7 @@ the option changes, stopped in `done`) and who may read what.
 A part of KimiRotator (loaded and run by it: no addon of its own), reading its pool, tally, timeline,
 clock and settings. What the pages say is built elsewhere: rotator.dashboard (the
 snapshot and the JSON), rotator.metrics (Prometheus), status_page.html (the page).
-The same rule as the proxy's decides who may read them (rotator.access.check_client),
+The same rule as the proxy's decides who may read them (rotator.core.access.check_client),
 and, with remote clients allowed, the client token is required from other machines.
 """
 
@@ -23,8 +23,9 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions
 
-from rotator import access, dashboard, metrics
-from rotator.background import Background
+from rotator import dashboard, metrics
+from rotator.core import access
+from rotator.core.background import Background
 from rotator.status_http import Request, Response, StatusServer, plain
 
 logger = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ import enum
 import os
 from typing import NamedTuple, Protocol
 
-from rotator.clock import SYSTEM_CLOCK, Clock
-from rotator.merge import PoolChange
-from rotator.models import AccountsFile
+from rotator.core.clock import SYSTEM_CLOCK, Clock
+from rotator.core.merge import PoolChange
+from rotator.core.models import AccountsFile
 
 
 class StoreError(Exception):

@@ -40,10 +40,10 @@ from redis.retry import Retry
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
-from rotator import merge
-from rotator.clock import SYSTEM_CLOCK, Clock
-from rotator.keys import scrub
-from rotator.models import AccountsFile
+from rotator.core import merge
+from rotator.core.clock import SYSTEM_CLOCK, Clock
+from rotator.core.keys import scrub
+from rotator.core.models import AccountsFile
 from rotator.store import PoolLost, StoreError
 from rotator.store.urls import DEFAULT_PREFIX, NOTICE_STATE, SCHEMES, masked_url, notices_channel
 

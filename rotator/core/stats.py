@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rotator.models import Account
+from rotator.core.models import Account
 
 if TYPE_CHECKING:
-    from rotator.merge import KeyChange
+    from rotator.core.merge import KeyChange
 
 RESPONSE_TIMES_KEPT = 100
 DAYS_KEPT = 90

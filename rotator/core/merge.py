@@ -40,10 +40,10 @@ from typing import Any
 
 from pydantic.alias_generators import to_camel
 
-from rotator.clock import not_ahead
-from rotator.health import clamp_health
-from rotator.models import Account, AccountsFile
-from rotator.stats import RESPONSE_TIMES_KEPT, drop_old_days
+from rotator.core.clock import not_ahead
+from rotator.core.health import clamp_health
+from rotator.core.models import Account, AccountsFile
+from rotator.core.stats import RESPONSE_TIMES_KEPT, drop_old_days
 
 
 class Rule(enum.Enum):
@@ -202,7 +202,7 @@ def apply(state: AccountsFile, change: PoolChange, skew_ms: int = 0) -> Accounts
     timed by (the proxy's).
 
     Keys `state` no longer has were removed by someone else and stay removed. A key the
-    file lists twice is one key: its first entry takes the change (`rotator.oddities`).
+    file lists twice is one key: its first entry takes the change (`rotator.core.oddities`).
     """
     if change.keys:
         applied: set[str] = set()

@@ -6,7 +6,7 @@ adds are optional, and unknown fields are kept so a round trip loses nothing.
 Times are milliseconds since the Unix epoch.
 
 Text fields that people and Kimi fill in (names, reasons) are cleaned as they are read
-(`rotator.text.clean_line`), so whatever reads a model (the proxy's logs, list-keys,
+(`rotator.core.text.clean_line`), so whatever reads a model (the proxy's logs, list-keys,
 mitmweb) gets one printable line. Anything else is kept as it was, even half an emoji
 (a lone UTF-16 surrogate), which is written back as the JSON escape it came as.
 """
@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticSerializationError
 
-from rotator.quota import QuotaReading
-from rotator.text import NAME_MOST, REASON_MOST, clean_line
+from rotator.core.quota import QuotaReading
+from rotator.core.text import NAME_MOST, REASON_MOST, clean_line
 
 Strategy = Literal["round-robin", "health-based", "sticky"]
 STRATEGIES: tuple[Strategy, ...] = ("round-robin", "health-based", "sticky")
@@ -54,7 +54,7 @@ class Account(BaseModel):
     total_requests: int = Field(default=0, ge=0)
     successful_requests: int = Field(default=0, ge=0)
     # The plugin's: billing-limit answers in a row (a success resets it), the newest
-    # response times in ms (sent to headers; rotator.stats keeps 100) and successes
+    # response times in ms (sent to headers; rotator.core.stats keeps 100) and successes
     # per UTC day ("YYYY-MM-DD").
     consecutive_billing_limit_hits: int = Field(default=0, ge=0)
     response_times: list[int | float] = Field(default_factory=list)
@@ -70,9 +70,9 @@ class Account(BaseModel):
     # key above 0 gets a single request at a time until it succeeds (half-open).
     cooldown_level: int = Field(default=0, ge=0)
     # When a person last changed each field (by its name on disk): a proxy's older
-    # change to that field does not override it (see rotator.merge).
+    # change to that field does not override it (see rotator.core.merge).
     edited_at: dict[str, int] = Field(default_factory=dict)
-    # The latest reading of Kimi's /usages for this key (rotator.quota).
+    # The latest reading of Kimi's /usages for this key (rotator.core.quota).
     quota: QuotaReading | None = None
 
     @property
@@ -110,14 +110,14 @@ class AccountsFile(BaseModel):
     active_index: int = Field(default=0, ge=0)
     rotation_strategy: Strategy = DEFAULT_STRATEGY
     # The plugin's health refresh: whether resting keys recover, and the minutes of rest
-    # each +10 takes (rotator.health).
+    # each +10 takes (rotator.core.health).
     auto_refresh_health: bool = True
     health_refresh_cooldown_minutes: int | float = Field(
         default=DEFAULT_COOLDOWN_MINUTES, ge=COOLDOWN_MINUTES_RANGE[0], le=COOLDOWN_MINUTES_RANGE[1]
     )
     edited_at: dict[str, int] = Field(default_factory=dict)
     # An activeIndex past the last key, as read (then used as 0, what the proxy serves):
-    # said by `rotator.oddities`; the file keeps it until the next write.
+    # said by `rotator.core.oddities`; the file keeps it until the next write.
     _active_index_read: int | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
-from rotator.clock import MS_PER_SECOND
+from rotator.core.clock import MS_PER_SECOND
 
 MAX_AHEAD_MS = 31 * 24 * 60 * 60 * MS_PER_SECOND
 EPOCH_SECONDS_ABOVE = 10**9

@@ -8,7 +8,7 @@ A key is *usable* when it is not disabled, not cooling (`rateLimitResetTime` and
 plugin's `billingLimitResetTime` both passed: `Account.cooling_until`) and not in
 `skip` (keys already tried for this request, or at their in-flight cap).
 A usable key is *healthy* at health >= 30 (resting recovery per `rest_ms`, see
-`rotator.health.rest_period_ms`). Strategies choose among healthy keys; when
+`rotator.core.health.rest_period_ms`). Strategies choose among healthy keys; when
 none is healthy they fall back to the usable ones rather than refuse work.
 """
 
@@ -18,8 +18,8 @@ import enum
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
-from rotator.health import HEALTH_SKIP_BELOW, RECOVERY_PERIOD_MS, effective_health
-from rotator.models import Account, Strategy
+from rotator.core.health import HEALTH_SKIP_BELOW, RECOVERY_PERIOD_MS, effective_health
+from rotator.core.models import Account, Strategy
 
 # Health-based stays on its current key while the key is at least this healthy.
 STAY_HEALTHY = 70

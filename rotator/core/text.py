@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from rotator.keys import scrub
+from rotator.core.keys import scrub
 
 NAME_MOST = 100  # characters in a key's name
 REASON_MOST = 300  # characters in why a key is disabled or cooling

@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from rotator.keys import mask_key
-from rotator.models import Account, AccountsFile
+from rotator.core.keys import mask_key
+from rotator.core.models import Account, AccountsFile
 
 
 _SENDABLE_KEY = re.compile(r"[!-~]+")  # printable ASCII, no space: what a header value may carry

@@ -9,16 +9,15 @@ A key is cooling until the later of its rate-limit and billing deadlines.
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from rotator.clock import seconds_until
-from rotator.health import HEALTH_SKIP_BELOW, RECOVERY_PERIOD_MS, effective_health, rest_period_ms
-from rotator.keys import mask_key
-from rotator.models import Account, AccountsFile
-from rotator.quota import QuotaReading
-from rotator.stats import KeyStats, key_stats
+from rotator.core.clock import seconds_until
+from rotator.core.health import HEALTH_SKIP_BELOW, RECOVERY_PERIOD_MS, effective_health, rest_period_ms
+from rotator.core.keys import label, mask_key
+from rotator.core.models import Account, AccountsFile
+from rotator.core.quota import QuotaReading
+from rotator.core.stats import KeyStats, key_stats
 
 BILLING_REASON = "billing limit (billingLimitResetTime)"
 SUMMARY_MOST = 20
@@ -47,7 +46,7 @@ class KeyView:
     last_used: int
     response_times: Sequence[int | float] = ()  # the account's own, not copied
     daily_requests: Mapping[str, int] = field(default_factory=dict)
-    quota: QuotaReading | None = None  # the latest /usages reading (rotator.quota)
+    quota: QuotaReading | None = None  # the latest /usages reading (rotator.core.quota)
 
     def stats(self, now: int) -> KeyStats:
         return key_stats(self.total_requests, self.successful_requests, self.response_times,
@@ -56,16 +55,6 @@ class KeyView:
     @property
     def label(self) -> str:
         return label(self.index, self.name, self.masked_key)
-
-
-def label(index: int, name: str, masked_key: str) -> str:
-    """`[0] Personal (sk-kim…abcd)`: how a key is named in every message."""
-    return f"[{index}] {name or 'unnamed'} ({masked_key})"
-
-
-@functools.lru_cache(maxsize=4096)  # named in every flow's comment; keys are few
-def key_label(index: int, name: str, key: str) -> str:
-    return label(index, name, mask_key(key))
 
 
 def view_key(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from rotator.models import DEFAULT_COOLDOWN_MINUTES, Account, AccountsFile
+from rotator.core.models import DEFAULT_COOLDOWN_MINUTES, Account, AccountsFile
 
 HEALTH_MAX = 100
 HEALTH_MIN = 0

@@ -1,4 +1,5 @@
-"""What a Kimi key looks like, and the one way a key (or anything shaped like one) is shown."""
+"""What a Kimi key looks like, and the one way a key (or anything shaped like one) is shown
+and named."""
 
 from __future__ import annotations
 
@@ -41,6 +42,16 @@ def mask_key(key: str) -> str:
     if masked.isprintable():
         return masked
     return "".join(c if c.isprintable() else "?" for c in masked)
+
+
+def label(index: int, name: str, masked_key: str) -> str:
+    """`[0] Personal (sk-kim…abcd)`: how a key is named in every message."""
+    return f"[{index}] {name or 'unnamed'} ({masked_key})"
+
+
+@functools.lru_cache(maxsize=4096)  # named in every flow's comment; keys are few
+def key_label(index: int, name: str, key: str) -> str:
+    return label(index, name, mask_key(key))
 
 
 def mask_key_ascii(key: str) -> str:

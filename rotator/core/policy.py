@@ -53,8 +53,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from rotator.reset_times import MAX_AHEAD_MS, later_deadline, reset_deadline_from_headers
-from rotator.text import REASON_MOST, cap, clean_line
+from rotator.core.reset_times import MAX_AHEAD_MS, later_deadline, reset_deadline_from_headers
+from rotator.core.text import REASON_MOST, cap, clean_line
 
 # Health points per outcome: the TypeScript plugin's numbers, plus a small penalty for
 # overload so that a key seeing many of them still drifts down.

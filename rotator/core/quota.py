@@ -22,8 +22,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from rotator.policy import Window
-from rotator.reset_times import parse_reset_time
+from rotator.core.policy import Window
+from rotator.core.reset_times import parse_reset_time
 
 USAGES_PATH = "/coding/v1/usages"
 DEFAULT_RESERVE_PERCENT = 1.0
