@@ -33,7 +33,8 @@ from mitmproxy.http import Headers  # noqa: E402
 from rotator.core import policy  # noqa: E402
 from rotator.core.clock import now_ms  # noqa: E402
 from rotator.core.models import Account, AccountsFile  # noqa: E402
-from rotator.pool import KeyPool, Lease  # noqa: E402
+from rotator.pool.key_pool import KeyPool  # noqa: E402
+from rotator.pool.lease import Lease
 from rotator.proxy.headers import mask_sent_key, replace_client_key  # noqa: E402
 
 STRATEGIES = ("round-robin", "health-based", "sticky")

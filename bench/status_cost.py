@@ -36,7 +36,7 @@ from rotator import dashboard, metrics, status_http  # noqa: E402
 from rotator.core.clock import SYSTEM_CLOCK, now_ms  # noqa: E402
 from rotator.core.models import Account, AccountsFile  # noqa: E402
 from rotator.core.quota import QuotaReading, QuotaWindow  # noqa: E402
-from rotator.pool import KeyPool  # noqa: E402
+from rotator.pool.key_pool import KeyPool  # noqa: E402
 from rotator.proxy.options import Settings  # noqa: E402
 from rotator.proxy.status_page import StatusPage  # noqa: E402
 from rotator.tally import Tally  # noqa: E402

@@ -36,7 +36,7 @@ STATES = (SERVING, READY, HALF_OPEN, COOLING, DISABLED)
 
 
 class PoolReading(Protocol):
-    """What a snapshot reads from a pool (rotator.pool.KeyPool has it all)."""
+    """What a snapshot reads from a pool (rotator.pool.key_pool.KeyPool has it all)."""
 
     @property
     def state(self) -> AccountsFile: ...

@@ -31,7 +31,7 @@ from rotator.core.background import Background
 from rotator.core.log import ALERT
 from rotator.core.merge import PoolChange
 from rotator.core.models import AccountsFile
-from rotator.pool import KeyPool
+from rotator.pool.key_pool import KeyPool
 from rotator.store import PoolLost, StateStore, StoreError
 
 logger = logging.getLogger(__name__)

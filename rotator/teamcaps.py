@@ -23,7 +23,8 @@ from collections import Counter
 from rotator.core.background import Background
 from rotator.core.clock import MS_PER_SECOND, Clock, Timer
 from rotator.core.log import ALERT
-from rotator.pool import KeyPool, Lease
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.store import StoreError, TeamSlots
 from rotator.store.urls import key_with_id
 

@@ -20,7 +20,7 @@ from typing import Any
 from rotator.core.background import Background
 from rotator.core.clock import Clock
 from rotator.core.log import ALERT
-from rotator.pool import KeyPool
+from rotator.pool.key_pool import KeyPool
 from rotator.store import Notice, NoticeKind, StoreError, TeamEvents
 from rotator.store.urls import key_id, key_with_id
 from rotator.sync import PoolSync

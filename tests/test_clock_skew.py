@@ -20,7 +20,8 @@ from rotator import ops
 from rotator.core import policy
 from rotator.core.clock import AHEAD_SLACK_MS, SYSTEM_CLOCK, Timer, now_ms
 from rotator.core.models import Account, AccountsFile
-from rotator.pool import KeyPool, Lease
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.store import file as storage
 from rotator.store.file import FileStore, read_accounts
 from rotator.store.lock import STALE_S, Found, judge

@@ -16,7 +16,7 @@ from mitmproxy.test import taddons
 
 from rotator.core import merge, policy
 from rotator.core.models import Account, AccountsFile
-from rotator.pool import Lease
+from rotator.pool.lease import Lease
 from rotator.proxy.addon import KimiRotator
 from rotator.store.file import read_accounts, write_accounts
 from tests.conftest import fake_key

@@ -11,7 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rotator import dashboard, metrics
 from rotator.core.models import Account, AccountsFile
 from rotator.core.quota import QuotaReading, QuotaWindow
-from rotator.pool import KeyPool, Lease
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.tally import Tally
 from rotator.timeline import Event
 from tests.conftest import fake_key

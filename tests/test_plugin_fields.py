@@ -25,7 +25,8 @@ from rotator.core.health import effective_health
 from rotator.core.key_view import view_pool
 from rotator.core.models import Account, AccountsFile
 from rotator.core.strategies import Shortage, Unavailable, choose_key
-from rotator.pool import KeyPool, Lease
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.store import file as storage
 from tests.fake_kimi import MESSAGES_PATH
 from tests.harness import accounts_on_disk, poll, run_cli

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from rotator.core.models import Account, AccountsFile
-from rotator.pool import KeyPool, Lease
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.store import file as storage
 from rotator.store.file import FileStore
 from rotator.store.lock import STALE_S, Found, judge

@@ -3,7 +3,7 @@
 from rotator.core import merge, policy
 from rotator.core.models import Account, AccountsFile
 from rotator.core.strategies import Shortage, Unavailable
-from rotator.pool import KeyPool
+from rotator.pool.key_pool import KeyPool
 
 NOW = 1_800_000_000_000
 KEYS = [f"sk-kimi-FAKEpool{i:016d}" for i in range(4)]

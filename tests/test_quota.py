@@ -11,7 +11,8 @@ import pytest
 from rotator.core import merge
 from rotator.core.models import Account, AccountsFile
 from rotator.core.policy import Window
-from rotator.pool import KeyPool, Lease
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.core.quota import (
     FIVE_HOUR_MINUTES,
     WEEK_MINUTES,

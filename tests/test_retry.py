@@ -19,10 +19,11 @@ from rotator.core import policy
 from rotator.core.keys import mask_key, mask_key_ascii
 from rotator.core.models import Account, AccountsFile
 from rotator.core.strategies import Shortage, Unavailable
-from rotator.pool import KeyPool, Lease
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
+from rotator.pool.waitline import WaitLine
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
-from rotator.waitline import WaitLine
 from tests.conftest import fake_key
 from tests.hooks import FakeClock, call_hook, kimi_flow, run_virtual
 

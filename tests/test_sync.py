@@ -12,7 +12,8 @@ from rotator import ops
 from rotator.core import policy
 from rotator.core.clock import now_ms
 from rotator.core.models import Account, AccountsFile
-from rotator.pool import KeyPool, Lease
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.store.file import FileStore, read_accounts, write_accounts
 from rotator.sync import PoolSync
 from tests.conftest import fake_key

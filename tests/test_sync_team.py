@@ -11,11 +11,12 @@ import pytest
 from rotator import ops
 from rotator.core import policy
 from rotator.core.clock import now_ms
+from rotator.core.log import ALERT
 from rotator.core.models import AccountsFile
-from rotator.pool import KeyPool, Lease
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.store.redis_store import RedisStore
 from rotator.sync import PoolSync
-from rotator.timeline import ALERT
 from tests.conftest import fake_key
 from tests.redis_server import RedisServer
 from tests.test_redis_acl import PASSWORD, acl_user

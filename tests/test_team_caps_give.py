@@ -14,11 +14,11 @@ import pytest
 from rotator import teamcaps
 from rotator.core import policy
 from rotator.core.models import Account, AccountsFile
-from rotator.pool import KeyPool
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.waitline import ABANDONED, WaitLine
 from rotator.store import StoreError
 from rotator.store.urls import key_id
 from rotator.teamcaps import GIVE_DELAY_MS, HOLD_MS, TeamCaps
-from rotator.waitline import ABANDONED, WaitLine
 from tests.hooks import FakeClock
 
 NOW = 1_800_000_000_000

@@ -15,7 +15,7 @@ import redis
 from rotator import ops
 from rotator.core import merge, throttle
 from rotator.core.models import Account, AccountsFile
-from rotator.pool import KeyPool
+from rotator.pool.key_pool import KeyPool
 from rotator.store import Notice, NoticeKind
 from rotator.store.redis_events import parse_notice
 from rotator.store.redis_store import RedisStore

@@ -14,7 +14,7 @@ import pytest
 from rotator.core import policy, throttle
 from rotator.core.models import Account, AccountsFile
 from rotator.core.strategies import Shortage, Unavailable
-from rotator.pool import KeyPool
+from rotator.pool.key_pool import KeyPool
 from rotator.store import Notice, NoticeKind
 from rotator.store.redis_events import parse_notice
 from rotator.store.redis_store import RedisStore

@@ -14,13 +14,14 @@ import time
 
 from rotator import teamcaps
 from rotator.core import policy
+from rotator.core.log import ALERT
 from rotator.core.models import Account, AccountsFile
 from rotator.core.strategies import Unavailable
-from rotator.pool import KeyPool, Lease
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.store import StoreError
 from rotator.store.urls import key_id
 from rotator.teamcaps import GIVE_DELAY_MS, HOLD_MS, TeamCaps
-from rotator.timeline import ALERT
 from tests.hooks import FakeClock
 
 KEYS = ["sk-kimi-" + letter * 40 for letter in "abc"]

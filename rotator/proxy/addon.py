@@ -2,7 +2,7 @@
 request and learn from each answer.
 
 Deciding lives elsewhere (rotator.core.strategies picks keys, rotator.core.policy reads answers,
-rotator.pool keeps the state, rotator.proxy.retry retries); the hooks wire those to
+rotator.pool.key_pool keeps the state, rotator.proxy.retry retries); the hooks wire those to
 flows through the ledger (rotator.proxy.flows). Hooks are synchronous on the common
 path and return an awaitable only when a request must wait or be resent, so a request
 that gets a key at once costs no extra task.
@@ -23,7 +23,8 @@ from rotator.core import access, policy
 from rotator.core.background import Background
 from rotator.core.clock import SYSTEM_CLOCK, Clock
 from rotator.core.models import AccountsFile
-from rotator.pool import KeyPool, Lease
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.proxy import answers, bodies, retry, startup_checks, upstream
 from rotator.proxy.attempts import Attempts
 from rotator.proxy.client_host import ClientHost, Seen
@@ -44,6 +45,7 @@ from rotator.proxy.options import (
     warn_if_store_exposed,
 )
 from rotator.core.strategies import Unavailable
+from rotator.pool.waitline import ABANDONED, WaitLine
 from rotator.proxy.headers import is_event_stream
 from rotator.proxy.polls import QuotaPolls, poll_target
 from rotator.proxy.status_page import StatusPage
@@ -53,7 +55,6 @@ from rotator.tally import Tally
 from rotator.teamcaps import TeamCaps
 from rotator.teamnotices import TeamNotices
 from rotator.timeline import Timeline
-from rotator.waitline import ABANDONED, WaitLine
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from mitmproxy.log import ALERT
 
 from rotator.core import policy, stats
 from rotator.core.clock import Clock
-from rotator.pool import KeyPool, Lease
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.proxy import answers, retry, upstream
 from rotator.proxy.flows import (
     METADATA_KEY,
@@ -29,8 +30,8 @@ from rotator.proxy.flows import (
     client_gone,
 )
 from rotator.core.strategies import Unavailable
+from rotator.pool.waitline import ABANDONED, WaitLine
 from rotator.tally import Tally
-from rotator.waitline import ABANDONED, WaitLine
 
 logger = logging.getLogger(__name__)
 

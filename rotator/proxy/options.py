@@ -18,7 +18,7 @@ from mitmproxy.utils import human
 
 from rotator.core import access
 from rotator.core.quota import DEFAULT_RESERVE_PERCENT
-from rotator.pool import DEFAULT_MAX_IN_FLIGHT
+from rotator.pool.key_pool import DEFAULT_MAX_IN_FLIGHT
 from rotator.proxy.polls import DEFAULT_INTERVAL_S
 from rotator.proxy.retry import DEFAULT_MAX_ATTEMPTS
 from rotator.store import STORE_ENV

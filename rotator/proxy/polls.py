@@ -26,7 +26,7 @@ from rotator.core.keys import mask_key
 from rotator.core.models import Account
 from rotator.core.policy import Window
 from rotator.core.quota import USAGES_PATH, parse_usages, window_reset
-from rotator.pool import KeyPool
+from rotator.pool.key_pool import KeyPool
 from rotator.proxy import bodies, upstream
 from rotator.proxy.flows import METADATA_KEY, FlowKind, FlowLedger, FlowRecord
 from rotator.proxy.upstream import Send

@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 
 from rotator.core.policy import Outcome
 from rotator.core.strategies import Unavailable
-from rotator.pool import Lease
-from rotator.waitline import Abandoned, Gone, WaitLine, never_gone
+from rotator.pool.lease import Lease
+from rotator.pool.waitline import Abandoned, Gone, WaitLine, never_gone
 
 DEFAULT_MAX_ATTEMPTS = 5
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from rotator.core.clock import Timer
 from rotator.core.strategies import Unavailable
-from rotator.pool import KeyPool, Lease
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 
 
 class Abandoned(enum.Enum):

@@ -3,7 +3,7 @@
 Each function changes an `Account` in place and records every field it touches in the
 key's change record (`merge.KeyChange`), so the next save merges exactly that; each
 returns the log line a person should see, or None. Nothing here knows of in-flight
-counts, waiting requests or the team: the pool (`rotator.pool`) calls these and does
+counts, waiting requests or the team: the pool (`rotator.pool.key_pool`) calls these and does
 the rest.
 """
 
@@ -21,7 +21,7 @@ MAX_BACKOFF_MS = 30 * 60 * 1000
 BACKOFF_VERDICTS = frozenset({Verdict.RATE_LIMITED, Verdict.CONCURRENCY_LIMIT, Verdict.ACCESS_DENIED})
 
 
-def answered(
+def apply_answer(
     account: Account, change: merge.KeyChange, label: str, outcome: Outcome, now_ms: int,
     took_ms: int | None, rest_ms: int,
 ) -> str | None:

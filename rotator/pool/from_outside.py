@@ -3,7 +3,7 @@ exact reset times (rotator.proxy.polls), a poll answered 401, and the team's not
 key held full or freed, another proxy's rate limit, a shared pause; rotator.teamcaps and
 rotator.teamnotices).
 
-`HeardFromOutside` is a base of `KeyPool` (rotator.pool), split off so that each class
+`HeardFromOutside` is a base of `KeyPool` (rotator.pool.key_pool), split off so that each class
 stays readable: it works on the pool's own state, declared below, and the pool's
 helpers (`account`, `_tell`, `_update_cap`, ...). Everything here touches memory only.
 """
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rotator import key_outcomes
 from rotator.core import merge, quota, throttle
 from rotator.core.clock import seconds_until
 from rotator.core.keys import key_label
 from rotator.core.models import Account
+from rotator.pool import key_updates
 
 
 class HeardFromOutside:
@@ -74,7 +74,7 @@ class HeardFromOutside:
         if account is None or account.disabled_reason is not None:
             return None
         label = key_label(self._index_by_key[key], account.name, key)
-        return self._tell(key_outcomes.disable(account, self.changes.for_key(key), label, reason, now_ms))
+        return self._tell(key_updates.disable(account, self.changes.for_key(key), label, reason, now_ms))
 
     def take_reading(self, key: str, reading: quota.QuotaReading, now_ms: int) -> str | None:
         """Keep a key's newest quota reading; a spent window cools the key until it resets
@@ -97,11 +97,11 @@ class HeardFromOutside:
             self._parallel.pop(key, None)
 
     def _steer(self, key: str, account: Account, now_ms: int) -> str | None:
-        spent = key_outcomes.spent_window(account, self.quota_reserve_percent, now_ms)
+        spent = key_updates.spent_window(account, self.quota_reserve_percent, now_ms)
         if spent is None:
             return None
         label = key_label(self._index_by_key[key], account.name, key)
-        return key_outcomes.cooled_by_window(account, self.changes.for_key(key), label, spent, now_ms)
+        return key_updates.cooled_by_window(account, self.changes.for_key(key), label, spent, now_ms)
 
     def set_exact_reset(self, key: str, deadline_ms: int, now_ms: int) -> str | None:
         """Replace a cooling key's estimated deadline with the one Kimi reported."""

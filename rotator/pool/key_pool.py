@@ -3,10 +3,10 @@
 Choosing a key, accounting for an answer and waiting for a key touch memory only. What
 changed since the last save is recorded as a `merge.PoolChange`, so a save applies *our
 changes* to whatever the file holds by then instead of overwriting it.
-Requests that find no key wait in `rotator.waitline`, which the pool tells whenever a
+Requests that find no key wait in `rotator.pool.waitline`, which the pool tells whenever a
 key may have freed up (`key_freed`). What an answer does to a key's saved state is in
-`rotator.key_outcomes`; what the pool hears besides answers (quota readings, the team's
-notices) in its base class, `rotator.pool_heard`.
+`rotator.pool.key_updates`; what the pool hears besides answers (quota readings, the team's
+notices) in its base class, `rotator.pool.from_outside`.
 """
 
 from __future__ import annotations
@@ -14,17 +14,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Collection
 
-from rotator import key_outcomes
 from rotator.core import merge, oddities, quota, throttle
 from rotator.core.clock import SYSTEM_CLOCK, Clock
 from rotator.core.health import rest_period_ms
 from rotator.core.models import Account, AccountsFile
 from rotator.core.policy import Outcome, Verdict
 from rotator.core.strategies import Shortage, Unavailable, choose_key, next_index
-from rotator.lease import Lease, SkipKeys
-from rotator.pool_heard import HeardFromOutside
+from rotator.pool import key_updates
+from rotator.pool.from_outside import HeardFromOutside
+from rotator.pool.lease import Lease, SkipKeys
 
-__all__ = ["KeyPool", "Lease"]  # Lease lives in rotator.lease; callers know it from here
 
 DEFAULT_MAX_IN_FLIGHT = 30
 
@@ -215,7 +214,7 @@ class KeyPool(HeardFromOutside):
             if self.limited is not None:
                 self.limited(lease.key)
         change = self.changes.for_key(lease.key)
-        return key_outcomes.answered(account, change, lease.label, outcome, now_ms, took_ms, self._rest_ms)
+        return key_updates.apply_answer(account, change, lease.label, outcome, now_ms, took_ms, self._rest_ms)
 
     def _tell(self, event: str | None) -> str | None:
         if event is not None and self.state_changed is not None:
@@ -225,7 +224,7 @@ class KeyPool(HeardFromOutside):
     def _refund(self, limit: throttle.RecentLimit, now_ms: int) -> None:
         account = self.account(limit.key)
         if account is not None:
-            key_outcomes.refunded(account, self.changes.for_key(limit.key), limit, now_ms, self._rest_ms)
+            key_updates.refunded(account, self.changes.for_key(limit.key), limit, now_ms, self._rest_ms)
 
     # -- persistence -------------------------------------------------------------
     def take_changes(self) -> merge.PoolChange:
