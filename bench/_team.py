@@ -1,7 +1,7 @@
 """The two stores of bench/team_store.py as arms: their pools, proxies, loads and counts.
 
 An arm is a pool (the accounts file, or a real redis-server with the same keys put in
-through `rotator.ops`), its own fake Kimi process (so the requests it saw belong to that
+through `rotator.admin.ops`), its own fake Kimi process (so the requests it saw belong to that
 arm alone) and up to three mitmdump proxies on that pool. A load is one wrk per proxy,
 all started at once; their throughputs add. Everything listens on 127.0.0.1.
 """
@@ -116,7 +116,7 @@ def evalsha_calls(server: RedisServer | None) -> int:
 
 def fill_redis(url: str) -> None:
     """The file arm's keys and strategy, put in the team store the way the CLI does."""
-    from rotator import ops
+    from rotator.admin import ops
     from rotator.core.clock import now_ms
     from rotator.store.redis_store import RedisStore
 

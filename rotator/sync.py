@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from rotator import ops
+from rotator.admin import ops
 from rotator.core import oddities
 from rotator.core.background import Background
 from rotator.core.log import ALERT

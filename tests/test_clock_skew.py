@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import rotator.cli.main as cli
-from rotator import ops
+from rotator.admin import ops
 from rotator.core import policy
 from rotator.core.clock import AHEAD_SLACK_MS, SYSTEM_CLOCK, Timer, now_ms
 from rotator.core.models import Account, AccountsFile

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rotator import ops
+from rotator.admin import ops
 from rotator.core.keys import mask_key
 from rotator.store.redis_store import RedisStore
 from tests.harness import Proxy, counts_seen, poll

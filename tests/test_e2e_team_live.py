@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 import rotator.cli.main as cli
-from rotator import ops
+from rotator.admin import ops
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import slots_key
 from tests.conftest import fake_key

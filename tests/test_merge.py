@@ -1,6 +1,6 @@
 """The one merge rule: a proxy's change record applied to the state in the store."""
 
-from rotator import ops
+from rotator.admin import ops
 from rotator.core import merge
 from rotator.core.clock import AHEAD_SLACK_MS
 from rotator.core.models import Account, AccountsFile

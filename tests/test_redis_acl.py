@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from rotator import ops
+from rotator.admin import ops
 from rotator.core import merge
 from rotator.store import Notice, NoticeKind, StoreError
 from rotator.store.redis_store import RedisStore

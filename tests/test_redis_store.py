@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rotator import ops
+from rotator.admin import ops
 from rotator.core import merge
 from rotator.store import PoolLost, StoreError, open_store
 from rotator.store.file import FileStore

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rotator import ops
+from rotator.admin import ops
 from rotator.core import policy
 from rotator.core.clock import now_ms
 from rotator.core.models import Account, AccountsFile

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from rotator import ops
+from rotator.admin import ops
 from rotator.core import policy
 from rotator.core.clock import now_ms
 from rotator.core.log import ALERT

@@ -12,7 +12,7 @@ import time
 import pytest
 import redis
 
-from rotator import ops
+from rotator.admin import ops
 from rotator.core import merge, throttle
 from rotator.core.models import Account, AccountsFile
 from rotator.pool.key_pool import KeyPool

@@ -1,6 +1,6 @@
 """The export-keys and import-keys verbs: passwords, the backup file on disk, and their arguments.
 
-The format and the merge are `rotator.backup`'s; this is the thin shell around them.
+The format and the merge are `rotator.admin.backup`'s; this is the thin shell around them.
 A password is asked without echo at a terminal (twice for export), or read as the first
 line of standard input when that is not a terminal, so scripts can pipe it. A backup is
 written 0600 and atomically, and never over an existing file without ``--force``.
@@ -15,7 +15,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from rotator import backup, ops
+from rotator.admin import backup, ops
 from rotator.store import StateStore
 from rotator.store.file import write_private
 

@@ -2,7 +2,7 @@
 
 The verbs, the list-keys layout and the file format are the TypeScript plugin's, so
 either tool can manage the same file. Each verb is one row of `VERBS`: its arguments
-and the `rotator.ops` change it makes (or, for list-keys, what it shows). Changes go
+and the `rotator.admin.ops` change it makes (or, for list-keys, what it shows). Changes go
 through the store (lock, read, change, atomic write), first tried on a snapshot so a
 command that fails writes nothing and creates nothing.
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
-from rotator import ops
+from rotator.admin import ops
 from rotator.cli import arg_types, export_import, launch, usage
 from rotator.cli.help import help_text, synopsis
 from rotator.cli.render import as_json, list_block, stats_json, stats_page

@@ -31,7 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from rotator import __version__, ops
+from rotator import __version__
+from rotator.admin import ops
 from rotator.cli.render import quota_json, reading_lines
 from rotator.core import merge
 from rotator.core.keys import mask_key

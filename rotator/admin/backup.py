@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from rotator import ops
+from rotator.admin import ops
 from rotator.core.keys import KEY_PREFIX, is_kimi_key, mask_key
 from rotator.core.models import Account, AccountsFile, Strategy
 from rotator.store.file import MAX_DEPTH, json_depth
