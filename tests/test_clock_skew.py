@@ -26,7 +26,7 @@ from rotator.store import file as storage
 from rotator.store.file import FileStore, read_accounts
 from rotator.store.lock import STALE_S, Found, judge
 from rotator.store.redis_store import RedisStore
-from rotator.sync import PoolSync
+from rotator.sync.save_loop import PoolSync
 from tests.conftest import fake_key
 from tests.harness import accounts_on_disk, poll, run_cli
 from tests.hooks import FakeClock

@@ -27,7 +27,7 @@ from rotator.pool.lease import Lease
 from rotator.store import file as storage
 from rotator.store.file import FileStore
 from rotator.store.lock import DirLock, LockTimeout
-from rotator.sync import PoolSync
+from rotator.sync.save_loop import PoolSync
 from tests.conftest import FLUSH_INTERVAL_S, fake_key
 from tests.fake_kimi import MESSAGES_PATH, FakeKimi
 from tests.harness import Proxy, accounts_on_disk, counts_on_disk, counts_seen, poll, run_cli

@@ -28,7 +28,7 @@ from rotator.pool.lease import Lease
 from rotator.store import file as storage
 from rotator.store.file import FileStore
 from rotator.store.lock import STALE_S, Found, judge
-from rotator.sync import PoolSync
+from rotator.sync.save_loop import PoolSync
 from tests.conftest import fake_key
 from tests.harness import REPO_ROOT, accounts_on_disk, run_cli
 

@@ -169,7 +169,7 @@ def test_the_proxys_log_names_the_team_store_not_a_file(caplog):
 
     from rotator.core.models import AccountsFile
     from rotator.pool.key_pool import KeyPool
-    from rotator.sync import PoolSync
+    from rotator.sync.save_loop import PoolSync
 
     store = RedisStore(f"redis://:sekrit99@127.0.0.1:{free_port()}/0", "kimi-rotator:")
     caplog.set_level(logging.INFO)

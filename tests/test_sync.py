@@ -15,7 +15,7 @@ from rotator.core.models import Account, AccountsFile
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from rotator.store.file import FileStore, read_accounts, write_accounts
-from rotator.sync import PoolSync
+from rotator.sync.save_loop import PoolSync
 from tests.conftest import fake_key
 
 KEYS = [fake_key(f"sync{i}") for i in range(3)]

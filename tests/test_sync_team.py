@@ -16,7 +16,7 @@ from rotator.core.models import AccountsFile
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from rotator.store.redis_store import RedisStore
-from rotator.sync import PoolSync
+from rotator.sync.save_loop import PoolSync
 from tests.conftest import fake_key
 from tests.redis_server import RedisServer
 from tests.test_redis_acl import PASSWORD, acl_user

@@ -20,8 +20,8 @@ from rotator.store import Notice, NoticeKind
 from rotator.store.redis_events import parse_notice
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import key_id, notices_channel
-from rotator.sync import SOON_GAP_S, PoolSync
-from rotator.teamnotices import TeamNotices
+from rotator.sync.save_loop import SOON_GAP_S, PoolSync
+from rotator.sync.team_notices import TeamNotices
 from tests.hooks import FakeClock
 from tests.redis_server import RedisServer
 

@@ -19,7 +19,7 @@ from rotator.store import Notice, NoticeKind
 from rotator.store.redis_events import parse_notice
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import key_id
-from rotator.teamnotices import TeamNotices
+from rotator.sync.team_notices import TeamNotices
 from tests.hooks import FakeClock
 from tests.redis_server import RedisServer
 

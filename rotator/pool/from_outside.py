@@ -1,7 +1,7 @@
 """What the key pool hears besides its own requests' answers: quota readings and Kimi's
 exact reset times (rotator.proxy.polls), a poll answered 401, and the team's notices (a
-key held full or freed, another proxy's rate limit, a shared pause; rotator.teamcaps and
-rotator.teamnotices).
+key held full or freed, another proxy's rate limit, a shared pause; rotator.sync.team_caps and
+rotator.sync.team_notices).
 
 `HeardFromOutside` is a base of `KeyPool` (rotator.pool.key_pool), split off so that each class
 stays readable: it works on the pool's own state, declared below, and the pool's

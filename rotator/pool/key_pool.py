@@ -44,9 +44,9 @@ class KeyPool(HeardFromOutside):
         # Kimi's parallel limit per key, where a quota reading gave one (caps in-flight).
         self._parallel: dict[str, int] = {}
         self._at_cap: set[str] = set()
-        # Keys the team holds at their cap (rotator.teamcaps), skipped until one frees.
+        # Keys the team holds at their cap (rotator.sync.team_caps), skipped until one frees.
         self._team_full: set[str] = set()
-        # What a team hears of (rotator.teamcaps, rotator.teamnotices): a request on a key
+        # What a team hears of (rotator.sync.team_caps, rotator.sync.team_notices): a request on a key
         # ended; a key's state changed (the event lines below); every key paused this long
         # for a throttle; a rate limit seen here and charged to its key.
         self.slot_freed: Callable[[str], None] | None = None

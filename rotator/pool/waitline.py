@@ -54,7 +54,7 @@ class WaitLine:
         self.pool = pool
         self._waiters: list[_Waiter] = []
         self._timer: Timer | None = None
-        # With team-wide caps (rotator.teamcaps): whether a chosen key may be used.
+        # With team-wide caps (rotator.sync.team_caps): whether a chosen key may be used.
         self.admit: Callable[[Lease], Awaitable[bool]] | None = None
         pool.key_freed = self.serve
 

@@ -26,7 +26,7 @@ from rotator.core.text import clean_line, clean_lines
 
 if TYPE_CHECKING:
     from rotator.proxy.addon import KimiRotator
-    from rotator.sync import PoolSync
+    from rotator.sync.save_loop import PoolSync
 
 logger = logging.getLogger(__name__)
 

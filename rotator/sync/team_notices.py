@@ -6,7 +6,7 @@ proxy sees counts towards every proxy's throttle detection (`KeyPool.heard_limit
 throttle one proxy detects pauses every proxy's keys (`KeyPool.pause_for`).
 
 Notices only hurry what would happen anyway: the save loop still reads the store about
-once an interval and held keys are retried after `teamcaps.HOLD_MS`, so a notice lost
+once an interval and held keys are retried after `team_caps.HOLD_MS`, so a notice lost
 (the store away, a listener reconnecting) costs time, never state.
 """
 
@@ -23,8 +23,8 @@ from rotator.core.log import ALERT
 from rotator.pool.key_pool import KeyPool
 from rotator.store import Notice, NoticeKind, StoreError, TeamEvents
 from rotator.store.urls import key_id, key_with_id
-from rotator.sync import PoolSync
-from rotator.teamcaps import TeamCaps
+from rotator.sync.save_loop import PoolSync
+from rotator.sync.team_caps import TeamCaps
 
 logger = logging.getLogger(__name__)
 
