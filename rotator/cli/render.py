@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from rotator.core.key_view import KeyView, format_duration, status_text
 from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.core.stats import KeyStats, key_stats
-from rotator.dashboard import window_json
+from rotator.status.document import window_json
 
 BAR_CELLS = 10
 

@@ -49,12 +49,12 @@ from rotator.pool.waitline import ABANDONED, WaitLine
 from rotator.proxy.headers import is_event_stream
 from rotator.proxy.polls import QuotaPolls, poll_target
 from rotator.proxy.status_page import StatusPage
+from rotator.status.tally import Tally
+from rotator.status.timeline import Timeline
 from rotator.store import StateStore, StoreError, open_store
 from rotator.sync.save_loop import PoolSync
 from rotator.sync.team_caps import TeamCaps
 from rotator.sync.team_notices import TeamNotices
-from rotator.tally import Tally
-from rotator.timeline import Timeline
 
 logger = logging.getLogger(__name__)
 

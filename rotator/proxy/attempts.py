@@ -31,7 +31,7 @@ from rotator.proxy.flows import (
 )
 from rotator.core.strategies import Unavailable
 from rotator.pool.waitline import ABANDONED, WaitLine
-from rotator.tally import Tally
+from rotator.status.tally import Tally
 
 logger = logging.getLogger(__name__)
 

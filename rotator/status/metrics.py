@@ -1,4 +1,4 @@
-"""The /metrics page: the pool's snapshot (rotator.dashboard) as Prometheus metrics.
+"""The /metrics page: the pool's snapshot (rotator.status.document) as Prometheus metrics.
 
 prometheus_client writes the text format (and OpenMetrics, when a scraper asks for it)
 with its escaping; a private registry holds one custom collector that reads a fresh
@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from rotator.dashboard import Snapshot, SnapshotSource
+from rotator.status.document import Snapshot, SnapshotSource
 
 PREFIX = "kimi_rotator_"
 KEY_LABELS = ("index", "name", "masked_key")

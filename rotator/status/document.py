@@ -4,7 +4,7 @@ state, load, counts and quota; the shared pause, refusals, recent events) and th
 
 A key's row is built on `rotator.core.key_view.view_key` (the one read model of a key), with
 what only a running proxy knows added: requests in flight and the cap, this process's
-outcomes and retries (`rotator.tally`), the pool's shared pause. Keys are only ever
+outcomes and retries (`rotator.status.tally`), the pool's shared pause. Keys are only ever
 shown masked; names and reasons are cleaned once more here (a reason set in memory by
 the pool skips the model's validation), events were cleaned by the timeline.
 """
@@ -24,8 +24,8 @@ from rotator.core.oddities import first_index_by_key
 from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.core.stats import success_rate
 from rotator.core.text import NAME_MOST, REASON_MOST, clean_line
-from rotator.tally import Tally
-from rotator.timeline import Event
+from rotator.status.tally import Tally
+from rotator.status.timeline import Event
 
 SERVING = "serving"  # the pool's active key, usable
 READY = "ready"
@@ -102,7 +102,7 @@ class Snapshot:
     strategy: str
     active_index: int
     paused_until_ms: int
-    refused: Mapping[str, int]  # the proxy's own answers by reason (rotator.tally)
+    refused: Mapping[str, int]  # the proxy's own answers by reason (rotator.status.tally)
     keys: tuple[KeyRow, ...]
     timeline: tuple[Event, ...]  # newest first
 
