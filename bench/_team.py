@@ -19,8 +19,8 @@ from pathlib import Path
 
 from bench import _common as C
 from rotator.core.text import clean_line
-from tests import harness
-from tests.redis_server import RedisServer
+from testbed import processes
+from testbed.redis_server import RedisServer
 
 FILE, REDIS = "file", "redis"
 ARMS = (FILE, REDIS)
@@ -72,7 +72,7 @@ class Arm:
     """A store, its fake Kimi and its proxies, running until `arm` exits."""
 
     name: str
-    proxies: list[harness.Proxy]
+    proxies: list[processes.Proxy]
     fake_port: int
     redis: RedisServer | None = None
     accounts: Path | None = None  # the file arm's accounts file; the redis arm's must stay absent

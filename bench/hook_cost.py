@@ -145,7 +145,7 @@ def full_hooks(keys: int, max_iters: int, max_s: float, warmup: int) -> dict[str
     from mitmproxy.test import taddons, tflow, tutils
 
     from rotator.proxy.addon import KimiRotator
-    from tests.hooks import call_hook
+    from testbed.hooks import call_hook
 
     async def run(path: Path) -> dict[str, list[int]]:
         addon = KimiRotator()

@@ -27,9 +27,9 @@ from rotator.store.file import FileStore, read_accounts
 from rotator.store.lock import STALE_S, Found, judge
 from rotator.store.redis_store import RedisStore
 from rotator.sync.save_loop import PoolSync
+from testbed.hooks import FakeClock
 from tests.conftest import fake_key
 from tests.harness import accounts_on_disk, poll, run_cli
-from tests.hooks import FakeClock
 from tests.test_e2e_failures import FILE_DEADLINE_S, client, messages_by, send
 
 HOUR = 3_600_000

@@ -16,8 +16,8 @@ from rotator.status import metrics
 from rotator.status.document import snapshot, status_document
 from rotator.status.tally import Tally
 from rotator.status.timeline import Event
+from testbed.hooks import FakeClock
 from tests.conftest import fake_key
-from tests.hooks import FakeClock
 
 KEYS = [fake_key(f"dash{i}") for i in range(6)]
 MINUTE = 60_000

@@ -12,8 +12,9 @@ import pytest
 from rotator.admin import ops
 from rotator.core.keys import mask_key
 from rotator.store.redis_store import RedisStore
-from tests.harness import Proxy, counts_seen, poll
-from tests.redis_server import RedisServer
+from testbed.processes import Proxy
+from testbed.redis_server import RedisServer
+from tests.harness import counts_seen, poll
 from tests.test_e2e_failures import client, send
 
 FLUSH_DEADLINE_S = 10.0

@@ -28,9 +28,10 @@ from rotator.store import file as storage
 from rotator.store.file import FileStore
 from rotator.store.lock import DirLock, LockTimeout
 from rotator.sync.save_loop import PoolSync
+from testbed.fake_kimi import MESSAGES_PATH, FakeKimi
+from testbed.processes import Proxy
 from tests.conftest import FLUSH_INTERVAL_S, fake_key
-from tests.fake_kimi import MESSAGES_PATH, FakeKimi
-from tests.harness import Proxy, accounts_on_disk, counts_on_disk, counts_seen, poll, run_cli
+from tests.harness import accounts_on_disk, counts_on_disk, counts_seen, poll, run_cli
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"x-api-key": "sk-kimi-placeholder", "User-Agent": "claude-cli/2.0.14 (external, cli)"}

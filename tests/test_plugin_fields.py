@@ -28,7 +28,7 @@ from rotator.core.strategies import Shortage, Unavailable, choose_key
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from rotator.store import file as storage
-from tests.fake_kimi import MESSAGES_PATH
+from testbed.fake_kimi import MESSAGES_PATH
 from tests.harness import accounts_on_disk, poll, run_cli
 
 NOW = 1_800_000_000_000  # 2027-01-15T08:00:00Z

@@ -14,7 +14,7 @@ from rotator.store import PoolLost, StoreError, open_store
 from rotator.store.file import FileStore
 from rotator.store.redis_store import RESTORED_VERSION_STEP, RedisStore
 from rotator.store.urls import is_private_url, masked_url
-from tests.redis_server import RedisServer, free_port
+from testbed.redis_server import RedisServer, free_port
 
 KEY_A = "sk-kimi-" + "a" * 40
 KEY_B = "sk-kimi-" + "b" * 40

@@ -24,8 +24,8 @@ from rotator.pool.lease import Lease
 from rotator.pool.waitline import WaitLine
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
+from testbed.hooks import FakeClock, call_hook, kimi_flow, run_virtual
 from tests.conftest import fake_key
-from tests.hooks import FakeClock, call_hook, kimi_flow, run_virtual
 
 KEYS = [fake_key(f"retry{i}") for i in range(3)]
 OK = policy.classify(200, {}, b"{}", 0)

@@ -17,8 +17,8 @@ from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from rotator.store.redis_store import RedisStore
 from rotator.sync.save_loop import PoolSync
+from testbed.redis_server import RedisServer
 from tests.conftest import fake_key
-from tests.redis_server import RedisServer
 from tests.test_redis_acl import PASSWORD, acl_user
 
 KEYS = [fake_key(f"team{i}") for i in range(3)]

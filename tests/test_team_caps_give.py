@@ -19,7 +19,7 @@ from rotator.store import StoreError
 from rotator.store.urls import key_id
 from rotator.sync import team_caps
 from rotator.sync.team_caps import GIVE_DELAY_MS, HOLD_MS, TeamCaps
-from tests.hooks import FakeClock
+from testbed.hooks import FakeClock
 
 NOW = 1_800_000_000_000
 KEYS = [f"sk-kimi-FAKEcaps{i:024d}" for i in range(2)]

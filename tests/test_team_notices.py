@@ -22,8 +22,8 @@ from rotator.store.redis_store import RedisStore
 from rotator.store.urls import key_id, notices_channel
 from rotator.sync.save_loop import SOON_GAP_S, PoolSync
 from rotator.sync.team_notices import TeamNotices
-from tests.hooks import FakeClock
-from tests.redis_server import RedisServer
+from testbed.hooks import FakeClock
+from testbed.redis_server import RedisServer
 
 KEY = "sk-kimi-" + "n" * 40
 OTHER = "sk-kimi-" + "o" * 40

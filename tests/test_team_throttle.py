@@ -20,8 +20,8 @@ from rotator.store.redis_events import parse_notice
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import key_id
 from rotator.sync.team_notices import TeamNotices
-from tests.hooks import FakeClock
-from tests.redis_server import RedisServer
+from testbed.hooks import FakeClock
+from testbed.redis_server import RedisServer
 
 NOW = 1_800_000_000_000
 KEYS = [f"sk-kimi-FAKEteam{i:024d}" for i in range(4)]

@@ -22,7 +22,7 @@ from rotator.store import StoreError
 from rotator.store.urls import key_id
 from rotator.sync import team_caps
 from rotator.sync.team_caps import GIVE_DELAY_MS, HOLD_MS, TeamCaps
-from tests.hooks import FakeClock
+from testbed.hooks import FakeClock
 
 KEYS = ["sk-kimi-" + letter * 40 for letter in "abc"]
 MAX_IN_FLIGHT = 4

@@ -23,8 +23,9 @@ from rotator.cli import usage as usage_verb
 from rotator.core.models import Account, AccountsFile
 from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.store import file as storage
-from tests.fake_kimi import USAGES_PATH, FakeKimi
-from tests.harness import LOOPBACK_DNS, accounts_on_disk, run_cli, start_mitmdump
+from testbed.fake_kimi import USAGES_PATH, FakeKimi
+from testbed.processes import start_mitmdump
+from tests.harness import LOOPBACK_DNS, accounts_on_disk, run_cli
 
 K0 = "sk-kimi-FAKEusagekey00000000000000a0"
 K1 = "sk-kimi-FAKEusagekey00000000000000b1"

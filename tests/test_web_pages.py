@@ -10,7 +10,7 @@ upstream, nothing counted. Loopback origins (a local web UI) and requests with n
 1. The decision, a table of cases (rotator.core.access.check_page).
 2. The hook in-process: the reverse-mode Host kept from mitmproxy's rewrite, read and put back.
 3. Real mitmdump in reverse and regular mode, raw HTTP on the wire (HTTP/1.1 and HTTP/2),
-   in front of tests/fake_kimi.py: what the client gets, what Kimi saw, what was counted.
+   in front of testbed/fake_kimi.py: what the client gets, what Kimi saw, what was counted.
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ from mitmproxy.test import taddons, tflow
 
 from rotator.core import access
 from rotator.proxy.addon import KimiRotator
+from testbed.fake_kimi import CHAT_COMPLETIONS_PATH, MESSAGES_PATH, FakeKimi
+from testbed.hooks import call_hook
+from testbed.processes import start_mitmdump
 from tests.conftest import ADDON_SCRIPT
-from tests.fake_kimi import CHAT_COMPLETIONS_PATH, MESSAGES_PATH, FakeKimi
-from tests.harness import counts_on_disk, saved_flows, start_mitmdump
-from tests.hooks import call_hook
+from tests.harness import counts_on_disk, saved_flows
 
 PLACEHOLDER = "sk-kimi-placeholder"
 TOKEN = "client-token-5e1d7a"

@@ -15,7 +15,7 @@ In-process use (pytest)::
 
 Separate process (benchmarks)::
 
-    python -m tests.fake_kimi --port 0 [--event-delay 0.01] [--no-record]
+    python -m testbed.fake_kimi --port 0 [--event-delay 0.01] [--no-record]
     -> prints "listening on 127.0.0.1:PORT" (flushed), serves until SIGINT/SIGTERM.
 
 Endpoints
@@ -942,7 +942,7 @@ class FakeKimi:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.fake_kimi", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m testbed.fake_kimi", description=__doc__.split("\n")[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--event-delay", type=float, default=0.0,
