@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: processes, the load generator, numbers, output.
 
-Processes come from tests/harness.py (``start_mitmdump``, ``start_fake_kimi_process``);
+Processes come from testbed/processes.py (``start_mitmdump``, ``start_fake_kimi_process``);
 this module only adds what benchmarks need on top: the two proxy arms, wrk, CPU time
 of a process, and uniform output (the command, the machine, tables, verdicts).
 
@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests import harness  # noqa: E402
+from testbed import processes  # noqa: E402
 
 ADDON_SCRIPT = REPO_ROOT / "kimi_rotator_addon.py"
 MESSAGES_PATH = "/coding/v1/messages"
@@ -147,8 +147,8 @@ def bench_key(i: int) -> str:
 
 
 def make_accounts_file(path: Path, keys: int, strategy: str = "health-based") -> Path:
+    from rotator.core.models import Account, AccountsFile
     from rotator.store.file import write_accounts
-    from rotator.models import Account, AccountsFile
 
     state = AccountsFile(
         accounts=[Account(key=bench_key(i), name=f"bench-{i}") for i in range(keys)],
@@ -170,19 +170,19 @@ def read_counts(path: Path) -> tuple[int, int]:
 
 @contextmanager
 def fake_kimi(*args: str, module: str | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
-    """The fake Kimi server as its own process (harness.start_fake_kimi_process).
+    """The fake Kimi server as its own process (processes.start_fake_kimi_process).
 
     ``module`` runs another module with the same command line instead of
-    ``tests.fake_kimi`` (bench._stamped_fake); the harness reads the module name
+    ``testbed.fake_kimi`` (bench._stamped_fake); testbed.processes reads the module name
     from its ``FAKE_KIMI_MODULE`` global when called.
     """
-    saved = harness.FAKE_KIMI_MODULE
+    saved = processes.FAKE_KIMI_MODULE
     if module is not None:
-        harness.FAKE_KIMI_MODULE = module
+        processes.FAKE_KIMI_MODULE = module
     try:
-        proc, port = harness.start_fake_kimi_process(*args)
+        proc, port = processes.start_fake_kimi_process(*args)
     finally:
-        harness.FAKE_KIMI_MODULE = saved
+        processes.FAKE_KIMI_MODULE = saved
     try:
         yield proc, port
     finally:
@@ -197,10 +197,10 @@ def fake_kimi(*args: str, module: str | None = None) -> Iterator[tuple[subproces
 
 def start_proxy(work: Path, name: str, upstream_port: int, *, addon: bool,
                 accounts: Path | None = None, options: dict[str, object] | None = None,
-                scripts: Sequence[Path] = (), wrapper: Sequence[str] = ()) -> harness.Proxy:
+                scripts: Sequence[Path] = (), wrapper: Sequence[str] = ()) -> processes.Proxy:
     """mitmdump in reverse mode to the fake server, with or without the rotator addon.
 
-    Both arms get ``flow_detail=0`` (no per-flow console output) and the harness's
+    Both arms get ``flow_detail=0`` (no per-flow console output) and testbed.processes's
     tiny readiness script (a ``running`` hook only); the addon arm also gets the
     accounts file and ``kimi_hosts=127.0.0.1`` so that requests to the fake count as
     Kimi requests, and neither the status page nor quota polling unless `options` asks.
@@ -218,7 +218,7 @@ def start_proxy(work: Path, name: str, upstream_port: int, *, addon: bool,
                     kimi_usage_interval=0)
     opts.update(options or {})
     slow = {"timeout": 900.0, "ready_timeout": 600.0} if wrapper else {}
-    return harness.start_mitmdump(
+    return processes.start_mitmdump(
         addons=addons, mode=f"reverse:http://127.0.0.1:{upstream_port}",
         options=opts, confdir=work / f"mitm-{name}", wrapper=wrapper, **slow)
 

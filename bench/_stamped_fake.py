@@ -1,8 +1,8 @@
-"""tests.fake_kimi, plus a stamp on stdout for every SSE event it writes.
+"""testbed.fake_kimi, plus a stamp on stdout for every SSE event it writes.
 
     python -m bench._stamped_fake --port 0 [--event-delay 0.05] [--no-record]
 
-Same command line and behaviour as ``python -m tests.fake_kimi``; in addition, just
+Same command line and behaviour as ``python -m testbed.fake_kimi``; in addition, just
 before writing each SSE event of a streamed answer it notes ``time.monotonic_ns()``
 and, once the event is written, prints ``stamp REQUEST_NUMBER EVENT_INDEX NS``
 (REQUEST_NUMBER is what the answer's ``x-fake-kimi-request`` header says).
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from tests import fake_kimi
+from testbed import fake_kimi
 
 _send_sse = fake_kimi.FakeKimi._send_sse
 

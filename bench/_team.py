@@ -1,7 +1,7 @@
 """The two stores of bench/team_store.py as arms: their pools, proxies, loads and counts.
 
 An arm is a pool (the accounts file, or a real redis-server with the same keys put in
-through `rotator.ops`), its own fake Kimi process (so the requests it saw belong to that
+through `rotator.admin.ops`), its own fake Kimi process (so the requests it saw belong to that
 arm alone) and up to three mitmdump proxies on that pool. A load is one wrk per proxy,
 all started at once; their throughputs add. Everything listens on 127.0.0.1.
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import _common as C
-from rotator.text import clean_line
-from tests import harness
-from tests.redis_server import RedisServer
+from rotator.core.text import clean_line
+from testbed import processes
+from testbed.redis_server import RedisServer
 
 FILE, REDIS = "file", "redis"
 ARMS = (FILE, REDIS)
@@ -72,7 +72,7 @@ class Arm:
     """A store, its fake Kimi and its proxies, running until `arm` exits."""
 
     name: str
-    proxies: list[harness.Proxy]
+    proxies: list[processes.Proxy]
     fake_port: int
     redis: RedisServer | None = None
     accounts: Path | None = None  # the file arm's accounts file; the redis arm's must stay absent
@@ -116,8 +116,8 @@ def evalsha_calls(server: RedisServer | None) -> int:
 
 def fill_redis(url: str) -> None:
     """The file arm's keys and strategy, put in the team store the way the CLI does."""
-    from rotator import ops
-    from rotator.clock import now_ms
+    from rotator.admin import ops
+    from rotator.core.clock import now_ms
     from rotator.store.redis_store import RedisStore
 
     store = RedisStore(url)

@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _common as C  # noqa: E402
 from mitmproxy.http import Headers  # noqa: E402
-from rotator import policy  # noqa: E402
-from rotator.clock import now_ms  # noqa: E402
+from rotator.core import policy  # noqa: E402
+from rotator.core.clock import now_ms  # noqa: E402
+from rotator.core.models import Account, AccountsFile  # noqa: E402
+from rotator.pool.key_pool import KeyPool  # noqa: E402
+from rotator.pool.lease import Lease
 from rotator.proxy.headers import mask_sent_key, replace_client_key  # noqa: E402
-from rotator.models import Account, AccountsFile  # noqa: E402
-from rotator.pool import KeyPool, Lease  # noqa: E402
 
 STRATEGIES = ("round-robin", "health-based", "sticky")
 SCENARIOS = ("ready", "active cooling", "all but one cooling")
@@ -144,7 +145,7 @@ def full_hooks(keys: int, max_iters: int, max_s: float, warmup: int) -> dict[str
     from mitmproxy.test import taddons, tflow, tutils
 
     from rotator.proxy.addon import KimiRotator
-    from tests.hooks import call_hook
+    from testbed.hooks import call_hook
 
     async def run(path: Path) -> dict[str, list[int]]:
         addon = KimiRotator()

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _common as C  # noqa: E402
 from bench import _team as T  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from testbed.redis_server import RedisServer  # noqa: E402
 
 ARMS = ("bare", "hooks", "passthrough", "addon", "redis")
 CONNECTIONS = (1, 16)

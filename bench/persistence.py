@@ -103,9 +103,9 @@ def under_load(seconds: int, connections: int, keys: int) -> None:
 
 
 def flush_cost(repeats: int) -> None:
-    from rotator import policy
-    from rotator.clock import now_ms
-    from rotator.pool import KeyPool
+    from rotator.core import policy
+    from rotator.core.clock import now_ms
+    from rotator.pool.key_pool import KeyPool
     from rotator.store.file import FileStore
 
     print()

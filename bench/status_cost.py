@@ -6,8 +6,8 @@ holds (100 response times, a quota reading of two windows, this process's outcom
 retries; every 10th key cooling, every 50th disabled, a few requests in flight) and a
 full timeline (50 events), one render is timed with time.perf_counter_ns:
 
-  snapshot       rotator.dashboard.snapshot: every key's row, read on the event loop
-  status.json    dashboard.status_json of a snapshot: the body (written in a worker thread)
+  snapshot       rotator.status.document.snapshot: every key's row, read on the event loop
+  status.json    document.status_json of a snapshot: the body (written in a worker thread)
   metrics        metrics.render_snapshot of a snapshot: the Prometheus text (in a thread)
   answer ...     StatusPage.answer for a parsed request, awaited: the access check, the
                  snapshot, the body in a worker thread (asyncio.to_thread), the headers
@@ -32,15 +32,15 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _common as C  # noqa: E402
-from rotator import dashboard, metrics, status_http  # noqa: E402
-from rotator.clock import SYSTEM_CLOCK, now_ms  # noqa: E402
-from rotator.models import Account, AccountsFile  # noqa: E402
-from rotator.pool import KeyPool  # noqa: E402
+from rotator.core.clock import SYSTEM_CLOCK, now_ms  # noqa: E402
+from rotator.core.models import Account, AccountsFile  # noqa: E402
+from rotator.core.quota import QuotaReading, QuotaWindow  # noqa: E402
+from rotator.pool.key_pool import KeyPool  # noqa: E402
 from rotator.proxy.options import Settings  # noqa: E402
 from rotator.proxy.status_page import StatusPage  # noqa: E402
-from rotator.quota import QuotaReading, QuotaWindow  # noqa: E402
-from rotator.tally import Tally  # noqa: E402
-from rotator.timeline import Event, Timeline  # noqa: E402
+from rotator.status import document, http_server, metrics  # noqa: E402
+from rotator.status.tally import Tally  # noqa: E402
+from rotator.status.timeline import Event, Timeline  # noqa: E402
 
 SIZES = (3, 100, 1_000)
 VERDICTS = ("success", "rate_limited", "upstream_fault")
@@ -92,8 +92,8 @@ def time_renders(render: Callable[[], object], iterations: int, max_s: float, wa
     return times
 
 
-def request(path: str) -> status_http.Request:
-    made = status_http.parse_head(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:8766\r\n\r\n".encode(),
+def request(path: str) -> http_server.Request:
+    made = http_server.parse_head(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:8766\r\n\r\n".encode(),
                                   ("127.0.0.1", 50000))
     assert made is not None
     return made
@@ -119,12 +119,12 @@ def main() -> int:
             shot = page.snapshot()
             loop = asyncio.new_event_loop()
 
-            def answer(made: status_http.Request) -> status_http.Response:
+            def answer(made: http_server.Request) -> http_server.Response:
                 return loop.run_until_complete(page.answer(made))
 
             arms: dict[str, Callable[[], object]] = {
-                "snapshot": lambda: dashboard.snapshot(pool, tally, events, now_ms()),
-                "status.json": lambda: dashboard.status_json(shot),
+                "snapshot": lambda: document.snapshot(pool, tally, events, now_ms()),
+                "status.json": lambda: document.status_json(shot),
                 "metrics": lambda: metrics.render_snapshot(shot)[0],
                 "answer status.json": lambda: answer(json_request),
                 "answer metrics": lambda: answer(metrics_request),

@@ -1,6 +1,6 @@
 """Streaming: does an SSE event reach the client as soon as the server writes it?
 
-The fake Kimi server (bench._stamped_fake: tests.fake_kimi plus a CLOCK_MONOTONIC
+The fake Kimi server (bench._stamped_fake: testbed.fake_kimi plus a CLOCK_MONOTONIC
 stamp per SSE event written) streams 9 events, ``--event-delay`` apart. A raw-socket
 client reads the stream and notes when each event arrives. Per event, the *leg* is
 arrival minus the server's stamp: the time from the server writing the event to the
@@ -129,7 +129,7 @@ def stream_once(port: int, timeout: float) -> Stream:
 
 def attach_stamps(fake, stream: Stream) -> None:
     last = len(stream.events) - 1
-    collector = fake._collector  # set by harness.start_fake_kimi_process
+    collector = fake._collector  # set by processes.start_fake_kimi_process
     if collector.wait_for(re.compile(rf"^stamp {stream.number} {last} \d+$", re.M), 5.0) is None:
         raise RuntimeError(f"no stamps from the fake server for request {stream.number}")
     found = dict(re.findall(rf"^stamp {stream.number} (\d+) (\d+)$", collector.text(), re.M))

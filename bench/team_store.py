@@ -6,7 +6,7 @@ addon's defaults but kimi_max_in_flight=256 so no cap ever holds a request back)
 
 - file: the three proxies share one accounts file (the default store);
 - redis: the three proxies share one real redis-server (loopback, persistence off),
-  filled with the same keys through rotator.ops. Each request takes a team slot on its
+  filled with the same keys through rotator.admin.ops. Each request takes a team slot on its
   key before it is sent (one EVALSHA round trip, which also carries back the slots this
   proxy's earlier requests gave up): about one script per request, the cost this
   benchmark shows. Saves (counts) go to Redis once a second, as to the file.

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from rotator.models import Account, AccountsFile
+from rotator.core.models import Account, AccountsFile
 from rotator.store import file as storage
-from tests.fake_kimi import FakeKimi
-from tests.harness import LOOPBACK_DNS, REPO_ROOT, Proxy, start_mitmdump
-from tests.redis_server import RedisServer
+from testbed.fake_kimi import FakeKimi
+from testbed.processes import REPO_ROOT, Proxy, start_mitmdump
+from testbed.redis_server import RedisServer
+from tests.harness import LOOPBACK_DNS
 
 ADDON_SCRIPT = REPO_ROOT / "kimi_rotator_addon.py"
 FLUSH_INTERVAL_S = 0.2  # start_proxy's kimi_flush_interval: a proxy saves this often

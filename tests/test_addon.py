@@ -7,14 +7,14 @@ from mitmproxy import exceptions
 from mitmproxy.http import Headers
 from mitmproxy.test import taddons, tflow, tutils
 
-from rotator.models import Account, AccountsFile
+from rotator.core.models import Account, AccountsFile
 from rotator.proxy.addon import KimiRotator
 from rotator.proxy.headers import mask_sent_key, replace_client_key
 from rotator.proxy.options import parse_hosts
 from rotator.store import file as storage
+from testbed.hooks import call_hook
+from testbed.processes import REPO_ROOT
 from tests.conftest import fake_key
-from tests.hooks import call_hook
-from tests.harness import REPO_ROOT
 
 POOL_KEY = fake_key("pool0")
 
@@ -182,8 +182,8 @@ FREEZE_PROBE = """
 import asyncio, gc, sys
 from mitmproxy.test import taddons
 from rotator.proxy.addon import KimiRotator
-from tests.hooks import call_hook
-from tests.harness import REPO_ROOT
+from testbed.hooks import call_hook
+from testbed.processes import REPO_ROOT
 
 async def main():
     start = gc.get_freeze_count()

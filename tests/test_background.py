@@ -1,4 +1,4 @@
-"""rotator.background.Background: work started and not awaited ends, or is cancelled,
+"""rotator.core.background.Background: work started and not awaited ends, or is cancelled,
 when its part stops, and stopping always returns.
 
 Each stop runs on an event loop of its own in a thread, joined with a time limit: a
@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from rotator.background import Background
+from rotator.core.background import Background
 
 LIMIT_S = 10.0
 

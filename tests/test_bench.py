@@ -11,8 +11,10 @@ proxy_overhead.py and persistence.py drive the proxy with wrk. Without wrk those
 fail (they never skip: a benchmark that silently stopped running is what these tests
 are here to catch).
 
-A last test reads the scripts: they use only public names of the ``rotator`` package,
-so a refactor that keeps the package's public functions keeps the benchmarks working.
+The last tests read the scripts: they use only public names of the ``rotator`` package,
+so a refactor that keeps the package's public functions keeps the benchmarks working,
+and nothing of tests/ (what both run, they share through testbed/), so the tests can
+change their own support without breaking a benchmark.
 """
 
 from __future__ import annotations
@@ -324,3 +326,18 @@ def test_benchmarks_use_public_names_of_rotator_only() -> None:
                 if not (isinstance(node.value, ast.Name) and node.value.id == "self"):
                     problems.append(f"{where}: uses .{node.attr}, a private name of the rotator package")
     assert not problems, "the benchmarks must use the rotator package's public names only:\n" + "\n".join(problems)
+
+
+def test_benchmarks_import_nothing_from_the_tests() -> None:
+    problems = []
+    for path in sorted(BENCH.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            problems += [f"{path.relative_to(REPO_ROOT)}:{node.lineno}: imports {name}"
+                         for name in names if name.split(".")[0] == "tests"]
+    assert not problems, "the benchmarks must not import from tests/ (share through testbed/):\n" + "\n".join(problems)

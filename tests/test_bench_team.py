@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.redis_server import REDIS_SERVER
+from testbed.redis_server import REDIS_SERVER
 from tests.test_bench import NUMBER, VERDICT, findall, positive, require_wrk, run_bench, search
 
 pytestmark = pytest.mark.slow  # each test starts a process or a server

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from rotator import cli, status
-from rotator.keys import mask_key
+import rotator.cli.main as cli
+from rotator.core import key_view
+from rotator.core.keys import mask_key
 from tests.harness import run_cli
 
 NOW = 1_750_000_000_000
@@ -751,7 +752,7 @@ def test_prog_is_the_invoked_name(run, monkeypatch):
      (7_500_000, "2h 05m"), (90_000_000, "1d 1h")],
 )
 def test_format_duration(ms, text):
-    assert status.format_duration(ms) == text
+    assert key_view.format_duration(ms) == text
 
 
 @pytest.mark.slow

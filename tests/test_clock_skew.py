@@ -15,18 +15,21 @@ from pathlib import Path
 
 import pytest
 
-from rotator import cli, ops, policy
-from rotator.clock import AHEAD_SLACK_MS, SYSTEM_CLOCK, Timer, now_ms
-from rotator.models import Account, AccountsFile
-from rotator.pool import KeyPool, Lease
+import rotator.cli.main as cli
+from rotator.admin import ops
+from rotator.core import policy
+from rotator.core.clock import AHEAD_SLACK_MS, SYSTEM_CLOCK, Timer, now_ms
+from rotator.core.models import Account, AccountsFile
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.store import file as storage
 from rotator.store.file import FileStore, read_accounts
 from rotator.store.lock import STALE_S, Found, judge
 from rotator.store.redis_store import RedisStore
-from rotator.sync import PoolSync
+from rotator.sync.save_loop import PoolSync
+from testbed.hooks import FakeClock
 from tests.conftest import fake_key
 from tests.harness import accounts_on_disk, poll, run_cli
-from tests.hooks import FakeClock
 from tests.test_e2e_failures import FILE_DEADLINE_S, client, messages_by, send
 
 HOUR = 3_600_000

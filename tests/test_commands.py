@@ -14,13 +14,13 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from rotator import merge, policy
-from rotator.models import Account, AccountsFile
-from rotator.pool import Lease
+from rotator.core import merge, policy
+from rotator.core.models import Account, AccountsFile
+from rotator.pool.lease import Lease
 from rotator.proxy.addon import KimiRotator
 from rotator.store.file import read_accounts, write_accounts
+from testbed.hooks import FakeClock
 from tests.conftest import fake_key
-from tests.hooks import FakeClock
 
 KEYS = [fake_key(f"cmd{i}") for i in range(3)]
 INVALID = b'{"error":{"type":"invalid_authentication_error","message":"Invalid Authentication"}}'

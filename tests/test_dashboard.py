@@ -1,4 +1,4 @@
-"""The status page's document (rotator.dashboard) and its metrics (rotator.metrics), in
+"""The status page's document (rotator.status.document) and its metrics (rotator.status.metrics), in
 process: a real KeyPool on a fake clock, a Tally, timeline events; no proxy, no network."""
 
 from __future__ import annotations
@@ -8,14 +8,16 @@ import math
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from rotator import dashboard, metrics
-from rotator.models import Account, AccountsFile
-from rotator.pool import KeyPool, Lease
-from rotator.quota import QuotaReading, QuotaWindow
-from rotator.tally import Tally
-from rotator.timeline import Event
+from rotator.core.models import Account, AccountsFile
+from rotator.core.quota import QuotaReading, QuotaWindow
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
+from rotator.status import metrics
+from rotator.status.document import snapshot, status_document
+from rotator.status.tally import Tally
+from rotator.status.timeline import Event
+from testbed.hooks import FakeClock
 from tests.conftest import fake_key
-from tests.hooks import FakeClock
 
 KEYS = [fake_key(f"dash{i}") for i in range(6)]
 MINUTE = 60_000
@@ -27,8 +29,8 @@ def pool_of(clock: FakeClock, *accounts: Account, strategy: str = "round-robin",
 
 
 def document(pool: KeyPool, clock: FakeClock, tally: Tally | None = None, events=()) -> dict:
-    shot = dashboard.snapshot(pool, tally or Tally(), list(events), clock.now_ms())
-    doc = dashboard.status_document(shot)
+    shot = snapshot(pool, tally or Tally(), list(events), clock.now_ms())
+    doc = status_document(shot)
     json.dumps(doc, allow_nan=False)  # what the page serves: plain JSON
     return doc
 
@@ -189,7 +191,7 @@ def test_seconds_until_usable() -> None:
     now = clock.now_ms()
     pool = pool_of(clock, Account(key=KEYS[0], rate_limit_reset_time=now + 1_500), Account(key=KEYS[1]),
                    Account(key=KEYS[2], disabled_reason="banned"))
-    rows = dashboard.snapshot(pool, Tally(), [], now).keys
+    rows = snapshot(pool, Tally(), [], now).keys
     assert [row.seconds_until_usable(now) for row in rows] == [1.5, 0.0, math.inf]
 
 
@@ -206,7 +208,7 @@ def test_metrics_from_the_same_snapshot() -> None:
     tally.attempt_ended(KEYS[0], "success")
     tally.retried(KEYS[1])
     tally.answered_itself("every key is cooling down")
-    shot = dashboard.snapshot(pool, tally, [], now)
+    shot = snapshot(pool, tally, [], now)
     body, content_type = metrics.render(metrics.registry(lambda: shot))
     assert content_type.startswith("text/plain")
     text = body.decode()

@@ -29,14 +29,15 @@ import httpx
 import pytest
 from mitmproxy.test import taddons
 
-from rotator import policy
-from rotator.models import Account, AccountsFile
+from rotator.core import policy
+from rotator.core.models import Account, AccountsFile
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
 from rotator.store.lock import DirLock
+from testbed.fake_kimi import MESSAGES_PATH, FakeKimi
+from testbed.processes import Proxy
 from tests.conftest import FLUSH_INTERVAL_S, fake_key
-from tests.fake_kimi import MESSAGES_PATH, FakeKimi
-from tests.harness import Proxy, counts_on_disk, counts_seen, poll, run_cli
+from tests.harness import counts_on_disk, counts_seen, poll, run_cli
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"x-api-key": "sk-kimi-placeholder", "User-Agent": "claude-cli/2.0.14 (external, cli)"}

@@ -25,25 +25,17 @@ from typing import Any
 import httpx
 import pytest
 
-from rotator.keys import mask_key, mask_key_ascii
+from rotator.core.keys import mask_key, mask_key_ascii
 from tests.conftest import ADDON_SCRIPT, fake_key
-from tests.fake_kimi import (
+from testbed.fake_kimi import (
     MESSAGES_PATH,
     USAGES_PATH,
     FakeKimi,
     SeenRequest,
     kimi_error,
 )
-from tests.harness import (
-    LOOPBACK_DNS,
-    Proxy,
-    counts_on_disk,
-    poll,
-    run_cli,
-    saved_flows,
-    sse_events,
-    start_mitmdump,
-)
+from testbed.processes import Proxy, start_mitmdump
+from tests.harness import LOOPBACK_DNS, counts_on_disk, poll, run_cli, saved_flows, sse_events
 from tests.harness import accounts_on_disk as accounts
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from rotator.keys import mask_key
-from tests.fake_kimi import MESSAGES_PATH, USAGES_PATH
+from rotator.core.keys import mask_key
+from testbed.fake_kimi import MESSAGES_PATH, USAGES_PATH
 from tests.harness import accounts_on_disk, poll, saved_flows
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}

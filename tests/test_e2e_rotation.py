@@ -18,9 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rotator.keys import mask_key, mask_key_ascii
-from tests.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
-from tests.harness import Proxy, accounts_on_disk, counts_on_disk, counts_seen, poll, saved_flows, sse_events
+from rotator.core.keys import mask_key, mask_key_ascii
+from testbed.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
+from testbed.processes import Proxy
+from tests.harness import accounts_on_disk, counts_on_disk, counts_seen, poll, saved_flows, sse_events
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 PLACEHOLDER = "sk-kimi-placeholder"

@@ -9,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rotator import ops
+from rotator.admin import ops
+from rotator.core.keys import mask_key
 from rotator.store.redis_store import RedisStore
-from rotator.keys import mask_key
-from tests.harness import Proxy, counts_seen, poll
-from tests.redis_server import RedisServer
+from testbed.processes import Proxy
+from testbed.redis_server import RedisServer
+from tests.harness import counts_seen, poll
 from tests.test_e2e_failures import client, send
 
 FLUSH_DEADLINE_S = 10.0
@@ -40,7 +41,7 @@ def test_three_proxies_count_exactly_and_see_cli_changes(redis_server, fake_kimi
 
     # A person's change through the CLI (a third key) reaches every proxy: round robin
     # puts it on one of each proxy's next requests.
-    from rotator import cli
+    import rotator.cli.main as cli
     assert cli.main(["--store", redis_server.url, "add-key", keys[2], "K2"]) == 0
     with client() as c:
         for proxy in proxies:

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from rotator import ops
+from rotator.admin import ops
 from rotator.store.redis_store import RedisStore
 from tests.harness import counts_seen, poll
 from tests.test_e2e_failures import client, send

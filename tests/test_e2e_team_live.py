@@ -12,11 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from rotator import cli, ops
+import rotator.cli.main as cli
+from rotator.admin import ops
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import slots_key
+from testbed.processes import Proxy
 from tests.conftest import fake_key
-from tests.harness import Proxy, counts_seen, poll
+from tests.harness import counts_seen, poll
 from tests.test_e2e_failures import client, send
 
 SEEN_WITHIN_S = 1.0

@@ -11,14 +11,15 @@ import time
 import httpx
 import pytest
 
-from tests.fake_kimi import (
+from testbed.fake_kimi import (
     KIMI_ERRORS,
     MESSAGES_PATH,
     FakeKimi,
     kimi_error,
     mid_stream_error_events,
 )
-from tests.harness import LOOPBACK_DNS, poll, sse_events, start_fake_kimi_process, start_mitmdump
+from testbed.processes import start_fake_kimi_process, start_mitmdump
+from tests.harness import LOOPBACK_DNS, poll, sse_events
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16,
        "messages": [{"role": "user", "content": "hi"}]}

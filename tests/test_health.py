@@ -1,10 +1,10 @@
-from rotator.health import (
+from rotator.core.health import (
     RECOVERY_PERIOD_MS,
     apply_health_delta,
     clamp_health,
     effective_health,
 )
-from rotator.models import Account
+from rotator.core.models import Account
 
 NOW = 1_800_000_000_000
 

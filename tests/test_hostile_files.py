@@ -21,15 +21,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rotator.models import Account, AccountsFile
-from rotator.pool import KeyPool, Lease
+from rotator.core.models import Account, AccountsFile
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.store import file as storage
 from rotator.store.file import FileStore
 from rotator.store.lock import DirLock, LockTimeout
-from rotator.sync import PoolSync
+from rotator.sync.save_loop import PoolSync
+from testbed.fake_kimi import MESSAGES_PATH, FakeKimi
+from testbed.processes import Proxy
 from tests.conftest import FLUSH_INTERVAL_S, fake_key
-from tests.fake_kimi import MESSAGES_PATH, FakeKimi
-from tests.harness import Proxy, accounts_on_disk, counts_on_disk, counts_seen, poll, run_cli
+from tests.harness import accounts_on_disk, counts_on_disk, counts_seen, poll, run_cli
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"x-api-key": "sk-kimi-placeholder", "User-Agent": "claude-cli/2.0.14 (external, cli)"}
@@ -254,7 +256,7 @@ def test_a_duplicate_key_is_one_key_counted_once_and_said_once(fake_kimi, keys, 
 def test_list_keys_can_say_which_entries_are_duplicates(keys, tmp_path):
     path = tmp_path / "kimi-accounts.json"
     path.write_bytes(raw_file([{"key": keys[0]}, {"key": keys[1]}, {"key": keys[0]}, {"key": keys[0]}]))
-    from rotator import oddities
+    from rotator.core import oddities
 
     state = storage.read_accounts(path)
     notes = oddities.notes(state)
@@ -314,7 +316,7 @@ def test_active_index_out_of_range_is_key_0_and_is_said(keys, accounts_path):
     text = run_cli(accounts_path, "list-keys").stdout
     assert "● [0]" in text, text
     assert accounts_path.read_bytes() == before  # only read: the user's value stays
-    from rotator import oddities
+    from rotator.core import oddities
 
     state = storage.read_accounts(accounts_path)
     assert any("activeIndex 7" in note and "[0]" in note for note in oddities.notes(state))

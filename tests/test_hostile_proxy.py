@@ -8,7 +8,7 @@
   no quota and is not counted.
 - 10: `--set kimi_hosts=a,b` means two hosts.
 
-Real proxies in reverse mode in front of tests/fake_kimi.py, all on 127.0.0.1; the
+Real proxies in reverse mode in front of testbed/fake_kimi.py, all on 127.0.0.1; the
 in-process tests use mitmproxy's test helpers.
 """
 
@@ -27,17 +27,18 @@ from mitmproxy import http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
-from rotator.keys import mask_key, mask_key_ascii
-from rotator.models import Account, AccountsFile
-from rotator.policy import BODY_SCAN_LIMIT
+from rotator.core.keys import mask_key, mask_key_ascii
+from rotator.core.models import Account, AccountsFile
+from rotator.core.policy import BODY_SCAN_LIMIT
 from rotator.proxy.addon import KimiRotator
 from rotator.proxy.options import parse_hosts
 from rotator.store import file as storage
+from testbed.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
+from testbed.hooks import call_hook
+from testbed.processes import Proxy
 from tests.conftest import fake_key
-from tests.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
-from tests.harness import Proxy, counts_on_disk, poll, saved_flows
+from tests.harness import counts_on_disk, poll, saved_flows
 from tests.harness import accounts_on_disk as accounts
-from tests.hooks import call_hook
 
 PLACEHOLDER = "sk-kimi-placeholder"
 CLIENT_HEADERS = {"x-api-key": PLACEHOLDER, "anthropic-version": "2023-06-01"}

@@ -24,14 +24,14 @@ from mitmproxy import http
 from mitmproxy import io as mitm_io
 from mitmproxy.test import taddons
 
-from rotator import cli
-from rotator.keys import mask_key
-from rotator.models import Account, AccountsFile
+import rotator.cli.main as cli
+from rotator.core.keys import mask_key
+from rotator.core.models import Account, AccountsFile
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
+from testbed.hooks import FakeClock, call_hook, kimi_flow, run_virtual
 from tests.conftest import fake_key
 from tests.harness import run_cli
-from tests.hooks import FakeClock, call_hook, kimi_flow, run_virtual
 
 NOW = 1_750_000_000_000
 KEY1 = fake_key("hostile1")

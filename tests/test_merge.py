@@ -1,8 +1,9 @@
 """The one merge rule: a proxy's change record applied to the state in the store."""
 
-from rotator import merge, ops
-from rotator.clock import AHEAD_SLACK_MS
-from rotator.models import Account, AccountsFile
+from rotator.admin import ops
+from rotator.core import merge
+from rotator.core.clock import AHEAD_SLACK_MS
+from rotator.core.models import Account, AccountsFile
 
 NOW = 1_800_000_000_000
 KEYS = [f"sk-kimi-FAKEmerge{i:015d}" for i in range(3)]

@@ -16,17 +16,17 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from rotator import policy
-from rotator.keys import mask_key
-from rotator.models import Account, AccountsFile
-from rotator.policy import Verdict
+from rotator.core import policy
+from rotator.core.keys import mask_key
+from rotator.core.models import Account, AccountsFile
+from rotator.core.policy import Verdict
 from rotator.proxy import answers
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
+from testbed.fake_kimi import CHAT_COMPLETIONS_PATH, KIMI_ERRORS, MESSAGES_PATH, FakeKimi, kimi_error
+from testbed.hooks import FakeClock, call_hook
+from testbed.processes import Proxy
 from tests.conftest import fake_key
-from tests.fake_kimi import CHAT_COMPLETIONS_PATH, KIMI_ERRORS, MESSAGES_PATH, FakeKimi, kimi_error
-from tests.harness import Proxy
-from tests.hooks import FakeClock, call_hook
 
 KEYS = [fake_key(f"openai{i}") for i in range(2)]
 CHAT = {"model": "kimi-for-coding", "messages": [{"role": "user", "content": "hi"}]}

@@ -20,14 +20,15 @@ from typing import Any
 import httpx
 import pytest
 
-from rotator import merge, policy, stats
-from rotator.health import effective_health
-from rotator.models import Account, AccountsFile
-from rotator.pool import KeyPool, Lease
-from rotator.status import view_pool
+from rotator.core import merge, policy, stats
+from rotator.core.health import effective_health
+from rotator.core.key_view import view_pool
+from rotator.core.models import Account, AccountsFile
+from rotator.core.strategies import Shortage, Unavailable, choose_key
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.store import file as storage
-from rotator.strategies import Shortage, Unavailable, choose_key
-from tests.fake_kimi import MESSAGES_PATH
+from testbed.fake_kimi import MESSAGES_PATH
 from tests.harness import accounts_on_disk, poll, run_cli
 
 NOW = 1_800_000_000_000  # 2027-01-15T08:00:00Z

@@ -22,14 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from rotator.models import Account, AccountsFile
-from rotator.pool import KeyPool, Lease
+from rotator.core.models import Account, AccountsFile
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.store import file as storage
 from rotator.store.file import FileStore
 from rotator.store.lock import STALE_S, Found, judge
-from rotator.sync import PoolSync
+from rotator.sync.save_loop import PoolSync
+from testbed.processes import REPO_ROOT
 from tests.conftest import fake_key
-from tests.harness import REPO_ROOT, accounts_on_disk, run_cli
+from tests.harness import accounts_on_disk, run_cli
 
 # Takes the lock as the plugin's storage.ts does (stale 5000 ms, 3 retries) unless the
 # options say otherwise; reads the file once locked, waits HOLD_MS, adds KEY (if given),

@@ -4,8 +4,8 @@ from collections.abc import Callable
 import pytest
 from mitmproxy.http import Headers
 
-from rotator import policy
-from rotator.policy import (
+from rotator.core import policy
+from rotator.core.policy import (
     ACCESS_DENIED_COOLDOWN_MS,
     BILLING_CYCLE_COOLDOWN_MS,
     BODY_SCAN_LIMIT,

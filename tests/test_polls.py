@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from mitmproxy import exceptions, http
 
-from rotator.keys import mask_key, mask_key_ascii
+from rotator.core.keys import mask_key, mask_key_ascii
 from rotator.proxy.polls import poll_target
-from tests.hooks import kimi_flow
+from testbed.hooks import kimi_flow
 from tests.test_retry import KEYS, USAGES, clock, kimi_error, proxy, success  # noqa: F401 (fixtures)
 
 HOUR = 3_600_000

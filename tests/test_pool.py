@@ -1,9 +1,9 @@
 """The live pool: choosing, accounting, and merging our changes with the file's."""
 
-from rotator import merge, policy
-from rotator.models import Account, AccountsFile
-from rotator.pool import KeyPool
-from rotator.strategies import Shortage, Unavailable
+from rotator.core import merge, policy
+from rotator.core.models import Account, AccountsFile
+from rotator.core.strategies import Shortage, Unavailable
+from rotator.pool.key_pool import KeyPool
 
 NOW = 1_800_000_000_000
 KEYS = [f"sk-kimi-FAKEpool{i:016d}" for i in range(4)]

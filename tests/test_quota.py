@@ -8,11 +8,12 @@ import json
 
 import pytest
 
-from rotator import merge
-from rotator.models import Account, AccountsFile
-from rotator.policy import Window
-from rotator.pool import KeyPool, Lease
-from rotator.quota import (
+from rotator.core import merge
+from rotator.core.models import Account, AccountsFile
+from rotator.core.policy import Window
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
+from rotator.core.quota import (
     FIVE_HOUR_MINUTES,
     WEEK_MINUTES,
     QuotaReading,
@@ -23,10 +24,10 @@ from rotator.quota import (
     window_name,
     window_reset,
 )
-from rotator.status import KeyState, view_pool
-from rotator.strategies import Shortage, Unavailable
+from rotator.core.key_view import KeyState, view_pool
+from rotator.core.strategies import Shortage, Unavailable
+from testbed.hooks import FakeClock
 from tests.conftest import fake_key
-from tests.hooks import FakeClock
 
 NOW = 1_800_000_000_000  # 2027-01-15T08:00:00Z
 HOUR = 3_600_000
@@ -237,5 +238,5 @@ def test_a_reading_round_trips_through_the_file_format_under_camel_case_names():
 
 
 def _ok():
-    from rotator import policy
+    from rotator.core import policy
     return policy.classify(200, {}, b"{}", NOW)

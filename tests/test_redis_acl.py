@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from rotator import merge, ops
+from rotator.admin import ops
+from rotator.core import merge
 from rotator.store import Notice, NoticeKind, StoreError
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import key_id
-from tests.redis_server import RedisServer
+from testbed.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow  # each test starts a process or a server
 

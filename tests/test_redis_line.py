@@ -14,7 +14,7 @@ import redis
 
 from rotator.store.redis_line import RedisLine, Script
 from rotator.store.redis_store import RedisStore
-from tests.redis_server import RedisServer
+from testbed.redis_server import RedisServer
 
 ECHO = Script("return {KEYS[1], ARGV[1]}")
 # Keeps the server from answering anyone for ARGV[1] iterations.

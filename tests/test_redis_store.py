@@ -8,12 +8,13 @@ import time
 
 import pytest
 
-from rotator import merge, ops
+from rotator.admin import ops
+from rotator.core import merge
 from rotator.store import PoolLost, StoreError, open_store
 from rotator.store.file import FileStore
 from rotator.store.redis_store import RESTORED_VERSION_STEP, RedisStore
 from rotator.store.urls import is_private_url, masked_url
-from tests.redis_server import RedisServer, free_port
+from testbed.redis_server import RedisServer, free_port
 
 KEY_A = "sk-kimi-" + "a" * 40
 KEY_B = "sk-kimi-" + "b" * 40
@@ -144,7 +145,7 @@ def test_open_store_and_urls(tmp_path):
 
 
 def test_cli_verbs_and_import_export_through_redis(redis_server, tmp_path, monkeypatch, capsys):
-    from rotator import cli
+    import rotator.cli.main as cli
 
     plain = tmp_path / "accounts.json"
     assert cli.main(["--accounts", str(plain), "add-key", KEY_A, "A"]) == 0
@@ -166,9 +167,9 @@ def test_cli_verbs_and_import_export_through_redis(redis_server, tmp_path, monke
 def test_the_proxys_log_names_the_team_store_not_a_file(caplog):
     import logging
 
-    from rotator.models import AccountsFile
-    from rotator.pool import KeyPool
-    from rotator.sync import PoolSync
+    from rotator.core.models import AccountsFile
+    from rotator.pool.key_pool import KeyPool
+    from rotator.sync.save_loop import PoolSync
 
     store = RedisStore(f"redis://:sekrit99@127.0.0.1:{free_port()}/0", "kimi-rotator:")
     caplog.set_level(logging.INFO)
@@ -186,7 +187,7 @@ def test_without_the_redis_client_the_proxy_and_cli_still_work_and_a_team_store_
     script = f"""
 import sys
 sys.modules["redis"] = None  # as if the team extra were not installed
-import rotator.proxy.addon, rotator.cli
+import rotator.proxy.addon, rotator.cli.main
 from rotator.store import open_store, StoreError
 print(type(open_store("", {str(tmp_path / "a.json")!r})).__name__)
 try:

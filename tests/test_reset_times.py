@@ -1,7 +1,7 @@
 import pytest
 from mitmproxy.http import Headers
 
-from rotator.reset_times import (
+from rotator.core.reset_times import (
     MAX_AHEAD_MS,
     later_deadline,
     reset_deadline_from_headers,

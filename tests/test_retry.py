@@ -15,16 +15,17 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons
 
-from rotator import policy
-from rotator.keys import mask_key, mask_key_ascii
-from rotator.models import Account, AccountsFile
-from rotator.pool import KeyPool, Lease
+from rotator.core import policy
+from rotator.core.keys import mask_key, mask_key_ascii
+from rotator.core.models import Account, AccountsFile
+from rotator.core.strategies import Shortage, Unavailable
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
+from rotator.pool.waitline import WaitLine
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
-from rotator.strategies import Shortage, Unavailable
-from rotator.waitline import WaitLine
+from testbed.hooks import FakeClock, call_hook, kimi_flow, run_virtual
 from tests.conftest import fake_key
-from tests.hooks import FakeClock, call_hook, kimi_flow, run_virtual
 
 KEYS = [fake_key(f"retry{i}") for i in range(3)]
 OK = policy.classify(200, {}, b"{}", 0)

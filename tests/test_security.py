@@ -30,11 +30,11 @@ from mitmproxy import exceptions
 from mitmproxy.addons import proxyauth
 from mitmproxy.test import taddons, tflow, tutils
 
-from rotator.keys import mask_key, mask_key_ascii
+from rotator.core.keys import mask_key, mask_key_ascii
 from rotator.proxy.addon import KimiRotator
-from tests.fake_kimi import FakeKimi
+from testbed.fake_kimi import FakeKimi
+from testbed.hooks import call_hook
 from tests.harness import counts_on_disk, poll, run_cli, sse_events
-from tests.hooks import call_hook
 
 PLACEHOLDER = "sk-kimi-placeholder-from-the-client"
 TOKEN = "client-token-7f3a9c"

@@ -14,7 +14,7 @@ import redis as sync_redis
 from rotator.store.redis_slots import REFRESH
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import DEFAULT_PREFIX, NOTICE_FREED, key_id, notices_channel, slots_key
-from tests.redis_server import RedisServer
+from testbed.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow  # each test starts a process or a server
 

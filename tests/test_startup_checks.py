@@ -14,8 +14,9 @@ from mitmproxy import exceptions
 
 from rotator.proxy.startup_checks import OptionErrorsInOneLine, deferred_problems, reverse_targets_not_kimi
 from rotator.store.urls import masked_url
+from testbed.processes import child_env, mitmdump_path
 from tests.conftest import ADDON_SCRIPT
-from tests.harness import _child_env, mitmdump_path, run_cli
+from tests.harness import run_cli
 
 
 class Unparsed:  # what mitmproxy keeps for an option given before its addon loaded
@@ -85,7 +86,7 @@ def start_and_stop(tmp_path: Path, *sets: str) -> subprocess.CompletedProcess[st
     for spec in sets:
         args += ["--set", spec]
     # -q: only errors; mitmdump exits after start-up when one was logged.
-    return subprocess.run(args, capture_output=True, text=True, timeout=30, env=_child_env(None))
+    return subprocess.run(args, capture_output=True, text=True, timeout=30, env=child_env(None))
 
 
 @pytest.mark.slow

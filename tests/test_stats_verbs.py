@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from rotator import cli
+import rotator.cli.main as cli
 from tests.harness import run_cli
 from tests.test_plugin_fields import DAY, HOUR, KEYS, NOW, TODAY, on_disk, plugin_account, plugin_file
 

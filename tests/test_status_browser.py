@@ -23,13 +23,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rotator.clock import now_ms
-from rotator.models import Account, AccountsFile
-from rotator.quota import QuotaReading, QuotaWindow
+from rotator.core.clock import now_ms
+from rotator.core.models import Account, AccountsFile
+from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.store import file as storage
+from testbed.fake_kimi import FakeKimi
+from testbed.processes import REPO_ROOT, Proxy
 from tests.conftest import fake_key
-from tests.fake_kimi import FakeKimi
-from tests.harness import REPO_ROOT, Proxy, poll
+from tests.harness import poll
 
 KEYS = [fake_key(f"browser{i}") for i in range(5)]
 SCREENSHOT = REPO_ROOT / "docs" / "status-page.png"

@@ -24,13 +24,13 @@ from mitmproxy import exceptions, hooks
 from mitmproxy.test import taddons
 from prometheus_client.parser import text_string_to_metric_families
 
-from rotator import status_http
-from rotator.clock import now_ms
-from rotator.models import Account, AccountsFile
+from rotator.core.clock import now_ms
+from rotator.core.models import Account, AccountsFile
+from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.proxy.addon import KimiRotator
 from rotator.proxy.status_page import StatusPage, parse_address
-from rotator.quota import QuotaReading, QuotaWindow
-from rotator.status_http import Request
+from rotator.status import http_server
+from rotator.status.http_server import Request
 from rotator.store import file as storage
 from tests.conftest import fake_key
 
@@ -167,12 +167,12 @@ def request(path: str = "/status.json", peer: str = "192.0.2.9", host: str = "ki
             headers: dict[str, str] | None = None, query: str = "") -> Request:
     head = (f"GET {path}{query} HTTP/1.1\r\nHost: {host}\r\n"
             + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()) + "\r\n").encode()
-    made = status_http.parse_head(head, (peer, 50000))
+    made = http_server.parse_head(head, (peer, 50000))
     assert made is not None
     return made
 
 
-async def answered(page: StatusPage, made: Request) -> status_http.Response:
+async def answered(page: StatusPage, made: Request) -> http_server.Response:
     """The page's answer, awaited if it is written in a worker thread."""
     response = page.answer(made)
     return await response if inspect.isawaitable(response) else response
@@ -304,10 +304,10 @@ async def raw(url: str, data: bytes, wait_s: float = 3.0) -> bytes:
 
 @pytest.mark.slow
 async def test_hostile_clients_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(status_http, "HEAD_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(http_server, "HEAD_TIMEOUT_S", 0.3)
     async with running(tmp_path) as (_, page, _):
         # A head that never ends is cut at the size limit.
-        answer = await raw(page.url, b"GET /status.json HTTP/1.1\r\nX-Pad: " + b"a" * (status_http.MAX_HEAD + 10))
+        answer = await raw(page.url, b"GET /status.json HTTP/1.1\r\nX-Pad: " + b"a" * (http_server.MAX_HEAD + 10))
         assert answer.startswith(b"HTTP/1.1 431 ")
         # A client that sends nothing, or half a head, is dropped after the timeout.
         loop = asyncio.get_running_loop()
@@ -322,7 +322,7 @@ async def test_hostile_clients_are_bounded(tmp_path: Path, monkeypatch: pytest.M
         # Many idle connections at once: beyond the cap they are closed at once, and the page
         # still answers once they are gone.
         idle = [await asyncio.open_connection("127.0.0.1", int(page.url.rsplit(":", 1)[1].rstrip("/")))
-                for _ in range(status_http.MAX_CONNECTIONS + 5)]
+                for _ in range(http_server.MAX_CONNECTIONS + 5)]
         extra_reader = idle[-1][0]
         assert await asyncio.wait_for(extra_reader.read(), 2) == b""
         for _, writer in idle:

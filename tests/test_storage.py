@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from rotator.models import Account, AccountsFile
+from rotator.core.models import Account, AccountsFile
 from rotator.store import file as storage
 
 PLUGIN_FILE = {

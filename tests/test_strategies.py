@@ -1,7 +1,7 @@
 import pytest
 
-from rotator.models import Account
-from rotator.strategies import Shortage, Unavailable, choose_key, next_index
+from rotator.core.models import Account
+from rotator.core.strategies import Shortage, Unavailable, choose_key, next_index
 
 NOW = 1_800_000_000_000
 
@@ -106,7 +106,7 @@ def test_busy_and_cooling_keys_are_not_all_cooling(strategy):
 
 
 def test_every_key_busy_says_busy_not_cooling():
-    from rotator.models import AccountsFile
+    from rotator.core.models import AccountsFile
     from rotator.proxy import answers
 
     accounts = pool(100, 100)

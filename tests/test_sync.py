@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from rotator import ops, policy
-from rotator.clock import now_ms
-from rotator.models import Account, AccountsFile
-from rotator.pool import KeyPool, Lease
+from rotator.admin import ops
+from rotator.core import policy
+from rotator.core.clock import now_ms
+from rotator.core.models import Account, AccountsFile
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.store.file import FileStore, read_accounts, write_accounts
-from rotator.sync import PoolSync
+from rotator.sync.save_loop import PoolSync
 from tests.conftest import fake_key
 
 KEYS = [fake_key(f"sync{i}") for i in range(3)]

@@ -8,15 +8,17 @@ import logging
 
 import pytest
 
-from rotator import ops, policy
-from rotator.clock import now_ms
-from rotator.models import AccountsFile
-from rotator.pool import KeyPool, Lease
+from rotator.admin import ops
+from rotator.core import policy
+from rotator.core.clock import now_ms
+from rotator.core.log import ALERT
+from rotator.core.models import AccountsFile
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.store.redis_store import RedisStore
-from rotator.sync import PoolSync
-from rotator.timeline import ALERT
+from rotator.sync.save_loop import PoolSync
+from testbed.redis_server import RedisServer
 from tests.conftest import fake_key
-from tests.redis_server import RedisServer
 from tests.test_redis_acl import PASSWORD, acl_user
 
 KEYS = [fake_key(f"team{i}") for i in range(3)]

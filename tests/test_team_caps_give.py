@@ -1,4 +1,4 @@
-"""Team-wide in-flight caps in process (`rotator.teamcaps.TeamCaps`): a fake set of team
+"""Team-wide in-flight caps in process (`rotator.sync.team_caps.TeamCaps`): a fake set of team
 slots and a fake clock, a real pool. What each request takes and gives back, when the
 slots given back are sent (with the next take, after GIVE_DELAY_MS, at once when this
 proxy filled the cap), a key the team holds at its cap skipped and back, and the store
@@ -11,14 +11,15 @@ import logging
 
 import pytest
 
-from rotator import policy, teamcaps
-from rotator.models import Account, AccountsFile
-from rotator.pool import KeyPool
+from rotator.core import policy
+from rotator.core.models import Account, AccountsFile
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.waitline import ABANDONED, WaitLine
 from rotator.store import StoreError
 from rotator.store.urls import key_id
-from rotator.teamcaps import GIVE_DELAY_MS, HOLD_MS, TeamCaps
-from rotator.waitline import ABANDONED, WaitLine
-from tests.hooks import FakeClock
+from rotator.sync import team_caps
+from rotator.sync.team_caps import GIVE_DELAY_MS, HOLD_MS, TeamCaps
+from testbed.hooks import FakeClock
 
 NOW = 1_800_000_000_000
 KEYS = [f"sk-kimi-FAKEcaps{i:024d}" for i in range(2)]
@@ -154,7 +155,7 @@ def test_a_key_the_team_holds_at_its_cap_is_skipped_until_freed_or_held_long_eno
 
 
 def test_the_store_away_costs_no_request_and_caps_come_back(monkeypatch, caplog):
-    monkeypatch.setattr(teamcaps, "RETRY_FIRST_S", 0.001)
+    monkeypatch.setattr(team_caps, "RETRY_FIRST_S", 0.001)
 
     async def run() -> None:
         pool, slots, clock, caps = _setup()

@@ -12,17 +12,18 @@ import time
 import pytest
 import redis
 
-from rotator import merge, ops, throttle
-from rotator.models import Account, AccountsFile
-from rotator.pool import KeyPool
+from rotator.admin import ops
+from rotator.core import merge, throttle
+from rotator.core.models import Account, AccountsFile
+from rotator.pool.key_pool import KeyPool
 from rotator.store import Notice, NoticeKind
 from rotator.store.redis_events import parse_notice
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import key_id, notices_channel
-from rotator.sync import SOON_GAP_S, PoolSync
-from rotator.teamnotices import TeamNotices
-from tests.hooks import FakeClock
-from tests.redis_server import RedisServer
+from rotator.sync.save_loop import SOON_GAP_S, PoolSync
+from rotator.sync.team_notices import TeamNotices
+from testbed.hooks import FakeClock
+from testbed.redis_server import RedisServer
 
 KEY = "sk-kimi-" + "n" * 40
 OTHER = "sk-kimi-" + "o" * 40

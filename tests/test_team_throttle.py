@@ -11,17 +11,17 @@ import asyncio
 
 import pytest
 
-from rotator import policy, throttle
-from rotator.models import Account, AccountsFile
-from rotator.pool import KeyPool
+from rotator.core import policy, throttle
+from rotator.core.models import Account, AccountsFile
+from rotator.core.strategies import Shortage, Unavailable
+from rotator.pool.key_pool import KeyPool
 from rotator.store import Notice, NoticeKind
 from rotator.store.redis_events import parse_notice
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import key_id
-from rotator.strategies import Shortage, Unavailable
-from rotator.teamnotices import TeamNotices
-from tests.hooks import FakeClock
-from tests.redis_server import RedisServer
+from rotator.sync.team_notices import TeamNotices
+from testbed.hooks import FakeClock
+from testbed.redis_server import RedisServer
 
 NOW = 1_800_000_000_000
 KEYS = [f"sk-kimi-FAKEteam{i:024d}" for i in range(4)]

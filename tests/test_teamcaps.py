@@ -12,15 +12,17 @@ import asyncio
 import logging
 import time
 
-from rotator import policy, teamcaps
-from rotator.models import Account, AccountsFile
-from rotator.pool import KeyPool, Lease
+from rotator.core import policy
+from rotator.core.log import ALERT
+from rotator.core.models import Account, AccountsFile
+from rotator.core.strategies import Unavailable
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.store import StoreError
 from rotator.store.urls import key_id
-from rotator.strategies import Unavailable
-from rotator.teamcaps import GIVE_DELAY_MS, HOLD_MS, TeamCaps
-from rotator.timeline import ALERT
-from tests.hooks import FakeClock
+from rotator.sync import team_caps
+from rotator.sync.team_caps import GIVE_DELAY_MS, HOLD_MS, TeamCaps
+from testbed.hooks import FakeClock
 
 KEYS = ["sk-kimi-" + letter * 40 for letter in "abc"]
 MAX_IN_FLIGHT = 4
@@ -211,9 +213,9 @@ async def test_a_freed_notice_ends_the_hold_at_once():
 
 
 async def test_a_store_that_does_not_answer_lets_requests_go_until_it_does(monkeypatch, caplog):
-    monkeypatch.setattr(teamcaps, "RETRY_FIRST_S", 0.01)
-    monkeypatch.setattr(teamcaps, "RETRY_MOST_S", 0.02)
-    caplog.set_level(logging.INFO, logger=teamcaps.__name__)
+    monkeypatch.setattr(team_caps, "RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(team_caps, "RETRY_MOST_S", 0.02)
+    caplog.set_level(logging.INFO, logger=team_caps.__name__)
     pool, slots, caps, clock = team()
     before = acquire(pool, clock)
     assert await caps.admit(before)  # holds a slot
@@ -256,13 +258,13 @@ async def test_a_store_that_does_not_answer_lets_requests_go_until_it_does(monke
 
 
 async def test_a_flush_that_fails_pauses_the_caps_too(monkeypatch, caplog):
-    monkeypatch.setattr(teamcaps, "RETRY_FIRST_S", 3600)  # no reconnect within the test
+    monkeypatch.setattr(team_caps, "RETRY_FIRST_S", 3600)  # no reconnect within the test
     pool, slots, caps, clock = team()
     lease = acquire(pool, clock)
     assert await caps.admit(lease)
     slots.down = StoreError("redis://127.0.0.1:1/0: no answer within 1 s")
     slots.fills_cap = True
-    with caplog.at_level(logging.WARNING, logger=teamcaps.__name__):
+    with caplog.at_level(logging.WARNING, logger=team_caps.__name__):
         release(pool, lease, clock)
         await settle()
     assert slots.named("flush") == [("flush",)]

@@ -1,11 +1,11 @@
-"""The one sanitiser of outside text (`rotator.text`) and the reasons policy builds with it."""
+"""The one sanitiser of outside text (`rotator.core.text`) and the reasons policy builds with it."""
 
 from __future__ import annotations
 
 import pytest
 
-from rotator import policy
-from rotator.text import clean_line, clean_lines, refusal
+from rotator.core import policy
+from rotator.core.text import clean_line, clean_lines, refusal
 
 KEY = "sk-kimi-" + "Q" * 40
 

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from rotator import cli, usage_cli
-from rotator.models import Account, AccountsFile
-from rotator.quota import QuotaReading, QuotaWindow
+import rotator.cli.main as cli
+from rotator.cli import usage as usage_verb
+from rotator.core.models import Account, AccountsFile
+from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.store import file as storage
-from tests.fake_kimi import USAGES_PATH, FakeKimi
-from tests.harness import LOOPBACK_DNS, accounts_on_disk, run_cli, start_mitmdump
+from testbed.fake_kimi import USAGES_PATH, FakeKimi
+from testbed.processes import start_mitmdump
+from tests.harness import LOOPBACK_DNS, accounts_on_disk, run_cli
 
 K0 = "sk-kimi-FAKEusagekey00000000000000a0"
 K1 = "sk-kimi-FAKEusagekey00000000000000b1"
@@ -31,21 +33,21 @@ K2 = "sk-kimi-FAKEusagekey00000000000000c2"
 KEYS = (K0, K1, K2)
 MIN = 60_000
 _ANY_KEY = re.compile(r"sk-kimi-[A-Za-z0-9_\-]{4,}")
-_REAL_ASK = usage_cli.ask
+_REAL_ASK = usage_verb.ask
 
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch):
     """No proxy from the environment, no base URL from it; every ask goes to 127.0.0.1."""
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
-                 "NO_PROXY", "no_proxy", usage_cli.BASE_URL_ENV):
+                 "NO_PROXY", "no_proxy", usage_verb.BASE_URL_ENV):
         monkeypatch.delenv(name, raising=False)
 
     def ask(url: str, *args, **kwargs):
         assert urllib.parse.urlsplit(url).hostname == "127.0.0.1", url
         return _REAL_ASK(url, *args, **kwargs)
 
-    monkeypatch.setattr(usage_cli, "ask", ask)
+    monkeypatch.setattr(usage_verb, "ask", ask)
 
 
 @pytest.fixture
@@ -190,7 +192,7 @@ def test_an_answer_that_is_not_a_usages_document_says_so(path, kimi):
 @pytest.mark.slow
 def test_a_slow_answer_is_given_up_after_the_timeout(path, kimi, monkeypatch):
     pool(path, keys=(K0,))
-    monkeypatch.setattr(usage_cli, "TIMEOUT_S", 0.2)
+    monkeypatch.setattr(usage_verb, "TIMEOUT_S", 0.2)
     kimi.set_response(K0, 200, delay=2.0, path=USAGES_PATH)
     result = usage(path, kimi)
     assert result.returncode == 1
@@ -225,13 +227,13 @@ def test_keys_are_asked_at_the_same_time(path, kimi, monkeypatch):
     # Each ask waits until all three are under way: asked one after another, the first
     # would wait alone and the barrier break.
     barrier = threading.Barrier(len(KEYS), timeout=10)
-    asking = usage_cli.ask
+    asking = usage_verb.ask
 
     def ask_together(*args, **kwargs):
         barrier.wait()
         return asking(*args, **kwargs)
 
-    monkeypatch.setattr(usage_cli, "ask", ask_together)
+    monkeypatch.setattr(usage_verb, "ask", ask_together)
     result = usage(path, kimi)
     assert result.returncode == 0, result.stdout
     assert [line for line in result.stdout.splitlines() if line.startswith("[")] == [
@@ -284,9 +286,9 @@ def test_no_keys_says_how_to_add_one(path, kimi):
 @pytest.mark.slow
 def test_the_base_url_comes_from_kimi_clis_variable_unless_given(path, kimi, monkeypatch):
     pool(path, keys=(K0,))
-    monkeypatch.setenv(usage_cli.BASE_URL_ENV, kimi.base_url + "/v1")  # Kimi CLI's form
+    monkeypatch.setenv(usage_verb.BASE_URL_ENV, kimi.base_url + "/v1")  # Kimi CLI's form
     assert run(path, "usage").returncode == 0
-    monkeypatch.setenv(usage_cli.BASE_URL_ENV, f"http://127.0.0.1:{closed_port()}/coding")
+    monkeypatch.setenv(usage_verb.BASE_URL_ENV, f"http://127.0.0.1:{closed_port()}/coding")
     assert run(path, "usage", "--base-url", kimi.base_url + "/").returncode == 0
     assert [r.path for r in kimi.requests] == [USAGES_PATH, USAGES_PATH]
 
@@ -378,7 +380,7 @@ def test_list_keys_says_when_a_window_has_reset_since_the_reading(path, monkeypa
 def test_saving_merges_with_what_others_wrote_meanwhile(path, kimi, monkeypatch):
     newer = QuotaReading(taken_at=int(time.time() * 1000) + 3_600_000, parallel_limit=99)
     pool(path, keys=KEYS, a2={"quota": newer})
-    asking = usage_cli.ask
+    asking = usage_verb.ask
     changed = threading.Event()
 
     def ask_while_others_write(*args, **kwargs):
@@ -396,7 +398,7 @@ def test_saving_merges_with_what_others_wrote_meanwhile(path, kimi, monkeypatch)
             storage.update_accounts(path, meanwhile)
         return asking(*args, **kwargs)
 
-    monkeypatch.setattr(usage_cli, "ask", ask_while_others_write)
+    monkeypatch.setattr(usage_verb, "ask", ask_while_others_write)
     result = usage(path, kimi)
     assert result.returncode == 0, result.stdout
     on_disk = accounts_on_disk(path)

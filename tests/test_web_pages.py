@@ -7,10 +7,10 @@ no CORS preflight. Such requests get a 403 in the client's error shape, no key, 
 upstream, nothing counted. Loopback origins (a local web UI) and requests with no Origin
 (curl-like CLI agents) keep working; the client token lets a client past both checks.
 
-1. The decision, a table of cases (rotator.access.check_page).
+1. The decision, a table of cases (rotator.core.access.check_page).
 2. The hook in-process: the reverse-mode Host kept from mitmproxy's rewrite, read and put back.
 3. Real mitmdump in reverse and regular mode, raw HTTP on the wire (HTTP/1.1 and HTTP/2),
-   in front of tests/fake_kimi.py: what the client gets, what Kimi saw, what was counted.
+   in front of testbed/fake_kimi.py: what the client gets, what Kimi saw, what was counted.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
-from rotator import access
+from rotator.core import access
 from rotator.proxy.addon import KimiRotator
+from testbed.fake_kimi import CHAT_COMPLETIONS_PATH, MESSAGES_PATH, FakeKimi
+from testbed.hooks import call_hook
+from testbed.processes import start_mitmdump
 from tests.conftest import ADDON_SCRIPT
-from tests.fake_kimi import CHAT_COMPLETIONS_PATH, MESSAGES_PATH, FakeKimi
-from tests.harness import counts_on_disk, saved_flows, start_mitmdump
-from tests.hooks import call_hook
+from tests.harness import counts_on_disk, saved_flows
 
 PLACEHOLDER = "sk-kimi-placeholder"
 TOKEN = "client-token-5e1d7a"

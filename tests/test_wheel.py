@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rotator.models import Account, AccountsFile
+from rotator.core.models import Account, AccountsFile
 from rotator.store import file as storage
+from testbed.processes import LISTEN_RE, REPO_ROOT, Proxy, OutputCollector
 from tests.conftest import fake_key
-from tests.harness import LISTEN_RE, REPO_ROOT, Proxy, _OutputCollector
 
 pytestmark = pytest.mark.slow  # builds a wheel, makes an environment, starts mitmdump
 
@@ -66,7 +66,7 @@ def test_kimi_rotator_proxy_serves_with_the_installed_addon(installed: Path, tmp
             "--set", f"kimi_accounts={accounts}", "--set", "kimi_status=off", "--set", "kimi_usage_interval=0"]
     process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, bufsize=1, cwd=tmp_path, env=fresh_env(tmp_path))
-    out = _OutputCollector(process.stdout)
+    out = OutputCollector(process.stdout)
     match = out.wait_for(LISTEN_RE, 30)
     proxy = Proxy(process, int(match.group(1)) if match else 0, "", tmp_path / "mitm", args, out)
     try:

@@ -1,8 +1,8 @@
 """The mitmproxy addon: options, lifecycle and thin hooks that put a pool key on each Kimi
 request and learn from each answer.
 
-Deciding lives elsewhere (rotator.strategies picks keys, rotator.policy reads answers,
-rotator.pool keeps the state, rotator.proxy.retry retries); the hooks wire those to
+Deciding lives elsewhere (rotator.core.strategies picks keys, rotator.core.policy reads answers,
+rotator.pool.key_pool keeps the state, rotator.proxy.retry retries); the hooks wire those to
 flows through the ledger (rotator.proxy.flows). Hooks are synchronous on the common
 path and return an awaitable only when a request must wait or be resent, so a request
 that gets a key at once costs no extra task.
@@ -19,11 +19,12 @@ from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.log import ALERT
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from rotator import access, policy
-from rotator.background import Background
-from rotator.clock import SYSTEM_CLOCK, Clock
-from rotator.models import AccountsFile
-from rotator.pool import KeyPool, Lease
+from rotator.core import access, policy
+from rotator.core.background import Background
+from rotator.core.clock import SYSTEM_CLOCK, Clock
+from rotator.core.models import AccountsFile
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.proxy import answers, bodies, retry, startup_checks, upstream
 from rotator.proxy.attempts import Attempts
 from rotator.proxy.client_host import ClientHost, Seen
@@ -43,17 +44,17 @@ from rotator.proxy.options import (
     warn_if_listening_beyond_loopback,
     warn_if_store_exposed,
 )
+from rotator.core.strategies import Unavailable
+from rotator.pool.waitline import ABANDONED, WaitLine
 from rotator.proxy.headers import is_event_stream
 from rotator.proxy.polls import QuotaPolls, poll_target
 from rotator.proxy.status_page import StatusPage
+from rotator.status.tally import Tally
+from rotator.status.timeline import Timeline
 from rotator.store import StateStore, StoreError, open_store
-from rotator.strategies import Unavailable
-from rotator.sync import PoolSync
-from rotator.tally import Tally
-from rotator.teamcaps import TeamCaps
-from rotator.teamnotices import TeamNotices
-from rotator.timeline import Timeline
-from rotator.waitline import ABANDONED, WaitLine
+from rotator.sync.save_loop import PoolSync
+from rotator.sync.team_caps import TeamCaps
+from rotator.sync.team_notices import TeamNotices
 
 logger = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import json
 
 from mitmproxy import http
 
-from rotator.access import Denial
+from rotator.core.access import Denial
+from rotator.core.clock import seconds_until
+from rotator.core.key_view import summary, view_pool
+from rotator.core.models import AccountsFile
+from rotator.core.strategies import Shortage, Unavailable
 from rotator.proxy import bodies
-from rotator.clock import seconds_until
-from rotator.models import AccountsFile
-from rotator.status import summary, view_pool
-from rotator.strategies import Shortage, Unavailable
 
 
 OPENAI_PATH_SUFFIX = "/chat/completions"

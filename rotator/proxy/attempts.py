@@ -15,9 +15,10 @@ from collections.abc import Callable
 from mitmproxy import http
 from mitmproxy.log import ALERT
 
-from rotator import policy, stats
-from rotator.clock import Clock
-from rotator.pool import KeyPool, Lease
+from rotator.core import policy, stats
+from rotator.core.clock import Clock
+from rotator.pool.key_pool import KeyPool
+from rotator.pool.lease import Lease
 from rotator.proxy import answers, retry, upstream
 from rotator.proxy.flows import (
     METADATA_KEY,
@@ -28,9 +29,9 @@ from rotator.proxy.flows import (
     client_closed,
     client_gone,
 )
-from rotator.strategies import Unavailable
-from rotator.tally import Tally
-from rotator.waitline import ABANDONED, WaitLine
+from rotator.core.strategies import Unavailable
+from rotator.pool.waitline import ABANDONED, WaitLine
+from rotator.status.tally import Tally
 
 logger = logging.getLogger(__name__)
 

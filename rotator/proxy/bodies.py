@@ -20,8 +20,8 @@ from typing import Any
 
 from mitmproxy import http
 
-from rotator.keys import mask_key
-from rotator.policy import BODY_SCAN_LIMIT
+from rotator.core.keys import mask_key
+from rotator.core.policy import BODY_SCAN_LIMIT
 from rotator.proxy.headers import mask_sent_key
 
 logger = logging.getLogger(__name__)

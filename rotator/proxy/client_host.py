@@ -1,4 +1,4 @@
-"""What a request says about who sent it, for rotator.access.check_page: its Origin and
+"""What a request says about who sent it, for rotator.core.access.check_page: its Origin and
 Sec-Fetch-Site, and in reverse mode the name the client gave the proxy (`Host`; HTTP/2:
 `:authority`); and the warning, once per kind, that such a request was refused.
 
@@ -19,8 +19,8 @@ from mitmproxy.net.http import url
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from rotator.access import FOREIGN_HOST, Denial
-from rotator.text import clean_line
+from rotator.core.access import FOREIGN_HOST, Denial
+from rotator.core.text import clean_line
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ SHOWN_MOST = 120  # characters of a refused request's Host or Origin in the log
 
 
 class Seen(NamedTuple):
-    """What a request says about who sent it, for rotator.access.check_page."""
+    """What a request says about who sent it, for rotator.core.access.check_page."""
 
     addressed: tuple[str, ...] | None  # reverse mode: the names the client gave the proxy; else None
     origin: str | None  # Origin (several: joined with ", ")

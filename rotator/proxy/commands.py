@@ -1,7 +1,7 @@
 """mitmproxy commands (kimi.status, kimi.use, ...) for the console and mitmweb: the CLI's
 changes, made from inside a running proxy.
 
-Each change is the CLI's own op (`rotator.ops`), aimed at the key the person saw rather
+Each change is the CLI's own op (`rotator.admin.ops`), aimed at the key the person saw rather
 than at an index, made at once in the pool's memory and saved like the CLI saves it
 (`PoolSync.run_op`): stamped as a person's edit, so the proxy's older changes can't
 override it at the next merge. A change's result is logged at ALERT (the status page's
@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 from mitmproxy import command, exceptions
 from mitmproxy.log import ALERT
 
-from rotator import ops
-from rotator.models import STRATEGIES
-from rotator.status import KeyState, KeyView, format_duration, view_pool
-from rotator.text import clean_line, clean_lines
+from rotator.admin import ops
+from rotator.core.key_view import KeyState, KeyView, format_duration, view_pool
+from rotator.core.models import STRATEGIES
+from rotator.core.text import clean_line, clean_lines
 
 if TYPE_CHECKING:
     from rotator.proxy.addon import KimiRotator
-    from rotator.sync import PoolSync
+    from rotator.sync.save_loop import PoolSync
 
 logger = logging.getLogger(__name__)
 

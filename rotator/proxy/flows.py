@@ -19,8 +19,8 @@ from typing import Any
 from mitmproxy import http
 from mitmproxy.connection import Client, ConnectionState
 
-from rotator.policy import Outcome, Window
-from rotator.pool import Lease
+from rotator.core.policy import Outcome, Window
+from rotator.pool.lease import Lease
 from rotator.proxy.headers import KeyPlacement, mask_sent_key, replace_client_key
 
 METADATA_KEY = "kimi_rotator"

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from mitmproxy import http
 
-from rotator.keys import mask_key_ascii
+from rotator.core.keys import mask_key_ascii
 
 
 class KeyPlacement(NamedTuple):

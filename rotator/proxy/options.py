@@ -16,10 +16,10 @@ from typing import Any
 from mitmproxy import ctx, exceptions
 from mitmproxy.utils import human
 
-from rotator import access
-from rotator.pool import DEFAULT_MAX_IN_FLIGHT
+from rotator.core import access
+from rotator.core.quota import DEFAULT_RESERVE_PERCENT
+from rotator.pool.key_pool import DEFAULT_MAX_IN_FLIGHT
 from rotator.proxy.polls import DEFAULT_INTERVAL_S
-from rotator.quota import DEFAULT_RESERVE_PERCENT
 from rotator.proxy.retry import DEFAULT_MAX_ATTEMPTS
 from rotator.store import STORE_ENV
 from rotator.store.file import ACCOUNTS_ENV, ACCOUNTS_FILENAME, resolve_accounts_path

@@ -20,16 +20,16 @@ from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from mitmproxy.log import ALERT
 
-from rotator import policy
-from rotator.clock import Clock
-from rotator.keys import mask_key
-from rotator.models import Account
-from rotator.policy import Window
-from rotator.pool import KeyPool
+from rotator.core import policy
+from rotator.core.clock import Clock
+from rotator.core.keys import mask_key
+from rotator.core.models import Account
+from rotator.core.policy import Window
+from rotator.core.quota import USAGES_PATH, parse_usages, window_reset
+from rotator.pool.key_pool import KeyPool
 from rotator.proxy import bodies, upstream
 from rotator.proxy.flows import METADATA_KEY, FlowKind, FlowLedger, FlowRecord
 from rotator.proxy.upstream import Send
-from rotator.quota import USAGES_PATH, parse_usages, window_reset
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from rotator.policy import Outcome
-from rotator.pool import Lease
-from rotator.strategies import Unavailable
-from rotator.waitline import Abandoned, Gone, WaitLine, never_gone
+from rotator.core.policy import Outcome
+from rotator.core.strategies import Unavailable
+from rotator.pool.lease import Lease
+from rotator.pool.waitline import Abandoned, Gone, WaitLine, never_gone
 
 DEFAULT_MAX_ATTEMPTS = 5
 

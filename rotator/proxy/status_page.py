@@ -3,9 +3,9 @@ the `kimi_status` option, the listener's lifecycle (started in `running`, restar
 the option changes, stopped in `done`) and who may read what.
 
 A part of KimiRotator (loaded and run by it: no addon of its own), reading its pool, tally, timeline,
-clock and settings. What the pages say is built elsewhere: rotator.dashboard (the
-snapshot and the JSON), rotator.metrics (Prometheus), status_page.html (the page).
-The same rule as the proxy's decides who may read them (rotator.access.check_client),
+clock and settings. What the pages say is built elsewhere: rotator.status.document (the
+snapshot and the JSON), rotator.status.metrics (Prometheus), status_page.html (the page).
+The same rule as the proxy's decides who may read them (rotator.core.access.check_client),
 and, with remote clients allowed, the client token is required from other machines.
 """
 
@@ -23,9 +23,10 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions
 
-from rotator import access, dashboard, metrics
-from rotator.background import Background
-from rotator.status_http import Request, Response, StatusServer, plain
+from rotator.core import access
+from rotator.core.background import Background
+from rotator.status import document, metrics
+from rotator.status.http_server import Request, Response, StatusServer, plain
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +91,11 @@ def load_page() -> tuple[bytes, str]:
     return text.encode(), policy
 
 
-def _json_answer(shot: dashboard.Snapshot) -> Response:
-    return Response(200, dashboard.status_json(shot), "application/json; charset=utf-8")
+def _json_answer(shot: document.Snapshot) -> Response:
+    return Response(200, document.status_json(shot), "application/json; charset=utf-8")
 
 
-def _metrics_answer(shot: dashboard.Snapshot, accept: str) -> Response:
+def _metrics_answer(shot: document.Snapshot, accept: str) -> Response:
     body, content_type = metrics.render_snapshot(shot, accept)
     return Response(200, body, content_type)
 
@@ -178,12 +179,12 @@ class StatusPage:
             await server.stop()
 
     # -- answers -----------------------------------------------------------------------
-    def snapshot(self) -> dashboard.Snapshot:
+    def snapshot(self) -> document.Snapshot:
         rotator = self.rotator
-        return dashboard.snapshot(rotator.pool, rotator.tally, rotator.timeline.newest_first(), rotator.clock.now_ms())
+        return document.snapshot(rotator.pool, rotator.tally, rotator.timeline.newest_first(), rotator.clock.now_ms())
 
     @staticmethod
-    async def _in_thread(shot: dashboard.Snapshot, write: Any, *args: Any) -> Response:
+    async def _in_thread(shot: document.Snapshot, write: Any, *args: Any) -> Response:
         # The pool is read on the event loop (a consistent snapshot, no locks); writing the
         # body (1-2 MB of text at 1,000 keys) happens in a worker thread, so the loop
         # keeps serving requests meanwhile (bench/status_cost.py).

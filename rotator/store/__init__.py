@@ -1,6 +1,6 @@
 """Where the pool's shared state lives: the `StateStore` interface every store implements.
 
-The proxy's save loop (`rotator.sync`) and the CLI know only this interface; the
+The proxy's save loop (`rotator.sync.save_loop`) and the CLI know only this interface; the
 accounts file (`rotator.store.file`) is its first implementation, a Redis server
 (`rotator.store.redis_store`) its second. A store shared by several machines also holds
 the live state a team must share (`TeamSlots`: in-flight slots; `TeamEvents`: notices
@@ -14,9 +14,9 @@ import enum
 import os
 from typing import NamedTuple, Protocol
 
-from rotator.clock import SYSTEM_CLOCK, Clock
-from rotator.merge import PoolChange
-from rotator.models import AccountsFile
+from rotator.core.clock import SYSTEM_CLOCK, Clock
+from rotator.core.merge import PoolChange
+from rotator.core.models import AccountsFile
 
 
 class StoreError(Exception):

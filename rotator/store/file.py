@@ -28,9 +28,9 @@ import platformdirs
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
-from rotator import merge
-from rotator.clock import SYSTEM_CLOCK, Clock
-from rotator.models import AccountsFile
+from rotator.core import merge
+from rotator.core.clock import SYSTEM_CLOCK, Clock
+from rotator.core.models import AccountsFile
 from rotator.store import StoreError
 from rotator.store.lock import DirLock, LockLost, LockTimeout
 

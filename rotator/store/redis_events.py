@@ -18,9 +18,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from rotator.core.log import ALERT
 from rotator.store import Notice, NoticeKind, StoreError
 from rotator.store.urls import NOTICE_FREED, NOTICE_LIMITED, NOTICE_PAUSE, NOTICE_STATE, notices_channel
-from rotator.timeline import ALERT
 
 if TYPE_CHECKING:
     from rotator.store.redis_store import RedisStore

@@ -25,7 +25,7 @@ from typing import Any
 import redis
 import redis.asyncio.connection
 
-from rotator.background import Background
+from rotator.core.background import Background
 from rotator.store.redis_store import SOCKET_TIMEOUT_S
 
 Connection = redis.asyncio.connection.AbstractConnection

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 # Giving back: per slot, KEYS[i] its set and ARGV member, cap, notice (from `first`). A
 # proxy may be waiting for a slot only if the key was at its cap: only then is the team
-# told (pcall: a notice refused is dropped; others retry the key after teamcaps.HOLD_MS).
+# told (pcall: a notice refused is dropped; others retry the key after team_caps.HOLD_MS).
 # Shared by both scripts below.
 GIVE_BACK = """
 local function give_back(first_key, first_arg, channel)

@@ -17,7 +17,7 @@ from memory (`restore`) at a version far ahead of any other proxy's view of the 
 one, so they merge into it rather than take it for lost too.
 
 Every call is bounded by short timeouts and redis-py's own retries are off: the save loop
-(`rotator.sync`) already keeps changes and retries. Errors become `StoreError` naming the
+(`rotator.sync.save_loop`) already keeps changes and retries. Errors become `StoreError` naming the
 server with the password masked; a stored value that can't be read is never overwritten.
 Blocking (the sync client): call from a worker thread, as `PoolSync` does. The live state a
 team shares (`team_slots`, `team_events`) runs on redis-py's asyncio client instead, on
@@ -40,10 +40,10 @@ from redis.retry import Retry
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
-from rotator import merge
-from rotator.clock import SYSTEM_CLOCK, Clock
-from rotator.keys import scrub
-from rotator.models import AccountsFile
+from rotator.core import merge
+from rotator.core.clock import SYSTEM_CLOCK, Clock
+from rotator.core.keys import scrub
+from rotator.core.models import AccountsFile
 from rotator.store import PoolLost, StoreError
 from rotator.store.urls import DEFAULT_PREFIX, NOTICE_STATE, SCHEMES, masked_url, notices_channel
 
