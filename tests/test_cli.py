@@ -254,13 +254,13 @@ def test_list_keys_layout(run):
         },
     )
     assert run.ok("list-keys") == (
-        "Kimi API Keys (5 total, strategy: sticky):\n"
+        "Kimi API Keys (5 total, strategy: sticky; ● is the key in use):\n"
         "\n"
         "○ [0] My Account 1\n"
         "   Key: sk-kim…0001\n"
         "   Health: ██████████ 100%\n"
         "   Requests: 45/50 successful\n"
-        "   Status: ✓ Active\n"
+        "   Status: ✓ Ready\n"
         "\n"
         "● [1] My Account 2\n"
         "   Key: sk-kim…0002\n"
@@ -284,7 +284,7 @@ def test_list_keys_layout(run):
         "   Key: sk-kim…0005\n"
         "   Health: ███████░░░ 70%\n"
         "   Requests: 0/0 successful\n"
-        "   Status: ✓ Active\n"
+        "   Status: ✓ Ready\n"
     )
 
 
@@ -331,7 +331,7 @@ def test_list_keys_json(run):
         "disabledReason": None,
         "cooldownReason": None,
         "lastUsed": NOW - MIN,
-        "status": "✓ Active",
+        "status": "✓ Ready",
     }
     assert (two["active"], two["health"], two["cooling"]) == (True, 20, True)
     assert (two["disabledReason"], two["cooldownReason"]) == ("banned", "429")
@@ -366,7 +366,7 @@ def test_list_keys_falls_back_to_ascii(run):
     assert "   Key: sk-kim...0001\n" in text
     assert "   Health: ########-- 80%\n" in text
     assert "o [1] B\n" in text
-    assert "   Status: + Active\n" in text
+    assert "   Status: + Ready\n" in text
     assert "   Status: ~ Cooling down (free in 1m 0s)\n" in text
 
 
@@ -677,7 +677,7 @@ def test_unreadable_file(run, args, monkeypatch):
 def test_plugin_file_survives_rotate(run):
     write(run.path, PLUGIN_FILE)
     listing = run.ok("list-keys")
-    assert listing.startswith("Kimi API Keys (2 total, strategy: health-based):\n\n● [0] My Account 1\n")
+    assert listing.startswith("Kimi API Keys (2 total, strategy: health-based; ● is the key in use):\n\n● [0] My Account 1\n")
     assert run.ok("rotate") == f"Rotated to [1] My Account 2 ({mask_key(KEY2)}).\n"
     after = run.data()
     assert after["activeIndex"] == 1

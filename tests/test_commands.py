@@ -106,10 +106,30 @@ async def test_status_is_one_masked_line_per_key_with_state_and_countdown(runnin
     with caplog.at_level(logging.INFO):
         lines = r.run("kimi.status")
     assert len(lines) == 3
-    assert lines[0].startswith("● [0] k0 (sk-kim…") and ": cooling, free in 1m 29s (HTTP 429" in lines[0]
-    assert lines[1].startswith("○ [1] k1") and "active, health 100%" in lines[1]
+    assert lines[0].startswith("● [0] k0 (sk-kim…") and ": cooling and in use, free in 1m 29s (HTTP 429" in lines[0]
+    # One word each: "ready" is usable, "in use" is the key the pool is on (issue 27).
+    assert lines[1].startswith("○ [1] k1") and ": ready, health 100%" in lines[1]
     assert "disabled (key rejected as invalid); kimi.enable 2" in lines[2]
     never_a_full_key(lines, caplog.text)
+
+
+async def test_in_mitmweb_status_is_a_summary_and_the_lines_go_to_the_event_log(running, caplog, monkeypatch) -> None:
+    from rotator.proxy import commands
+
+    r = await running()
+    monkeypatch.setattr(commands, "_in_mitmweb", lambda: True)
+    with caplog.at_level(logging.INFO):
+        said = r.run("kimi.status")
+    assert said == ["3 keys: 3 ready; in use: [0] k0; each key's line is in the event log"]
+    assert caplog.text.count("kimi-rotator: ○ [") == 2 and "kimi-rotator: ● [0] k0" in caplog.text
+
+
+async def test_command_help_has_no_runs_of_spaces(running) -> None:
+    r = await running()
+    helps = {name: c.help for name, c in r.tctx.master.commands.commands.items() if name.startswith("kimi.")}
+    assert len(helps) >= 7
+    for name, text in helps.items():
+        assert text and "  " not in text.replace("\n", " "), (name, text)
 
 
 async def test_status_without_keys_says_how_to_add_one(running) -> None:

@@ -266,7 +266,7 @@ def test_list_keys_shows_a_billing_limited_key_as_cooling_and_clear_limits_clear
     account = on_disk(path)["accounts"][0]
     assert (account["rateLimitResetTime"], account["billingLimitResetTime"]) == (0, 0)
     assert account["consecutiveBillingLimitHits"] == 0
-    assert "Status: ✓ Active" in run_cli(path, "list-keys", in_process=True).stdout.split("[1] Fine")[0]
+    assert "Status: ✓ Ready" in run_cli(path, "list-keys", in_process=True).stdout.split("[1] Fine")[0]
 
 
 # -- what a success records ------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Literal
 
 from rotator.core import merge
 from rotator.core.health import HEALTH_MAX, apply_health_delta, rest_period_ms
-from rotator.core.key_view import STATUS_ACTIVE, status_text, view_key
+from rotator.core.key_view import STATUS_READY, status_text, view_key
 from rotator.core.keys import key_label, mask_key
 from rotator.core.models import COOLDOWN_MINUTES_RANGE, STRATEGIES, Account, AccountsFile, Strategy
 from rotator.core.text import clean_line
@@ -201,7 +201,7 @@ def _now_using(verb: str, state: AccountsFile, now_ms: int) -> str:
     message = f"{verb} {describe(index, state.accounts[index])}."
     view = view_key(index, state.accounts[index], index, now_ms, rest_period_ms(state))
     status = status_text(view, now_ms)
-    if status != STATUS_ACTIVE:
+    if status != STATUS_READY:
         message += f"\nNote: {status}"
     return message
 

@@ -175,7 +175,7 @@ def _list_keys(args: argparse.Namespace, cx: Context) -> None:
         _out("No Kimi API keys configured.")
         _out(f"Add one with: {cx.prog} add-key KEY [NAME]")
         return
-    lines = [f"Kimi API Keys ({len(views)} total, strategy: {state.rotation_strategy}):"]
+    lines = [f"Kimi API Keys ({len(views)} total, strategy: {state.rotation_strategy}; ● is the key in use):"]
     for view in views:
         lines += ["", *list_block(view, cx.now_ms)]
     _out("\n".join(lines))

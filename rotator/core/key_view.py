@@ -24,7 +24,7 @@ SUMMARY_MOST = 20
 
 
 class KeyState(enum.Enum):
-    ACTIVE = "active"
+    READY = "ready"  # usable; whether it is the one in use is `KeyView.active`
     COOLING = "cooling"
     DISABLED = "disabled"
     LOW_HEALTH = "low_health"
@@ -72,7 +72,7 @@ def view_key(
     elif health < HEALTH_SKIP_BELOW:
         state = KeyState.LOW_HEALTH
     else:
-        state = KeyState.ACTIVE
+        state = KeyState.READY
     return KeyView(
         index=index,
         name=account.name,
@@ -99,7 +99,7 @@ def view_pool(state: AccountsFile, now: int) -> list[KeyView]:
 
 # -- text for people ------------------------------------------------------------------
 
-STATUS_ACTIVE = "✓ Active"
+STATUS_READY = "✓ Ready"  # usable; "in use" is the ● of the key the pool is on
 
 
 def format_duration(ms: int) -> str:
@@ -125,7 +125,7 @@ def status_text(view: KeyView, now: int) -> str:
         return f"{text}: {view.cooldown_reason}" if view.cooldown_reason else text
     if view.state is KeyState.LOW_HEALTH:
         return "⚠ Low health (skipped until it recovers)"
-    return STATUS_ACTIVE
+    return STATUS_READY
 
 
 def summary(views: Sequence[KeyView], now: int, most: int = SUMMARY_MOST) -> str:

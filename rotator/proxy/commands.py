@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from mitmproxy import command, exceptions
+from mitmproxy import command, ctx, exceptions
 from mitmproxy.log import ALERT
 
 from rotator.admin import ops
@@ -35,22 +35,35 @@ _INDEX = re.compile(r"[0-9]+")
 NO_KEYS = "no Kimi API keys configured; add one with: kimi-rotator add-key sk-kimi-…"
 
 
+def _one_paragraph(func: Callable[..., object]) -> Callable[..., object]:
+    """mitmproxy wraps a command's docstring as written, so a wrapped line's indentation
+    became a run of spaces in the console's and mitmweb's help."""
+    func.__doc__ = " ".join((func.__doc__ or "").split())
+    return func
+
+
 class RotatorCommands:
     def __init__(self, rotator: KimiRotator) -> None:
         self.rotator = rotator
 
     # -- reading ---------------------------------------------------------------
     @command.command("kimi.status")
+    @_one_paragraph
     def status(self) -> Sequence[str]:
-        """One line per key: index, name, masked key, state and how long until it is free."""
+        """One line per key: index, name, masked key, state and how long until it is free
+        (in mitmweb, which shows a command's result as one line of JSON: a summary, and
+        each key's line in the event log)."""
         now = self.rotator.clock.now_ms()
         views = view_pool(self.rotator.pool.state, now)
         lines = [status_line(view, now) for view in views] or [NO_KEYS]
         for line in lines:
             logger.info("kimi-rotator: %s", line)  # not ALERT: the timeline keeps changes
+        if views and _in_mitmweb():
+            return [pool_summary(views) + "; each key's line is in the event log"]
         return lines
 
     @command.command("kimi.usage")
+    @_one_paragraph
     def usage(self) -> str:
         """Ask Kimi for every key's quota now (/coding/v1/usages); the readings arrive
         in the log and the status page."""
@@ -65,6 +78,7 @@ class RotatorCommands:
 
     # -- changes (the CLI's verbs) ---------------------------------------------
     @command.command("kimi.rotate")
+    @_one_paragraph
     def rotate(self) -> str:
         """Make the next key the active one (kimi-rotator rotate)."""
         state = self.rotator.pool.state
@@ -74,18 +88,21 @@ class RotatorCommands:
         return self._run("kimi.rotate", lambda now: ops.rotate_past(key, now))
 
     @command.command("kimi.use")
+    @_one_paragraph
     def use(self, index: int) -> str:
         """Make the key at INDEX the active one (kimi-rotator use-key)."""
         key = self._key_at("kimi.use", index)
         return self._run("kimi.use", lambda now: ops.on_key(key, lambda i: ops.use_key(i, now)))
 
     @command.command("kimi.enable")
+    @_one_paragraph
     def enable(self, index: int) -> str:
         """Re-enable the key at INDEX, disabled after a 401 or a ban (kimi-rotator enable-key)."""
         key = self._key_at("kimi.enable", index)
         return self._run("kimi.enable", lambda now: ops.on_key(key, lambda i: ops.enable_key(i, now)))
 
     @command.command("kimi.clear")
+    @_one_paragraph
     def clear(self, target: str) -> str:
         """Forget the cooldowns (rate and billing limits) of the key at INDEX, or of every
         key with 'all' (kimi-rotator clear-limits)."""
@@ -99,6 +116,7 @@ class RotatorCommands:
         return self._run("kimi.clear", lambda now: ops.on_key(key, lambda i: ops.clear_limits(i, now)))
 
     @command.command("kimi.strategy")
+    @_one_paragraph
     def strategy(self, name: str) -> str:
         """Choose how keys are picked: round-robin, health-based or sticky
         (kimi-rotator set-strategy)."""
@@ -130,9 +148,26 @@ class RotatorCommands:
         return _said(message)
 
 
+def _in_mitmweb() -> bool:
+    return type(ctx.master).__module__.startswith("mitmproxy.tools.web")
+
+
+def pool_summary(views: Sequence[KeyView]) -> str:
+    """`3 keys: 2 ready, 1 cooling; in use: [0] Personal`."""
+    counts: dict[str, int] = {}
+    for view in views:
+        state = view.state.value.replace("_", " ")
+        counts[state] = counts.get(state, 0) + 1
+    in_use = next((f"; in use: [{v.index}] {v.name}" for v in views if v.active), "")
+    said = ", ".join(f"{n} {state}" for state, n in counts.items())
+    return clean_line(f"{ops.plural(len(views), 'key')}: {said}{in_use}", LINE_MOST)
+
+
 def status_line(view: KeyView, now: int) -> str:
-    """`● [0] Personal (sk-kim…abcd): cooling, free in 4m 12s (rate limited)`."""
-    line = f"{'●' if view.active else '○'} {view.label}: {view.state.value.replace('_', ' ')}"
+    """`● [0] Personal (sk-kim…abcd): cooling, free in 4m 12s (rate limited)`; the key the
+    pool is on says `in use`."""
+    state = view.state.value.replace("_", " ") + (" and in use" if view.active else "")
+    line = f"{'●' if view.active else '○'} {view.label}: {state}"
     if view.state is KeyState.DISABLED:
         line += f" ({view.disabled_reason}); kimi.enable {view.index} to use it again"
     elif view.state is KeyState.COOLING:
