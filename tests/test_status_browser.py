@@ -192,7 +192,8 @@ def test_the_page_in_a_real_browser(status_proxy: tuple[str, int], tmp_path: Pat
     cooling = cards[1]
     assert cooling.attrs["data-state"] == "cooling"
     countdown = cooling.one("countdown").text
-    assert re.fullmatch(r"· free in (9m \d{1,2}s|10m 0s)", countdown), countdown
+    # With the clock time it ends at (issue 27): "· free in 9m 58s (at 14:05)".
+    assert re.fullmatch(r"· free in (9m \d{1,2}s|10m 0s) \(at \d\d:\d\d\)", countdown), countdown
     assert cooling.one("key-reason").text == "rate limited (429)"
     assert cooling.one("health-value").text == "70%"
 
@@ -202,17 +203,19 @@ def test_the_page_in_a_real_browser(status_proxy: tuple[str, int], tmp_path: Pat
     assert bar.attrs["data-ratio"] == "0.750"
     assert bar.one("fill").attrs["style"] == "width: 75%;"
     assert five_hour.one("quota-label").text == "150 / 200 left"
-    assert re.fullmatch(r"resets in (1h 00m|59m \d{1,2}s)", five_hour.one("quota-reset").text)
+    assert re.fullmatch(r"resets in (1h 00m|59m \d{1,2}s) \(at \d\d:\d\d\)", five_hour.one("quota-reset").text)
     weekly = quota.one("quota-window", data_window="weekly")
     assert weekly.one("quota-bar").attrs["data-ratio"] == "0.160"
     assert "low" in weekly.one("quota-bar").one("fill").classes
-    assert re.fullmatch(r"resets in (3d 0h|2d 23h)", weekly.one("quota-reset").text)
+    assert re.fullmatch(r"resets in (3d 0h|2d 23h) \(at \w{2,4}\.? \d\d:\d\d\)", weekly.one("quota-reset").text)
     assert quota.one("in-flight").text == "in flight0 / 5"
 
     assert [i for i, card in cards.items() if card.attrs["data-state"] == "serving"] in ([], [0], [2], [3])
 
     disabled = cards[4]
     assert disabled.attrs["data-state"] == "disabled"
+    assert "off" in disabled.one("health-bar").one("fill").classes  # grey, not a green bar (issue 27)
+    assert "off" not in cards[0].one("health-bar").one("fill").classes
     assert disabled.one("key-reason").text  # why, as the pool says it
     events = [li.text for li in dom.one(None, id="timeline").find("event")]
     assert any("disabled" in e and f"sk-kim…{KEYS[4][-4:]}" in e for e in events), events
@@ -255,3 +258,63 @@ def test_the_page_passes_its_token_on(fake_kimi: FakeKimi, accounts_path: Path, 
     assert dom.one(None, id="error").attrs.get("hidden") is not None
     refused = chromium(url, tmp_path / "without", "--dump-dom").stdout
     assert "data-key-index" not in refused and "?token=" in refused, refused
+
+
+class _GoneAfterFirst:
+    """The page served as the proxy serves it, whose status.json answers once and then
+    fails, as when the proxy has stopped behind an open page."""
+
+    def __init__(self, document: dict[str, object]) -> None:
+        import http.server
+        import json
+        import threading
+
+        from rotator.proxy.status_page import load_page
+
+        page, _ = load_page()
+        answers = [json.dumps(document).encode()]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path.startswith("/status.json") and answers:
+                    body, kind, status = answers.pop(), "application/json", 200
+                elif self.path.startswith("/status.json"):
+                    body, kind, status = b"gone", "text/plain", 503
+                else:
+                    body, kind, status = page, "text/html; charset=utf-8", 200
+                self.send_response(status)
+                self.send_header("content-type", kind)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_a_page_whose_proxy_stopped_says_its_cards_are_the_last_known_state(tmp_path: Path) -> None:
+    now = now_ms()
+    key = {"index": 0, "name": "Personal", "maskedKey": "sk-kim…abcd", "state": "serving", "active": True,
+           "reason": None, "untilMs": 0, "health": 100, "lowHealth": False, "inFlight": 0, "cap": 5,
+           "requests": 3, "successfulRequests": 3, "successRate": 100.0, "medianLatencyMs": 640,
+           "outcomes": {}, "retries": 0, "quota": None}
+    server = _GoneAfterFirst({"now": now, "strategy": "health-based", "activeIndex": 0, "pausedUntilMs": 0,
+                              "refused": {}, "keys": [key], "timeline": []})
+    try:
+        dom = parse_dom(chromium(server.url, tmp_path / "profile", "--dump-dom").stdout)
+    finally:
+        server.close()
+    assert dom.one(None, **{"data-loaded": "true"}).attrs["data-stale"] == "true"
+    assert dom.one("key-state").text == "last known: serving"  # not "serving" (issue 27)
+    error = dom.one(None, id="error")
+    assert error.attrs.get("hidden") is None
+    assert error.text.startswith("the proxy is not answering: cannot read status.json (503: gone)")
