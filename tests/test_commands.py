@@ -132,6 +132,31 @@ async def test_command_help_has_no_runs_of_spaces(running) -> None:
         assert text and "  " not in text.replace("\n", " "), (name, text)
 
 
+async def test_a_broken_file_is_said_first_and_no_key_advice_that_would_fail(running, tmp_path) -> None:
+    """Issue 27: with the accounts file unreadable, the status says what is wrong with it and
+    that the proxy serves from its last good state, not "add a key" (the CLI refuses a
+    broken file); /status.json carries the same line for the page's banner."""
+    from rotator.status import document
+
+    r = await running()
+    r.path.write_text("{ not json")
+    sync = r.rotator.sync
+    assert sync is not None
+    await sync._save()  # the next save finds it broken
+    lines = r.run("kimi.status")
+    assert lines[0].startswith(f"cannot read the accounts file {r.path}: not valid JSON")
+    assert "serving from the last good state" in lines[0] and len(lines) == 4
+    doc = document.status_document(r.rotator.status_page.snapshot())
+    assert doc["store"] == {"location": str(r.path), "problem": lines[0]}
+
+    empty = await running(keys=[])
+    empty.path.write_text("{ not json")
+    assert empty.rotator.sync is not None
+    await empty.rotator.sync._save()
+    said = empty.run("kimi.status")
+    assert len(said) == 1 and "no keys to serve" in said[0] and "add-key" not in said[0]
+
+
 async def test_status_without_keys_says_how_to_add_one(running) -> None:
     r = await running(keys=[])
     assert r.run("kimi.status") == ["no Kimi API keys configured; add one with: kimi-rotator add-key sk-kimi-…"]

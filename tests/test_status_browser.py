@@ -318,3 +318,20 @@ def test_a_page_whose_proxy_stopped_says_its_cards_are_the_last_known_state(tmp_
     error = dom.one(None, id="error")
     assert error.attrs.get("hidden") is None
     assert error.text.startswith("the proxy is not answering: cannot read status.json (503: gone)")
+
+
+@pytest.mark.slow
+def test_a_store_that_cannot_be_read_is_on_the_page_and_no_key_advice_that_would_fail(tmp_path: Path) -> None:
+    problem = ("cannot read the accounts file /home/u/kimi-accounts.json: not valid JSON (line 1); "
+               "no keys to serve and not writing until it is fixed")
+    server = _GoneAfterFirst({"now": now_ms(), "strategy": "health-based", "activeIndex": 0, "pausedUntilMs": 0,
+                              "refused": {}, "keys": [], "timeline": [],
+                              "store": {"location": "/home/u/kimi-accounts.json", "problem": problem}})
+    try:
+        dom = parse_dom(chromium(server.url, tmp_path / "profile", "--dump-dom").stdout)
+    finally:
+        server.close()
+    banner = dom.one(None, id="store-problem")
+    assert banner.attrs.get("hidden") is None and banner.text == problem
+    assert dom.one(None, id="keys").text == "No keys to show: the store above needs fixing first"
+    assert "add-key" not in dom.one(None, id="keys").text

@@ -55,7 +55,11 @@ class RotatorCommands:
         each key's line in the event log)."""
         now = self.rotator.clock.now_ms()
         views = view_pool(self.rotator.pool.state, now)
-        lines = [status_line(view, now) for view in views] or [NO_KEYS]
+        lines = [status_line(view, now) for view in views]
+        sync = self.rotator.sync
+        if sync is not None and sync.problem_said is not None:  # why, before what it leaves
+            lines.insert(0, clean_line(sync.problem_said, 2 * LINE_MOST))  # it names the store
+        lines = lines or [NO_KEYS]
         for line in lines:
             logger.info("kimi-rotator: %s", line)  # not ALERT: the timeline keeps changes
         if views and _in_mitmweb():

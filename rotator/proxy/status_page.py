@@ -181,7 +181,11 @@ class StatusPage:
     # -- answers -----------------------------------------------------------------------
     def snapshot(self) -> document.Snapshot:
         rotator = self.rotator
-        return document.snapshot(rotator.pool, rotator.tally, rotator.timeline.newest_first(), rotator.clock.now_ms())
+        sync = rotator.sync
+        store = None if sync is None else document.StoreReading(sync.store.location, sync.problem_said)
+        return document.snapshot(
+            rotator.pool, rotator.tally, rotator.timeline.newest_first(), rotator.clock.now_ms(), store
+        )
 
     @staticmethod
     async def _in_thread(shot: document.Snapshot, write: Any, *args: Any) -> Response:

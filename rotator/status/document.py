@@ -97,6 +97,14 @@ class KeyRow:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreReading:
+    """Where the pool is kept, and what is wrong with it (as the log said it), if anything."""
+
+    location: str  # masked
+    problem: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     now: int
     strategy: str
@@ -105,13 +113,15 @@ class Snapshot:
     refused: Mapping[str, int]  # the proxy's own answers by reason (rotator.status.tally)
     keys: tuple[KeyRow, ...]
     timeline: tuple[Event, ...]  # newest first
+    store: StoreReading | None = None
 
     @property
     def paused_seconds(self) -> float:
         return max(0.0, (self.paused_until_ms - self.now) / 1000)
 
 
-def snapshot(pool: PoolReading, tally: Tally, events: Sequence[Event], now: int) -> Snapshot:
+def snapshot(pool: PoolReading, tally: Tally, events: Sequence[Event], now: int,
+             store: StoreReading | None = None) -> Snapshot:
     """The pool as it is at `now`. `events` newest first (Timeline.newest_first())."""
     state = pool.state
     rest_ms = rest_period_ms(state)
@@ -137,6 +147,7 @@ def snapshot(pool: PoolReading, tally: Tally, events: Sequence[Event], now: int)
         refused=dict(tally.refused),
         keys=tuple(rows),
         timeline=tuple(events),
+        store=store,
     )
 
 
@@ -207,6 +218,7 @@ def status_document(shot: Snapshot) -> dict[str, object]:
         "refused": dict(shot.refused),
         "keys": [key_document(row) for row in shot.keys],
         "timeline": [{"atMs": e.at_ms, "text": e.text} for e in shot.timeline],
+        "store": None if shot.store is None else {"location": shot.store.location, "problem": shot.store.problem},
     }
 
 

@@ -282,12 +282,19 @@ class PoolSync:
             logger.warning("kimi-rotator: %s: %s", self.store.location, note)
         self._notes = notes
 
+    @property
+    def problem_said(self) -> str | None:
+        """The store's problem as the log said it (what it is, what the proxy does meanwhile), or None."""
+        if self.problem is None:
+            return None
+        return problem_line(self._problem_action, self.problem, bool(self.pool.accounts), self.store.what)
+
     def _note_problem(self, error: StoreError, level: int) -> None:
         message = str(error)
-        if message != self.problem:
-            logger.log(level, "kimi-rotator: %s", problem_line(error.action, message, bool(self.pool.accounts), self.store.what))
-        self.problem = message
-        self._problem_action = error.action
+        new = message != self.problem
+        self.problem, self._problem_action = message, error.action
+        if new:
+            logger.log(level, "kimi-rotator: %s", self.problem_said)
 
 
 def with_keys_added(memory: AccountsFile, stored: AccountsFile) -> AccountsFile:
