@@ -118,7 +118,8 @@ async def test_no_keys_answers_with_an_anthropic_error(tmp_path):
         await call_hook(addon, "request", flow)
         body = json.loads(flow.response.content)
         assert flow.response.status_code == 503
-        assert body["type"] == "error" and "kimi-rotator add-key" in body["error"]["message"]
+        # The command names the file this proxy reads, not the default one (issue 27).
+        assert body["type"] == "error" and f"kimi-rotator --accounts {tmp_path / 'accounts.json'} add-key" in body["error"]["message"]
 
 
 async def test_unreadable_accounts_file_is_explained_to_the_client(tmp_path):

@@ -161,8 +161,9 @@ def three_keys(active: int = 0, strategy: str = "health-based") -> dict:
 
 
 def test_add_key_creates_the_file_and_appends(run):
-    assert run.ok("add-key", KEY1, "Work") == f"Added [0] Work ({mask_key(KEY1)}). 1 key.\n"
-    assert run.ok("add-key", KEY2) == f"Added [1] Account 2 ({mask_key(KEY2)}). 2 keys.\n"
+    # Every change says the file (or store) it changed (issue 27): "Saved in PATH."
+    assert run.ok("add-key", KEY1, "Work") == f"Added [0] Work ({mask_key(KEY1)}). 1 key.\nSaved in {run.path}.\n"
+    assert run.ok("add-key", KEY2) == f"Added [1] Account 2 ({mask_key(KEY2)}). 2 keys.\nSaved in {run.path}.\n"
     data = run.data()
     assert data["version"] == 1
     assert data["activeIndex"] == 0
@@ -182,7 +183,7 @@ def test_add_key_creates_the_file_and_appends(run):
 def test_add_key_reads_the_key_from_stdin(run):
     code, out, err = run("add-key", "-", "Piped", stdin=KEY3 + "\n")
     assert (code, err) == (0, ""), err
-    assert out == f"Added [0] Piped ({mask_key(KEY3)}). 1 key.\n"
+    assert out == f"Added [0] Piped ({mask_key(KEY3)}). 1 key.\nSaved in {run.path}.\n"
     assert run.data()["accounts"][0]["key"] == KEY3
 
 
@@ -397,7 +398,7 @@ def test_remove_key_keeps_the_active_key(run, active, remove, left, new_active):
 
 def test_remove_the_only_key(run):
     write(run.path, {"version": 1, "accounts": [account(KEY1, "Solo")], "activeIndex": 0})
-    assert run.ok("remove-key", "0") == f"Removed [0] Solo ({mask_key(KEY1)}). 0 keys left.\n"
+    assert run.ok("remove-key", "0") == f"Removed [0] Solo ({mask_key(KEY1)}). 0 keys left.\nSaved in {run.path}.\n"
     assert run.data()["accounts"] == [] and run.data()["activeIndex"] == 0
 
 
@@ -406,9 +407,9 @@ def test_remove_the_only_key(run):
 
 def test_rotate_moves_to_the_next_key_and_wraps(run):
     write(run.path, three_keys(active=1))
-    assert run.ok("rotate") == f"Rotated to [2] Three ({mask_key(KEY3)}).\n"
+    assert run.ok("rotate") == f"Rotated to [2] Three ({mask_key(KEY3)}).\nSaved in {run.path}.\n"
     assert run.data()["activeIndex"] == 2
-    assert run.ok("rotate") == f"Rotated to [0] One ({mask_key(KEY1)}).\n"
+    assert run.ok("rotate") == f"Rotated to [0] One ({mask_key(KEY1)}).\nSaved in {run.path}.\n"
     assert run.data()["activeIndex"] == 0
 
 
@@ -417,7 +418,7 @@ def test_rotate_notes_a_key_that_is_cooling(run):
     data["accounts"][1]["rateLimitResetTime"] = NOW + 90_000
     write(run.path, data)
     assert run.ok("rotate") == (
-        f"Rotated to [1] Two ({mask_key(KEY2)}).\nNote: ⏳ Cooling down (free in 1m 30s)\n"
+        f"Rotated to [1] Two ({mask_key(KEY2)}).\nNote: ⏳ Cooling down (free in 1m 30s)\nSaved in {run.path}.\n"
     )
 
 
@@ -429,14 +430,14 @@ def test_rotate_with_no_keys_is_an_error(run):
 
 def test_use_key(run):
     write(run.path, three_keys())
-    assert run.ok("use-key", "2") == f"Now using [2] Three ({mask_key(KEY3)}).\n"
+    assert run.ok("use-key", "2") == f"Now using [2] Three ({mask_key(KEY3)}).\nSaved in {run.path}.\n"
     assert run.data()["activeIndex"] == 2
 
 
 @pytest.mark.parametrize("ref", ["Three", mask_key(KEY3), mask_key(KEY3).replace("…", "...")])
 def test_use_key_by_name_or_masked_key(run, ref):
     write(run.path, three_keys())
-    assert run.ok("use-key", ref) == f"Now using [2] Three ({mask_key(KEY3)}).\n"
+    assert run.ok("use-key", ref) == f"Now using [2] Three ({mask_key(KEY3)}).\nSaved in {run.path}.\n"
     assert run.data()["activeIndex"] == 2
 
 
@@ -466,7 +467,7 @@ def test_enable_key_and_clear_limits_by_name(run):
 @pytest.mark.parametrize("strategy", ["round-robin", "health-based", "sticky"])
 def test_set_strategy(run, strategy):
     write(run.path, three_keys(strategy="sticky" if strategy != "sticky" else "round-robin"))
-    assert run.ok("set-strategy", strategy) == f"Rotation strategy set to: {strategy}\n"
+    assert run.ok("set-strategy", strategy) == f"Rotation strategy set to: {strategy}\nSaved in {run.path}.\n"
     assert run.data()["rotationStrategy"] == strategy
 
 
@@ -488,7 +489,7 @@ def test_enable_key(run):
     data["accounts"][1].update(disabledReason="401 Unauthorized", consecutiveFailures=3)
     write(run.path, data)
     assert run.ok("enable-key", "1") == (
-        f"Enabled [1] Two ({mask_key(KEY2)}) (was disabled: 401 Unauthorized).\n"
+        f"Enabled [1] Two ({mask_key(KEY2)}) (was disabled: 401 Unauthorized).\nSaved in {run.path}.\n"
     )
     after = run.data()["accounts"][1]
     assert after["disabledReason"] is None and after["consecutiveFailures"] == 0
@@ -506,7 +507,7 @@ def _cooling_file(run) -> None:
 
 def test_clear_limits_one(run):
     _cooling_file(run)
-    assert run.ok("clear-limits", "1") == f"Cleared rate limits on [1] Two ({mask_key(KEY2)}).\n"
+    assert run.ok("clear-limits", "1") == f"Cleared rate limits on [1] Two ({mask_key(KEY2)}).\nSaved in {run.path}.\n"
     accounts = run.data()["accounts"]
     assert [(a["rateLimitResetTime"], a["cooldownReason"]) for a in accounts] == [
         (NOW + MIN, "429 #0"),
@@ -517,7 +518,7 @@ def test_clear_limits_one(run):
 
 def test_clear_limits_all(run):
     _cooling_file(run)
-    assert run.ok("clear-limits", "all") == "Cleared rate limits on all 3 keys.\n"
+    assert run.ok("clear-limits", "all") == f"Cleared rate limits on all 3 keys.\nSaved in {run.path}.\n"
     accounts = run.data()["accounts"]
     assert [(a["rateLimitResetTime"], a["cooldownReason"]) for a in accounts] == [(0, None)] * 3
     assert [a["cooldownLevel"] for a in accounts] == [0] * 3  # the next cooldown starts short
@@ -678,7 +679,7 @@ def test_plugin_file_survives_rotate(run):
     write(run.path, PLUGIN_FILE)
     listing = run.ok("list-keys")
     assert listing.startswith("Kimi API Keys (2 total, strategy: health-based; ● is the key in use):\n\n● [0] My Account 1\n")
-    assert run.ok("rotate") == f"Rotated to [1] My Account 2 ({mask_key(KEY2)}).\n"
+    assert run.ok("rotate") == f"Rotated to [1] My Account 2 ({mask_key(KEY2)}).\nSaved in {run.path}.\n"
     after = run.data()
     assert after["activeIndex"] == 1
     for field, value in PLUGIN_FILE.items():
@@ -777,3 +778,18 @@ def test_a_reader_that_stops_early_gets_no_traceback(run, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert cli.main(["--accounts", str(run.path), "list-keys"]) == 1  # no exception escapes
     assert capsys.readouterr().err == ""
+
+
+def test_a_hint_names_the_store_a_person_must_change(tmp_path):
+    """The commands the proxy and the CLI advise reach the store in use from another
+    terminal: nothing for the default file, --accounts for another, --store for a team's."""
+    from rotator.store import cli_command
+    from rotator.store.file import FileStore, platform_accounts_path
+    from rotator.store.redis_store import RedisStore
+
+    assert cli_command(FileStore(platform_accounts_path()), "add-key KEY") == "kimi-rotator add-key KEY"
+    odd = tmp_path / "my keys.json"
+    assert cli_command(FileStore(odd), "add-key KEY") == f"kimi-rotator --accounts '{odd}' add-key KEY"
+    team = RedisStore("redis://ops:s3cret@redis.lan:6380/2", "team:")
+    assert cli_command(team, "list-keys") == (
+        "kimi-rotator --store 'redis://ops:***@redis.lan:6380/2' --store-prefix team: list-keys")

@@ -159,7 +159,10 @@ async def test_a_broken_file_is_said_first_and_no_key_advice_that_would_fail(run
 
 async def test_status_without_keys_says_how_to_add_one(running) -> None:
     r = await running(keys=[])
-    assert r.run("kimi.status") == ["no Kimi API keys configured; add one with: kimi-rotator add-key sk-kimi-…"]
+    # The command names the file this proxy reads (issue 27).
+    assert r.run("kimi.status") == [
+        f"no Kimi API keys configured; add one with: kimi-rotator --accounts {r.path} add-key sk-kimi-…"
+    ]
 
 
 async def test_use_moves_the_next_request_and_the_file(running) -> None:

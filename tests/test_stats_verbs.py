@@ -128,6 +128,7 @@ def test_refresh_health_lifts_keys_rested_past_the_cooldown(path):
     assert result.stdout.splitlines() == [
         "Refreshed health for 1 key:",
         "  [0] Rested (sk-kim…abcd): 50% → 60%",
+        f"Saved in {path}.",
     ]
     accounts = on_disk(path)["accounts"]
     assert [a["healthScore"] for a in accounts] == [60, 50, 100]
@@ -167,9 +168,9 @@ def test_refresh_health_with_auto_refresh_off_changes_nothing_and_says_why(path)
 
 def test_set_auto_refresh_writes_the_plugins_field(path):
     two_keys(path)
-    assert run(path, "set-auto-refresh", "false").stdout == "Auto-refresh health: false\n"
+    assert run(path, "set-auto-refresh", "false").stdout == f"Auto-refresh health: false\nSaved in {path}.\n"
     assert on_disk(path)["autoRefreshHealth"] is False
-    assert run(path, "set-auto-refresh", "true").stdout == "Auto-refresh health: true\n"
+    assert run(path, "set-auto-refresh", "true").stdout == f"Auto-refresh health: true\nSaved in {path}.\n"
     assert on_disk(path)["autoRefreshHealth"] is True
 
 
@@ -185,7 +186,7 @@ def test_set_auto_refresh_refuses_anything_but_true_or_false(path, value):
 
 def test_set_cooldown_writes_the_plugins_field(path):
     two_keys(path)
-    assert run(path, "set-cooldown", "60").stdout == "Health refresh cooldown: 60 minutes\n"
+    assert run(path, "set-cooldown", "60").stdout == f"Health refresh cooldown: 60 minutes\nSaved in {path}.\n"
     assert on_disk(path)["healthRefreshCooldownMinutes"] == 60
     assert run(path, "set-cooldown", "1440").returncode == 0
     assert on_disk(path)["healthRefreshCooldownMinutes"] == 1440

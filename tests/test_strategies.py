@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from rotator.core.models import Account
@@ -111,7 +113,9 @@ def test_every_key_busy_says_busy_not_cooling():
 
     accounts = pool(100, 100)
     why = choose_key(accounts, "round-robin", 0, NOW, skip={0, 1})
-    answer = answers.no_key(why, AccountsFile(accounts=accounts), NOW, "accounts.json", None)
+    from rotator.store.file import FileStore
+
+    answer = answers.no_key(why, AccountsFile(accounts=accounts), NOW, FileStore(Path("accounts.json")), None)
     text = answer.get_text()
     assert answer.status_code == 429 and answer.headers["retry-after"] == "1"
     assert "every usable key is busy or already tried; a busy key frees when a request on it ends." in text

@@ -80,17 +80,20 @@ def find_key(state: AccountsFile, ref: str) -> int:
 
 
 def run(store: StateStore, op: Op) -> str:
-    """Try `op` on a snapshot (so a refusal writes nothing), then make it for real."""
+    """Try `op` on a snapshot (so a refusal writes nothing), then make it for real; what it
+    says ends with the store it changed, when it changed one."""
     op(store.read())
     result: list[str] = []
+    wrote: list[bool] = []
 
     def locked_change(state: AccountsFile) -> AccountsFile | None:
         before = state.to_json()
         result.append(op(state))
-        return None if state.to_json() == before else state
+        wrote.append(state.to_json() != before)
+        return state if wrote[-1] else None
 
     store.edit(locked_change)
-    return result[0]
+    return f"{result[-1]}\nSaved in {store.location}." if wrote[-1] else result[-1]
 
 
 def _index_of(state: AccountsFile, key: str) -> int:

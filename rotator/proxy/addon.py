@@ -51,7 +51,7 @@ from rotator.proxy.polls import QuotaPolls, poll_target
 from rotator.proxy.status_page import StatusPage
 from rotator.status.tally import Tally
 from rotator.status.timeline import Timeline
-from rotator.store import StateStore, StoreError, open_store
+from rotator.store import StateStore, StoreError, cli_command, open_store
 from rotator.sync.save_loop import PoolSync
 from rotator.sync.team_caps import TeamCaps
 from rotator.sync.team_notices import TeamNotices
@@ -140,7 +140,7 @@ class KimiRotator:
             self._background.start(previous_polls.stop())
             self._start_store()
         if state is not None:
-            _announce_keys(state, store.location)
+            _announce_keys(state, store)
 
     def _use_pool(self, pool: KeyPool) -> None:
         self.pool = pool
@@ -322,7 +322,7 @@ class KimiRotator:
         assert self.sync is not None
         self.tally.answered_itself(why.shortage.value)
         return answers.no_key(
-            why, self.pool.state, self.clock.now_ms(), self.sync.store.location, self.sync.problem
+            why, self.pool.state, self.clock.now_ms(), self.sync.store, self.sync.problem
         )
 
 
@@ -350,9 +350,11 @@ def freeze_what_lives_on() -> None:
         gc.freeze()
 
 
-def _announce_keys(state: AccountsFile, location: str) -> None:
+def _announce_keys(state: AccountsFile, store: StateStore) -> None:
+    location = store.location
     if not state.accounts:
-        logger.warning("kimi-rotator: no Kimi API keys in %s; add one with: kimi-rotator add-key sk-kimi-…", location)
+        logger.warning("kimi-rotator: no Kimi API keys in %s; add one with: %s", location,
+                       cli_command(store, "add-key sk-kimi-…"))
     else:
         logger.log(
             ALERT, "kimi-rotator: %d key(s) from %s, strategy %s",

@@ -21,6 +21,7 @@ from rotator.core.key_view import summary, view_pool
 from rotator.core.models import AccountsFile
 from rotator.core.strategies import Shortage, Unavailable
 from rotator.proxy import bodies
+from rotator.store import StateStore, cli_command
 
 
 OPENAI_PATH_SUFFIX = "/chat/completions"
@@ -76,8 +77,10 @@ def refused(denial: Denial) -> http.Response:
     return anthropic_error(denial.status, denial.error_type, denial.message)
 
 
-def no_key(why: Unavailable, state: AccountsFile, now: int, location: str, store_problem: str | None) -> http.Response:
-    """Why no key can serve this request, and when one will."""
+def no_key(why: Unavailable, state: AccountsFile, now: int, store: StateStore, store_problem: str | None) -> http.Response:
+    """Why no key can serve this request, and when one will; a command it advises names
+    the store (`cli_command`), so it changes the pool this proxy serves."""
+    location = store.location
     if store_problem is not None and not state.accounts and location.startswith(("redis://", "rediss://")):
         return anthropic_error(
             503, "api_error",
@@ -92,14 +95,14 @@ def no_key(why: Unavailable, state: AccountsFile, now: int, location: str, store
         )
     if why.shortage is Shortage.NO_KEYS:
         return anthropic_error(
-            503, "api_error", f"no Kimi API keys configured in {location}; run: kimi-rotator add-key sk-kimi-…"
+            503, "api_error", f"no Kimi API keys configured in {location}; run: {cli_command(store, 'add-key sk-kimi-…')}"
         )
     keys = summary(view_pool(state, now), now)
     if why.shortage is Shortage.ALL_DISABLED:
         return anthropic_error(
             503, "api_error",
-            "every Kimi API key is disabled; see `kimi-rotator list-keys`, then "
-            "`kimi-rotator enable-key INDEX` or add a key. " + keys,
+            f"every Kimi API key is disabled; see `{cli_command(store, 'list-keys')}`, then "
+            f"`{cli_command(store, 'enable-key INDEX')}` or add a key. " + keys,
         )
     wait_s = 1
     if why.available_at_ms is not None:

@@ -23,6 +23,7 @@ from rotator.admin import ops
 from rotator.core.key_view import KeyState, KeyView, format_duration, view_pool
 from rotator.core.models import STRATEGIES
 from rotator.core.text import clean_line, clean_lines
+from rotator.store import cli_command
 
 if TYPE_CHECKING:
     from rotator.proxy.addon import KimiRotator
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 LINE_MOST = 300
 _INDEX = re.compile(r"[0-9]+")
-NO_KEYS = "no Kimi API keys configured; add one with: kimi-rotator add-key sk-kimi-…"
+NO_KEYS = "no Kimi API keys configured; add one with: "
 
 
 def _one_paragraph(func: Callable[..., object]) -> Callable[..., object]:
@@ -59,7 +60,9 @@ class RotatorCommands:
         sync = self.rotator.sync
         if sync is not None and sync.problem_said is not None:  # why, before what it leaves
             lines.insert(0, clean_line(sync.problem_said, 2 * LINE_MOST))  # it names the store
-        lines = lines or [NO_KEYS]
+        if not lines:
+            add = "kimi-rotator add-key sk-kimi-…" if sync is None else cli_command(sync.store, "add-key sk-kimi-…")
+            lines = [NO_KEYS + add]
         for line in lines:
             logger.info("kimi-rotator: %s", line)  # not ALERT: the timeline keeps changes
         if views and _in_mitmweb():

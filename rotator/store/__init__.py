@@ -36,6 +36,9 @@ class PoolLost(StoreError):
 class StateStore(Protocol):
     location: str  # where the state lives, for messages
     what: str  # what it is, for messages: "the accounts file", "the team store"
+    # The CLI's options that reach this store from another terminal: "" for the
+    # default accounts file, else `--accounts PATH` or `--store URL` (masked).
+    cli_options: str
     # Why the last notice to the team could not be sent (the write it followed was
     # made), or None: sent, or nothing to send.
     untold: str | None
@@ -181,3 +184,9 @@ def open_store(spec: str | None, accounts_path: "os.PathLike[str] | str", prefix
         return RedisStore(spec, prefix or DEFAULT_PREFIX, clock)
 
     raise StoreError(f"{masked_url(spec)}: not a store (give nothing for the accounts file, or a redis:// or rediss:// URL)")
+
+
+def cli_command(store: StateStore, verb: str) -> str:
+    """`kimi-rotator [--accounts PATH | --store URL] VERB`: the command a person runs, in
+    another terminal, to change this store (hints name it, not the default file)."""
+    return " ".join(part for part in ("kimi-rotator", store.cli_options, verb) if part)

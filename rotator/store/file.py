@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 import tempfile
 import time
@@ -66,6 +67,11 @@ def default_accounts_path() -> Path:
     override = os.environ.get(ACCOUNTS_ENV)
     if override:
         return Path(override).expanduser()
+    return platform_accounts_path()
+
+
+def platform_accounts_path() -> Path:
+    """The accounts file with no option and no environment: the user config folder's."""
     return Path(platformdirs.user_config_dir("kimi-rotator")) / ACCOUNTS_FILENAME
 
 
@@ -335,6 +341,8 @@ class FileStore:
         self._clock = clock
         self.location = str(path)
         self.what = "the accounts file"
+        # $KIMI_ROTATOR_ACCOUNTS may be this process's only: another terminal needs the path.
+        self.cli_options = "" if path == platform_accounts_path() else f"--accounts {shlex.quote(str(path))}"
         self.untold: str | None = None  # a file tells no one: its readers re-read it
         self._signature: FileSignature | None = None
         # After a failed read, never trust the signature: nothing said it is good.

@@ -27,6 +27,7 @@ the proxy's event loop.
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -84,6 +85,8 @@ class RedisStore:
         self._clock = clock  # this process's: the one a proxy's changes are timed by
         self.location = masked_url(url)
         self.what = "the team store"
+        prefix_option = "" if prefix == DEFAULT_PREFIX else f" --store-prefix {shlex.quote(prefix)}"
+        self.cli_options = f"--store {shlex.quote(self.location)}{prefix_option}"
         self._accounts_key = f"{prefix}accounts"
         self._version_key = f"{prefix}version"
         self._channel = notices_channel(prefix)
