@@ -17,6 +17,7 @@ from rotator.core.clock import seconds_until
 from rotator.core.keys import key_label
 from rotator.core.models import Account
 from rotator.pool import key_updates
+from rotator.pool.events import PoolListener
 
 
 class HeardFromOutside:
@@ -26,7 +27,7 @@ class HeardFromOutside:
     in_flight: dict[str, int]
     paused_until_ms: int
     quota_reserve_percent: float
-    key_freed: Callable[[], None]
+    listener: PoolListener
     _at_cap: set[str]
     _team_full: set[str]
     _parallel: dict[str, int]
@@ -87,7 +88,7 @@ class HeardFromOutside:
         self._note_parallel(key, reading)
         self._update_cap(key, self.in_flight.get(key, 0), account)
         event = self._steer(key, account, now_ms)
-        self.key_freed()  # a raised parallel limit frees a slot
+        self.listener.key_freed()  # a raised parallel limit frees a slot
         return self._tell(event)
 
     def _note_parallel(self, key: str, reading: quota.QuotaReading | None) -> None:
@@ -112,7 +113,7 @@ class HeardFromOutside:
             return None
         account.rate_limit_reset_time = deadline_ms
         self.changes.for_key(key).set("rate_limit_reset_time", deadline_ms, now_ms)
-        self.key_freed()
+        self.listener.key_freed()
         seconds = seconds_until(deadline_ms, now_ms)
         index = self._index_by_key[key]
         return self._tell(f"key {key_label(index, account.name, key)}: Kimi says its limit resets in {seconds} s")
