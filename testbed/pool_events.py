@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rotator.core.models import Account
+
 
 class RecordedPoolEvents:
     """Each event the pool told, in order, as (name, *arguments)."""
@@ -27,3 +29,12 @@ class RecordedPoolEvents:
 
     def limited(self, key: str) -> None:
         self.events.append(("limited", key))
+
+    def key_disabled(self, index: int, account: Account, can_enable: bool) -> None:
+        self.events.append(("key_disabled", index, account.key, can_enable))
+
+    def key_enabled(self, index: int, account: Account) -> None:
+        self.events.append(("key_enabled", index, account.key))
+
+    def window_spent(self, index: int, account: Account, window: str, resets_ms: int | None) -> None:
+        self.events.append(("window_spent", index, account.key, window, resets_ms))

@@ -20,6 +20,8 @@ from tests.conftest import fake_key
 
 NOW = 1_800_000_000_000
 OK = policy.classify(200, {}, b"{}", NOW)
+BANNED = policy.classify(403, {}, b'{"error":{"message":"access terminated: community guidelines"}}', NOW)
+WEEKLY = policy.classify(429, {}, b'{"error":{"message":"You have reached your weekly usage limit"}}', NOW)
 REVOKED = policy.classify(401, {}, b'{"error":{"message":"Invalid Authentication"}}', NOW)
 
 
@@ -40,7 +42,44 @@ def test_an_answer_tells_its_slot_freed_then_a_key_freed_and_a_change_only_when_
     revoked = pool.acquire(NOW)
     assert isinstance(revoked, Lease)
     assert pool.release(revoked, REVOKED, NOW) is not None  # the key is disabled
-    assert heard.events == [("slot_freed", revoked.key), ("key_freed",), ("state_changed",)]
+    assert heard.events == [
+        ("slot_freed", revoked.key), ("key_disabled", revoked.index, revoked.key, True), ("key_freed",),
+        ("state_changed",),
+    ]
+    heard.events.clear()
+    other = pool.acquire(NOW)  # the other key: the first is disabled
+    assert isinstance(other, Lease) and other.key != revoked.key
+    pool.release(other, REVOKED, NOW)
+    assert heard.named("key_disabled") == [(other.index, other.key, True)]
+
+
+def test_a_ban_is_a_key_disabled_that_a_person_cannot_enable_and_a_window_refusal_says_until_when():
+    heard = RecordedPoolEvents()
+    pool = _pool(heard)
+    banned = pool.acquire(NOW)
+    assert isinstance(banned, Lease)
+    pool.release(banned, BANNED, NOW)
+    assert heard.named("key_disabled") == [(banned.index, banned.key, False)]
+    spent = pool.acquire(NOW)
+    assert isinstance(spent, Lease)
+    pool.release(spent, WEEKLY, NOW)
+    (event,) = heard.named("window_spent")
+    assert event[:3] == (spent.index, spent.key, "weekly") and event[3] > NOW
+    assert heard.named("key_disabled") == [(banned.index, banned.key, False)]  # said once
+
+
+def test_a_key_enabled_again_in_an_adopted_state_is_told():
+    heard = RecordedPoolEvents()
+    pool = _pool(heard)
+    pool.release(pool.acquire(NOW), REVOKED, NOW)  # type: ignore[arg-type]
+    pool.take_changes()  # saved
+    state = pool.state.model_copy(deep=True)
+    pool.adopt(state)
+    assert heard.named("key_enabled") == []  # still disabled
+    state = pool.state.model_copy(deep=True)
+    state.accounts[0].disabled_reason = None  # as enable-key writes it
+    pool.adopt(state)
+    assert heard.named("key_enabled") == [(0, fake_key(0))]
 
 
 def test_a_request_never_sent_frees_its_slot_and_changes_nothing():

@@ -3,15 +3,17 @@ when it is made, with a listener that hears nothing (`QUIET`), a base that ignor
 part does not care for (`IgnoresPoolEvents`), and a fan-out to several (`PoolListeners`).
 
 The pool touches memory only; each of these is its way to say what happened, so the
-parts that act on it (the wait line, the team's caps and notices) are told, never
-assigned into the pool. `rotator.proxy.assembly` builds the pool and its listeners in
-one place. A listener is told synchronously, from the pool's own call: it must not
+parts that act on it (the wait line, the team's caps and notices, the notifications to
+a person) are told, never assigned into the pool. `rotator.proxy.assembly` builds the
+pool and its listeners in one place. A listener is told synchronously, from the pool's own call: it must not
 block, and it may call the pool back.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
+
+from rotator.core.models import Account
 
 
 class PoolListener(Protocol):
@@ -30,6 +32,18 @@ class PoolListener(Protocol):
     def limited(self, key: str) -> None:
         """A rate limit seen here and charged to `key`."""
 
+    def key_disabled(self, index: int, account: Account, can_enable: bool) -> None:
+        """The key at `index` was disabled (`account.disabled_reason` says why): a 401, a
+        ban, a poll answered 401. `can_enable`: a person may put it back (not a ban)."""
+
+    def key_enabled(self, index: int, account: Account) -> None:
+        """The key at `index`, disabled before, is enabled in a state the pool adopted."""
+
+    def window_spent(self, index: int, account: Account, window: str, resets_ms: int | None) -> None:
+        """The key at `index` has no quota left in `window` (`5-hour`, `weekly`,
+        `billing cycle`, ...) until `resets_ms` (None: not known): an answer naming the
+        window, or a quota reading that finds it spent."""
+
 
 class IgnoresPoolEvents:
     """A listener that hears nothing; a part overrides the events it acts on."""
@@ -47,6 +61,15 @@ class IgnoresPoolEvents:
         pass
 
     def limited(self, key: str) -> None:
+        pass
+
+    def key_disabled(self, index: int, account: Account, can_enable: bool) -> None:
+        pass
+
+    def key_enabled(self, index: int, account: Account) -> None:
+        pass
+
+    def window_spent(self, index: int, account: Account, window: str, resets_ms: int | None) -> None:
         pass
 
 
@@ -83,3 +106,15 @@ class PoolListeners:
     def limited(self, key: str) -> None:
         for listener in self._listeners:
             listener.limited(key)
+
+    def key_disabled(self, index: int, account: Account, can_enable: bool) -> None:
+        for listener in self._listeners:
+            listener.key_disabled(index, account, can_enable)
+
+    def key_enabled(self, index: int, account: Account) -> None:
+        for listener in self._listeners:
+            listener.key_enabled(index, account)
+
+    def window_spent(self, index: int, account: Account, window: str, resets_ms: int | None) -> None:
+        for listener in self._listeners:
+            listener.window_spent(index, account, window, resets_ms)

@@ -74,8 +74,10 @@ class HeardFromOutside:
         account = self.account(key)
         if account is None or account.disabled_reason is not None:
             return None
-        label = key_label(self._index_by_key[key], account.name, key)
-        return self._tell(key_updates.disable(account, self.changes.for_key(key), label, reason, now_ms))
+        index = self._index_by_key[key]
+        event = key_updates.disable(account, self.changes.for_key(key), key_label(index, account.name, key), reason, now_ms)
+        self.listener.key_disabled(index, account, True)
+        return self._tell(event)
 
     def take_reading(self, key: str, reading: quota.QuotaReading, now_ms: int) -> str | None:
         """Keep a key's newest quota reading; a spent window cools the key until it resets
@@ -101,8 +103,12 @@ class HeardFromOutside:
         spent = key_updates.spent_window(account, self.quota_reserve_percent, now_ms)
         if spent is None:
             return None
-        label = key_label(self._index_by_key[key], account.name, key)
-        return key_updates.cooled_by_window(account, self.changes.for_key(key), label, spent, now_ms)
+        index = self._index_by_key[key]
+        event = key_updates.cooled_by_window(
+            account, self.changes.for_key(key), key_label(index, account.name, key), spent, now_ms
+        )
+        self.listener.window_spent(index, account, spent.window.name, spent.until_ms)
+        return event
 
     def set_exact_reset(self, key: str, deadline_ms: int, now_ms: int) -> str | None:
         """Replace a cooling key's estimated deadline with the one Kimi reported."""

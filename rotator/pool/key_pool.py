@@ -20,7 +20,7 @@ from rotator.core import merge, oddities, quota, throttle
 from rotator.core.clock import SYSTEM_CLOCK, Clock
 from rotator.core.health import rest_period_ms
 from rotator.core.models import Account, AccountsFile
-from rotator.core.policy import Outcome, Verdict
+from rotator.core.policy import Outcome, Verdict, Window
 from rotator.core.strategies import Shortage, Unavailable, choose_key, next_index
 from rotator.pool import key_updates
 from rotator.pool.events import QUIET, PoolListener
@@ -29,6 +29,8 @@ from rotator.pool.lease import Lease, SkipKeys
 
 
 DEFAULT_MAX_IN_FLIGHT = 30
+# A window an answer names, as a person reads it (`rotator.core.quota.window_name`'s words).
+WINDOW_NAMES = {Window.FIVE_HOUR: "5-hour", Window.WEEKLY: "weekly", Window.BILLING_CYCLE: "billing cycle"}
 
 
 class KeyPool(HeardFromOutside):
@@ -207,7 +209,15 @@ class KeyPool(HeardFromOutside):
             ))
             self.listener.limited(lease.key)
         change = self.changes.for_key(lease.key)
-        return key_updates.apply_answer(account, change, lease.label, outcome, now_ms, took_ms, self._rest_ms)
+        was_disabled = account.disabled_reason is not None
+        event = key_updates.apply_answer(account, change, lease.label, outcome, now_ms, took_ms, self._rest_ms)
+        if outcome.disable and not was_disabled and account.disabled_reason is not None:
+            can_enable = outcome.verdict is not Verdict.ACCOUNT_BANNED
+            self.listener.key_disabled(self._index_by_key[lease.key], account, can_enable)
+        elif outcome.window is not None:
+            window = WINDOW_NAMES[outcome.window]
+            self.listener.window_spent(self._index_by_key[lease.key], account, window, account.cooling_until or None)
+        return event
 
     def _tell(self, event: str | None) -> str | None:
         if event is not None:
@@ -264,6 +274,7 @@ class KeyPool(HeardFromOutside):
         return entries
 
     def _adopt(self, state: AccountsFile) -> list[str]:
+        was_disabled = {a.key for a in self._state.accounts if a.disabled_reason is not None} if self._entries else ()
         self._state = state = oddities.in_use(state)  # a key listed twice: its first entry
         self._index_by_key = oddities.first_index_by_key(state.accounts)
         self._entries = self._entries_of(state)
@@ -273,6 +284,8 @@ class KeyPool(HeardFromOutside):
         now_ms = self.clock.now_ms()
         for key, index in self._index_by_key.items():
             account = state.accounts[index]
+            if key in was_disabled and account.disabled_reason is None:  # enabled again
+                self.listener.key_enabled(index, account)
             if account.quota is not None:  # another process's reading (the CLI's `usage`)
                 self._note_parallel(key, account.quota)
                 event = self._steer(key, account, now_ms)

@@ -10,6 +10,7 @@ that gets a key at once costs no extra task.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from rotator.core import access, policy
 from rotator.core.background import Background
 from rotator.core.clock import SYSTEM_CLOCK, Clock
 from rotator.core.models import AccountsFile
+from rotator.notify.pool_listener import PoolNotifications
 from rotator.pool.key_pool import DEFAULT_MAX_IN_FLIGHT
 from rotator.pool.lease import Lease
 from rotator.proxy import answers, bodies, retry, startup_checks, upstream
@@ -47,6 +49,7 @@ from rotator.proxy.options import (
 from rotator.core.strategies import Unavailable
 from rotator.pool.waitline import ABANDONED, WaitLine
 from rotator.proxy.headers import is_event_stream
+from rotator.proxy.notify_option import add_notify_options, close_notify, configure_notify
 from rotator.proxy.polls import poll_target
 from rotator.proxy.status_page import StatusPage
 from rotator.status.tally import Tally
@@ -64,7 +67,11 @@ class KimiRotator:
         self.ledger = FlowLedger()
         self.tally = Tally()  # this process's counts, for metrics and the status page
         self.timeline = Timeline()  # the pool's recent state changes, as logged
-        self._shell = Shell(self.ledger, send, clock, self._no_key_answer, self.tally)
+        self.notify = PoolNotifications(clock)  # what a person is told (kimi_notify)
+        self._shell = Shell(
+            self.ledger, send, clock, self._no_key_answer, self.tally,
+            listeners=(self.notify,), store_heard=self.notify.store_problem,
+        )
         self._use(assemble(self._shell, self.settings, max_in_flight=DEFAULT_MAX_IN_FLIGHT))
         self._running = False
         self._background = Background()
@@ -80,6 +87,7 @@ class KimiRotator:
 
     def load(self, loader: Any) -> None:
         add_options(loader)
+        add_notify_options(loader)
         self.status_page.load(loader)
         startup_checks.check_deferred(loader.master.options)
         startup_checks.install_one_line_option_errors()
@@ -89,6 +97,7 @@ class KimiRotator:
     def configure(self, updated: set[str]) -> None:
         self.settings = read_settings(self.settings, ctx.options, updated)
         self.client_host.configure(ctx.options, updated)
+        configure_notify(self.notify, ctx.options, updated)
         if "stream_large_bodies" in updated:
             # Without streamed request bodies, requests need no hook before `request`:
             # mitmproxy then calls none, and the hot path pays nothing for this one.
@@ -156,6 +165,7 @@ class KimiRotator:
         await self.parts.let_go()
         self.timeline.detach()
         await self.status_page.done()
+        await asyncio.to_thread(close_notify, self.notify)
 
     # -- traffic -----------------------------------------------------------------
     def server_connect(self, data: ServerConnectionHookData) -> None:
@@ -238,6 +248,7 @@ class KimiRotator:
         record.attempts.append(attempt_note(lease))
         self.ledger.put_key(record, unreadable=bodies.UNREADABLE)
         self.polls.last_request = flow.request
+        self.notify.took_key()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         record = self.ledger.get(flow.id)
@@ -297,6 +308,7 @@ class KimiRotator:
     def _no_key_answer(self, why: Unavailable) -> http.Response:
         assert self.sync is not None
         self.tally.answered_itself(why.shortage.value)
+        self.notify.no_key(why, self.pool.accounts)
         return answers.no_key(
             why, self.pool.state, self.clock.now_ms(), self.sync.store.location, self.sync.problem
         )

@@ -25,7 +25,7 @@ from rotator.proxy.options import Settings
 from rotator.proxy.polls import QuotaPolls
 from rotator.status.tally import Tally
 from rotator.store import StateStore
-from rotator.sync.save_loop import PoolSync
+from rotator.sync.save_loop import PoolSync, StoreHeard
 from rotator.sync.team_caps import TeamCaps
 from rotator.sync.team_notices import TeamNotices
 
@@ -40,6 +40,7 @@ class Shell:
     no_key_answer: NoKeyAnswer
     tally: Tally
     listeners: Sequence[PoolListener] = ()  # the addon's own listeners, told after the parts
+    store_heard: StoreHeard | None = None  # told of a team store's outage and recovery
 
 
 @dataclass(slots=True, frozen=True)
@@ -84,10 +85,10 @@ def assemble(
     pool.quota_reserve_percent = settings.quota_reserve_percent
     sync = team = notices = None
     if store is not None:
-        sync = PoolSync(store, pool, settings.flush_interval_s)
         slots = store.team_slots(settings.slot_ttl_ms)
         team = None if slots is None else TeamCaps(pool, slots, clock)
         events = store.team_events()
+        sync = PoolSync(store, pool, settings.flush_interval_s, None if events is None else shell.store_heard)
         notices = None if events is None else TeamNotices(events, pool, sync, team, clock)
     line = WaitLine(pool, admit=None if team is None else team.admit)
     listeners.add(*(part for part in (line, team, notices) if part is not None), *shell.listeners)
