@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -81,3 +83,55 @@ def test_the_notify_test_verb_says_which_url_failed_and_exits_1(receiver: Receiv
     (failed,) = done.stderr.strip().splitlines()
     assert failed.startswith(f"failed: json://127.0.0.1:{port}: ") and "Connection refused" in failed
     assert len(receiver.wait(2)) == 2  # the live one took it all the same
+
+
+class Silent:
+    """A receiver that accepts each connection and never answers (held until closed)."""
+
+    def __init__(self) -> None:
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen()
+        self.port = self.server.getsockname()[1]
+        self.accepted = threading.Event()
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self._held.append(conn)
+            self.accepted.set()
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self._held:
+            conn.close()
+
+
+@pytest.mark.slow
+def test_a_receiver_that_never_answers_does_not_slow_requests(
+    fake_kimi: FakeKimi, write_accounts, start_proxy
+) -> None:
+    silent = Silent()
+    keys = [fake_key(f"silent{i}") for i in range(2)]
+    write_accounts(keys, "round-robin")
+    fake_kimi.set_kimi_error(keys[0], "invalid_auth")
+    proxy = start_proxy(fake_kimi, options={"kimi_notify": f"json://127.0.0.1:{silent.port}/"})
+    try:
+        with httpx.Client(trust_env=False, timeout=30) as c:
+            assert send(c, proxy).status_code == 200  # key 0 disabled: a message goes out ...
+            assert silent.accepted.wait(15)  # ... and hangs at the receiver
+            took = []
+            for _ in range(20):
+                start = time.monotonic()
+                assert send(c, proxy).status_code == 200
+                took.append(time.monotonic() - start)
+        # Delivery is off the proxy's path: no request waits for the send (its deadline is 10 s).
+        assert max(took) < 2.0, took
+        assert proxy.stop() == 0  # and at exit the send is given up within 5 s
+    finally:
+        silent.close()
