@@ -13,6 +13,7 @@ from rotator.core.models import Account, AccountsFile
 from rotator.store import file as storage
 from testbed.fake_kimi import FakeKimi
 from testbed.processes import REPO_ROOT, Proxy, start_mitmdump
+from testbed.receiver import Receiver
 from testbed.redis_server import RedisServer
 from tests.harness import LOOPBACK_DNS
 
@@ -42,6 +43,14 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A notification receiver on 127.0.0.1 (apprise's json://127.0.0.1:PORT/), closed at the end."""
+    server = Receiver()
+    yield server
+    server.close()
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from rotator.core import policy
 from rotator.core.keys import mask_key, mask_key_ascii
 from rotator.core.models import Account, AccountsFile
 from rotator.core.strategies import Shortage, Unavailable
+from rotator.pool.events import PoolListeners
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from rotator.pool.waitline import WaitLine
@@ -125,9 +126,17 @@ def proxy(tmp_path: Path, clock: FakeClock):
 # -- waiting in line ---------------------------------------------------------------------
 
 
-async def test_a_freed_key_serves_waiters_in_order_and_wakes_no_one_else(clock: FakeClock) -> None:
-    pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0])]), max_in_flight=1, clock=clock)
+def _lined(state: AccountsFile, **kwargs: Any) -> tuple[KeyPool, WaitLine]:
+    """A pool and its wait line, the line listening (as rotator.proxy.assembly wires them)."""
+    listeners = PoolListeners()
+    pool = KeyPool(state, listener=listeners, **kwargs)
     line = WaitLine(pool)
+    listeners.add(line)
+    return pool, line
+
+
+async def test_a_freed_key_serves_waiters_in_order_and_wakes_no_one_else(clock: FakeClock) -> None:
+    pool, line = _lined(AccountsFile(accounts=[Account(key=KEYS[0])]), max_in_flight=1, clock=clock)
     held = pool.acquire(clock.now)
     assert isinstance(held, Lease)
     deadline = clock.now + 30_000
@@ -159,8 +168,7 @@ async def test_a_freed_key_serves_waiters_in_order_and_wakes_no_one_else(clock: 
 
 
 async def test_a_waiter_gives_up_at_its_deadline_and_is_told_why(clock: FakeClock) -> None:
-    pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0])]), max_in_flight=1, clock=clock)
-    line = WaitLine(pool)
+    pool, line = _lined(AccountsFile(accounts=[Account(key=KEYS[0])]), max_in_flight=1, clock=clock)
     pool.acquire(clock.now)
     start = clock.now
     (result,) = await run_virtual(clock, line.acquire(start + 30_000))
@@ -170,8 +178,7 @@ async def test_a_waiter_gives_up_at_its_deadline_and_is_told_why(clock: FakeCloc
 
 
 async def test_a_waiter_served_just_as_it_is_given_up_hands_the_key_back(clock: FakeClock) -> None:
-    pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0])]), max_in_flight=1, clock=clock)
-    line = WaitLine(pool)
+    pool, line = _lined(AccountsFile(accounts=[Account(key=KEYS[0])]), max_in_flight=1, clock=clock)
     held = pool.acquire(clock.now)
     waiter = asyncio.ensure_future(line.acquire(clock.now + 30_000))
     await asyncio.sleep(0)
@@ -185,8 +192,7 @@ async def test_a_waiter_served_just_as_it_is_given_up_hands_the_key_back(clock: 
 
 async def test_a_cooling_key_serves_the_waiter_when_its_cooldown_ends(clock: FakeClock) -> None:
     account = Account(key=KEYS[0], rate_limit_reset_time=clock.now + 12_000)
-    pool = KeyPool(AccountsFile(accounts=[account]), clock=clock)
-    line = WaitLine(pool)
+    pool, line = _lined(AccountsFile(accounts=[account]), clock=clock)
     start = clock.now
     (lease,) = await run_virtual(clock, line.acquire(start + 30_000))
     assert isinstance(lease, Lease)

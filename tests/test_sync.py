@@ -124,3 +124,22 @@ async def test_late_answers_on_a_removed_then_re_added_key_count_on_no_entry(tmp
     assert (again.total_requests, again.successful_requests) == (0, 0)  # was 0 requests, 3 successes
     assert (pool.account(KEYS[0]).total_requests, pool.account(KEYS[0]).successful_requests) == (0, 0)
     assert pool.in_flight == {}
+
+
+async def test_the_store_going_and_coming_back_is_heard_once_each(tmp_path: Path) -> None:
+    # The notifications of a team store hear this (rotator.proxy.assembly gives `heard`
+    # to a shared store's save loop only); any store reports it the same way.
+    path = tmp_path / "accounts.json"
+    path.write_text('{"version": 1, "accounts": [')  # truncated
+    heard: list[tuple[str, str | None]] = []
+    store = FileStore(path)
+    sync = PoolSync(store, KeyPool(AccountsFile()), 1.0, lambda where, why: heard.append((where, why)))
+    assert sync.load() is None
+    for _ in range(3):
+        await sync.save_once()
+    assert len(heard) == 1 and heard[0][0] == store.location
+    assert heard[0][1] is not None and "not valid JSON" in heard[0][1]
+    write_accounts(path, AccountsFile(accounts=[Account(key=KEYS[0])]))
+    await sync.save_once()
+    await sync.save_once()
+    assert heard[1:] == [(store.location, None)]

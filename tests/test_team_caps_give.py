@@ -13,6 +13,7 @@ import pytest
 
 from rotator.core import policy
 from rotator.core.models import Account, AccountsFile
+from rotator.pool.events import PoolListeners
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.waitline import ABANDONED, WaitLine
 from rotator.store import StoreError
@@ -77,10 +78,13 @@ class FakeSlots:
 
 def _setup() -> tuple[KeyPool, FakeSlots, FakeClock, TeamCaps]:
     clock = FakeClock(NOW)
+    listeners = PoolListeners()
     pool = KeyPool(AccountsFile(accounts=[Account(key=k, name=f"k{i}") for i, k in enumerate(KEYS)],
-                                rotation_strategy="round-robin"), clock=clock)
+                                rotation_strategy="round-robin"), clock=clock, listener=listeners)
     slots = FakeSlots()
-    return pool, slots, clock, TeamCaps(pool, slots, clock)
+    caps = TeamCaps(pool, slots, clock)
+    listeners.add(caps)  # as rotator.proxy.assembly wires a team store
+    return pool, slots, clock, caps
 
 
 async def _settle() -> None:
@@ -250,8 +254,7 @@ def test_a_new_slot_lifetime_refreshes_at_once_and_then_at_its_own_pace():
 def test_a_client_that_leaves_while_its_team_slot_is_taken_sends_nothing_and_gives_the_slot_back():
     async def run() -> None:
         pool, slots, clock, caps = _setup()
-        line = WaitLine(pool)
-        line.admit = caps.admit  # as the addon wires a team store
+        line = WaitLine(pool, admit=caps.admit)  # as rotator.proxy.assembly wires a team store
         left = False
         take = slots.take
 

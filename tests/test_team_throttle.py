@@ -14,6 +14,7 @@ import pytest
 from rotator.core import policy, throttle
 from rotator.core.models import Account, AccountsFile
 from rotator.core.strategies import Shortage, Unavailable
+from rotator.pool.events import QUIET, PoolListener, PoolListeners
 from rotator.pool.key_pool import KeyPool
 from rotator.store import Notice, NoticeKind
 from rotator.store.redis_events import parse_notice
@@ -21,6 +22,7 @@ from rotator.store.redis_store import RedisStore
 from rotator.store.urls import key_id
 from rotator.sync.team_notices import TeamNotices
 from testbed.hooks import FakeClock
+from testbed.pool_events import RecordedPoolEvents
 from testbed.redis_server import RedisServer
 
 NOW = 1_800_000_000_000
@@ -28,9 +30,12 @@ KEYS = [f"sk-kimi-FAKEteam{i:024d}" for i in range(4)]
 LIMITED = policy.classify(429, {"retry-after": "30"}, b"", NOW)
 
 
-def _pool(clock: FakeClock | None = None) -> KeyPool:
+def _pool(clock: FakeClock | None = None, listener: PoolListener = QUIET) -> KeyPool:
     accounts = [Account(key=key, name=f"K{i}") for i, key in enumerate(KEYS)]
-    pool = KeyPool(AccountsFile(accounts=accounts, rotation_strategy="round-robin"), clock=clock or FakeClock(NOW))
+    pool = KeyPool(
+        AccountsFile(accounts=accounts, rotation_strategy="round-robin"), clock=clock or FakeClock(NOW),
+        listener=listener,
+    )
     return pool
 
 
@@ -53,19 +58,17 @@ def test_a_rate_limit_notice_names_a_key_id_or_is_nothing(data, notice):
 
 
 def test_a_rate_limit_seen_here_is_told_and_charged():
-    pool = _pool()
-    told: list[str] = []
-    pool.limited = told.append
+    heard = RecordedPoolEvents()
+    pool = _pool(listener=heard)
     lease = pool.acquire(NOW)
     pool.release(lease, LIMITED, NOW)
-    assert told == [KEYS[0]]
+    assert heard.named("limited") == [(KEYS[0],)]
     assert pool.accounts[0].rate_limit_reset_time > NOW  # charged to the key, as alone
 
 
 def test_limits_heard_from_the_team_complete_a_throttle_here_and_only_our_charge_is_refunded():
-    pool = _pool()
-    paused: list[int] = []
-    pool.paused = paused.append
+    heard = RecordedPoolEvents()
+    pool = _pool(listener=heard)
     lease = pool.acquire(NOW)  # key 0
     pool.release(lease, LIMITED, NOW)
     charged = pool.accounts[0].rate_limit_reset_time
@@ -75,7 +78,7 @@ def test_limits_heard_from_the_team_complete_a_throttle_here_and_only_our_charge
     assert _states(pool)[1:] == [(0, 0, 100)] * 3
     line = pool.heard_limit(KEYS[2], NOW + 1000)
     assert line is not None and "3 keys rate limited within 5 s" in line
-    assert paused == [throttle.PAUSE_MS]  # and the team is told to pause
+    assert heard.named("paused") == [(throttle.PAUSE_MS,)]  # and the team is told to pause
     assert pool.paused_until_ms == NOW + 1000 + throttle.PAUSE_MS
     # Key 0's cooldown was the throttle's, not the key's: refunded; nothing else changed.
     assert _states(pool) == [(0, 0, 100)] * 4
@@ -134,9 +137,11 @@ class NoSync:
 def test_notices_wire_the_pool_to_the_team(caplog):
     async def run() -> tuple[list[str], KeyPool]:
         clock = FakeClock(NOW)
-        pool = _pool(clock)
+        listeners = PoolListeners()
+        pool = _pool(clock, listeners)
         events = QuietEvents()
         notices = TeamNotices(events, pool, NoSync(), None, clock)  # type: ignore[arg-type]
+        listeners.add(notices)  # as rotator.proxy.assembly wires a team store
         pool.release(pool.acquire(NOW), LIMITED, NOW)  # key 0, here: told
         notices.heard(Notice(NoticeKind.LIMITED, key_id="f" * 16))  # no such key: ignored
         notices.heard(Notice(NoticeKind.LIMITED, key_id=key_id(KEYS[1])))
@@ -151,6 +156,35 @@ def test_notices_wire_the_pool_to_the_team(caplog):
     assert pool.paused_until_ms == NOW + throttle.PAUSE_MS
     assert "rate limits seen across the team" in caplog.text
     assert KEYS[0] not in caplog.text
+
+
+def test_notices_that_stopped_tell_the_team_nothing_of_what_the_pool_says():
+    class ClosingEvents(QuietEvents):
+        async def close(self) -> None:
+            pass
+
+    class CountingSync(NoSync):
+        calls = 0
+
+        def soon(self) -> None:
+            self.calls += 1
+
+    async def run() -> tuple[list[str], int]:
+        listeners = PoolListeners()
+        pool = _pool(FakeClock(NOW), listeners)
+        events, sync = ClosingEvents(), CountingSync()
+        notices = TeamNotices(events, pool, sync, None, FakeClock(NOW))  # type: ignore[arg-type]
+        listeners.add(notices)
+        await notices.stop()
+        for key in KEYS[:3]:  # three rate limits in a row: a throttle, and three changes
+            lease = pool.acquire(NOW)
+            assert lease.key == key  # type: ignore[union-attr]
+            pool.release(lease, LIMITED, NOW)  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        return events.told, sync.calls
+
+    told, saves = asyncio.run(run())
+    assert told == [] and saves == 0
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from rotator.core import policy
 from rotator.core.log import ALERT
 from rotator.core.models import Account, AccountsFile
 from rotator.core.strategies import Unavailable
+from rotator.pool.events import PoolListeners
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from rotator.store import StoreError
@@ -83,9 +84,12 @@ class FakeSlots:
 def team(strategy: str = "sticky", ttl_ms: int = 30_000) -> tuple[KeyPool, FakeSlots, TeamCaps, FakeClock]:
     clock = FakeClock()
     accounts = [Account(key=key, name=f"k{i}") for i, key in enumerate(KEYS)]
-    pool = KeyPool(AccountsFile(accounts=accounts, rotation_strategy=strategy), MAX_IN_FLIGHT, clock)
+    listeners = PoolListeners()
+    pool = KeyPool(AccountsFile(accounts=accounts, rotation_strategy=strategy), MAX_IN_FLIGHT, clock, listeners)
     slots = FakeSlots(ttl_ms)
-    return pool, slots, TeamCaps(pool, slots, clock), clock
+    caps = TeamCaps(pool, slots, clock)
+    listeners.add(caps)  # as rotator.proxy.assembly wires a team store
+    return pool, slots, caps, clock
 
 
 def acquire(pool: KeyPool, clock: FakeClock) -> Lease:
@@ -295,5 +299,4 @@ async def test_stop_cancels_the_planned_flush_and_closes_the_slots():
     release(pool, later, clock)  # a request ending after stop: nothing queued
     await settle()
     assert len(slots.calls) == calls
-    assert pool.slot_freed is None
     assert pool.in_flight == {}

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 # Tests that use these fixtures start a server or a process: they are in the slow tier.
-SLOW_FIXTURES = frozenset({"fake_kimi", "redis_server", "start_proxy"})
+SLOW_FIXTURES = frozenset({"fake_kimi", "redis_server", "start_proxy", "receiver"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

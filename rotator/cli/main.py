@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from rotator.admin import ops
-from rotator.cli import arg_types, export_import, launch, usage
+from rotator.cli import arg_types, export_import, launch, notify_check, usage
 from rotator.cli.help import help_text, synopsis
 from rotator.cli.render import as_json, list_block, stats_json, stats_page
 from rotator.cli.terminal import emit
@@ -40,6 +40,7 @@ from rotator.core.key_view import view_pool
 from rotator.core.keys import key_problem, looks_like_key, mask_key
 from rotator.core.models import STRATEGIES
 from rotator.core.text import NAME_MOST, refusal
+from rotator.notify.channels import NOTIFY_ENV
 from rotator.store import STORE_ENV, StateStore, StoreError, open_store
 from rotator.store.file import FileStore, is_readable_by_others, resolve_accounts_path
 
@@ -287,6 +288,8 @@ VERBS: tuple[Verb, ...] = (
          "(e.g. --mode reverse:https://api.kimi.com -p 8080).",
          lambda p: p.add_argument("mitmdump_options", metavar="[MITMDUMP OPTIONS]", nargs=argparse.REMAINDER),
          show=lambda a, cx: launch.run_mitmdump(a.mitmdump_options)),
+    Verb("notify-test", f"Send a test notification to the kimi_notify URLs (${NOTIFY_ENV}) or to URL.",
+         notify_check.arguments, show=lambda a, cx: notify_check.run(a.url, _out, _err)),
     Verb("addon-path", "Print the addon script's path, for mitmdump, mitmweb or mitmproxy -s.", _no_arguments,
          show=lambda a, cx: _out(str(launch.ADDON_SCRIPT))),
     Verb("help", "Show this help message.", _no_arguments, show=_help),

@@ -4,10 +4,12 @@ the pool cannot serve or serves again, the team store is gone or back, and optio
 how each key's day went.
 
 It owns the events (`events`), their words (`render`), which of them are news
-(`decide`), the URLs and apprise (`channels`) and the delivery that never slows the
-proxy (`delivery`). It imports nothing else from rotator: callers hand in keys already
-masked, plain numbers and times in ms since the epoch. apprise is the optional extra
-`notify` and is imported only when a message is about to be sent.
+(`decide`), the URLs and apprise (`channels`), the delivery that never slows the
+proxy (`delivery`), and what the running proxy reports (`pool_listener`, a listener of
+the pool's events). Of the rest of rotator it uses the core's cleaning of text and
+masking of keys, and the pool's events; its core takes keys already masked, plain
+numbers and times in ms since the epoch. apprise is the optional extra `notify` and is
+imported only when a message is about to be sent.
 """
 
 from __future__ import annotations

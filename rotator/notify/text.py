@@ -1,9 +1,8 @@
 """Text in notifications: outside text cleaned, key-shaped strings masked, moments written.
 
 A notification leaves this machine for a desktop, a phone or a chat, so nothing in it
-may be a key or act on a terminal. The cleaning is the log's (rotator.text: the same
-escape-sequence and invisible-character sets), copied here because this package imports
-nothing from the rest of rotator; the two should be folded into one when it is wired in.
+may be a key or act on a terminal. The cleaning is the log's (`rotator.core.text`), with
+a URL's password masked too (a reason may quote a channel's URL).
 """
 
 from __future__ import annotations
@@ -11,69 +10,25 @@ from __future__ import annotations
 import re
 from datetime import datetime, tzinfo
 
-ELLIPSIS = "…"
-REPLACEMENT = "\ufffd"
+from rotator.core.text import ELLIPSIS, cap, clean_line
+
 MS_PER_SECOND = 1000
 DAY_MS = 24 * 60 * 60 * MS_PER_SECOND
 # Further ahead than this, a weekday alone is ambiguous (next Thursday or the one after?).
 WEEKDAY_ONLY_WITHIN_MS = 6 * DAY_MS
 
-# Whole escape sequences go, not just their ESC: "\x1b[31m" must not leave "[31m".
-_ESCAPE_SEQUENCE = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]?"  # CSI: colours, cursor moves, erase screen
-    r"|\x1b\][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"  # OSC: titles, links, clipboard (52)
-    r"|\x1b[PX^_][^\x1b\x9c]*(?:\x1b\\|\x9c)?"  # DCS, SOS, PM, APC strings
-    r"|\x1b[ -/]*[0-~]?"  # the other ESC sequences (charset, keypad, ...)
-    r"|\x9b[0-?]*[ -/]*[@-~]?"  # 8-bit CSI
-    r"|[\x90\x98\x9d-\x9f][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"  # 8-bit OSC, DCS, ...
-)
-_BREAKS = "\n\r\x0b\x0c\x85\u2028\u2029"
-# Other controls, bidi embeddings/overrides/isolates, and what shows as nothing.
-_INVISIBLE = (
-    "\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\xad"
-    "\u061c\u115f\u1160\u180e\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069"
-    "\u3164\ufeff\uffa0\ufff9-\ufffb\U000e0000-\U000e007f"
-)
-_DROP = re.compile(f"[{_INVISIBLE}]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_LINE_BREAKS = re.compile(f"[\t{_BREAKS}]+")
 # A password in a URL: `redis://user:PASSWORD@host`, `json://user:PASSWORD@host`.
 _URL_PASSWORD = re.compile(r"(://[^/@:\s]*):[^@/\s]+@")
-# Kimi's keys (even a fragment) and any other provider's sk- key.
-_KEY_LIKE = re.compile(r"sk-kimi-[A-Za-z0-9_\-]+|sk-[A-Za-z0-9_.\-]{8,}")
 
-
-def mask_key(key: str) -> str:
-    """`sk-kim…abcd`, as rotator.keys.mask_key shows a key."""
-    if len(key) <= 12:
-        return ELLIPSIS + key[-2:] if len(key) > 4 else ELLIPSIS
-    return f"{key[:6]}{ELLIPSIS}{key[-4:]}"
-
-
-def scrub(text: str) -> str:
-    """`text` with anything shaped like a key replaced by its masked form, and a URL's
-    password by an ellipsis."""
-    text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{ELLIPSIS}@", text)
-    return _KEY_LIKE.sub(lambda m: mask_key(m.group(0)), text)
-
-
-def cap(text: str, most: int) -> str:
-    """`text` cut to at most `most` characters, an ellipsis saying it was cut."""
-    if len(text) <= most:
-        return text
-    return text[: max(0, most - 1)].rstrip() + ELLIPSIS
+__all__ = ["ELLIPSIS", "cap", "clean", "clean_body", "clock_time", "duration", "when"]
 
 
 def clean(text: str, most: int) -> str:
-    """Outside text as one printable line of at most `most` characters, keys (and URL
-    passwords) masked.
-
-    Escape sequences and invisible controls are dropped, each run of line breaks and
-    tabs becomes one space, lone surrogates become U+FFFD. Masking comes before the cut,
-    so a cut never leaves part of a key unmasked."""
-    text = _ESCAPE_SEQUENCE.sub("", text)
-    text = _SURROGATE.sub(REPLACEMENT, _DROP.sub("", text))
-    return cap(scrub(_LINE_BREAKS.sub(" ", text).strip()), most)
+    """Outside text as one printable line of at most `most` characters, keys and URL
+    passwords masked (`rotator.core.text.clean_line`, the log's cleaning)."""
+    if "://" in text:
+        text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{ELLIPSIS}@", text)
+    return clean_line(text, most)
 
 
 def clean_body(text: str, most: int) -> str:

@@ -17,6 +17,7 @@ from rotator.core.clock import seconds_until
 from rotator.core.keys import key_label
 from rotator.core.models import Account
 from rotator.pool import key_updates
+from rotator.pool.events import PoolListener
 
 
 class HeardFromOutside:
@@ -26,7 +27,7 @@ class HeardFromOutside:
     in_flight: dict[str, int]
     paused_until_ms: int
     quota_reserve_percent: float
-    key_freed: Callable[[], None]
+    listener: PoolListener
     _at_cap: set[str]
     _team_full: set[str]
     _parallel: dict[str, int]
@@ -73,8 +74,10 @@ class HeardFromOutside:
         account = self.account(key)
         if account is None or account.disabled_reason is not None:
             return None
-        label = key_label(self._index_by_key[key], account.name, key)
-        return self._tell(key_updates.disable(account, self.changes.for_key(key), label, reason, now_ms))
+        index = self._index_by_key[key]
+        event = key_updates.disable(account, self.changes.for_key(key), key_label(index, account.name, key), reason, now_ms)
+        self.listener.key_disabled(index, account, True)
+        return self._tell(event)
 
     def take_reading(self, key: str, reading: quota.QuotaReading, now_ms: int) -> str | None:
         """Keep a key's newest quota reading; a spent window cools the key until it resets
@@ -87,7 +90,7 @@ class HeardFromOutside:
         self._note_parallel(key, reading)
         self._update_cap(key, self.in_flight.get(key, 0), account)
         event = self._steer(key, account, now_ms)
-        self.key_freed()  # a raised parallel limit frees a slot
+        self.listener.key_freed()  # a raised parallel limit frees a slot
         return self._tell(event)
 
     def _note_parallel(self, key: str, reading: quota.QuotaReading | None) -> None:
@@ -100,8 +103,12 @@ class HeardFromOutside:
         spent = key_updates.spent_window(account, self.quota_reserve_percent, now_ms)
         if spent is None:
             return None
-        label = key_label(self._index_by_key[key], account.name, key)
-        return key_updates.cooled_by_window(account, self.changes.for_key(key), label, spent, now_ms)
+        index = self._index_by_key[key]
+        event = key_updates.cooled_by_window(
+            account, self.changes.for_key(key), key_label(index, account.name, key), spent, now_ms
+        )
+        self.listener.window_spent(index, account, spent.window.name, spent.until_ms)
+        return event
 
     def set_exact_reset(self, key: str, deadline_ms: int, now_ms: int) -> str | None:
         """Replace a cooling key's estimated deadline with the one Kimi reported."""
@@ -112,7 +119,7 @@ class HeardFromOutside:
             return None
         account.rate_limit_reset_time = deadline_ms
         self.changes.for_key(key).set("rate_limit_reset_time", deadline_ms, now_ms)
-        self.key_freed()
+        self.listener.key_freed()
         seconds = seconds_until(deadline_ms, now_ms)
         index = self._index_by_key[key]
         return self._tell(f"key {key_label(index, account.name, key)}: Kimi says its limit resets in {seconds} s")

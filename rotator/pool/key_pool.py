@@ -3,8 +3,10 @@
 Choosing a key, accounting for an answer and waiting for a key touch memory only. What
 changed since the last save is recorded as a `merge.PoolChange`, so a save applies *our
 changes* to whatever the file holds by then instead of overwriting it.
-Requests that find no key wait in `rotator.pool.waitline`, which the pool tells whenever a
-key may have freed up (`key_freed`). What an answer does to a key's saved state is in
+What happens to the pool is told to the one listener it is given (`rotator.pool.events`):
+requests that find no key wait in `rotator.pool.waitline`, which hears whenever a key may
+have freed up (`key_freed`); a team's parts hear of slots, changes, pauses and limits.
+What an answer does to a key's saved state is in
 `rotator.pool.key_updates`; what the pool hears besides answers (quota readings, the team's
 notices) in its base class, `rotator.pool.from_outside`.
 """
@@ -12,30 +14,36 @@ notices) in its base class, `rotator.pool.from_outside`.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 
 from rotator.core import merge, oddities, quota, throttle
 from rotator.core.clock import SYSTEM_CLOCK, Clock
 from rotator.core.health import rest_period_ms
 from rotator.core.models import Account, AccountsFile
-from rotator.core.policy import Outcome, Verdict
+from rotator.core.policy import Outcome, Verdict, Window
 from rotator.core.strategies import Shortage, Unavailable, choose_key, next_index
 from rotator.pool import key_updates
+from rotator.pool.events import QUIET, PoolListener
 from rotator.pool.from_outside import HeardFromOutside
 from rotator.pool.lease import Lease, SkipKeys
 
 
 DEFAULT_MAX_IN_FLIGHT = 30
-
-
-def _nobody_waits() -> None:
-    pass
+# A window an answer names, as a person reads it (`rotator.core.quota.window_name`'s words).
+WINDOW_NAMES = {Window.FIVE_HOUR: "5-hour", Window.WEEKLY: "weekly", Window.BILLING_CYCLE: "billing cycle"}
 
 
 class KeyPool(HeardFromOutside):
     def __init__(
-        self, state: AccountsFile, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, clock: Clock = SYSTEM_CLOCK
+        self,
+        state: AccountsFile,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        clock: Clock = SYSTEM_CLOCK,
+        listener: PoolListener = QUIET,
     ) -> None:
+        # Told what happens here (rotator.pool.events): a request on a key ended, a key
+        # may have freed up, a key's state changed, every key paused, a rate limit charged.
+        self.listener = listener
         self.max_in_flight = max_in_flight
         # A window with at most this percent of its limit left counts as spent (rotator.core.quota).
         self.quota_reserve_percent = quota.DEFAULT_RESERVE_PERCENT
@@ -46,19 +54,9 @@ class KeyPool(HeardFromOutside):
         self._at_cap: set[str] = set()
         # Keys the team holds at their cap (rotator.sync.team_caps), skipped until one frees.
         self._team_full: set[str] = set()
-        # What a team hears of (rotator.sync.team_caps, rotator.sync.team_notices): a request on a key
-        # ended; a key's state changed (the event lines below); every key paused this long
-        # for a throttle; a rate limit seen here and charged to its key.
-        self.slot_freed: Callable[[str], None] | None = None
-        self.state_changed: Callable[[], None] | None = None
-        self.paused: Callable[[int], None] | None = None
-        self.limited: Callable[[str], None] | None = None
         self.changes = merge.PoolChange()
         self.paused_until_ms = 0
         self._recent_limits = throttle.RecentLimits()
-        # Called whenever a key may have freed up: an answer, a lowered deadline, a
-        # change from the store. The wait line sets it.
-        self.key_freed: Callable[[], None] = _nobody_waits
         # Each key's entry, as (its addedAt, a number given when the pool first saw it):
         # a lease names the entry it was taken from (see `_entries_of`).
         self._entries: dict[str, tuple[int, int]] = {}
@@ -160,15 +158,14 @@ class KeyPool(HeardFromOutside):
             self.in_flight[key] = busy
         else:
             self.in_flight.pop(key, None)
-        if self.slot_freed is not None:
-            self.slot_freed(key)
+        self.listener.slot_freed(key)
 
     def _after_slot_freed(self, key: str, account: Account | None) -> None:
         if account is None:
             self._at_cap.discard(key)  # removed while the request was in flight
         else:
             self._update_cap(key, self.in_flight.get(key, 0), account)
-        self.key_freed()
+        self.listener.key_freed()
 
     def cap(self, key: str) -> int:
         """Requests `key` may have in flight: the proxy's cap, or Kimi's parallel limit if lower."""
@@ -182,8 +179,7 @@ class KeyPool(HeardFromOutside):
 
     def _pause_for_burst(self, burst: list[throttle.RecentLimit], now_ms: int) -> str:
         self.paused_until_ms = now_ms + throttle.PAUSE_MS
-        if self.paused is not None:
-            self.paused(throttle.PAUSE_MS)
+        self.listener.paused(throttle.PAUSE_MS)
         for limit in burst:
             if limit.charged:
                 self._refund(limit, now_ms)
@@ -211,14 +207,21 @@ class KeyPool(HeardFromOutside):
             self._recent_limits.remember(throttle.RecentLimit(
                 now_ms, lease.key, account.rate_limit_reset_time, account.cooldown_level, account.health_score
             ))
-            if self.limited is not None:
-                self.limited(lease.key)
+            self.listener.limited(lease.key)
         change = self.changes.for_key(lease.key)
-        return key_updates.apply_answer(account, change, lease.label, outcome, now_ms, took_ms, self._rest_ms)
+        was_disabled = account.disabled_reason is not None
+        event = key_updates.apply_answer(account, change, lease.label, outcome, now_ms, took_ms, self._rest_ms)
+        if outcome.disable and not was_disabled and account.disabled_reason is not None:
+            can_enable = outcome.verdict is not Verdict.ACCOUNT_BANNED
+            self.listener.key_disabled(self._index_by_key[lease.key], account, can_enable)
+        elif outcome.window is not None:
+            window = WINDOW_NAMES[outcome.window]
+            self.listener.window_spent(self._index_by_key[lease.key], account, window, account.cooling_until or None)
+        return event
 
     def _tell(self, event: str | None) -> str | None:
-        if event is not None and self.state_changed is not None:
-            self.state_changed()
+        if event is not None:
+            self.listener.state_changed()
         return event
 
     def _refund(self, limit: throttle.RecentLimit, now_ms: int) -> None:
@@ -245,7 +248,7 @@ class KeyPool(HeardFromOutside):
         self._drop_changes_of_gone_entries(on_disk)
         merge.apply(on_disk, self.changes)
         events = self._adopt(on_disk)
-        self.key_freed()
+        self.listener.key_freed()
         return events
 
     def _drop_changes_of_gone_entries(self, on_disk: AccountsFile) -> None:
@@ -271,6 +274,7 @@ class KeyPool(HeardFromOutside):
         return entries
 
     def _adopt(self, state: AccountsFile) -> list[str]:
+        was_disabled = {a.key for a in self._state.accounts if a.disabled_reason is not None} if self._entries else ()
         self._state = state = oddities.in_use(state)  # a key listed twice: its first entry
         self._index_by_key = oddities.first_index_by_key(state.accounts)
         self._entries = self._entries_of(state)
@@ -280,6 +284,8 @@ class KeyPool(HeardFromOutside):
         now_ms = self.clock.now_ms()
         for key, index in self._index_by_key.items():
             account = state.accounts[index]
+            if key in was_disabled and account.disabled_reason is None:  # enabled again
+                self.listener.key_enabled(index, account)
             if account.quota is not None:  # another process's reading (the CLI's `usage`)
                 self._note_parallel(key, account.quota)
                 event = self._steer(key, account, now_ms)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from rotator.core.clock import Timer
 from rotator.core.strategies import Unavailable
+from rotator.pool.events import IgnoresPoolEvents
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 
@@ -49,14 +50,19 @@ class _Waiter:
     gone: Gone
 
 
-class WaitLine:
-    def __init__(self, pool: KeyPool) -> None:
+Admit = Callable[[Lease], Awaitable[bool]]  # whether a chosen key may be used
+
+
+class WaitLine(IgnoresPoolEvents):
+    """The line; one of the pool's listeners (it hears `key_freed`: see
+    `rotator.proxy.assembly`)."""
+
+    def __init__(self, pool: KeyPool, admit: Admit | None = None) -> None:
         self.pool = pool
         self._waiters: list[_Waiter] = []
         self._timer: Timer | None = None
         # With team-wide caps (rotator.sync.team_caps): whether a chosen key may be used.
-        self.admit: Callable[[Lease], Awaitable[bool]] | None = None
-        pool.key_freed = self.serve
+        self.admit = admit
 
     def __len__(self) -> int:
         return len(self._waiters)
@@ -105,6 +111,9 @@ class WaitLine:
         if frees_at is not None and frees_at <= deadline_ms:
             return True  # a cooldown or the shared pause ends in time
         return self.pool.has_busy_keys  # a key at its in-flight cap frees on its next answer
+
+    def key_freed(self) -> None:
+        self.serve()
 
     def serve(self) -> None:
         """Hand keys to waiting requests in order, as long as the pool has one to give."""

@@ -10,6 +10,7 @@ that gets a key at once costs no extra task.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import Awaitable, Callable
@@ -23,10 +24,11 @@ from rotator.core import access, policy
 from rotator.core.background import Background
 from rotator.core.clock import SYSTEM_CLOCK, Clock
 from rotator.core.models import AccountsFile
-from rotator.pool.key_pool import KeyPool
+from rotator.notify.pool_listener import PoolNotifications
+from rotator.pool.key_pool import DEFAULT_MAX_IN_FLIGHT
 from rotator.pool.lease import Lease
 from rotator.proxy import answers, bodies, retry, startup_checks, upstream
-from rotator.proxy.attempts import Attempts
+from rotator.proxy.assembly import Assembly, Shell, assemble
 from rotator.proxy.client_host import ClientHost, Seen
 from rotator.proxy.commands import RotatorCommands
 from rotator.proxy.flows import (
@@ -45,16 +47,14 @@ from rotator.proxy.options import (
     warn_if_store_exposed,
 )
 from rotator.core.strategies import Unavailable
-from rotator.pool.waitline import ABANDONED, WaitLine
+from rotator.pool.waitline import ABANDONED
 from rotator.proxy.headers import is_event_stream
-from rotator.proxy.polls import QuotaPolls, poll_target
+from rotator.proxy.notify_option import add_notify_options, close_notify, configure_notify
+from rotator.proxy.polls import poll_target
 from rotator.proxy.status_page import StatusPage
 from rotator.status.tally import Tally
 from rotator.status.timeline import Timeline
 from rotator.store import StateStore, StoreError, cli_command, open_store
-from rotator.sync.save_loop import PoolSync
-from rotator.sync.team_caps import TeamCaps
-from rotator.sync.team_notices import TeamNotices
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,12 @@ class KimiRotator:
         self.ledger = FlowLedger()
         self.tally = Tally()  # this process's counts, for metrics and the status page
         self.timeline = Timeline()  # the pool's recent state changes, as logged
-        self._use_pool(KeyPool(AccountsFile(), clock=clock))
-        self.sync: PoolSync | None = None
-        self.team: TeamCaps | None = None  # team-wide in-flight caps, on a shared store
-        self.notices: TeamNotices | None = None  # what the team's processes tell each other
+        self.notify = PoolNotifications(clock)  # what a person is told (kimi_notify)
+        self._shell = Shell(
+            self.ledger, send, clock, self._no_key_answer, self.tally,
+            listeners=(self.notify,), store_heard=self.notify.store_problem,
+        )
+        self._use(assemble(self._shell, self.settings, max_in_flight=DEFAULT_MAX_IN_FLIGHT))
         self._running = False
         self._background = Background()
         # Parts that read this addon's state, loaded and run by it rather than as child
@@ -85,6 +87,7 @@ class KimiRotator:
 
     def load(self, loader: Any) -> None:
         add_options(loader)
+        add_notify_options(loader)
         self.status_page.load(loader)
         startup_checks.check_deferred(loader.master.options)
         startup_checks.install_one_line_option_errors()
@@ -94,6 +97,7 @@ class KimiRotator:
     def configure(self, updated: set[str]) -> None:
         self.settings = read_settings(self.settings, ctx.options, updated)
         self.client_host.configure(ctx.options, updated)
+        configure_notify(self.notify, ctx.options, updated)
         if "stream_large_bodies" in updated:
             # Without streamed request bodies, requests need no hook before `request`:
             # mitmproxy then calls none, and the hot path pays nothing for this one.
@@ -124,33 +128,22 @@ class KimiRotator:
 
     def _open_store(self, store: StateStore) -> None:
         # Runs at start-up and on option changes only, never per request.
-        previous, previous_polls = self.sync, self.polls
-        previous_team = [part for part in (self.team, self.notices) if part is not None]
-        self._use_pool(KeyPool(AccountsFile(), self.pool.max_in_flight, self.clock))
-        self.polls.default_target = previous_polls.default_target
-        self.sync = PoolSync(store, self.pool, self.settings.flush_interval_s)
-        slots = store.team_slots(self.settings.slot_ttl_ms)
-        self.team = None if slots is None else TeamCaps(self.pool, slots, self.clock)
-        self.line.admit = None if self.team is None else self.team.admit
-        events = store.team_events()
-        self.notices = None if events is None else TeamNotices(events, self.pool, self.sync, self.team, self.clock)
+        previous = self.parts
+        self._use(assemble(self._shell, self.settings, store, self.pool.max_in_flight))
+        self.polls.default_target = previous.polls.default_target
+        assert self.sync is not None
         state = self.sync.load()
-        if previous is not None and self._running:
-            self._background.start(let_go(previous, previous_team))  # it gets its last changes
-            self._background.start(previous_polls.stop())
-            self._start_store()
+        if previous.sync is not None and self._running:
+            self._background.start(previous.let_go())  # it gets its last changes
+            self._background.start(previous.polls.stop())
+            self.parts.start()
         if state is not None:
             _announce_keys(state, store)
 
-    def _use_pool(self, pool: KeyPool) -> None:
-        self.pool = pool
-        self.line = WaitLine(pool)
-        self.polls = QuotaPolls(self.ledger, pool, self.send_upstream, self.clock)
-        self.polls.interval_s = self.settings.usage_interval_s
-        pool.quota_reserve_percent = self.settings.quota_reserve_percent
-        self.attempts = Attempts(
-            pool, self.line, self.ledger, self.send_upstream, self.clock, self._no_key_answer, self.tally
-        )
+    def _use(self, parts: Assembly) -> None:
+        self.parts = parts
+        self.pool, self.line, self.polls, self.attempts = parts.pool, parts.line, parts.polls, parts.attempts
+        self.sync, self.team, self.notices = parts.sync, parts.team, parts.notices
 
     # -- lifecycle ---------------------------------------------------------------
     def running(self) -> Awaitable[None] | None:
@@ -158,7 +151,7 @@ class KimiRotator:
         self.timeline.attach()
         warn_if_listening_beyond_loopback(self.settings.allow_remote)
         warn_if_store_exposed(self.settings.store)
-        self._start_store()
+        self.parts.start()
         self.polls.start()
         freeze_what_lives_on()
         return self.status_page.running()
@@ -169,17 +162,10 @@ class KimiRotator:
         self.ledger.mask_all()
         await self.polls.stop()
         await self._background.stop(cancel=True)
-        if self.sync is not None:
-            await let_go(self.sync, [part for part in (self.team, self.notices) if part is not None])
+        await self.parts.let_go()
         self.timeline.detach()
         await self.status_page.done()
-
-    def _start_store(self) -> None:
-        if self.sync is not None:
-            self.sync.start()
-        for part in (self.team, self.notices):
-            if part is not None:
-                part.start()
+        await asyncio.to_thread(close_notify, self.notify)
 
     # -- traffic -----------------------------------------------------------------
     def server_connect(self, data: ServerConnectionHookData) -> None:
@@ -262,6 +248,7 @@ class KimiRotator:
         record.attempts.append(attempt_note(lease))
         self.ledger.put_key(record, unreadable=bodies.UNREADABLE)
         self.polls.last_request = flow.request
+        self.notify.took_key()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         record = self.ledger.get(flow.id)
@@ -321,17 +308,10 @@ class KimiRotator:
     def _no_key_answer(self, why: Unavailable) -> http.Response:
         assert self.sync is not None
         self.tally.answered_itself(why.shortage.value)
+        self.notify.no_key(why, self.pool.accounts)
         return answers.no_key(
             why, self.pool.state, self.clock.now_ms(), self.sync.store, self.sync.problem
         )
-
-
-async def let_go(sync: PoolSync, team: list[TeamCaps | TeamNotices]) -> None:
-    """Stop using a store: its team parts first (slots given back), then the last save."""
-    for part in team:
-        await part.stop()
-    await sync.stop()
-    sync.store.close()
 
 
 _frozen = False

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from rotator.admin import ops
 from rotator.core import oddities
@@ -40,9 +41,17 @@ logger = logging.getLogger(__name__)
 SOON_GAP_S = 0.1
 
 
+StoreHeard = Callable[[str, str | None], None]
+
+
 class PoolSync:
-    def __init__(self, store: StateStore, pool: KeyPool, interval_s: float) -> None:
+    def __init__(
+        self, store: StateStore, pool: KeyPool, interval_s: float, heard: StoreHeard | None = None
+    ) -> None:
         self.store = store
+        # Told when the store stops answering (its location, why) and when it answers
+        # again (its location, None): the notifications of a team store.
+        self._heard = heard
         self.pool = pool
         self.interval_s = interval_s
         self.problem: str | None = None
@@ -234,6 +243,8 @@ class PoolSync:
             else:
                 logger.log(ALERT, "kimi-rotator: saving to %s works again", self.store.location)
             self.problem = None
+            if self._heard is not None:
+                self._heard(self.store.location, None)
         untold = self.store.untold
         if (untold is None) != (self._untold is None):
             if untold is not None:
@@ -295,6 +306,8 @@ class PoolSync:
         self.problem, self._problem_action = message, error.action
         if new:
             logger.log(level, "kimi-rotator: %s", self.problem_said)
+            if self._heard is not None:
+                self._heard(self.store.location, message)
 
 
 def with_keys_added(memory: AccountsFile, stored: AccountsFile) -> AccountsFile:

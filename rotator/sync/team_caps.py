@@ -23,6 +23,7 @@ from collections import Counter
 from rotator.core.background import Background
 from rotator.core.clock import MS_PER_SECOND, Clock, Timer
 from rotator.core.log import ALERT
+from rotator.pool.events import IgnoresPoolEvents
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from rotator.store import StoreError, TeamSlots
@@ -38,7 +39,9 @@ RETRY_FIRST_S = 0.25
 RETRY_MOST_S = 5.0
 
 
-class TeamCaps:
+class TeamCaps(IgnoresPoolEvents):
+    """One of the pool's listeners: it hears `slot_freed` (see `rotator.proxy.assembly`)."""
+
     def __init__(self, pool: KeyPool, slots: TeamSlots, clock: Clock) -> None:
         self.pool = pool
         self.slots = slots
@@ -51,7 +54,6 @@ class TeamCaps:
         self._reconnecting: asyncio.Task[None] | None = None
         self._stopped = False
         self._flush_timer: Timer | None = None  # the given-back slots' send, planned
-        pool.slot_freed = self._freed
 
     # -- the request path ----------------------------------------------------------
     async def admit(self, lease: Lease) -> bool:
@@ -77,7 +79,12 @@ class TeamCaps:
         self._unslotted[key] += 1
         return True
 
-    def _freed(self, key: str) -> None:
+    def slot_freed(self, key: str) -> None:
+        if self._stopped:
+            # Stopping or stopped: a request ending while the slots close must not
+            # queue a slot that nothing sends any more (`close` gives back every slot
+            # still held).
+            return
         if self._unslotted[key] > 0:
             self._unslotted[key] -= 1
         elif self._slotted[key] > 0:
@@ -122,9 +129,6 @@ class TeamCaps:
                 task.cancel()
         self._refreshing = self._reconnecting = None
         await self._sends.stop(cancel=False)
-        # Detached first: a request ending while the slots close must not queue a slot
-        # that nothing sends any more (`close` gives back every slot still held).
-        self.pool.slot_freed = None
         await self.slots.close()
 
     def set_ttl(self, ttl_ms: int) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from rotator.core.background import Background
 from rotator.core.clock import Clock
 from rotator.core.log import ALERT
+from rotator.pool.events import IgnoresPoolEvents
 from rotator.pool.key_pool import KeyPool
 from rotator.store import Notice, NoticeKind, StoreError, TeamEvents
 from rotator.store.urls import key_id, key_with_id
@@ -29,7 +30,10 @@ from rotator.sync.team_caps import TeamCaps
 logger = logging.getLogger(__name__)
 
 
-class TeamNotices:
+class TeamNotices(IgnoresPoolEvents):
+    """One of the pool's listeners: it hears `paused`, `limited` and `state_changed`
+    (see `rotator.proxy.assembly`), and tells the team, until it stops."""
+
     def __init__(self, events: TeamEvents, pool: KeyPool, sync: PoolSync, caps: TeamCaps | None, clock: Clock) -> None:
         self.events = events
         self.pool = pool
@@ -38,9 +42,7 @@ class TeamNotices:
         self.clock = clock
         self._listening: asyncio.Task[None] | None = None
         self._telling = Background()
-        pool.paused = self._tell_pause
-        pool.limited = self._tell_limited
-        pool.state_changed = sync.soon  # a cooldown or a disabled key is saved, and told, now
+        self._stopped = False
 
     def heard(self, notice: Notice) -> None:
         if notice.kind is NoticeKind.STATE:
@@ -63,7 +65,7 @@ class TeamNotices:
             )
 
     async def stop(self) -> None:
-        self.pool.paused = self.pool.state_changed = self.pool.limited = None
+        self._stopped = True  # the pool's events are not told from here on
         if self._listening is not None:
             self._listening.cancel()
             await asyncio.gather(self._listening, return_exceptions=True)
@@ -71,11 +73,18 @@ class TeamNotices:
         await self._telling.stop(cancel=False)
         await self.events.close()
 
-    def _tell_pause(self, pause_ms: int) -> None:
-        self._tell(self.events.pause(pause_ms), "a pause")
+    # -- the pool's events ------------------------------------------------------------
+    def state_changed(self) -> None:
+        if not self._stopped:
+            self.sync.soon()  # a cooldown or a disabled key is saved, and told, now
 
-    def _tell_limited(self, key: str) -> None:
-        self._tell(self.events.limited(key_id(key)), "a rate limit")
+    def paused(self, pause_ms: int) -> None:
+        if not self._stopped:
+            self._tell(self.events.pause(pause_ms), "a pause")
+
+    def limited(self, key: str) -> None:
+        if not self._stopped:
+            self._tell(self.events.limited(key_id(key)), "a rate limit")
 
     def _tell(self, telling: Coroutine[Any, Any, None], what: str) -> None:
         self._telling.start(self._try(telling, what))
