@@ -112,7 +112,7 @@ def main() -> int:
             now = now_ms()
             pool, tally, timeline = busy_pool(keys, now)
             rotator = SimpleNamespace(pool=pool, tally=tally, timeline=timeline, clock=SYSTEM_CLOCK,
-                                      settings=Settings())
+                                      settings=Settings(), sync=None)
             page = StatusPage(rotator)
             events = timeline.newest_first()
             json_request, metrics_request = request("/status.json"), request("/metrics")
