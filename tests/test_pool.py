@@ -30,7 +30,7 @@ def test_release_success_and_rate_limit():
     first, second = pool.acquire(NOW), pool.acquire(NOW)
     assert pool.release(first, OK, NOW) is None
     event = pool.release(second, RATE_LIMITED, NOW)
-    assert event is not None and "cooling for 30 s" in event and "sk-kim…" in event
+    assert event is not None and "cooling for 30s, until " in event and "sk-kim…" in event
     assert KEYS[1] not in event
     a0, a1 = pool.accounts[0], pool.accounts[1]
     assert (a0.successful_requests, a0.health_score) == (1, 100)
@@ -133,7 +133,7 @@ def test_exact_reset_replaces_the_estimate():
     pool.release(lease, weekly, NOW)
     assert pool.accounts[0].rate_limit_reset_time == NOW + 7 * 86_400_000
     event = pool.set_exact_reset(KEYS[0], NOW + 3_600_000, NOW)
-    assert event is not None and "3600 s" in event
+    assert event is not None and "resets in 1h 00m, until " in event
     assert pool.accounts[0].rate_limit_reset_time == NOW + 3_600_000
 
 
@@ -266,3 +266,32 @@ def test_a_half_open_key_stays_held_while_an_earlier_request_is_still_out():
     assert pool.acquire(NOW, tried={KEYS[1]}) == Unavailable(Shortage.ALL_SKIPPED)
     pool.release(second, neutral, NOW)
     assert pool.acquire(NOW, tried={KEYS[1]}).index == 0
+
+
+def test_a_disabled_key_says_the_command_that_puts_it_back_by_index_naming_the_store():
+    """Issue 27: the advice gives the index and reaches the store in use; a ban gets none."""
+    pool = KeyPool(state())
+    pool.cli = "kimi-rotator --accounts /srv/kimi.json"  # as the assembly sets it for that file
+    leases = [pool.acquire(NOW) for _ in range(3)]
+    event = pool.release(leases[1], REVOKED, NOW)
+    assert event is not None and event.endswith("; run `kimi-rotator --accounts /srv/kimi.json enable-key 1` to use it again")
+    banned = policy.classify(403, {}, b'{"error":{"message":"Access terminated under the community guidelines"}}', NOW)
+    assert banned.verdict is policy.Verdict.ACCOUNT_BANNED
+    event = pool.release(leases[2], banned, NOW)
+    assert event is not None and "enable-key" not in event and "enabling the key again would not help" in event
+
+
+def test_a_long_cooldown_says_the_day_and_clock_time(monkeypatch):
+    import time
+
+    from rotator.core.key_view import until_text
+
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        monday_noon = 1_797_249_600_000  # Mon 2026-12-14 12:00 UTC
+        assert until_text(monday_noon, monday_noon - 7 * 86_400_000 + 60_000) == "6d 23h, until Mon 12:00"
+        assert until_text(monday_noon, monday_noon - 252_000) == "4m 12s, until 12:00"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

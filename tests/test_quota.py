@@ -155,7 +155,7 @@ def pool_of(*accounts: Account, clock: FakeClock | None = None, max_in_flight: i
 def test_a_reading_with_a_spent_window_cools_the_key_before_any_refusal():
     pool = pool_of(Account(key=KEYS[0]), Account(key=KEYS[1]))
     event = pool.take_reading(KEYS[0], reading_of(usages(five_hour=(200, 200, 0))), NOW)
-    assert event is not None and "cooling for 7200 s: 5-hour quota spent" in event
+    assert event is not None and "cooling for 2h 00m, until " in event and ": 5-hour quota spent" in event
     for _ in range(5):
         lease = pool.acquire(NOW)
         assert isinstance(lease, Lease) and lease.key == KEYS[1]
@@ -193,7 +193,7 @@ def test_a_reading_saved_by_another_process_steers_the_pool_when_adopted():
         Account(key=KEYS[1]),
     ])
     events = pool.adopt(on_disk)
-    assert len(events) == 1 and "cooling for 7200 s" in events[0]
+    assert len(events) == 1 and "cooling for 2h 00m, until " in events[0]
     assert pool.accounts[0].rate_limit_reset_time == NOW + 2 * HOUR
     assert pool.cap(KEYS[0]) == 3
     # The cooldown is a change of this pool's: it is saved like any other.

@@ -8,6 +8,8 @@ A key is cooling until the later of its rate-limit and billing deadlines.
 
 from __future__ import annotations
 
+import time
+
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +101,7 @@ def view_pool(state: AccountsFile, now: int) -> list[KeyView]:
 
 # -- text for people ------------------------------------------------------------------
 
+DAY_MS = 86_400_000
 STATUS_READY = "✓ Ready"  # usable; "in use" is the ● of the key the pool is on
 
 
@@ -115,6 +118,15 @@ def format_duration(ms: int) -> str:
         return f"{hours}h {minutes:02d}m"
     days, hours = divmod(hours, 24)
     return f"{days}d {hours}h"
+
+
+def until_text(deadline_ms: int, now_ms: int) -> str:
+    """`4m 12s, until 14:05`; a day or more away: `6d 23h, until Mon 14:05` (this machine's
+    clock time, as the log's own timestamps)."""
+    left = deadline_ms - now_ms
+    at = time.localtime(deadline_ms / 1000)
+    clock = time.strftime("%a %H:%M" if left >= DAY_MS else "%H:%M", at)
+    return f"{format_duration(left)}, until {clock}"
 
 
 def status_text(view: KeyView, now: int) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rotator.core import merge, quota, throttle
-from rotator.core.clock import seconds_until
+from rotator.core.key_view import until_text
 from rotator.core.keys import key_label
 from rotator.core.models import Account
 from rotator.pool import key_updates
@@ -28,6 +28,7 @@ class HeardFromOutside:
     paused_until_ms: int
     quota_reserve_percent: float
     listener: PoolListener
+    cli: str
     _at_cap: set[str]
     _team_full: set[str]
     _parallel: dict[str, int]
@@ -75,7 +76,8 @@ class HeardFromOutside:
         if account is None or account.disabled_reason is not None:
             return None
         index = self._index_by_key[key]
-        event = key_updates.disable(account, self.changes.for_key(key), key_label(index, account.name, key), reason, now_ms)
+        event = key_updates.disable(account, self.changes.for_key(key), key_label(index, account.name, key), reason,
+                                    now_ms, f"{self.cli} enable-key {index}")
         self.listener.key_disabled(index, account, True)
         return self._tell(event)
 
@@ -120,6 +122,7 @@ class HeardFromOutside:
         account.rate_limit_reset_time = deadline_ms
         self.changes.for_key(key).set("rate_limit_reset_time", deadline_ms, now_ms)
         self.listener.key_freed()
-        seconds = seconds_until(deadline_ms, now_ms)
         index = self._index_by_key[key]
-        return self._tell(f"key {key_label(index, account.name, key)}: Kimi says its limit resets in {seconds} s")
+        return self._tell(
+            f"key {key_label(index, account.name, key)}: Kimi says its limit resets in {until_text(deadline_ms, now_ms)}"
+        )

@@ -44,6 +44,8 @@ class KeyPool(HeardFromOutside):
         # Told what happens here (rotator.pool.events): a request on a key ended, a key
         # may have freed up, a key's state changed, every key paused, a rate limit charged.
         self.listener = listener
+        # The CLI command a message advises, naming the store (rotator.store.cli_command).
+        self.cli = "kimi-rotator"
         self.max_in_flight = max_in_flight
         # A window with at most this percent of its limit left counts as spent (rotator.core.quota).
         self.quota_reserve_percent = quota.DEFAULT_RESERVE_PERCENT
@@ -210,9 +212,10 @@ class KeyPool(HeardFromOutside):
             self.listener.limited(lease.key)
         change = self.changes.for_key(lease.key)
         was_disabled = account.disabled_reason is not None
-        event = key_updates.apply_answer(account, change, lease.label, outcome, now_ms, took_ms, self._rest_ms)
+        can_enable = outcome.verdict is not Verdict.ACCOUNT_BANNED
+        hint = f"{self.cli} enable-key {self._index_by_key[lease.key]}" if can_enable else None
+        event = key_updates.apply_answer(account, change, lease.label, outcome, now_ms, took_ms, self._rest_ms, hint)
         if outcome.disable and not was_disabled and account.disabled_reason is not None:
-            can_enable = outcome.verdict is not Verdict.ACCOUNT_BANNED
             self.listener.key_disabled(self._index_by_key[lease.key], account, can_enable)
         elif outcome.window is not None:
             window = WINDOW_NAMES[outcome.window]

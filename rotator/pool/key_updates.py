@@ -10,7 +10,7 @@ the rest.
 from __future__ import annotations
 
 from rotator.core import merge, quota, stats, throttle
-from rotator.core.clock import seconds_until
+from rotator.core.key_view import until_text
 from rotator.core.health import HEALTH_MAX, apply_health_delta
 from rotator.core.models import Account
 from rotator.core.policy import Outcome, Verdict
@@ -23,7 +23,7 @@ BACKOFF_VERDICTS = frozenset({Verdict.RATE_LIMITED, Verdict.CONCURRENCY_LIMIT, V
 
 def apply_answer(
     account: Account, change: merge.KeyChange, label: str, outcome: Outcome, now_ms: int,
-    took_ms: int | None, rest_ms: int,
+    took_ms: int | None, rest_ms: int, enable_hint: str | None = None,
 ) -> str | None:
     """An attempt's answer: health, counts, a disabled key, a cooldown (growing while
     refusals follow each other with no success between)."""
@@ -39,7 +39,7 @@ def apply_answer(
         account.consecutive_failures += 1
         change.set("consecutive_failures", account.consecutive_failures, now_ms)
     if outcome.disable and account.disabled_reason is None:
-        event = disable(account, change, label, outcome.reason, now_ms)
+        event = disable(account, change, label, outcome.reason, now_ms, enable_hint)
     deadline = outcome.cooldown_until_ms
     if deadline is not None:
         level = account.cooldown_level
@@ -56,14 +56,19 @@ def apply_answer(
             account.cooldown_reason = outcome.reason
             change.set("cooldown_reason", outcome.reason, now_ms)
             if not was_cooling:
-                event = f"key {label} cooling for {seconds_until(deadline, now_ms)} s: {outcome.reason}"
+                event = f"key {label} cooling for {until_text(deadline, now_ms)}: {outcome.reason}"
     return event
 
 
-def disable(account: Account, change: merge.KeyChange, label: str, reason: str, now_ms: int) -> str:
+def disable(account: Account, change: merge.KeyChange, label: str, reason: str, now_ms: int,
+            enable_hint: str | None) -> str:
+    """`enable_hint`: the command that puts the key back (`kimi-rotator enable-key 2`), or
+    None where a person cannot (Kimi banned the account)."""
     account.disabled_reason = reason
     change.set("disabled_reason", reason, now_ms)
-    return f"key {label} disabled: {reason}; run `kimi-rotator enable-key` to use it again"
+    if enable_hint is None:
+        return f"key {label} disabled: {reason} (enabling the key again would not help)"
+    return f"key {label} disabled: {reason}; run `{enable_hint}` to use it again"
 
 
 def add_health(account: Account, change: merge.KeyChange, delta: int, now_ms: int, rest_ms: int) -> None:
@@ -111,4 +116,4 @@ def cooled_by_window(account: Account, change: merge.KeyChange, label: str, spen
     change.set("cooldown_reason", spent.reason, now_ms)
     if was_cooling:
         return None
-    return f"key {label} cooling for {seconds_until(spent.until_ms, now_ms)} s: {spent.reason}"
+    return f"key {label} cooling for {until_text(spent.until_ms, now_ms)}: {spent.reason}"

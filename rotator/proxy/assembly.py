@@ -24,7 +24,7 @@ from rotator.proxy.flows import FlowLedger
 from rotator.proxy.options import Settings
 from rotator.proxy.polls import QuotaPolls
 from rotator.status.tally import Tally
-from rotator.store import StateStore
+from rotator.store import StateStore, cli_command
 from rotator.sync.save_loop import PoolSync, StoreHeard
 from rotator.sync.team_caps import TeamCaps
 from rotator.sync.team_notices import TeamNotices
@@ -83,6 +83,8 @@ def assemble(
         AccountsFile(), settings.max_in_flight if max_in_flight is None else max_in_flight, clock, listeners
     )
     pool.quota_reserve_percent = settings.quota_reserve_percent
+    if store is not None:
+        pool.cli = cli_command(store, "")  # its messages' advice names the store
     sync = team = notices = None
     if store is not None:
         slots = store.team_slots(settings.slot_ttl_ms)
