@@ -349,7 +349,7 @@ def test_proxy_started_without_a_file_serves_a_key_added_later(fake_kimi, accoun
         body = answer.json()
         assert body["type"] == "error"
         assert isinstance(body["error"]["type"], str) and body["error"]["type"]
-        assert "kimi-rotator add-key" in body["error"]["message"]
+        assert "add-key sk-kimi-" in body["error"]["message"]  # with --accounts: the file this proxy reads
         assert fake_kimi.requests == []  # answered by the proxy itself
         assert not accounts_path.exists()  # nothing to save: no file is created
         cli_ok(accounts_path, "add-key", key, "First")

@@ -155,14 +155,17 @@ def test_a_stamp_from_the_future_reads_as_now_and_is_written_so():
     disk = state(1)
     ops.enable_key(0, NOW + HOUR)(disk)  # a clock an hour ahead, a hand edit, an import
     read = merge.syncing(merge.PoolChange(), NOW)(disk)  # a store step at NOW: something to write
-    assert read is not None and read.accounts[0].edited_at == {"disabledReason": NOW, "consecutiveFailures": NOW}
-    # From then on the person's edit is NOW's: a proxy change made after it wins ...
+    # Read as now less the slack: the clocks agree only that far, and a proxy change made
+    # from the moment it is read on must win.
+    clamped = NOW - AHEAD_SLACK_MS
+    assert read is not None and read.accounts[0].edited_at == {"disabledReason": clamped, "consecutiveFailures": clamped}
+    # From then on a proxy change made after it wins ...
     merged = merge.syncing(disabled_by_proxy_at(NOW + 1), NOW + 5)(disk)
     assert merged is not None and merged.accounts[0].disabled_reason == "HTTP 401: key not accepted"
-    # ... and one made before it still loses, as it could not have known.
+    # ... and one made well before it still loses, as it could not have known.
     disk = state(1)
     ops.enable_key(0, NOW + HOUR)(disk)
-    merged = merge.syncing(disabled_by_proxy_at(NOW - 1), NOW)(disk)
+    merged = merge.syncing(disabled_by_proxy_at(NOW - AHEAD_SLACK_MS - 1), NOW)(disk)
     assert merged is not None and merged.accounts[0].disabled_reason is None
 
 
@@ -189,11 +192,11 @@ def test_a_persons_edit_by_a_clock_ahead_is_stamped_with_the_stores_time():
 
     edited = merge.editing(enable_key_1, NOW)(disk)
     assert edited is not None
-    assert edited.edited_at["rotationStrategy"] == NOW
-    assert set(edited.accounts[1].edited_at.values()) == {NOW}
+    assert edited.edited_at["rotationStrategy"] == NOW - AHEAD_SLACK_MS
+    assert set(edited.accounts[1].edited_at.values()) == {NOW - AHEAD_SLACK_MS}
     # Nothing else to do, yet a stamp from the future to put right: written.
     disk.edited_at["rotationStrategy"] = NOW + HOUR
-    assert merge.editing(lambda s: None, NOW)(disk) is disk and disk.edited_at["rotationStrategy"] == NOW
+    assert merge.editing(lambda s: None, NOW)(disk) is disk and disk.edited_at["rotationStrategy"] == NOW - AHEAD_SLACK_MS
     assert merge.editing(lambda s: None, NOW)(disk) is None
 
 

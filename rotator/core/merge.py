@@ -40,7 +40,7 @@ from typing import Any
 
 from pydantic.alias_generators import to_camel
 
-from rotator.core.clock import not_ahead
+from rotator.core.clock import AHEAD_SLACK_MS, not_ahead
 from rotator.core.health import clamp_health
 from rotator.core.models import Account, AccountsFile
 from rotator.core.stats import RESPONSE_TIMES_KEPT, drop_old_days
@@ -282,12 +282,15 @@ def stamps_ahead(state: AccountsFile, now_ms: int) -> bool:
 
 
 def clamp_stamps(state: AccountsFile, now_ms: int) -> bool:
-    """Make each stamp from the future (`clock.not_ahead`) `now_ms`; whether any was."""
+    """Make each stamp from the future (`clock.not_ahead`) `now_ms` less the slack; whether
+    any was. Less the slack: a proxy's change made from the moment the stamp is read on
+    must win, and the proxy's clock agrees with the store's only to within the slack (in
+    team mode its skew to the server is measured across a round trip)."""
     clamped = False
     for stamps in _stamp_maps(state):
         for name, at in stamps.items():
             if not_ahead(at, now_ms) != at:
-                stamps[name] = now_ms
+                stamps[name] = now_ms - AHEAD_SLACK_MS
                 clamped = True
     return clamped
 
