@@ -23,6 +23,7 @@ from rotator.core.strategies import Shortage, Unavailable, choose_key, next_inde
 from rotator.pool import key_updates
 from rotator.pool.from_outside import HeardFromOutside
 from rotator.pool.lease import Lease, SkipKeys
+from rotator.tokens import Usage
 
 
 DEFAULT_MAX_IN_FLIGHT = 30
@@ -134,6 +135,12 @@ class KeyPool(HeardFromOutside):
         event = None if counted is None else self._account_outcome(lease, counted, outcome, now_ms, took_ms)
         self._after_slot_freed(lease.key, account)
         return self._tell(event)
+
+    def spent(self, lease: Lease, usage: Usage, now_ms: int) -> None:
+        """Count the tokens an answer on `lease` spent on its key (its entry, as `release`)."""
+        account = self._taken_from(lease, self.account(lease.key))
+        if account is not None:
+            key_updates.spent(account, self.changes.for_key(lease.key), usage, now_ms)
 
     def abandon(self, lease: Lease) -> None:
         """An attempt that was never sent (its client left first): as if never chosen."""
