@@ -1,0 +1,72 @@
+"""Token totals shown (issue 26): `stats` and `stats --json` per key and in total (since
+added, today, the last 7 days, the cache share), and list-keys' one line, read from the
+saved `tokens` / `dailyTokens` as a person runs the verbs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import rotator.cli.main as cli
+from tests.harness import run_cli
+from tests.test_plugin_fields import KEYS, NOW, TODAY, plugin_account, plugin_file
+
+FOUR = ("input", "output", "cacheRead", "cacheWrite")
+
+
+@pytest.fixture(autouse=True)
+def fixed_clock(monkeypatch):
+    monkeypatch.setattr(cli, "now_ms", lambda: NOW)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    path = tmp_path / "kimi-accounts.json"
+    plugin_file(path, [
+        plugin_account(KEYS[0], "Personal", tokens={"input": 50_000, "output": 700, "cacheRead": 40_000,
+                                                    "cacheWrite": 1000},
+                       dailyTokens={TODAY: {"input": 10_000, "output": 100, "cacheRead": 9000},
+                                    "2027-01-12": {"input": 30_000, "output": 500, "cacheRead": 31_000 - 1000},
+                                    "2026-12-01": {"input": 10_000, "output": 100, "cacheWrite": 1000}}),
+        plugin_account(KEYS[1], "Work"),
+    ])
+    return path
+
+
+def test_stats_json_gives_each_account_and_the_totals_their_tokens(path):
+    result = run_cli(path, "stats", "--json", in_process=True)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    personal, work = doc["accounts"]
+    assert personal["tokens"] == {"input": 50_000, "output": 700, "cacheRead": 40_000, "cacheWrite": 1000}
+    assert tuple(work["tokens"]) == FOUR and set(work["tokens"].values()) == {0}
+    assert personal["cacheShare"] == 0.8 and work["cacheShare"] is None
+    assert personal["tokensToday"] == {"input": 10_000, "output": 100, "cacheRead": 9000, "cacheWrite": 0}
+    assert personal["cacheShareToday"] == 0.9
+    assert personal["tokensLast7Days"] == {"input": 40_000, "output": 600, "cacheRead": 39_000, "cacheWrite": 0}
+    assert doc["totals"]["tokens"] == personal["tokens"]
+    assert doc["totals"]["tokensToday"] == personal["tokensToday"]
+
+
+def test_stats_shows_tokens_and_the_cache_share(path):
+    result = run_cli(path, "stats", in_process=True)
+    assert result.returncode == 0, result.stderr
+    personal, rest = result.stdout.split("[1] Work")
+    assert "Tokens: in 50.0k · out 700 · cache read 40.0k (80%) · cache write 1.0k" in personal
+    assert "Tokens Today: in 10.0k · out 100 · cache read 9.0k (90%) · cache write 0" in personal
+    assert "Tokens Last 7 Days: in 40.0k · out 600 · cache read 39.0k (98%) · cache write 0" in personal
+    work, totals = rest.split("Aggregate Statistics")
+    assert "Tokens: in 0 · out 0 · cache read 0 (-) · cache write 0" in work
+    assert "Tokens: in 50.0k · out 700 · cache read 40.0k (80%) · cache write 1.0k" in totals
+
+
+def test_list_keys_shows_a_line_of_tokens_for_a_key_that_spent_some(path):
+    result = run_cli(path, "list-keys", in_process=True)
+    assert result.returncode == 0, result.stderr
+    personal, work = result.stdout.split("[1] Work")
+    assert "   Tokens: in 50.0k · out 700 · cache read 40.0k (80%) · cache write 1.0k\n" in personal
+    assert "Tokens" not in work
+    doc = json.loads(run_cli(path, "list-keys", "--json", in_process=True).stdout)
+    assert doc["accounts"][0]["tokens"]["cacheRead"] == 40_000
