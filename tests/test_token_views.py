@@ -70,3 +70,34 @@ def test_list_keys_shows_a_line_of_tokens_for_a_key_that_spent_some(path):
     assert "Tokens" not in work
     doc = json.loads(run_cli(path, "list-keys", "--json", in_process=True).stdout)
     assert doc["accounts"][0]["tokens"]["cacheRead"] == 40_000
+
+
+def test_status_json_and_metrics_give_each_key_its_tokens():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rotator.core.models import Account, AccountsFile
+    from rotator.pool.key_pool import KeyPool
+    from rotator.status.document import snapshot, status_document
+    from rotator.status.metrics import render_snapshot
+    from rotator.status.tally import Tally
+
+    spent = {"input": 50_000, "output": 700, "cacheRead": 40_000, "cacheWrite": 1000}
+    state = AccountsFile(accounts=[
+        Account(key=KEYS[0], name="Personal", tokens=spent,
+                daily_tokens={TODAY: {"input": 10_000, "output": 100, "cacheRead": 9000}}),
+        Account(key=KEYS[1], name="Work"),
+    ])
+    shot = snapshot(KeyPool(state), Tally(), [], NOW)
+    personal, work = status_document(shot)["keys"]
+    assert personal["tokens"] == spent
+    assert personal["tokensToday"] == {"input": 10_000, "output": 100, "cacheRead": 9000, "cacheWrite": 0}
+    assert personal["cacheShareToday"] == 0.9 and work["cacheShareToday"] is None
+    assert set(work["tokens"].values()) == {0}
+    body, _ = render_snapshot(shot)
+    samples = {(s.labels["index"], s.labels["kind"]): s.value
+               for family in text_string_to_metric_families(body.decode())
+               if family.name == "kimi_rotator_key_tokens" for s in family.samples}
+    assert samples == {("0", "input"): 50_000, ("0", "output"): 700, ("0", "cache_read"): 40_000,
+                       ("0", "cache_write"): 1000, ("1", "input"): 0, ("1", "output"): 0,
+                       ("1", "cache_read"): 0, ("1", "cache_write"): 0}
+    assert b"kimi_rotator_key_tokens_total{" in body
