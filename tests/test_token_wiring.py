@@ -277,3 +277,26 @@ def test_token_totals_are_saved_and_read_back_and_a_person_s_edit_does_not_undo_
     on_disk = json.loads(path.read_text())["accounts"][0]
     assert on_disk["tokens"] == {"input": 3} and on_disk["dailyTokens"] == {}
     assert storage.read_accounts(path).accounts[0].tokens == {"input": 3}
+
+
+async def test_a_resend_held_whole_as_sse_counts_on_the_key_that_answered(tmp_path):
+    from tests.test_retry import FakeUpstream, kimi_error, write_pool
+
+    def answer(flow: http.HTTPFlow, key: str) -> http.Response:
+        if key == KEYS[0]:
+            return kimi_error(429, "rate limit reached", {"retry-after": "30"})
+        return http.Response.make(200, b"".join(anthropic_events(100, 4000, 300, 57)), SSE)
+
+    upstream = FakeUpstream(answer)
+    addon = KimiRotator(clock=FakeClock(NOW), send=upstream)
+    upstream.addon = addon
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, kimi_accounts=str(write_pool(tmp_path / "a.json", KEYS)), kimi_status="off",
+                       kimi_hosts=["api.kimi.com"])
+        flow = kimi_flow()
+        await upstream(flow)
+    assert upstream.keys_sent() == KEYS
+    assert totals(addon, KEYS[0]) == ({}, {})
+    assert totals(addon, KEYS[1])[0] == ANTHROPIC_FIELDS
+    assert flow.comment.endswith("(attempt 2) · in 4.4k (cached 4.0k) · out 57"), flow.comment
+    assert flow.metadata["kimi_rotator"]["attempts"][-1]["tokens"] == ANTHROPIC_FIELDS
