@@ -127,3 +127,40 @@ def test_two_proxies_on_one_file_add_their_tokens_up_exactly(
     assert saved_tokens(accounts_path) == reported
     today = [a["dailyTokens"] for a in accounts_on_disk(accounts_path)]
     assert sum(sum(d["input"] for d in days.values()) for days in today) == 160 * 20
+
+
+def test_two_proxies_on_one_team_store_add_their_tokens_up_exactly(redis_server, fake_kimi: FakeKimi, keys,
+                                                                    start_proxy):
+    import threading
+
+    from rotator.admin import ops
+    from rotator.store.redis_store import RedisStore
+
+    store = RedisStore(redis_server.url)
+    for i, key in enumerate(keys):
+        ops.run(store, ops.add_key(key, f"K{i}", i + 1))
+    ops.run(store, ops.set_strategy("round-robin", 10))
+    fake_kimi.report_tokens(fresh=5, output=2, cache_read=9, cache_write=1)
+    proxies = [start_proxy(fake_kimi, options={"kimi_store": redis_server.url, "kimi_flush_interval": "0.05"})
+               for _ in range(2)]
+
+    def load(proxy: Proxy) -> None:
+        with httpx.Client(trust_env=False, timeout=30) as c:
+            every_kind(c, proxy, 5)
+
+    threads = [threading.Thread(target=load, args=(p,)) for p in proxies for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    reported = fake_kimi.tokens_reported()
+    assert sum(r["output"] for r in reported.values()) == 80 * 2
+
+    def stored() -> dict[str, dict[str, int]]:
+        return {a.key: {n: a.tokens.get(n, 0) for n in FOUR} for a in RedisStore(redis_server.url).read().accounts
+                if a.tokens}
+
+    assert poll(lambda: stored() == reported, 10), (stored(), reported)
+    for proxy in proxies:
+        proxy.stop()
+    assert stored() == reported
