@@ -79,6 +79,8 @@ def test_what_kimi_reported_in_both_shapes_is_what_each_key_shows(
     assert {a["maskedKey"]: a["tokens"] for a in doc["accounts"]} == {mask_key(k): v for k, v in reported.items()}
     assert doc["totals"]["tokens"] == {n: sum(r[n] for r in reported.values()) for n in FOUR}
     assert doc["totals"]["tokensToday"] == doc["totals"]["tokens"]
+    # Per member only in team mode.
+    assert all(a["memberTokens"] == {} for a in accounts_on_disk(accounts_path))
 
 
 def test_the_flow_comment_ends_with_the_answers_tokens(fake_kimi: FakeKimi, keys, write_accounts, start_proxy,
@@ -141,8 +143,8 @@ def test_two_proxies_on_one_team_store_add_their_tokens_up_exactly(redis_server,
         ops.run(store, ops.add_key(key, f"K{i}", i + 1))
     ops.run(store, ops.set_strategy("round-robin", 10))
     fake_kimi.report_tokens(fresh=5, output=2, cache_read=9, cache_write=1)
-    proxies = [start_proxy(fake_kimi, options={"kimi_store": redis_server.url, "kimi_flush_interval": "0.05"})
-               for _ in range(2)]
+    proxies = [start_proxy(fake_kimi, options={"kimi_store": redis_server.url, "kimi_flush_interval": "0.05",
+                                               "kimi_member": member}) for member in ("alice@one", "bob@two")]
 
     def load(proxy: Proxy) -> None:
         with httpx.Client(trust_env=False, timeout=30) as c:
@@ -164,3 +166,20 @@ def test_two_proxies_on_one_team_store_add_their_tokens_up_exactly(redis_server,
     for proxy in proxies:
         proxy.stop()
     assert stored() == reported
+
+    # Who spent what: each proxy's 40 answers (half of them Anthropic's, with a cache write).
+    done = run_cli(None, "--store", redis_server.url, "stats", "--by-member", "--json")
+    assert done.returncode == 0, done.stderr
+    members = {m["member"]: m for m in json.loads(done.stdout)["members"]}
+    each = {"input": 40 * 15, "output": 40 * 2, "cacheRead": 40 * 9, "cacheWrite": 20 * 1}
+    assert {name: m["tokensLast7Days"] for name, m in members.items()} == {"alice@one": each, "bob@two": each}
+    assert all(m["tokensToday"] == each for m in members.values())
+    per_key: dict[str, dict[str, int]] = {}
+    for member in members.values():
+        for key in member["keys"]:
+            total = per_key.setdefault(key["maskedKey"], dict.fromkeys(FOUR, 0))
+            for name in FOUR:
+                total[name] += key["tokensLast7Days"][name]
+    assert per_key == {mask_key(k): v for k, v in reported.items()}
+    page = run_cli(None, "--store", redis_server.url, "stats", "--by-member")
+    assert "alice@one\n   Last 7 Days: in 600 · out 80 · cache read 360 (60%) · cache write 20" in page.stdout, page.stdout

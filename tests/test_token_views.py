@@ -101,3 +101,25 @@ def test_status_json_and_metrics_give_each_key_its_tokens():
                        ("0", "cache_write"): 1000, ("1", "input"): 0, ("1", "output"): 0,
                        ("1", "cache_read"): 0, ("1", "cache_write"): 0}
     assert b"kimi_rotator_key_tokens_total{" in body
+
+
+def test_stats_by_member_shows_who_spent_what_in_the_last_7_days(tmp_path):
+    path = tmp_path / "kimi-accounts.json"
+    week_ago = "2027-01-01"  # outside the last 7 days
+    plugin_file(path, [
+        plugin_account(KEYS[0], "Personal", memberTokens={
+            "alice@one": {TODAY: {"input": 100, "output": 5, "cacheRead": 50}, week_ago: {"input": 10_000}},
+            "bob@two": {"2027-01-10": {"input": 1000, "output": 9}}}),
+        plugin_account(KEYS[1], "Work", memberTokens={"alice@one": {"2027-01-12": {"input": 20, "cacheWrite": 2}}}),
+    ])
+    doc = json.loads(run_cli(path, "stats", "--by-member", "--json", in_process=True).stdout)
+    bob, alice = doc["members"]  # most input first
+    assert bob["member"] == "bob@two" and bob["tokensLast7Days"] == {"input": 1000, "output": 9, "cacheRead": 0,
+                                                                     "cacheWrite": 0}
+    assert bob["tokensToday"]["input"] == 0
+    assert alice["tokensLast7Days"] == {"input": 120, "output": 5, "cacheRead": 50, "cacheWrite": 2}
+    assert alice["tokensToday"] == {"input": 100, "output": 5, "cacheRead": 50, "cacheWrite": 0}
+    assert [k["index"] for k in alice["keys"]] == [0, 1]
+    text = run_cli(path, "stats", "--by-member", in_process=True).stdout
+    assert "alice@one\n   Last 7 Days: in 120 · out 5 · cache read 50 (42%) · cache write 2\n" in text
+    assert "   [1] Work: in 20 · out 0 · cache read 0 (0%) · cache write 2" in text

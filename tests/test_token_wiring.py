@@ -300,3 +300,41 @@ async def test_a_resend_held_whole_as_sse_counts_on_the_key_that_answered(tmp_pa
     assert totals(addon, KEYS[1])[0] == ANTHROPIC_FIELDS
     assert flow.comment.endswith("(attempt 2) · in 4.4k (cached 4.0k) · out 57"), flow.comment
     assert flow.metadata["kimi_rotator"]["attempts"][-1]["tokens"] == ANTHROPIC_FIELDS
+
+
+def test_member_tokens_add_up_member_by_member_and_old_days_go():
+    old_day = stats.utc_day(NOW - 100 * stats.DAY_MS)
+    account = Account(key=KEYS[0], member_tokens={
+        "alice@one": {TODAY: {"input": 1}, **{stats.utc_day(NOW - d * stats.DAY_MS): {"input": 1} for d in range(2, 92)}},
+        "old@gone": {old_day: {"input": 5}}})
+    first, second = merge.KeyChange(), merge.KeyChange()
+    first.add_member_sums_on_day("member_tokens", "alice@one", TODAY, {"input": 2, "output": 1}, NOW)
+    second.add_member_sums_on_day("member_tokens", "bob@two", TODAY, {"input": 3}, NOW)
+    second.add_member_sums_on_day("member_tokens", "alice@one", TODAY, {"input": 4}, NOW)
+    first.absorb(second)
+    merge.apply_to_account(account, first)
+    assert account.member_tokens["alice@one"][TODAY] == {"input": 7, "output": 1}
+    assert account.member_tokens["bob@two"] == {TODAY: {"input": 3}}
+    alice = account.member_tokens["alice@one"]
+    assert stats.utc_day(NOW - 91 * stats.DAY_MS) not in alice  # older than DAYS_KEPT: dropped
+    assert stats.utc_day(NOW - 90 * stats.DAY_MS) in alice and len(alice) == stats.DAYS_KEPT
+    assert second.fields["member_tokens"].value["alice@one"][TODAY] == {"input": 4}  # not shared
+
+
+async def test_a_proxy_on_a_file_counts_no_member_tokens(addon):
+    flow = await sent(addon, MESSAGES)
+    key = flow.request.headers["x-api-key"]
+    await answer_whole(addon, flow, 200, anthropic_json(1, 2, 3, 4), JSON)
+    assert addon.pool.member is None and addon.pool.account(key).member_tokens == {}
+
+
+def test_a_member_name_is_one_clean_short_line_or_user_at_host():
+    import getpass
+    import socket
+
+    from rotator.proxy.options import MEMBER_MOST, member_name
+
+    assert member_name("  alice@laptop ") == "alice@laptop"
+    assert member_name("") == f"{getpass.getuser()}@{socket.gethostname()}"[:MEMBER_MOST]
+    odd = member_name("eve\x1b[31m\nred" + "x" * 200)
+    assert "\x1b" not in odd and "\n" not in odd and len(odd) <= MEMBER_MOST

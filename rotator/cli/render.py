@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from rotator.core.key_view import KeyView, format_duration, status_text
 from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.core.stats import KeyStats, key_stats, last_days
+from rotator.core.text import NAME_MOST, clean_line
 from rotator.status.document import window_json
 from rotator.tokens import Usage, shown
 
@@ -277,3 +278,48 @@ def stats_json(views: Sequence[KeyView], now: int) -> dict[str, object]:
         ],
         "totals": {**_stats_doc(total_stats(views, now)), **TokenStats.of(views, now).as_json()},
     }
+
+
+# -- tokens by team member ----------------------------------------------------------------
+
+
+def by_member(views: Sequence[KeyView], now: int) -> list[dict[str, object]]:
+    """`stats --by-member --json`: per team member (the proxies' `kimi_member`), the tokens
+    of the last 7 days (UTC, the weekly window) and of today, in total and per key;
+    members by most input first."""
+    days = last_days(now)
+    members: dict[str, list[tuple[KeyView, Usage, Usage]]] = {}
+    for view in views:
+        for member, daily in view.member_tokens.items():
+            week = shown.on_days(daily, days)
+            if week != Usage():
+                members.setdefault(clean_line(member, NAME_MOST), []).append(
+                    (view, week, shown.on_days(daily, days[-1:])))
+    rows = []
+    for member, spent in members.items():
+        week = sum((w for _, w, _ in spent), Usage())
+        today = sum((t for _, _, t in spent), Usage())
+        rows.append({
+            "member": member,
+            "tokensLast7Days": week.as_fields(), "cacheShareLast7Days": _share(week),
+            "tokensToday": today.as_fields(),
+            "keys": [{"index": v.index, "name": v.name, "maskedKey": v.masked_key,
+                      "tokensLast7Days": w.as_fields(), "tokensToday": t.as_fields()} for v, w, t in spent],
+        })
+    rows.sort(key=lambda row: -row["tokensLast7Days"]["input"])  # type: ignore[index]
+    return rows
+
+
+def by_member_page(views: Sequence[KeyView], now: int) -> str:
+    """What `stats --by-member` prints."""
+    rows = by_member(views, now)
+    if not rows:
+        return "No tokens counted per member in the last 7 days (counted by proxies on a team store)."
+    lines = ["👥 Tokens by member, last 7 days (UTC)"]
+    for row in rows:
+        week, today = (Usage.from_fields(row[name]) or Usage() for name in ("tokensLast7Days", "tokensToday"))
+        lines += ["", str(row["member"]), f"   Last 7 Days: {shown.summary(week)}", f"   Today: {shown.summary(today)}"]
+        for key in row["keys"]:  # type: ignore[attr-defined]
+            spent = Usage.from_fields(key["tokensLast7Days"]) or Usage()
+            lines.append(f"   [{key['index']}] {key['name']}: {shown.summary(spent)}")
+    return "\n".join(lines)

@@ -16,6 +16,7 @@ failed save's changes with newer ones) through `KeyChange.absorb`; both read `RU
 - SUMS: named counts (`tokens`: input, output, cacheRead, cacheWrite); each adds, name by name.
 - SUMS_BY_DAY: named counts per date (`dailyTokens`); each adds, day by day and name by
   name, and dates older than `stats.DAYS_KEPT` are dropped.
+- SUMS_BY_MEMBER_DAY: the same per member of a team (`memberTokens`: member, date, name).
 - NEWEST: a bounded history (`responseTimes`); each side's entries are appended and the
   newest `stats.RESPONSE_TIMES_KEPT` kept.
 - READING: a measurement (`quota`, Kimi's /usages); the one taken last wins, whoever
@@ -58,6 +59,7 @@ class Rule(enum.Enum):
     READING = "reading"
     SUMS = "sums"
     SUMS_BY_DAY = "sums_by_day"
+    SUMS_BY_MEMBER_DAY = "sums_by_member_day"
 
 
 RULES: dict[str, Rule] = {
@@ -77,9 +79,10 @@ RULES: dict[str, Rule] = {
     "quota": Rule.READING,
     "tokens": Rule.SUMS,
     "daily_tokens": Rule.SUMS_BY_DAY,
+    "member_tokens": Rule.SUMS_BY_MEMBER_DAY,
 }
 # Rules whose values are counts, history or measurements: never undone by a person's edit.
-_COUNTED = frozenset({Rule.ADD, Rule.BY_DAY, Rule.NEWEST, Rule.READING, Rule.SUMS, Rule.SUMS_BY_DAY})
+_COUNTED = frozenset({Rule.ADD, Rule.BY_DAY, Rule.NEWEST, Rule.READING, Rule.SUMS, Rule.SUMS_BY_DAY, Rule.SUMS_BY_MEMBER_DAY})
 _CLAMPED = {"health_score": clamp_health}
 # Fields that decide whether a key can be chosen: a proxy that changed one tells the
 # others at once (a shared store's notices) instead of at their next save.
@@ -144,6 +147,16 @@ class KeyChange:
             _add_sums_by_day(found.value, {day: counts})
             found.at_ms = at_ms
 
+    def add_member_sums_on_day(self, attr: str, member: str, day: str, counts: Mapping[str, int],
+                               at_ms: int) -> None:
+        """More of a SUMS_BY_MEMBER_DAY field's named counts, for `member` on `day`."""
+        found = self.fields.get(attr)
+        if found is None:
+            self.fields[attr] = FieldChange({member: {day: dict(counts)}}, at_ms)
+        else:
+            _add_sums_by_day(found.value.setdefault(member, {}), {day: counts})
+            found.at_ms = at_ms
+
     def append_newest(self, attr: str, value: Any, at_ms: int) -> None:
         """One more entry of a NEWEST field's history."""
         found = self.fields.get(attr)
@@ -186,6 +199,9 @@ class KeyChange:
                 add_sums(old.value, new.value)
             elif rule is Rule.SUMS_BY_DAY:
                 _add_sums_by_day(old.value, new.value)
+            elif rule is Rule.SUMS_BY_MEMBER_DAY:
+                for member, days in new.value.items():
+                    _add_sums_by_day(old.value.setdefault(member, {}), days)
             elif rule is Rule.LATER and not new.replace:
                 old.value = max(old.value, new.value)  # a replacement stays one, raised
             else:
@@ -267,6 +283,12 @@ def apply_to_account(account: Account, change: KeyChange, skew_ms: int = 0) -> N
             daily_sums = getattr(account, attr)
             _add_sums_by_day(daily_sums, new.value)
             drop_old_days(daily_sums, new.at_ms)
+        elif rule is Rule.SUMS_BY_MEMBER_DAY:
+            by_member = getattr(account, attr)
+            for member, days in new.value.items():
+                member_days = by_member.setdefault(member, {})
+                _add_sums_by_day(member_days, days)
+                drop_old_days(member_days, new.at_ms)
         elif rule is Rule.ADD:
             value = getattr(account, attr) + new.value
             clamp = _CLAMPED.get(attr)
@@ -308,6 +330,8 @@ def _copied(rule: Rule, value: Any) -> Any:
         return dict(value)
     if rule is Rule.SUMS_BY_DAY:
         return {day: dict(sums) for day, sums in value.items()}
+    if rule is Rule.SUMS_BY_MEMBER_DAY:
+        return {member: {day: dict(sums) for day, sums in days.items()} for member, days in value.items()}
     if rule is Rule.NEWEST:
         return list(value)
     return value

@@ -55,6 +55,8 @@ class KeyPool(HeardFromOutside):
         self.paused: Callable[[int], None] | None = None
         self.limited: Callable[[str], None] | None = None
         self.changes = merge.PoolChange()
+        # This proxy's name in a team (`kimi_member`): tokens are counted per member too.
+        self.member: str | None = None
         self.paused_until_ms = 0
         self._recent_limits = throttle.RecentLimits()
         # Called whenever a key may have freed up: an answer, a lowered deadline, a
@@ -140,7 +142,7 @@ class KeyPool(HeardFromOutside):
         """Count the tokens an answer on `lease` spent on its key (its entry, as `release`)."""
         account = self._taken_from(lease, self.account(lease.key))
         if account is not None:
-            key_updates.spent(account, self.changes.for_key(lease.key), usage, now_ms)
+            key_updates.spent(account, self.changes.for_key(lease.key), usage, now_ms, self.member)
 
     def abandon(self, lease: Lease) -> None:
         """An attempt that was never sent (its client left first): as if never chosen."""

@@ -115,8 +115,9 @@ def cooled_by_window(account: Account, change: merge.KeyChange, label: str, spen
     return f"key {label} cooling for {seconds_until(spent.until_ms, now_ms)} s: {spent.reason}"
 
 
-def spent(account: Account, change: merge.KeyChange, usage: Usage, now_ms: int) -> None:
-    """The tokens an answer on the key spent: its totals and today's."""
+def spent(account: Account, change: merge.KeyChange, usage: Usage, now_ms: int, member: str | None = None) -> None:
+    """The tokens an answer on the key spent: its totals and today's, and today's of the
+    team member (the proxy) it went through, in team mode."""
     counts = {name: count for name, count in usage.as_fields().items() if count}
     if not counts:
         return
@@ -129,3 +130,6 @@ def spent(account: Account, change: merge.KeyChange, usage: Usage, now_ms: int) 
         merge.add_sums(today, counts)
     change.add_sums("tokens", counts, now_ms)
     change.add_sums_on_day("daily_tokens", day, counts, now_ms)
+    if member is not None:
+        merge.add_sums(account.member_tokens.setdefault(member, {}).setdefault(day, {}), counts)
+        change.add_member_sums_on_day("member_tokens", member, day, counts, now_ms)

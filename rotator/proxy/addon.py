@@ -102,6 +102,8 @@ class KimiRotator:
             self.sync.interval_s = self.settings.flush_interval_s
         if "kimi_slot_ttl" in updated and self.team is not None:
             self.team.set_ttl(self.settings.slot_ttl_ms)
+        if "kimi_member" in updated:
+            self.pool.member = self.settings.member if self.team is not None else None
         if "kimi_max_in_flight" in updated:
             self.pool.max_in_flight = self.settings.max_in_flight
         if "kimi_quota_reserve" in updated:
@@ -131,6 +133,7 @@ class KimiRotator:
         self.sync = PoolSync(store, self.pool, self.settings.flush_interval_s)
         slots = store.team_slots(self.settings.slot_ttl_ms)
         self.team = None if slots is None else TeamCaps(self.pool, slots, self.clock)
+        self.pool.member = None if self.team is None else self.settings.member  # tokens per member
         self.line.admit = None if self.team is None else self.team.admit
         events = store.team_events()
         self.notices = None if events is None else TeamNotices(events, self.pool, self.sync, self.team, self.clock)
