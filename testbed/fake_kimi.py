@@ -874,6 +874,7 @@ class FakeKimi:
             per = -(-len(words) // n)
             parts = [" ".join(words[i:i + per]) for i in range(0, len(words), per)]
             parts = [p + (" " if i < len(parts) - 1 else "") for i, p in enumerate(parts)]
+            parts += [""] * (self.deltas - len(parts))  # more deltas than words: empty ones
             events: list[tuple[str, Any]] = [
                 ("message_start", _message_start(msg_id, model, in_tokens, usage)),
                 ("content_block_start", {"type": "content_block_start", "index": 0,
@@ -1001,6 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--event-delay", type=float, default=0.0,
                     help="seconds between SSE events (default 0)")
     ap.add_argument("--stream-framing", choices=("chunked", "close"), default="chunked")
+    ap.add_argument("--deltas", type=int, default=4,
+                    help="text deltas per streamed Messages answer (default 4; events = deltas + 5)")
     ap.add_argument("--no-record", action="store_true",
                     help="do not keep a log of requests (long benchmarks)")
     ap.add_argument("--verbose", action="store_true", help="log each request to stderr")
@@ -1008,7 +1011,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost"):
         ap.error("refusing to listen on a non-loopback address")
     kimi = FakeKimi(args.host, args.port, event_delay=args.event_delay,
-                    stream_framing=args.stream_framing, record=not args.no_record,
+                    stream_framing=args.stream_framing, deltas=args.deltas, record=not args.no_record,
                     verbose=args.verbose).start()
     stop = threading.Event()
 
