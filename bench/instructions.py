@@ -13,9 +13,13 @@ keeps.
 Arms (all reverse mode in front of one fake Kimi, flow_detail=0):
 - bare: mitmdump alone;
 - hooks: a script whose four request hooks do nothing: what calling a script costs;
+- streamer: a script that only streams SSE answers (`response.stream`): the floor for
+  agent traffic, since bare mitmdump buffers SSE;
 - passthrough: the addon loaded, but kimi_hosts left at api.kimi.com, so its hooks
   return at once;
 - addon: the addon on an accounts file of 3 keys, every request gets a pool key;
+- before: the same, with the addon of another checkout (`--before DIR`, e.g. a worktree
+  of main): what a change costs, counted in the same run;
 - redis: the same on a Redis store (`--redis`): each request takes a team slot; the
   redis-server's own instructions (also under callgrind) are added, since it runs on
   the same machine.
@@ -25,7 +29,13 @@ time; under valgrind a second holds about 60 times fewer requests than at full s
 they are moved out of the window (kimi_flush_interval and kimi_slot_ttl set long) and
 what is counted is the per-request work.
 
+`--agent` sends agent traffic instead of small requests: 40 KB bodies naming a
+conversation (Claude Code's metadata.user_id), streamed answers of 20 SSE events that
+report their usage; its arms are bare, streamer, addon (and before), and the addon is
+held to 0.97 of the streamer (issue 26).
+
     python bench/instructions.py [--quick] [--requests N] [--redis] [--arms a,b,...] [--keep DIR]
+                                 [--agent] [--before CHECKOUT]
 """
 
 from __future__ import annotations
@@ -48,7 +58,10 @@ from bench import _common as C  # noqa: E402
 from bench import _team as T  # noqa: E402
 from testbed.redis_server import RedisServer  # noqa: E402
 
-ARMS = ("bare", "hooks", "passthrough", "addon", "redis")
+ARMS = ("bare", "hooks", "streamer", "passthrough", "addon", "before", "redis")
+AGENT_TARGET_RATIO = 0.97  # issue 26's bar with usage reading on, vs the streamer floor
+AGENT_DELTAS = 15  # 20 SSE events an answer
+AGENT_BODY_BYTES = 40_000
 CONNECTIONS = (1, 16)
 TARGET_RATIO = 0.95  # issue 9's bar for the addon vs bare mitmdump
 TEAM_TARGET_RATIO = 0.9  # issue 12's bar for the Redis store vs the file store
@@ -65,6 +78,25 @@ class Hooks:
 
 addons = [Hooks()]
 """
+
+# The floor for agent traffic: bare mitmdump buffers SSE, so a proxy for agents must at
+# least stream it; this script does only that.
+STREAMER_SCRIPT = """\
+class Streamer:
+    def responseheaders(self, flow):
+        if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
+            flow.response.stream = True
+
+addons = [Streamer()]
+"""
+
+
+def agent_body() -> bytes:
+    """A Claude Code turn: ~40 KB of conversation, naming its session, streamed."""
+    text = "x" * (AGENT_BODY_BYTES - 400)
+    return json.dumps({**C.REQUEST_BODY, "stream": True,
+                       "metadata": {"user_id": "user_0123abcd_account__session_9f1c2d3e-4b5a-6789-abcd-ef0123456789"},
+                       "messages": [{"role": "user", "content": text}]}).encode()
 
 
 @dataclass
@@ -100,6 +132,8 @@ class Clients:
     """`connections` keep-alive connections to a proxy, kept open from the warm-up to the
     count, so the count holds requests and nothing of opening connections."""
 
+    body = json.dumps(C.REQUEST_BODY).encode()
+
     def __init__(self, port: int, connections: int) -> None:
         self.conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=600) for _ in range(connections)]
         self.pool = ThreadPoolExecutor(connections)
@@ -110,10 +144,9 @@ class Clients:
         shares = [requests // n + (1 if i < requests % n else 0) for i in range(n)]
         list(self.pool.map(self._send_on, self.conns, shares))
 
-    @staticmethod
-    def _send_on(conn: http.client.HTTPConnection, count: int) -> None:
+    def _send_on(self, conn: http.client.HTTPConnection, count: int) -> None:
         for _ in range(count):
-            conn.request("POST", C.MESSAGES_PATH, json.dumps(C.REQUEST_BODY),
+            conn.request("POST", C.MESSAGES_PATH, self.body,
                          {"content-type": "application/json", "x-api-key": C.PLACEHOLDER_KEY})
             answer = conn.getresponse()
             body = answer.read()
@@ -145,7 +178,7 @@ def idle_rate(pids: list[int], out: Path, work: Path) -> list[float]:
     return [dumped(pid, out if i == 0 else work / "cg-redis-server") / took_s for i, pid in enumerate(pids)]
 
 
-def count(arm: str, work: Path, fake_port: int, requests: int) -> Counted:
+def count(arm: str, work: Path, fake_port: int, requests: int, before: Path | None = None) -> Counted:
     out = work / f"cg-{arm}"
     options: dict[str, object] = {"kimi_flush_interval": LONG_S}
     scripts: list[Path] = []
@@ -164,10 +197,18 @@ def count(arm: str, work: Path, fake_port: int, requests: int) -> Counted:
         if arm == "hooks":
             scripts.append(work / "hooks.py")
             scripts[0].write_text(HOOKS_SCRIPT)
+        if arm == "streamer":
+            scripts.append(work / "streamer.py")
+            scripts[0].write_text(STREAMER_SCRIPT)
+        if arm == "before":  # the addon of another checkout (--before), as the addon arm runs it
+            assert before is not None
+            scripts.append(before / "kimi_rotator_addon.py")
+            options.update(kimi_accounts=str(accounts), kimi_hosts="127.0.0.1", kimi_status="off",
+                           kimi_usage_interval=0)
         if arm == "passthrough":
             options["kimi_hosts"] = "api.kimi.com"
         proxy = C.start_proxy(work, arm, fake_port, addon=arm in ("passthrough", "addon", "redis"),
-                              accounts=accounts, options=options if arm != "bare" and arm != "hooks" else {},
+                              accounts=accounts, options=options if arm not in ("bare", "hooks", "streamer") else {},
                               scripts=scripts, wrapper=callgrind(out))
         stack.callback(stop, proxy.process)
         port = int(proxy.url.rsplit(":", 1)[1])
@@ -214,10 +255,23 @@ def main() -> int:
     ap.add_argument("--redis", action="store_true", help="add the redis arm (the team store)")
     ap.add_argument("--arms", help=f"comma-separated, from {','.join(ARMS)} (default: all but redis; quick: bare,addon)")
     ap.add_argument("--keep", type=Path, metavar="DIR", help="keep callgrind's files there, to read by function")
+    ap.add_argument("--agent", action="store_true",
+                    help=f"agent traffic: {AGENT_BODY_BYTES // 1000} KB bodies naming a conversation, "
+                         f"{AGENT_DELTAS + 5}-event SSE answers; the floor is the streamer arm")
+    ap.add_argument("--before", type=Path, metavar="CHECKOUT",
+                    help="the 'before' arm runs the addon of this checkout (e.g. a worktree of main)")
     args = ap.parse_args()
+    if args.agent:
+        Clients.body = agent_body()
+    if args.before and not (args.before / "kimi_rotator_addon.py").exists():
+        ap.error("--before: no kimi_rotator_addon.py there")
     requests = args.requests or (40 if args.quick else 300)
     default = ("bare", "addon") if args.quick else tuple(a for a in ARMS if a != "redis")
+    if args.agent and not args.arms:
+        default = ("bare", "streamer", "addon") + (("before",) if args.before else ())
     arms = args.arms.split(",") if args.arms else list(default)
+    if "before" in arms and not args.before:
+        ap.error("--arms before needs --before CHECKOUT")
     unknown = set(arms) - set(ARMS)
     if unknown or not arms:
         ap.error(f"--arms: choose from {', '.join(ARMS)} (got {args.arms!r})")
@@ -228,10 +282,10 @@ def main() -> int:
                    [f"valgrind: {subprocess.run(['valgrind', '--version'], capture_output=True, text=True).stdout.strip()}",
                     f"arms {', '.join(arms)}: {requests} requests counted per load, over {CONNECTIONS} connection(s), "
                     f"after a warm-up; kimi_flush_interval={LONG_S} (the once-a-second save out of the window)"])
-    with C.watchdog(3600), C.workdir("instructions") as work, C.fake_kimi("--no-record") as (_, fake_port):
+    with C.watchdog(3600), C.workdir("instructions") as work, C.fake_kimi("--no-record", *(("--deltas", str(AGENT_DELTAS)) if args.agent else ())) as (_, fake_port):
         # Two at a time: callgrind runs one thread at a time, and these machines have 2 cores.
         with ThreadPoolExecutor(2) as pool:
-            counted = {c.arm: c for c in pool.map(lambda a: count(a, work, fake_port, requests), arms)}
+            counted = {c.arm: c for c in pool.map(lambda a: count(a, work, fake_port, requests, args.before), arms)}
         if args.keep:
             args.keep.mkdir(parents=True, exist_ok=True)
             for dump in work.glob("cg-*.*"):
@@ -259,6 +313,12 @@ def main() -> int:
     if base and "addon" in counted:
         for connections in CONNECTIONS:
             print(compared("addon vs bare", base, counted["addon"], connections, requests, TARGET_RATIO))
+    if "streamer" in counted:
+        for arm in ("addon", "before"):
+            if arm in counted:
+                for connections in CONNECTIONS:
+                    print(compared(f"{arm} vs streamer", counted["streamer"], counted[arm], connections, requests,
+                                   AGENT_TARGET_RATIO))
     if "addon" in counted and "redis" in counted:
         for connections in CONNECTIONS:
             print(compared("redis vs file store", counted["addon"], counted["redis"], connections, requests,

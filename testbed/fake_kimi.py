@@ -75,6 +75,13 @@ the wait ends early, answering nothing, when the client closes its connection
 ``kimi_error(name)`` / ``KIMI_ERRORS`` hold Kimi's real error answers
 (see docs in ``KIMI_ERRORS``); ``set_kimi_error(key, name, ...)`` scripts one.
 
+Usage: the Messages answers report ``input_tokens`` (about a quarter of the messages'
+JSON length) and ``output_tokens`` (the words), the chat answers ``prompt_tokens`` and
+``completion_tokens`` when not streamed. ``report_tokens(fresh, output, cache_read,
+cache_write)`` makes every success report those figures in its shape, streamed or not
+(a chat stream in its last chunk's choice, as Kimi does); ``tokens_reported()`` gives
+per key what was reported, as the proxy saves it.
+
 Streams can be held: ``gate = kimi.hold_stream_after_first_event()`` makes the
 next streaming success (optionally only for one key) stop after its first
 event until ``gate.set()`` (or ``gate_timeout`` seconds, default 10, so nothing
@@ -341,13 +348,13 @@ def mid_stream_error_events(
     ]
 
 
-def _message_start(msg_id: str, model: str, input_tokens: int) -> dict:
+def _message_start(msg_id: str, model: str, input_tokens: int, usage: dict[str, int] | None = None) -> dict:
     return {
         "type": "message_start",
         "message": {
             "id": msg_id, "type": "message", "role": "assistant", "model": model,
             "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+            "usage": {**(usage or {"input_tokens": input_tokens}), "output_tokens": 1},
         },
     }
 
@@ -487,6 +494,8 @@ class FakeKimi:
         self._gates: list[StreamGate] = []
         self._all_gates: list[StreamGate] = []
         self._usage: dict[str, dict[str, Any]] = {}
+        self._tokens: dict[str, int] | None = None  # report_tokens(): what every success reports
+        self._reported: dict[str, Counter[str]] = {}  # per key: the tokens its successes reported
         self._counts: Counter[str] = Counter()
         self._keys_order: list[str] = []
         self._in_flight: Counter[str] = Counter()
@@ -618,6 +627,27 @@ class FakeKimi:
                 if val is not None:
                     u[name] = val
 
+    def report_tokens(self, fresh: int, output: int, cache_read: int = 0, cache_write: int = 0) -> None:
+        """Make every success report this usage, in its shape: Anthropic's input_tokens
+        (`fresh`), cache_read_input_tokens, cache_creation_input_tokens and output_tokens
+        (message_start and message_delta when streamed); OpenAI's prompt_tokens (all
+        three inputs), Kimi's cached_tokens and completion_tokens (when streamed, in the
+        last chunk's choice, as Kimi sends it; the cache-write figure has no place there)."""
+        with self._lock:
+            self._tokens = {"fresh": fresh, "output": output, "cache_read": cache_read, "cache_write": cache_write}
+
+    def tokens_reported(self) -> dict[str, dict[str, int]]:
+        """Per key, the tokens its answers reported (sent whole or streamed to the end),
+        as the proxy saves them: {input (all), output, cacheRead, cacheWrite}."""
+        with self._lock:
+            return {key: {n: counts[n] for n in ("input", "output", "cacheRead", "cacheWrite")}
+                    for key, counts in self._reported.items()}
+
+    def _report(self, key: str, fresh: int, output: int, read: int, write: int) -> None:
+        with self._lock:
+            counts = self._reported.setdefault(key, Counter())
+            counts.update({"input": fresh + read + write, "output": output, "cacheRead": read, "cacheWrite": write})
+
     def hold_stream_after_first_event(self, key: str | None = None,
                                       timeout: float | None = None) -> StreamGate:
         """Park the next streaming success (for ``key``, or any key) after its first
@@ -663,6 +693,7 @@ class FakeKimi:
             self._counts.clear()
             self._scripts.clear()
             self._usage.clear()
+            self._reported.clear()
             self._gates.clear()
             self._max_in_flight.clear()
 
@@ -828,14 +859,24 @@ class FakeKimi:
         text = f"hello from fake kimi #{seen.number}"
         in_tokens = max(1, len(json.dumps(req.get("messages", ""))) // 4)
         msg_id = f"msg_fake_{seen.number:06d}"
+        tokens = self._tokens
+        out_tokens = len(text.split()) if tokens is None else tokens["output"]
+        usage: dict[str, int] = {"input_tokens": in_tokens}
+        if tokens is not None:
+            usage = {"input_tokens": tokens["fresh"], "cache_read_input_tokens": tokens["cache_read"],
+                     "cache_creation_input_tokens": tokens["cache_write"]}
+        assert seen.key is not None
+        self._report(seen.key, usage["input_tokens"], out_tokens, usage.get("cache_read_input_tokens", 0),
+                     usage.get("cache_creation_input_tokens", 0))
         if req.get("stream") is True:
             words = text.split(" ")
             n = min(self.deltas, len(words))
             per = -(-len(words) // n)
             parts = [" ".join(words[i:i + per]) for i in range(0, len(words), per)]
             parts = [p + (" " if i < len(parts) - 1 else "") for i, p in enumerate(parts)]
+            parts += [""] * (self.deltas - len(parts))  # more deltas than words: empty ones
             events: list[tuple[str, Any]] = [
-                ("message_start", _message_start(msg_id, model, in_tokens)),
+                ("message_start", _message_start(msg_id, model, in_tokens, usage)),
                 ("content_block_start", {"type": "content_block_start", "index": 0,
                                          "content_block": {"type": "text", "text": ""}}),
             ]
@@ -847,7 +888,7 @@ class FakeKimi:
                 ("message_delta", {"type": "message_delta",
                                    "delta": {"stop_reason": "end_turn",
                                              "stop_sequence": None},
-                                   "usage": {"output_tokens": len(words)}}),
+                                   "usage": {"output_tokens": out_tokens}}),
                 ("message_stop", {"type": "message_stop"}),
             ]
             return self._send_sse(h, seen, events, 200, headers, gated=True)
@@ -855,7 +896,7 @@ class FakeKimi:
             "id": msg_id, "type": "message", "role": "assistant", "model": model,
             "content": [{"type": "text", "text": text}],
             "stop_reason": "end_turn", "stop_sequence": None,
-            "usage": {"input_tokens": in_tokens, "output_tokens": len(text.split())},
+            "usage": {**usage, "output_tokens": out_tokens},
         }
         self._send_json(h, seen, 200, body, headers)
 
@@ -872,7 +913,20 @@ class FakeKimi:
         text = f"hello from fake kimi #{seen.number}"
         in_tokens = max(1, len(json.dumps(req.get("messages", ""))) // 4)
         base = {"id": f"chatcmpl-fake-{seen.number:06d}", "created": int(time.time()), "model": model}
-        if req.get("stream") is True:
+        tokens = self._tokens
+        out_tokens = len(text.split()) if tokens is None else tokens["output"]
+        usage: dict[str, int] = {"prompt_tokens": in_tokens, "completion_tokens": out_tokens,
+                                 "total_tokens": in_tokens + out_tokens}
+        if tokens is not None:
+            prompt = tokens["fresh"] + tokens["cache_read"] + tokens["cache_write"]
+            usage = {"prompt_tokens": prompt, "completion_tokens": out_tokens,
+                     "total_tokens": prompt + out_tokens, "cached_tokens": tokens["cache_read"]}
+        assert seen.key is not None
+        streamed = req.get("stream") is True
+        if not streamed or tokens is not None:  # a stream reports usage only when asked to
+            self._report(seen.key, usage["prompt_tokens"] - usage.get("cached_tokens", 0), out_tokens,
+                         usage.get("cached_tokens", 0), 0)
+        if streamed:
             words = text.split(" ")
             chunks: list[tuple[str, Any]] = [("", {
                 **base, "object": "chat.completion.chunk",
@@ -882,17 +936,17 @@ class FakeKimi:
                              "choices": [{"index": 0, "delta": {"content": w + (" " if i < len(words) - 1 else "")},
                                           "finish_reason": None}]})
                        for i, w in enumerate(words)]
-            chunks += [("", {**base, "object": "chat.completion.chunk",
-                             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            last: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": "stop"}
+            if tokens is not None:
+                last["usage"] = usage  # Kimi's place for it: the last chunk's choice
+            chunks += [("", {**base, "object": "chat.completion.chunk", "choices": [last]}),
                        ("", "[DONE]")]
             return self._send_sse(h, seen, chunks, 200, headers, gated=True)
-        out_tokens = len(text.split())
         body = {
             **base, "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": in_tokens, "completion_tokens": out_tokens,
-                      "total_tokens": in_tokens + out_tokens},
+            "usage": usage,
         }
         self._send_json(h, seen, 200, body, headers)
 
@@ -948,6 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--event-delay", type=float, default=0.0,
                     help="seconds between SSE events (default 0)")
     ap.add_argument("--stream-framing", choices=("chunked", "close"), default="chunked")
+    ap.add_argument("--deltas", type=int, default=4,
+                    help="text deltas per streamed Messages answer (default 4; events = deltas + 5)")
     ap.add_argument("--no-record", action="store_true",
                     help="do not keep a log of requests (long benchmarks)")
     ap.add_argument("--verbose", action="store_true", help="log each request to stderr")
@@ -955,7 +1011,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost"):
         ap.error("refusing to listen on a non-loopback address")
     kimi = FakeKimi(args.host, args.port, event_delay=args.event_delay,
-                    stream_framing=args.stream_framing, record=not args.no_record,
+                    stream_framing=args.stream_framing, deltas=args.deltas, record=not args.no_record,
                     verbose=args.verbose).start()
     stop = threading.Event()
 

@@ -333,6 +333,7 @@ def test_list_keys_json(run):
         "cooldownReason": None,
         "lastUsed": NOW - MIN,
         "status": "✓ Ready",
+        "tokens": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
     }
     assert (two["active"], two["health"], two["cooling"]) == (True, 20, True)
     assert (two["disabledReason"], two["cooldownReason"]) == ("banned", "429")

@@ -32,7 +32,7 @@ from typing import NoReturn
 from rotator.admin import ops
 from rotator.cli import arg_types, export_import, launch, notify_check, usage
 from rotator.cli.help import help_text, synopsis
-from rotator.cli.render import as_json, list_block, stats_json, stats_page
+from rotator.cli.render import as_json, by_member, by_member_page, list_block, stats_json, stats_page
 from rotator.cli.terminal import emit
 from rotator.core import oddities
 from rotator.core.clock import now_ms
@@ -184,7 +184,10 @@ def _list_keys(args: argparse.Namespace, cx: Context) -> None:
 
 def _stats(args: argparse.Namespace, cx: Context) -> None:
     views = view_pool(cx.store.read(), cx.now_ms)
-    if args.json:
+    if args.by_member:
+        _out(json.dumps({"members": by_member(views, cx.now_ms)}, indent=2) if args.json
+             else by_member_page(views, cx.now_ms))
+    elif args.json:
         _out(json.dumps(stats_json(views, cx.now_ms), indent=2))
     else:
         _out(stats_page(views, cx.now_ms, f"{cx.prog} add-key KEY [NAME]"))
@@ -251,6 +254,12 @@ def _json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output (keys masked)")
 
 
+def _stats_arguments(parser: argparse.ArgumentParser) -> None:
+    _json_argument(parser)
+    parser.add_argument("--by-member", action="store_true",
+                        help="tokens per team member (each proxy's kimi_member), the last 7 days")
+
+
 VERBS: tuple[Verb, ...] = (
     Verb("add-key", "Add a Kimi API key to the pool.", _add_key_arguments, make_op=_add_key),
     Verb("list-keys", "Show every key with its health, requests and status.", _json_argument, show=_list_keys),
@@ -272,8 +281,8 @@ VERBS: tuple[Verb, ...] = (
          export_import.export_arguments, show=lambda a, cx: _out(export_import.export_keys(a, cx.store, cx.now_ms))),
     Verb("import-keys", "Import keys from an encrypted backup or a plain accounts file (present keys skipped).",
          export_import.import_arguments, make_op=lambda a, cx: export_import.import_keys(a, cx.now_ms)),
-    Verb("stats", "Show each key's requests, success rate, response times and recent days.",
-         _json_argument, show=_stats),
+    Verb("stats", "Show each key's requests, success rate, response times, recent days and tokens.",
+         _stats_arguments, show=_stats),
     Verb("usage", "Ask Kimi for each key's quota: windows used and left, resets, parallel limit.",
          lambda p: usage.arguments(p, arg_types.parse_index), show=_usage),
     Verb("refresh-health", "Give +10 health to each key rested past the cooldown.", _no_arguments,

@@ -6,11 +6,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from rotator.core.key_view import KeyView, format_duration, status_text
 from rotator.core.quota import QuotaReading, QuotaWindow
-from rotator.core.stats import KeyStats, key_stats
+from rotator.core.stats import KeyStats, key_stats, last_days
+from rotator.core.text import NAME_MOST, clean_line
 from rotator.status.document import window_json
+from rotator.tokens import Usage, shown
 
 BAR_CELLS = 10
 
@@ -28,8 +31,15 @@ def list_block(view: KeyView, now: int) -> list[str]:
         f"   Health: {health_bar(view.health)} {view.health}%",
         f"   Requests: {view.successful_requests}/{view.total_requests} successful",
         f"   Status: {status_text(view, now)}",
+        *token_line(view),
         *quota_lines(view, now),
     ]
+
+
+def token_line(view: KeyView) -> list[str]:
+    """list-keys' line of the tokens Kimi reported the key spent; none before any."""
+    spent = shown.saved(view.tokens)
+    return [f"   Tokens: {shown.summary(spent)}"] if spent != Usage() else []
 
 
 def as_json(view: KeyView, now: int) -> dict[str, object]:
@@ -47,6 +57,7 @@ def as_json(view: KeyView, now: int) -> dict[str, object]:
         "cooldownReason": view.cooldown_reason,
         "lastUsed": view.last_used,
         "status": status_text(view, now),
+        "tokens": shown.saved(view.tokens).as_fields(),
         **({"quota": quota_json(view.quota)} if view.quota is not None else {}),
     }
 
@@ -154,8 +165,51 @@ def stats_block(view: KeyView, now: int) -> list[str]:
         f"   Requests Today: {numbers.today}",
         f"   Requests Last 7 Days: {numbers.last_7_days}",
         f"   Last 7 Days: {day_bar([c for _, c in numbers.week])}  ({first[5:]} … {last[5:]})",
+        *token_lines(TokenStats.of([view], now)),
     ]
     return lines
+
+
+@dataclass(frozen=True, slots=True)
+class TokenStats:
+    """The tokens Kimi reported: since the keys were added, today and the last 7 days (UTC)."""
+
+    total: Usage
+    today: Usage
+    week: Usage
+
+    @classmethod
+    def of(cls, views: Sequence[KeyView], now: int) -> TokenStats:
+        days = last_days(now)
+        total = today = week = Usage()
+        for view in views:
+            total += shown.saved(view.tokens)
+            today += shown.on_days(view.daily_tokens, days[-1:])
+            week += shown.on_days(view.daily_tokens, days)
+        return cls(total, today, week)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "tokens": self.total.as_fields(),
+            "cacheShare": _share(self.total),
+            "tokensToday": self.today.as_fields(),
+            "cacheShareToday": _share(self.today),
+            "tokensLast7Days": self.week.as_fields(),
+            "cacheShareLast7Days": _share(self.week),
+        }
+
+
+def _share(usage: Usage) -> float | None:
+    part = usage.cache_share
+    return None if part is None else round(part, 4)
+
+
+def token_lines(numbers: TokenStats) -> list[str]:
+    return [
+        f"   Tokens: {shown.summary(numbers.total)}",
+        f"   Tokens Today: {shown.summary(numbers.today)}",
+        f"   Tokens Last 7 Days: {shown.summary(numbers.week)}",
+    ]
 
 
 def total_stats(views: Sequence[KeyView], now: int) -> KeyStats:
@@ -194,6 +248,7 @@ def stats_totals(views: Sequence[KeyView], now: int) -> list[str]:
     lines += [
         f"   Requests Today: {numbers.today}",
         f"   Requests Last 7 Days: {numbers.last_7_days}",
+        *token_lines(TokenStats.of(views, now)),
     ]
     return lines
 
@@ -217,8 +272,54 @@ def stats_json(views: Sequence[KeyView], now: int) -> dict[str, object]:
     """`stats --json`: each key's numbers (masked), then the totals."""
     return {
         "accounts": [
-            {"index": v.index, "name": v.name, "maskedKey": v.masked_key, **_stats_doc(v.stats(now))}
+            {"index": v.index, "name": v.name, "maskedKey": v.masked_key, **_stats_doc(v.stats(now)),
+             **TokenStats.of([v], now).as_json()}
             for v in views
         ],
-        "totals": _stats_doc(total_stats(views, now)),
+        "totals": {**_stats_doc(total_stats(views, now)), **TokenStats.of(views, now).as_json()},
     }
+
+
+# -- tokens by team member ----------------------------------------------------------------
+
+
+def by_member(views: Sequence[KeyView], now: int) -> list[dict[str, object]]:
+    """`stats --by-member --json`: per team member (the proxies' `kimi_member`), the tokens
+    of the last 7 days (UTC, the weekly window) and of today, in total and per key;
+    members by most input first."""
+    days = last_days(now)
+    members: dict[str, list[tuple[KeyView, Usage, Usage]]] = {}
+    for view in views:
+        for member, daily in view.member_tokens.items():
+            week = shown.on_days(daily, days)
+            if week != Usage():
+                members.setdefault(clean_line(member, NAME_MOST), []).append(
+                    (view, week, shown.on_days(daily, days[-1:])))
+    rows = []
+    for member, spent in members.items():
+        week = sum((w for _, w, _ in spent), Usage())
+        today = sum((t for _, _, t in spent), Usage())
+        rows.append({
+            "member": member,
+            "tokensLast7Days": week.as_fields(), "cacheShareLast7Days": _share(week),
+            "tokensToday": today.as_fields(),
+            "keys": [{"index": v.index, "name": v.name, "maskedKey": v.masked_key,
+                      "tokensLast7Days": w.as_fields(), "tokensToday": t.as_fields()} for v, w, t in spent],
+        })
+    rows.sort(key=lambda row: -row["tokensLast7Days"]["input"])  # type: ignore[index]
+    return rows
+
+
+def by_member_page(views: Sequence[KeyView], now: int) -> str:
+    """What `stats --by-member` prints."""
+    rows = by_member(views, now)
+    if not rows:
+        return "No tokens counted per member in the last 7 days (counted by proxies on a team store)."
+    lines = ["👥 Tokens by member, last 7 days (UTC)"]
+    for row in rows:
+        week, today = (Usage.from_fields(row[name]) or Usage() for name in ("tokensLast7Days", "tokensToday"))
+        lines += ["", str(row["member"]), f"   Last 7 Days: {shown.summary(week)}", f"   Today: {shown.summary(today)}"]
+        for key in row["keys"]:  # type: ignore[attr-defined]
+            spent = Usage.from_fields(key["tokensLast7Days"]) or Usage()
+            lines.append(f"   [{key['index']}] {key['name']}: {shown.summary(spent)}")
+    return "\n".join(lines)

@@ -49,6 +49,9 @@ class KeyView:
     response_times: Sequence[int | float] = ()  # the account's own, not copied
     daily_requests: Mapping[str, int] = field(default_factory=dict)
     quota: QuotaReading | None = None  # the latest /usages reading (rotator.core.quota)
+    tokens: Mapping[str, int] = field(default_factory=dict)  # since added (rotator.tokens)
+    daily_tokens: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # per UTC day
+    member_tokens: Mapping[str, Mapping[str, Mapping[str, int]]] = field(default_factory=dict)  # per member, day
 
     def stats(self, now: int) -> KeyStats:
         return key_stats(self.total_requests, self.successful_requests, self.response_times,
@@ -91,6 +94,9 @@ def view_key(
         response_times=account.response_times,
         daily_requests=account.daily_requests,
         quota=account.quota,
+        tokens=account.tokens,
+        daily_tokens=account.daily_tokens,
+        member_tokens=account.member_tokens,
     )
 
 

@@ -13,6 +13,10 @@ failed save's changes with newer ones) through `KeyChange.absorb`; both read `RU
 - SET: the latest writer wins, and None (cleared) is a value like any other.
 - BY_DAY: counts per date (`dailyRequests`); each side's increments add, day by day, and
   dates older than `stats.DAYS_KEPT` are dropped.
+- SUMS: named counts (`tokens`: input, output, cacheRead, cacheWrite); each adds, name by name.
+- SUMS_BY_DAY: named counts per date (`dailyTokens`); each adds, day by day and name by
+  name, and dates older than `stats.DAYS_KEPT` are dropped.
+- SUMS_BY_MEMBER_DAY: the same per member of a team (`memberTokens`: member, date, name).
 - NEWEST: a bounded history (`responseTimes`); each side's entries are appended and the
   newest `stats.RESPONSE_TIMES_KEPT` kept.
 - READING: a measurement (`quota`, Kimi's /usages); the one taken last wins, whoever
@@ -34,7 +38,7 @@ again after every save. A proxy's changes are compared on the store's clock too
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +57,9 @@ class Rule(enum.Enum):
     BY_DAY = "by_day"
     NEWEST = "newest"
     READING = "reading"
+    SUMS = "sums"
+    SUMS_BY_DAY = "sums_by_day"
+    SUMS_BY_MEMBER_DAY = "sums_by_member_day"
 
 
 RULES: dict[str, Rule] = {
@@ -70,9 +77,12 @@ RULES: dict[str, Rule] = {
     "daily_requests": Rule.BY_DAY,
     "response_times": Rule.NEWEST,
     "quota": Rule.READING,
+    "tokens": Rule.SUMS,
+    "daily_tokens": Rule.SUMS_BY_DAY,
+    "member_tokens": Rule.SUMS_BY_MEMBER_DAY,
 }
 # Rules whose values are counts, history or measurements: never undone by a person's edit.
-_COUNTED = frozenset({Rule.ADD, Rule.BY_DAY, Rule.NEWEST, Rule.READING})
+_COUNTED = frozenset({Rule.ADD, Rule.BY_DAY, Rule.NEWEST, Rule.READING, Rule.SUMS, Rule.SUMS_BY_DAY, Rule.SUMS_BY_MEMBER_DAY})
 _CLAMPED = {"health_score": clamp_health}
 # Fields that decide whether a key can be chosen: a proxy that changed one tells the
 # others at once (a shared store's notices) instead of at their next save.
@@ -119,6 +129,34 @@ class KeyChange:
             counts[day] = counts.get(day, 0) + 1
             found.at_ms = at_ms
 
+    def add_sums(self, attr: str, counts: Mapping[str, int], at_ms: int) -> None:
+        """More of a SUMS field's named counts."""
+        found = self.fields.get(attr)
+        if found is None:
+            self.fields[attr] = FieldChange(dict(counts), at_ms)
+        else:
+            add_sums(found.value, counts)
+            found.at_ms = at_ms
+
+    def add_sums_on_day(self, attr: str, day: str, counts: Mapping[str, int], at_ms: int) -> None:
+        """More of a SUMS_BY_DAY field's named counts on `day`."""
+        found = self.fields.get(attr)
+        if found is None:
+            self.fields[attr] = FieldChange({day: dict(counts)}, at_ms)
+        else:
+            _add_sums_by_day(found.value, {day: counts})
+            found.at_ms = at_ms
+
+    def add_member_sums_on_day(self, attr: str, member: str, day: str, counts: Mapping[str, int],
+                               at_ms: int) -> None:
+        """More of a SUMS_BY_MEMBER_DAY field's named counts, for `member` on `day`."""
+        found = self.fields.get(attr)
+        if found is None:
+            self.fields[attr] = FieldChange({member: {day: dict(counts)}}, at_ms)
+        else:
+            _add_sums_by_day(found.value.setdefault(member, {}), {day: counts})
+            found.at_ms = at_ms
+
     def append_newest(self, attr: str, value: Any, at_ms: int) -> None:
         """One more entry of a NEWEST field's history."""
         found = self.fields.get(attr)
@@ -157,6 +195,13 @@ class KeyChange:
                 _add_days(old.value, new.value)
             elif rule is Rule.NEWEST:
                 old.value = (old.value + new.value)[-RESPONSE_TIMES_KEPT:]
+            elif rule is Rule.SUMS:
+                add_sums(old.value, new.value)
+            elif rule is Rule.SUMS_BY_DAY:
+                _add_sums_by_day(old.value, new.value)
+            elif rule is Rule.SUMS_BY_MEMBER_DAY:
+                for member, days in new.value.items():
+                    _add_sums_by_day(old.value.setdefault(member, {}), days)
             elif rule is Rule.LATER and not new.replace:
                 old.value = max(old.value, new.value)  # a replacement stays one, raised
             else:
@@ -232,6 +277,18 @@ def apply_to_account(account: Account, change: KeyChange, skew_ms: int = 0) -> N
             drop_old_days(daily, new.at_ms)
         elif rule is Rule.NEWEST:
             setattr(account, attr, (getattr(account, attr) + new.value)[-RESPONSE_TIMES_KEPT:])
+        elif rule is Rule.SUMS:
+            add_sums(getattr(account, attr), new.value)
+        elif rule is Rule.SUMS_BY_DAY:
+            daily_sums = getattr(account, attr)
+            _add_sums_by_day(daily_sums, new.value)
+            drop_old_days(daily_sums, new.at_ms)
+        elif rule is Rule.SUMS_BY_MEMBER_DAY:
+            by_member = getattr(account, attr)
+            for member, days in new.value.items():
+                member_days = by_member.setdefault(member, {})
+                _add_sums_by_day(member_days, days)
+                drop_old_days(member_days, new.at_ms)
         elif rule is Rule.ADD:
             value = getattr(account, attr) + new.value
             clamp = _CLAMPED.get(attr)
@@ -252,10 +309,29 @@ def _add_days(into: dict[str, int], counts: dict[str, int]) -> None:
         into[day] = into.get(day, 0) + count
 
 
+def add_sums(into: dict[str, int], counts: Mapping[str, int]) -> None:
+    """Add named counts into `into`, name by name (a SUMS field)."""
+    for name, count in counts.items():
+        into[name] = into.get(name, 0) + count
+
+
+def _add_sums_by_day(into: dict[str, dict[str, int]], counts: Mapping[str, Mapping[str, int]]) -> None:
+    for day, sums in counts.items():
+        found = into.get(day)
+        if found is None:
+            into[day] = dict(sums)
+        else:
+            add_sums(found, sums)
+
+
 def _copied(rule: Rule, value: Any) -> Any:
     # A record's dict or list must not be shared with the record it came from.
-    if rule is Rule.BY_DAY:
+    if rule in (Rule.BY_DAY, Rule.SUMS):
         return dict(value)
+    if rule is Rule.SUMS_BY_DAY:
+        return {day: dict(sums) for day, sums in value.items()}
+    if rule is Rule.SUMS_BY_MEMBER_DAY:
+        return {member: {day: dict(sums) for day, sums in days.items()} for member, days in value.items()}
     if rule is Rule.NEWEST:
         return list(value)
     return value

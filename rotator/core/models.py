@@ -74,6 +74,12 @@ class Account(BaseModel):
     edited_at: dict[str, int] = Field(default_factory=dict)
     # The latest reading of Kimi's /usages for this key (rotator.core.quota).
     quota: QuotaReading | None = None
+    # Tokens Kimi reported this key spent (rotator.tokens), named {input, output,
+    # cacheRead, cacheWrite}: since the key was added, and per UTC day ("YYYY-MM-DD").
+    tokens: dict[str, int] = Field(default_factory=dict)
+    daily_tokens: dict[str, dict[str, int]] = Field(default_factory=dict)
+    # In team mode, the same per proxy's member name (`kimi_member`) and UTC day.
+    member_tokens: dict[str, dict[str, dict[str, int]]] = Field(default_factory=dict)
 
     @property
     def cooling_until(self) -> int:

@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rotator.core.models import Account
 
@@ -89,7 +89,7 @@ def record_success(account: Account, change: KeyChange, took_ms: int | None, now
     return False
 
 
-def drop_old_days(daily: dict[str, int], now_ms: int) -> None:
+def drop_old_days(daily: dict[str, Any], now_ms: int) -> None:
     """Forget dates more than `DAYS_KEPT` days before `now_ms` (other entries stay)."""
     if len(daily) <= DAYS_KEPT:
         return

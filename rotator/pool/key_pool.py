@@ -26,6 +26,7 @@ from rotator.pool import key_updates
 from rotator.pool.events import QUIET, PoolListener
 from rotator.pool.from_outside import HeardFromOutside
 from rotator.pool.lease import Lease, SkipKeys
+from rotator.tokens import Usage
 
 
 DEFAULT_MAX_IN_FLIGHT = 30
@@ -57,6 +58,8 @@ class KeyPool(HeardFromOutside):
         # Keys the team holds at their cap (rotator.sync.team_caps), skipped until one frees.
         self._team_full: set[str] = set()
         self.changes = merge.PoolChange()
+        # This proxy's name in a team (`kimi_member`): tokens are counted per member too.
+        self.member: str | None = None
         self.paused_until_ms = 0
         self._recent_limits = throttle.RecentLimits()
         # Each key's entry, as (its addedAt, a number given when the pool first saw it):
@@ -134,6 +137,12 @@ class KeyPool(HeardFromOutside):
         event = None if counted is None else self._account_outcome(lease, counted, outcome, now_ms, took_ms)
         self._after_slot_freed(lease.key, account)
         return self._tell(event)
+
+    def spent(self, lease: Lease, usage: Usage, now_ms: int) -> None:
+        """Count the tokens an answer on `lease` spent on its key (its entry, as `release`)."""
+        account = self._taken_from(lease, self.account(lease.key))
+        if account is not None:
+            key_updates.spent(account, self.changes.for_key(lease.key), usage, now_ms, self.member)
 
     def abandon(self, lease: Lease) -> None:
         """An attempt that was never sent (its client left first): as if never chosen."""

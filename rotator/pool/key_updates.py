@@ -14,6 +14,7 @@ from rotator.core.key_view import until_text
 from rotator.core.health import HEALTH_MAX, apply_health_delta
 from rotator.core.models import Account
 from rotator.core.policy import Outcome, Verdict
+from rotator.tokens import Usage
 
 # Cooldowns that follow each other with no success between them grow: ×2 each time,
 # up to this cap. Plan windows and disabled keys have their own deadlines and don't.
@@ -117,3 +118,23 @@ def cooled_by_window(account: Account, change: merge.KeyChange, label: str, spen
     if was_cooling:
         return None
     return f"key {label} cooling for {until_text(spent.until_ms, now_ms)}: {spent.reason}"
+
+
+def spent(account: Account, change: merge.KeyChange, usage: Usage, now_ms: int, member: str | None = None) -> None:
+    """The tokens an answer on the key spent: its totals and today's, and today's of the
+    team member (the proxy) it went through, in team mode."""
+    counts = {name: count for name, count in usage.as_fields().items() if count}
+    if not counts:
+        return
+    merge.add_sums(account.tokens, counts)
+    day = stats.utc_day(now_ms)
+    today = account.daily_tokens.get(day)
+    if today is None:
+        account.daily_tokens[day] = dict(counts)
+    else:
+        merge.add_sums(today, counts)
+    change.add_sums("tokens", counts, now_ms)
+    change.add_sums_on_day("daily_tokens", day, counts, now_ms)
+    if member is not None:
+        merge.add_sums(account.member_tokens.setdefault(member, {}).setdefault(day, {}), counts)
+        change.add_member_sums_on_day("member_tokens", member, day, counts, now_ms)

@@ -27,7 +27,7 @@ from rotator.core.models import AccountsFile
 from rotator.notify.pool_listener import PoolNotifications
 from rotator.pool.key_pool import DEFAULT_MAX_IN_FLIGHT
 from rotator.pool.lease import Lease
-from rotator.proxy import answers, bodies, retry, startup_checks, upstream
+from rotator.proxy import answers, bodies, retry, startup_checks, token_reading, upstream
 from rotator.proxy.assembly import Assembly, Shell, assemble
 from rotator.proxy.client_host import ClientHost, Seen
 from rotator.proxy.commands import RotatorCommands
@@ -106,6 +106,8 @@ class KimiRotator:
             self.sync.interval_s = self.settings.flush_interval_s
         if "kimi_slot_ttl" in updated and self.team is not None:
             self.team.set_ttl(self.settings.slot_ttl_ms)
+        if "kimi_member" in updated:
+            self.pool.member = self.settings.member if self.team is not None else None
         if "kimi_max_in_flight" in updated:
             self.pool.max_in_flight = self.settings.max_in_flight
         if "kimi_quota_reserve" in updated:
@@ -265,7 +267,7 @@ class KimiRotator:
             and response.status_code < 400
             and is_event_stream(response.headers)
         ):
-            response.stream = True
+            response.stream = token_reading.stream_reader(flow) or True
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         record = self.ledger.forget(flow.id)
@@ -285,7 +287,8 @@ class KimiRotator:
             bodies.mask_echoed_key(response, record.key, body)
         now = self.clock.now_ms()
         outcome = policy.classify(response.status_code, response.headers, body, now)
-        self.attempts.settle(record, outcome, now)
+        usage = token_reading.spent(flow) if outcome.counts_as_success else None
+        self.attempts.settle(record, outcome, now, usage)
         if outcome.window is not None:
             self.polls.after_refusal(record, outcome.window)
         if record.kind is FlowKind.CLIENT:
@@ -300,7 +303,8 @@ class KimiRotator:
     def error(self, flow: http.HTTPFlow) -> None:
         record = self.ledger.forget(flow.id)
         if record is not None and record.lease is not None:
-            self.attempts.failed(record, self.clock.now_ms())
+            # A stream cut off counts what it said so far.
+            self.attempts.failed(record, self.clock.now_ms(), token_reading.cut_short(flow))
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.ledger.client_left(client)  # a resend for that client stops (rotator.proxy.attempts)

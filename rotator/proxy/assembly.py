@@ -89,6 +89,7 @@ def assemble(
     if store is not None:
         slots = store.team_slots(settings.slot_ttl_ms)
         team = None if slots is None else TeamCaps(pool, slots, clock)
+        pool.member = None if team is None else settings.member  # tokens per member, in a team
         events = store.team_events()
         sync = PoolSync(store, pool, settings.flush_interval_s, None if events is None else shell.store_heard)
         notices = None if events is None else TeamNotices(events, pool, sync, team, clock)

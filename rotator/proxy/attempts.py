@@ -32,6 +32,8 @@ from rotator.proxy.flows import (
 from rotator.core.strategies import Unavailable
 from rotator.pool.waitline import ABANDONED, WaitLine
 from rotator.status.tally import Tally
+from rotator.tokens import Usage
+from rotator.tokens import shown as shown_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +53,9 @@ class Attempts:
         self.no_key_answer = no_key_answer
         self.tally = tally
 
-    def settle(self, record: FlowRecord, outcome: policy.Outcome, now: int) -> None:
-        """End the record's hold on its key with what the answer meant, and show it."""
+    def settle(self, record: FlowRecord, outcome: policy.Outcome, now: int, usage: Usage | None = None) -> None:
+        """End the record's hold on its key with what the answer meant, and show it (with
+        the tokens the answer spent, when it said)."""
         lease = record.lease
         assert lease is not None
         record.lease = None
@@ -66,6 +69,8 @@ class Attempts:
             took_ms = stats.response_ms(
                 request.timestamp_end or request.timestamp_start, response.timestamp_start, lease.at_ms
             )
+        if usage is not None:
+            self.pool.spent(lease, usage, now)
         event = self.pool.release(lease, outcome, now, took_ms)
         if event:
             logger.log(ALERT, "kimi-rotator: %s", event)
@@ -74,11 +79,15 @@ class Attempts:
         note = record.attempts[-1]
         note["outcome"] = verdict
         note["reason"] = outcome.reason
+        spent = ""
+        if usage is not None:
+            note["tokens"] = usage.as_fields()
+            spent = f" · {shown_tokens.note(usage)}"
         if record.kind is FlowKind.ATTEMPT:
             self.ledger.show_attempts(record)
-        record.flow.comment = f"kimi-rotator: {lease.label} → {verdict}"
+        record.flow.comment = f"kimi-rotator: {lease.label} → {verdict}{spent}"
 
-    def failed(self, record: FlowRecord, now: int) -> None:
+    def failed(self, record: FlowRecord, now: int, usage: Usage | None = None) -> None:
         """The attempt's flow ended with an error (no answer, or one cut off): settled as
         a connection error, or as the client's leaving."""
         flow = record.flow
@@ -87,7 +96,7 @@ class Attempts:
         # Our own resends carry a copy of the client's connection, closed: only a client's
         # own flow says whether its client left.
         client_left = record.kind is FlowKind.CLIENT and client_closed(flow)
-        self.settle(record, policy.classify_connection_error(message, now, answered, client_left=client_left), now)
+        self.settle(record, policy.classify_connection_error(message, now, answered, client_left=client_left), now, usage)
         if record.kind is FlowKind.CLIENT:
             self.ledger.show_attempts_afresh(record)
 
@@ -139,7 +148,8 @@ class Attempts:
             answers.close(flow, f"{shown}; the client left: the resend was stopped")
         else:
             answers.take_resent(flow, copy, detail)
-            flow.comment = shown
+            tokens = Usage.from_fields(attempt.attempts[-1].get("tokens")) if attempt.attempts else None
+            flow.comment = shown if tokens is None else f"{shown} · {shown_tokens.note(tokens)}"
         return attempt.outcome
 
     async def _send_unless_client_leaves(self, flow: http.HTTPFlow, attempt: FlowRecord) -> bool:

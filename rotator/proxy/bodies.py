@@ -116,7 +116,7 @@ def body_start(response: http.Response, limit: int = BODY_SCAN_LIMIT) -> bytes |
     raw = response.raw_content
     if not raw:
         return raw
-    encoding = _encoding(response)
+    encoding = content_coding(response)
     if not encoding or encoding not in DECODERS:
         return raw[:limit]
     decode = DECODERS[encoding]
@@ -128,7 +128,7 @@ def body_start(response: http.Response, limit: int = BODY_SCAN_LIMIT) -> bytes |
         return raw[:limit]
 
 
-def _encoding(response: http.Response) -> str:
+def content_coding(response: http.Response) -> str:
     """The answer's content coding, "" for none (identity)."""
     encoding = response.headers.get("content-encoding", "").strip().lower()
     return "" if encoding == "identity" else encoding
@@ -148,7 +148,7 @@ def mask_echoed_key(response: http.Response, key: str, start: bytes | None) -> N
     raw = response.raw_content
     if not raw:
         return
-    if not _encoding(response):
+    if not content_coding(response):
         if secret in raw:
             response.content = raw.replace(secret, mask_key(key).encode())
     elif start is not None and secret in start and len(start) < BODY_SCAN_LIMIT:

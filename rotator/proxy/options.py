@@ -4,10 +4,12 @@ message that names the option when it is wrong, and warning about a risky listen
 from __future__ import annotations
 
 import functools
+import getpass
 import ipaddress
 import logging
 import os
 import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +20,7 @@ from mitmproxy.utils import human
 
 from rotator.core import access
 from rotator.core.quota import DEFAULT_RESERVE_PERCENT
+from rotator.core.text import clean_line
 from rotator.pool.key_pool import DEFAULT_MAX_IN_FLIGHT
 from rotator.proxy.polls import DEFAULT_INTERVAL_S
 from rotator.proxy.retry import DEFAULT_MAX_ATTEMPTS
@@ -32,6 +35,9 @@ DEFAULT_MAX_WAIT_S = 30.0
 DEFAULT_SLOT_TTL_S = 30
 MIN_USAGE_INTERVAL_S = 10.0  # /usages is free, but a poll per key every second is not polite
 CLIENT_TOKEN_ENV = "KIMI_ROTATOR_CLIENT_TOKEN"
+
+
+MEMBER_MOST = 64  # characters of a team member's name (kimi_member)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +60,19 @@ class Settings:
     stream_limit: int | None = None
     usage_interval_s: float = DEFAULT_INTERVAL_S  # 0: no polling of /usages but after a refusal
     quota_reserve_percent: float = DEFAULT_RESERVE_PERCENT
+    member: str = ""  # this proxy's name in a team's token counts (kimi_member)
+
+
+def member_name(value: str) -> str:
+    """A team member's name as counted: `value` cleaned to one short line, else user@host."""
+    name = clean_line(value, MEMBER_MOST).strip()
+    if name:
+        return name
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in the environment or the password database
+        user = "user"
+    return clean_line(f"{user}@{socket.gethostname()}", MEMBER_MOST)
 
 
 def read_settings(current: Settings, options: Any, updated: set[str]) -> Settings:
@@ -87,6 +106,8 @@ def read_settings(current: Settings, options: Any, updated: set[str]) -> Setting
         if options.kimi_max_attempts < 0:
             raise exceptions.OptionsError("kimi_max_attempts must be 0 (automatic) or more")
         changes["max_attempts"] = options.kimi_max_attempts
+    if "kimi_member" in updated:
+        changes["member"] = member_name(options.kimi_member)
     if "kimi_max_wait" in updated:
         changes["max_wait_ms"] = int(parse_seconds("kimi_max_wait", options.kimi_max_wait, 0, 3600) * 1000)
     if "kimi_usage_interval" in updated:
@@ -222,6 +243,10 @@ def add_options(loader: Any) -> None:
         # Seconds as text: mitmproxy's --set cannot parse float options.
         "kimi_flush_interval", str, "1.0",
         "Seconds between saves of the pool's state (and checks for changes by the CLI).",
+    )
+    loader.add_option(
+        "kimi_member", str, "",
+        "This proxy's name in a team's token counts (`stats --by-member`). Default: user@host.",
     )
     loader.add_option(
         "kimi_max_in_flight", int, DEFAULT_MAX_IN_FLIGHT,

@@ -22,10 +22,11 @@ from rotator.core.key_view import KeyState, KeyView, view_key
 from rotator.core.models import AccountsFile
 from rotator.core.oddities import first_index_by_key
 from rotator.core.quota import QuotaReading, QuotaWindow
-from rotator.core.stats import success_rate
+from rotator.core.stats import success_rate, utc_day
 from rotator.core.text import NAME_MOST, REASON_MOST, clean_line
 from rotator.status.tally import Tally
 from rotator.status.timeline import Event
+from rotator.tokens import Usage, shown
 
 SERVING = "serving"  # the pool's active key, usable
 READY = "ready"
@@ -67,6 +68,8 @@ class KeyRow:
     outcomes: Mapping[str, int]  # this process's attempts by verdict (rotator.core.policy.Verdict)
     retries: int  # this process's resends on this key
     quota: QuotaReading | None  # the latest reading (a reading is replaced, never changed)
+    tokens: Usage = Usage()  # the accounts file's totals since the key was added (rotator.tokens)
+    tokens_today: Usage = Usage()  # today's (UTC)
 
     # Worked out when asked, so a snapshot taken on the event loop is only copies; the
     # pages ask in a worker thread.
@@ -131,13 +134,14 @@ def snapshot(pool: PoolReading, tally: Tally, events: Sequence[Event], now: int,
     for (key, verdict), count in tally.outcomes.items():
         outcomes.setdefault(key, {})[verdict] = count
     rows = []
+    today = utc_day(now)
     for index, account in enumerate(state.accounts):
         key = account.key
         counted = first.get(key) == index
         view = view_key(index, account, state.active_index, now, rest_ms)
         rows.append(_row(
             view, account.cooldown_level, pool.in_flight.get(key, 0) if counted else 0, pool.cap(key),
-            outcomes.get(key, {}) if counted else {}, tally.retries.get(key, 0) if counted else 0,
+            outcomes.get(key, {}) if counted else {}, tally.retries.get(key, 0) if counted else 0, today,
         ))
     return Snapshot(
         now=now,
@@ -162,7 +166,8 @@ def key_state(view: KeyView, cooldown_level: int) -> str:
 
 
 def _row(
-    view: KeyView, cooldown_level: int, in_flight: int, cap: int, outcomes: Mapping[str, int], retries: int
+    view: KeyView, cooldown_level: int, in_flight: int, cap: int, outcomes: Mapping[str, int], retries: int,
+    today: str,
 ) -> KeyRow:
     state = key_state(view, cooldown_level)
     reason = view.disabled_reason if state == DISABLED else view.cooldown_reason if state == COOLING else None
@@ -188,6 +193,8 @@ def _row(
         outcomes=outcomes,
         retries=retries,
         quota=view.quota,
+        tokens=shown.saved(view.tokens),
+        tokens_today=shown.on_days(view.daily_tokens, (today,)),
     )
 
 
@@ -242,6 +249,9 @@ def key_document(row: KeyRow) -> dict[str, object]:
         "medianLatencyMs": row.median_ms,
         "outcomes": dict(row.outcomes),
         "retries": row.retries,
+        "tokens": row.tokens.as_fields(),
+        "tokensToday": row.tokens_today.as_fields(),
+        "cacheShareToday": row.tokens_today.cache_share,
         "quota": None if row.quota_taken_at is None else {
             "takenAt": row.quota_taken_at,
             "parallelLimit": row.parallel_limit,

@@ -42,6 +42,7 @@ def families(shot: Snapshot) -> list[Metric]:
     until = family(GaugeMetricFamily, "key_seconds_until_usable", "Seconds until a cooling key may serve; 0 if usable, +Inf if disabled")
     state = family(GaugeMetricFamily, "key_state", "1, labelled with the key's state (serving, ready, half-open, cooling, disabled)", "state")
     quota = family(GaugeMetricFamily, "key_quota_remaining_ratio", "Share of the window's quota left, per Kimi's latest /usages reading", "window")
+    tokens = family(CounterMetricFamily, "key_tokens", "Tokens Kimi reported the key spent, since it was added (every process), by kind", "kind")
     quota_reset = family(GaugeMetricFamily, "key_quota_reset_seconds", "Seconds until the window's quota resets, per the latest reading", "window")
     for row in shot.keys:
         labels = [str(row.index), row.name, row.masked_key]
@@ -53,6 +54,10 @@ def families(shot: Snapshot) -> list[Metric]:
         health.add_metric(labels, row.health)
         until.add_metric(labels, row.seconds_until_usable(shot.now))
         state.add_metric([*labels, row.state], 1)  # one series per key: a scrape of 1,000 keys stays cheap
+        spent = row.tokens
+        for kind, count in (("input", spent.input), ("output", spent.output), ("cache_read", spent.cache_read),
+                            ("cache_write", spent.cache_write)):
+            tokens.add_metric([*labels, kind], count)
         for window in row.windows:
             ratio = window.remaining_ratio()
             if ratio is not None:
@@ -68,7 +73,7 @@ def families(shot: Snapshot) -> list[Metric]:
     keys.add_metric([], len(shot.keys))
     paused = GaugeMetricFamily(PREFIX + "paused_seconds", "Seconds left of the pause shared by every key (Kimi throttling this client)")
     paused.add_metric([], shot.paused_seconds)
-    return [requests, retries, in_flight, cap, health, until, state, quota, quota_reset, refused, keys, paused]
+    return [requests, retries, in_flight, cap, health, until, state, tokens, quota, quota_reset, refused, keys, paused]
 
 
 def registry(read: SnapshotSource) -> CollectorRegistry:
