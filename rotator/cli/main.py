@@ -33,7 +33,7 @@ from rotator.admin import ops
 from rotator.cli import arg_types, export_import, launch, notify_check, usage
 from rotator.cli.help import help_text, synopsis
 from rotator.cli.render import as_json, by_member, by_member_page, list_block, stats_json, stats_page
-from rotator.cli.terminal import emit
+from rotator.cli.terminal import emit, stdout_to_devnull
 from rotator.core import oddities
 from rotator.core.clock import now_ms
 from rotator.core.key_view import view_pool
@@ -387,18 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(f"{prog}: interrupted")
         return 130
     except BrokenPipeError:  # `kimi-rotator usage | head -3`: the reader has all it wanted
-        _stdout_to_devnull()
+        stdout_to_devnull()
         return EXIT_FILE
-
-
-def _stdout_to_devnull() -> None:
-    """So that Python's own flush of stdout at exit does not fail again (the recipe in
-    the signal module's documentation)."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):  # not a real file (tests capture it): nothing to flush
-        pass
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ the stream's encoding can carry (plain-ASCII stand-ins for the glyphs otherwise)
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TextIO
 
 from rotator.core.text import clean_lines
@@ -51,3 +53,13 @@ def emit(stream: TextIO, text: str) -> None:
             text = text.encode("ascii", "replace").decode("ascii")
     stream.write(text + "\n")
     stream.flush()
+
+
+def stdout_to_devnull() -> None:
+    """After a reader went (`| head`): so that Python's own flush of stdout at exit does
+    not fail again (the recipe in the signal module's documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (tests capture it): nothing to flush
+        pass
