@@ -139,3 +139,37 @@ def test_without_urls_nothing_is_sent_and_no_thread_is_started():
     notes.no_key(Unavailable(Shortage.ALL_DISABLED), pool.accounts)
     assert not notes.notifier.active and notes.notifier.recent() == []
     assert threading.active_count() == before
+
+
+def test_the_status_document_shows_the_channels_masked_and_the_last_messages():
+    """Issue 28, item 5: /status.json (and so the page) lists where messages go, without
+    the URLs' tokens, and the last messages handled."""
+    from types import SimpleNamespace
+
+    from rotator.proxy.status_page import StatusPage
+    from rotator.status import document
+
+    clock = FakeClock(NOW)
+    sender = Sender()
+    notes = PoolNotifications(clock, Notifier(["tgram://123456:SECRETTOKEN/987", URL], sender=sender))
+    accounts = [Account(key=key, name=f"K{i}") for i, key in enumerate(KEYS)]
+    pool = KeyPool(AccountsFile(accounts=accounts), clock=clock, listener=notes)
+    _answer(pool, REVOKED, NOW)
+    assert notes.notifier.close(5) == 0
+    page = StatusPage(SimpleNamespace(notify=notes))
+    reading = page._notify_reading()
+    assert reading is not None
+    doc = document.status_document(document.snapshot(pool, _tally(), [], NOW, notify=reading))
+    assert doc["notify"]["channels"] == ["tgram://…", "json://127.0.0.1:9"]
+    assert "SECRETTOKEN" not in repr(doc)
+    [sent] = doc["notify"]["recent"]
+    assert "disabled" in sent["title"] and sent["delivered"] == 2 and sent["failed"] == 0
+
+    quiet = PoolNotifications(clock, Notifier([], sender=sender))
+    assert StatusPage(SimpleNamespace(notify=quiet))._notify_reading() is None  # no section without URLs
+
+
+def _tally():
+    from rotator.status.tally import Tally
+
+    return Tally()

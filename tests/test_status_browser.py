@@ -335,3 +335,23 @@ def test_a_store_that_cannot_be_read_is_on_the_page_and_no_key_advice_that_would
     assert banner.attrs.get("hidden") is None and banner.text == problem
     assert dom.one(None, id="keys").text == "No keys to show: the store above needs fixing first"
     assert "add-key" not in dom.one(None, id="keys").text
+
+
+@pytest.mark.slow
+def test_the_page_lists_where_notifications_go_and_the_last_ones(tmp_path: Path) -> None:
+    now = now_ms()
+    server = _GoneAfterFirst({
+        "now": now, "strategy": "health-based", "activeIndex": 0, "pausedUntilMs": 0, "refused": {},
+        "keys": [], "timeline": [], "store": None,
+        "notify": {"channels": ["ntfys://ntfy.sh", "json://127.0.0.1:9"],
+                   "recent": [{"atMs": now - 60_000, "title": "Kimi key [1] Work disabled", "delivered": 1,
+                               "failed": 1}]},
+    })
+    try:
+        dom = parse_dom(chromium(server.url, tmp_path / "profile", "--dump-dom").stdout)
+    finally:
+        server.close()
+    assert dom.one(None, id="notify").attrs.get("hidden") is None
+    assert dom.one(None, id="notify-channels").text == "ntfys://ntfy.sh, json://127.0.0.1:9"
+    [sent] = dom.one(None, id="notify-recent").find("sent")
+    assert sent.text.endswith("Kimi key [1] Work disabled (1 URL failed)")

@@ -184,8 +184,17 @@ class StatusPage:
         sync = rotator.sync
         store = None if sync is None else document.StoreReading(sync.store.location, sync.problem_said)
         return document.snapshot(
-            rotator.pool, rotator.tally, rotator.timeline.newest_first(), rotator.clock.now_ms(), store
+            rotator.pool, rotator.tally, rotator.timeline.newest_first(), rotator.clock.now_ms(), store,
+            self._notify_reading(),
         )
+
+    def _notify_reading(self) -> document.NotifyReading | None:
+        notify = getattr(self.rotator, "notify", None)  # the bench's stand-in has none
+        if notify is None or not notify.notifier.channels():
+            return None
+        notifier = notify.notifier
+        recent = tuple((s.at_ms, s.title, s.delivered, s.failed) for s in notifier.recent())
+        return document.NotifyReading(tuple(notifier.channels()), recent)
 
     @staticmethod
     async def _in_thread(shot: document.Snapshot, write: Any, *args: Any) -> Response:

@@ -108,6 +108,15 @@ class StoreReading:
 
 
 @dataclass(frozen=True, slots=True)
+class NotifyReading:
+    """Where notifications go (masked: no tokens) and the last ones handled, oldest first,
+    each as (at_ms, title, delivered to how many URLs, failed at how many)."""
+
+    channels: tuple[str, ...]
+    recent: tuple[tuple[int, str, int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     now: int
     strategy: str
@@ -117,6 +126,7 @@ class Snapshot:
     keys: tuple[KeyRow, ...]
     timeline: tuple[Event, ...]  # newest first
     store: StoreReading | None = None
+    notify: NotifyReading | None = None
 
     @property
     def paused_seconds(self) -> float:
@@ -124,7 +134,7 @@ class Snapshot:
 
 
 def snapshot(pool: PoolReading, tally: Tally, events: Sequence[Event], now: int,
-             store: StoreReading | None = None) -> Snapshot:
+             store: StoreReading | None = None, notify: NotifyReading | None = None) -> Snapshot:
     """The pool as it is at `now`. `events` newest first (Timeline.newest_first())."""
     state = pool.state
     rest_ms = rest_period_ms(state)
@@ -152,6 +162,7 @@ def snapshot(pool: PoolReading, tally: Tally, events: Sequence[Event], now: int,
         keys=tuple(rows),
         timeline=tuple(events),
         store=store,
+        notify=notify,
     )
 
 
@@ -226,6 +237,11 @@ def status_document(shot: Snapshot) -> dict[str, object]:
         "keys": [key_document(row) for row in shot.keys],
         "timeline": [{"atMs": e.at_ms, "text": e.text} for e in shot.timeline],
         "store": None if shot.store is None else {"location": shot.store.location, "problem": shot.store.problem},
+        "notify": None if shot.notify is None else {
+            "channels": list(shot.notify.channels),
+            "recent": [{"atMs": at, "title": title, "delivered": ok, "failed": failed}
+                       for at, title, ok, failed in shot.notify.recent],
+        },
     }
 
 
