@@ -874,7 +874,8 @@ class FakeKimi:
             per = -(-len(words) // n)
             parts = [" ".join(words[i:i + per]) for i in range(0, len(words), per)]
             parts = [p + (" " if i < len(parts) - 1 else "") for i, p in enumerate(parts)]
-            parts += [""] * (self.deltas - len(parts))  # more deltas than words: empty ones
+            if self.deltas > len(words):  # more deltas asked than words: empty ones (bench loads)
+                parts += [""] * (self.deltas - len(parts))
             events: list[tuple[str, Any]] = [
                 ("message_start", _message_start(msg_id, model, in_tokens, usage)),
                 ("content_block_start", {"type": "content_block_start", "index": 0,
