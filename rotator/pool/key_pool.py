@@ -19,7 +19,7 @@ from rotator.core.clock import SYSTEM_CLOCK, Clock
 from rotator.core.health import rest_period_ms
 from rotator.core.models import Account, AccountsFile
 from rotator.core.policy import Outcome, Verdict
-from rotator.core.strategies import Shortage, Unavailable, choose_key, next_index
+from rotator.core.strategies import Shortage, Unavailable, choose_key, is_usable, next_index
 from rotator.pool import key_updates
 from rotator.pool.from_outside import HeardFromOutside
 from rotator.pool.lease import Lease, SkipKeys
@@ -59,6 +59,8 @@ class KeyPool(HeardFromOutside):
         # Called whenever a key may have freed up: an answer, a lowered deadline, a
         # change from the store. The wait line sets it.
         self.key_freed: Callable[[], None] = _nobody_waits
+        # Called after each state adopted (the store's, or a person's change made in place).
+        self.adopted: Callable[[], None] | None = None
         # Each key's entry, as (its addedAt, a number given when the pool first saw it):
         # a lease names the entry it was taken from (see `_entries_of`).
         self._entries: dict[str, tuple[int, int]] = {}
@@ -100,6 +102,29 @@ class KeyPool(HeardFromOutside):
         chosen = self.peek(now_ms, tried)
         if isinstance(chosen, Unavailable):
             return chosen
+        return self._take(chosen, now_ms)
+
+    def can_serve(self, key: str, now_ms: int, tried: Collection[str] = ()) -> bool:
+        """Whether `key` could take a request now: listed, usable (not disabled, not
+        cooling, which a quota spent per /usages also makes it), not at its own or the
+        team's cap, not in `tried`, and no shared pause on."""
+        index = self._index_by_key.get(key)
+        return (
+            index is not None
+            and now_ms >= self.paused_until_ms
+            and key not in self._at_cap
+            and key not in tried
+            and is_usable(self._state.accounts[index], now_ms)
+        )
+
+    def acquire_key(self, key: str, now_ms: int, tried: Collection[str] = ()) -> Lease | None:
+        """`key` itself for one attempt, counted as `acquire` counts it, if it can serve
+        now (`can_serve`); None otherwise, changing nothing."""
+        if not self.can_serve(key, now_ms, tried):
+            return None
+        return self._take(self._index_by_key[key], now_ms)
+
+    def _take(self, chosen: int, now_ms: int) -> Lease:
         state = self._state
         account = state.accounts[chosen]
         key = account.key
@@ -245,6 +270,8 @@ class KeyPool(HeardFromOutside):
         self._drop_changes_of_gone_entries(on_disk)
         merge.apply(on_disk, self.changes)
         events = self._adopt(on_disk)
+        if self.adopted is not None:
+            self.adopted()
         self.key_freed()
         return events
 

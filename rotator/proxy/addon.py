@@ -23,6 +23,9 @@ from rotator.core import access, policy
 from rotator.core.background import Background
 from rotator.core.clock import SYSTEM_CLOCK, Clock
 from rotator.core.models import AccountsFile
+from rotator.conversations.ids import conversation_of
+from rotator.conversations.pins import PinTable
+from rotator.pool.affinity import Affinity, Turn
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from rotator.proxy import answers, bodies, retry, startup_checks, upstream
@@ -45,7 +48,7 @@ from rotator.proxy.options import (
     warn_if_store_exposed,
 )
 from rotator.core.strategies import Unavailable
-from rotator.pool.waitline import ABANDONED, WaitLine
+from rotator.pool.waitline import ABANDONED, Abandoned, WaitLine
 from rotator.proxy.headers import is_event_stream
 from rotator.proxy.polls import QuotaPolls, poll_target
 from rotator.proxy.status_page import StatusPage
@@ -67,6 +70,7 @@ class KimiRotator:
         self.ledger = FlowLedger()
         self.tally = Tally()  # this process's counts, for metrics and the status page
         self.timeline = Timeline()  # the pool's recent state changes, as logged
+        self.pins = PinTable(self.settings.affinity_ttl_ms)  # live conversations' keys (event loop only)
         self._use_pool(KeyPool(AccountsFile(), clock=clock))
         self.sync: PoolSync | None = None
         self.team: TeamCaps | None = None  # team-wide in-flight caps, on a shared store
@@ -104,6 +108,8 @@ class KimiRotator:
             self.team.set_ttl(self.settings.slot_ttl_ms)
         if "kimi_max_in_flight" in updated:
             self.pool.max_in_flight = self.settings.max_in_flight
+        if "kimi_affinity_ttl" in updated:
+            self.pins.ttl_ms = self.settings.affinity_ttl_ms
         if "kimi_quota_reserve" in updated:
             self.pool.quota_reserve_percent = self.settings.quota_reserve_percent
         if {"mode", "kimi_hosts"} & updated:
@@ -148,8 +154,10 @@ class KimiRotator:
         self.polls = QuotaPolls(self.ledger, pool, self.send_upstream, self.clock)
         self.polls.interval_s = self.settings.usage_interval_s
         pool.quota_reserve_percent = self.settings.quota_reserve_percent
+        self.affinity = Affinity(pool, self.pins)
         self.attempts = Attempts(
-            pool, self.line, self.ledger, self.send_upstream, self.clock, self._no_key_answer, self.tally
+            pool, self.line, self.ledger, self.send_upstream, self.clock, self._no_key_answer, self.tally,
+            self.affinity,
         )
 
     # -- lifecycle ---------------------------------------------------------------
@@ -239,26 +247,48 @@ class KimiRotator:
                 flow.request.port = 443
         now = self.clock.now_ms()
         deadline = now + self.settings.max_wait_ms  # one deadline for waiting and every retry
+        turn, first = None, None
+        if settings.affinity:
+            request = flow.request  # an encoded or streamed body is not read: headers only
+            body = None if streamed or "content-encoding" in request.headers else request.raw_content
+            conversation = conversation_of(request.headers.fields, body or None)
+            if conversation is not None:
+                turn, first = self.affinity.begin(conversation, now)
         if self.team is not None:  # the team's slot on the key is one round trip away
-            return self._wait_for_key(flow, deadline, streamed)
-        lease = self.pool.acquire(now)
+            return self._wait_for_key(flow, deadline, streamed, turn, first)
+        lease = first if turn is not None else self.pool.acquire(now)
         if isinstance(lease, Lease):
-            self._send_with(flow, lease, deadline)
+            self._send_with(flow, lease, deadline, turn)
             return None
-        return self._wait_for_key(flow, deadline, streamed)
+        return self._wait_for_key(flow, deadline, streamed, turn)
 
-    async def _wait_for_key(self, flow: http.HTTPFlow, deadline_ms: int, streamed: bool) -> None:
-        lease = await self.line.acquire(deadline_ms, gone=lambda: client_gone(flow))
+    async def _wait_for_key(
+        self, flow: http.HTTPFlow, deadline_ms: int, streamed: bool, turn: Turn | None = None,
+        first: Lease | None = None,
+    ) -> None:
+        lease: Lease | Unavailable | Abandoned | None = None
+        admit = self.line.admit
+        if first is not None and (admit is None or await admit(first)):  # the conversation's own key
+            lease = first
+            if client_gone(flow):
+                self.pool.abandon(first)  # never sent: as if never chosen
+                lease = ABANDONED
+        if lease is None:
+            lease = await self.line.acquire(deadline_ms, gone=lambda: client_gone(flow))
         if lease is ABANDONED:  # not sent, not counted
             answers.close(flow, "kimi-rotator: the client left while waiting for a key")
         elif isinstance(lease, Unavailable):
             comment = f"kimi-rotator: no key: {lease.shortage.value}"
             answers.give(flow, self._no_key_answer(lease), comment, streamed=streamed)
         else:
-            self._send_with(flow, lease, deadline_ms)
+            self._send_with(flow, lease, deadline_ms, turn)
 
-    def _send_with(self, flow: http.HTTPFlow, lease: Lease, deadline_ms: int) -> None:
+    def _send_with(self, flow: http.HTTPFlow, lease: Lease, deadline_ms: int, turn: Turn | None = None) -> None:
         record = self.ledger.open(FlowRecord(FlowKind.CLIENT, flow, lease.key, lease, deadline_ms))
+        if turn is not None:
+            record.turn = turn
+            self.affinity.went_to(turn, lease.key, self.clock.now_ms())
+            flow.comment = f"kimi-rotator: {turn.note()}"
         record.attempts.append(attempt_note(lease))
         self.ledger.put_key(record, unreadable=bodies.UNREADABLE)
         self.polls.last_request = flow.request

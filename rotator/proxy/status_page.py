@@ -181,7 +181,8 @@ class StatusPage:
     # -- answers -----------------------------------------------------------------------
     def snapshot(self) -> document.Snapshot:
         rotator = self.rotator
-        return document.snapshot(rotator.pool, rotator.tally, rotator.timeline.newest_first(), rotator.clock.now_ms())
+        pins = rotator.pins if rotator.settings.affinity else None
+        return document.snapshot(rotator.pool, rotator.tally, rotator.timeline.newest_first(), rotator.clock.now_ms(), pins)
 
     @staticmethod
     async def _in_thread(shot: document.Snapshot, write: Any, *args: Any) -> Response:

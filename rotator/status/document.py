@@ -24,6 +24,8 @@ from rotator.core.oddities import first_index_by_key
 from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.core.stats import success_rate
 from rotator.core.text import NAME_MOST, REASON_MOST, clean_line
+from rotator.conversations.pins import PinTable, SessionView
+from rotator.core.keys import mask_key
 from rotator.status.tally import Tally
 from rotator.status.timeline import Event
 
@@ -67,6 +69,7 @@ class KeyRow:
     outcomes: Mapping[str, int]  # this process's attempts by verdict (rotator.core.policy.Verdict)
     retries: int  # this process's resends on this key
     quota: QuotaReading | None  # the latest reading (a reading is replaced, never changed)
+    sessions: int = 0  # live conversations pinned to the key (conversation affinity)
 
     # Worked out when asked, so a snapshot taken on the event loop is only copies; the
     # pages ask in a worker thread.
@@ -105,14 +108,19 @@ class Snapshot:
     refused: Mapping[str, int]  # the proxy's own answers by reason (rotator.status.tally)
     keys: tuple[KeyRow, ...]
     timeline: tuple[Event, ...]  # newest first
+    sessions: tuple[SessionView, ...] = ()  # live conversations, most recently seen first
 
     @property
     def paused_seconds(self) -> float:
         return max(0.0, (self.paused_until_ms - self.now) / 1000)
 
 
-def snapshot(pool: PoolReading, tally: Tally, events: Sequence[Event], now: int) -> Snapshot:
-    """The pool as it is at `now`. `events` newest first (Timeline.newest_first())."""
+def snapshot(
+    pool: PoolReading, tally: Tally, events: Sequence[Event], now: int, pins: PinTable | None = None
+) -> Snapshot:
+    """The pool as it is at `now`. `events` newest first (Timeline.newest_first());
+    `pins`: the live conversations (conversation affinity), if on."""
+    live = {} if pins is None else pins.counts(now)
     state = pool.state
     rest_ms = rest_period_ms(state)
     # The tally counts by key; a key listed twice is counted on its first entry only.
@@ -128,6 +136,7 @@ def snapshot(pool: PoolReading, tally: Tally, events: Sequence[Event], now: int)
         rows.append(_row(
             view, account.cooldown_level, pool.in_flight.get(key, 0) if counted else 0, pool.cap(key),
             outcomes.get(key, {}) if counted else {}, tally.retries.get(key, 0) if counted else 0,
+            live.get(key, 0) if counted else 0,
         ))
     return Snapshot(
         now=now,
@@ -137,6 +146,7 @@ def snapshot(pool: PoolReading, tally: Tally, events: Sequence[Event], now: int)
         refused=dict(tally.refused),
         keys=tuple(rows),
         timeline=tuple(events),
+        sessions=() if pins is None else tuple(pins.sessions(now, mask_key)),
     )
 
 
@@ -151,7 +161,8 @@ def key_state(view: KeyView, cooldown_level: int) -> str:
 
 
 def _row(
-    view: KeyView, cooldown_level: int, in_flight: int, cap: int, outcomes: Mapping[str, int], retries: int
+    view: KeyView, cooldown_level: int, in_flight: int, cap: int, outcomes: Mapping[str, int], retries: int,
+    sessions: int = 0,
 ) -> KeyRow:
     state = key_state(view, cooldown_level)
     reason = view.disabled_reason if state == DISABLED else view.cooldown_reason if state == COOLING else None
@@ -177,6 +188,7 @@ def _row(
         outcomes=outcomes,
         retries=retries,
         quota=view.quota,
+        sessions=sessions,
     )
 
 
@@ -207,6 +219,20 @@ def status_document(shot: Snapshot) -> dict[str, object]:
         "refused": dict(shot.refused),
         "keys": [key_document(row) for row in shot.keys],
         "timeline": [{"atMs": e.at_ms, "text": e.text} for e in shot.timeline],
+        "sessions": [session_document(s) for s in shot.sessions],
+    }
+
+
+def session_document(session: SessionView) -> dict[str, object]:
+    """One live conversation: its id shortened, the client, the masked key."""
+    return {
+        "id": clean_line(session.id, NAME_MOST),
+        "client": session.client,
+        "maskedKey": session.key,
+        "turns": session.turns,
+        "moves": session.moves,
+        "firstSeenMs": session.first_seen_ms,
+        "lastSeenMs": session.last_seen_ms,
     }
 
 
@@ -230,6 +256,7 @@ def key_document(row: KeyRow) -> dict[str, object]:
         "medianLatencyMs": row.median_ms,
         "outcomes": dict(row.outcomes),
         "retries": row.retries,
+        "sessions": row.sessions,
         "quota": None if row.quota_taken_at is None else {
             "takenAt": row.quota_taken_at,
             "parallelLimit": row.parallel_limit,
