@@ -223,6 +223,35 @@ def test_a_key_leaving_the_pool_releases_its_conversations_and_the_clis_use_key_
     assert affinity.table is table
 
 
+def test_new_conversations_avoid_a_key_that_is_unhealthy_near_its_reserve_or_its_parallel_cap() -> None:
+    from rotator.conversations.ids import Conversation
+    from rotator.core.quota import QuotaReading, QuotaWindow
+
+    clock = FakeClock()
+    four = [*KEYS, "sk-kimi-" + "d" * 40]
+    nearly_spent = QuotaReading(taken_at=clock.now, windows=[QuotaWindow(minutes=300, limit=100, used=97,
+                                                                         reset_time=clock.now + 3_600_000)])
+    pool = KeyPool(AccountsFile(accounts=[
+        Account(key=four[0], health_score=20, last_used=clock.now),  # the strategies skip it
+        Account(key=four[1], quota=nearly_spent),  # 3 % left, the reserve 1 %
+        Account(key=four[2]),
+        Account(key=four[3], quota=QuotaReading(taken_at=clock.now, parallel_limit=2)),
+    ], rotation_strategy="round-robin"), clock=clock)
+    pool.acquire_key(four[3], clock.now)  # one in flight of its two
+    affinity = Affinity(pool, PinTable())
+    went = []
+    for c in range(3):
+        turn, lease = affinity.begin(Conversation(f"c{c}", "x-session-id", "other"), clock.now)
+        assert lease is not None
+        went.append(four.index(lease.key))
+    # A penalty outranks the count: while the only key with nothing against it can
+    # serve, new conversations go there (the strategy alone would pick key 1).
+    assert went == [2, 2, 2]
+    pool.state.accounts[2].disabled_reason = "test"
+    _, lease = affinity.begin(Conversation("c9", "x-session-id", "other"), clock.now)
+    assert lease is not None and four.index(lease.key) in (1, 3)  # near a limit beats unhealthy
+
+
 # -- options and what a person sees ----------------------------------------------------------
 
 

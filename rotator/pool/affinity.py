@@ -8,7 +8,8 @@ decides with the pool's state, on the event loop only (the table is not thread-s
   it does not bounce back.
 - A new conversation under `sticky` takes the pool's own choice; under the other
   strategies the usable key with the lowest penalty (1 near its quota reserve or its
-  parallel cap), then the fewest live conversations, then the strategy's own choice.
+  parallel cap, 2 below the health the strategies skip), then the fewest live
+  conversations, then the strategy's own choice.
 - A key that leaves the pool releases its conversations; a person's use-key or rotate
   (the CLI's, through the store, or a command's: the file's `activeIndex` stamped as a
   person's edit) moves every live conversation to the chosen key. Both are seen when
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from rotator.conversations.ids import Conversation
 from rotator.conversations.pins import PinTable, short_id
 from rotator.core import merge
+from rotator.core.health import HEALTH_SKIP_BELOW, effective_health, rest_period_ms
 from rotator.core.models import Account
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
@@ -30,6 +32,8 @@ from rotator.pool.lease import Lease
 # A window with at most this many times the reserve left makes a key a worse choice
 # for a new conversation (it will be rested soon, and the conversation moved).
 NEAR_RESERVE_FACTOR = 5
+NEAR_LIMIT = 1  # the penalty of a key near its quota reserve or its parallel cap
+UNHEALTHY = 2  # the penalty of a key the strategies skip while a healthier one serves
 
 
 class Pinning(enum.Enum):
@@ -120,12 +124,15 @@ class Affinity:
             return pool.acquire_key(state.accounts[chosen].key, now_ms)
         candidates: list[str] = []
         penalty: dict[str, int] = {}
+        rest_ms = rest_period_ms(state)
         for account in state.accounts:
             key = account.key
             if pool.can_serve(key, now_ms) and pool.account(key) is account:  # a key's first entry
                 candidates.append(key)
-                if self._near_limit(key, account):
-                    penalty[key] = 1
+                if effective_health(account, now_ms, rest_ms) < HEALTH_SKIP_BELOW:
+                    penalty[key] = UNHEALTHY
+                elif self._near_limit(key, account):
+                    penalty[key] = NEAR_LIMIT
         key = self.table.choose_new(candidates, now_ms, state.accounts[chosen].key, penalty)
         return None if key is None else pool.acquire_key(key, now_ms)
 
