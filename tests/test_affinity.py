@@ -252,6 +252,66 @@ def test_new_conversations_avoid_a_key_that_is_unhealthy_near_its_reserve_or_its
     assert lease is not None and four.index(lease.key) in (1, 3)  # near a limit beats unhealthy
 
 
+# -- a team's shared pins (rotator.sync.team_pins), with a store in a dict -------------------
+
+
+class DictPins:
+    """A team store's pins in a dict; `broken` makes every call fail as a lost store would."""
+
+    def __init__(self) -> None:
+        self.pins: dict[str, str] = {}
+        self.broken = False
+
+    async def recall(self, conversation_id: str, ttl_ms: int) -> str | None:
+        if self.broken:
+            raise ConnectionError("gone")
+        return self.pins.get(conversation_id)
+
+    async def remember(self, conversation_id: str, key_id: str, ttl_ms: int) -> None:
+        if self.broken:
+            raise ConnectionError("gone")
+        self.pins[conversation_id] = key_id
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_team_pin_is_followed_and_this_proxys_pins_and_moves_are_told(caplog) -> None:
+    from rotator.conversations.ids import Conversation
+    from rotator.store.urls import key_id
+    from rotator.sync.team_pins import SharedPins
+
+    clock = FakeClock()
+    pool = KeyPool(AccountsFile(accounts=[Account(key=k) for k in KEYS]), clock=clock)
+    table = PinTable()
+    affinity = Affinity(pool, table)
+    store = DictPins()
+    shared = SharedPins(store, table, pool, clock)
+    affinity.pinned = shared.pinned
+    theirs = Conversation("theirs", "x-claude-code-session-id", "claude-code")
+    store.pins["theirs"] = key_id(KEYS[2])  # another proxy of the team pinned it
+    await shared.recall(theirs)
+    turn, lease = affinity.begin(theirs, clock.now)
+    assert lease is not None and lease.key == KEYS[2] and turn.note().endswith("pinned")
+    ours = Conversation("ours", "x-session-affinity", "opencode")
+    await shared.recall(ours)
+    turn, lease = affinity.begin(ours, clock.now)  # new here and for the team
+    assert lease is not None
+    affinity.went_to(turn, KEYS[1] if lease.key != KEYS[1] else KEYS[0], clock.now)  # a retry moved it
+    await shared._telling.stop(cancel=False)
+    assert store.pins["ours"] == key_id(table.key_of("ours", clock.now) or "")
+    del store.pins["ours"]  # the team's copy expired, ours is live: told again at the next turn
+    await shared.recall(ours)
+    await shared._telling.stop(cancel=False)
+    assert "ours" in store.pins
+    store.broken = True  # the store away: local pins only, said once
+    for _ in range(3):
+        await shared.recall(ours)
+    assert affinity.begin(ours, clock.now)[1] is not None
+    assert sum("does not share conversation pins" in r.message for r in caplog.records) == 1
+    await shared.stop()
+
+
 # -- options and what a person sees ----------------------------------------------------------
 
 

@@ -137,3 +137,34 @@ def test_with_affinity_off_every_turn_follows_the_strategy(fake_kimi, keys, writ
         for turn in range(6):
             assert claude_code(c, proxy.url, session_of(0, 0), turn).status_code == 200
     assert [keys.index(r.key) for r in fake_kimi.requests] == [0, 1, 2, 0, 1, 2]
+
+
+def test_two_proxies_of_a_team_share_a_conversations_key_and_its_move(
+    redis_server, fake_kimi, keys, start_proxy
+):
+    from rotator.admin import ops
+    from rotator.store.redis_store import RedisStore
+
+    store = RedisStore(redis_server.url)
+    for i, key in enumerate(keys):
+        ops.run(store, ops.add_key(key, f"K{i}", 1))
+    store.close()
+    a, b = (start_proxy(fake_kimi, options={"kimi_store": redis_server.url}) for _ in range(2))
+    with http_client() as c:
+        for n in range(3):  # proxy a spreads three conversations over the three keys
+            assert claude_code(c, a.url, session_of(0, n), 0).status_code == 200, a.output()
+        first = [r.key for r in fake_kimi.requests]
+        assert len(set(first)) == 3
+        # Their next turns come through proxy b, which has seen none of them: alone, it
+        # would give each the key with the fewest of its own (none), the strategy's pick.
+        for n in (2, 1, 0):
+            assert claude_code(c, b.url, session_of(0, n), 1).status_code == 200, b.output()
+        assert [r.key for r in fake_kimi.requests[3:]] == first[::-1]
+        fake_kimi.set_kimi_error(first[2], "too_many_requests", headers={"retry-after": "1"})
+        assert claude_code(c, b.url, session_of(0, 2), 2).status_code == 200  # moved by b
+        moved_to = fake_kimi.requests[-1].key
+        assert moved_to != first[2]
+        fake_kimi.clear_responses(first[2])
+        for turn in range(3, 5):  # and a follows the move
+            assert claude_code(c, a.url, session_of(0, 2), turn).status_code == 200
+            assert fake_kimi.requests[-1].key == moved_to

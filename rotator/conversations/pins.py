@@ -167,6 +167,12 @@ class PinTable:
     def __len__(self) -> int:
         return len(self._pins)
 
+    def key_of(self, conversation_id: str, now_ms: int) -> str | None:
+        """The key a live conversation is pinned to, without counting a turn."""
+        self._expire(now_ms)
+        pin = self._pins.get(conversation_id)
+        return None if pin is None else pin.key
+
     def live(self, key: str) -> int:
         """Live conversations pinned to `key` (as of the last time given)."""
         return self._live.get(key, 0)

@@ -19,6 +19,7 @@ decides with the pool's state, on the event loop only (the table is not thread-s
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from rotator.conversations.ids import Conversation
@@ -62,6 +63,8 @@ class Affinity:
         # When a person last chose the active key, as last seen; None until the pool
         # adopts its first state (a pool starts empty, then loads the store's).
         self._chosen_at: int | None = None
+        # Told each time a conversation is pinned or moved here (a team's store shares it).
+        self.pinned: Callable[[Turn], None] | None = None
         pool.adopted = self.adopted
 
     def begin(self, conversation: Conversation, now_ms: int) -> tuple[Turn, Lease | None]:
@@ -93,6 +96,8 @@ class Affinity:
             self.table.moved(conversation.id, key, now_ms, conversation.client)
             turn.pinning = Pinning.MOVED
         turn.key = key
+        if self.pinned is not None:
+            self.pinned(turn)
 
     def adopted(self) -> None:
         """The pool took a new state: keys gone release their conversations, and a

@@ -23,7 +23,7 @@ from rotator.core import access, policy
 from rotator.core.background import Background
 from rotator.core.clock import SYSTEM_CLOCK, Clock
 from rotator.core.models import AccountsFile
-from rotator.conversations.ids import conversation_of
+from rotator.conversations.ids import Conversation, conversation_of
 from rotator.conversations.pins import PinTable
 from rotator.pool.affinity import Affinity, Turn
 from rotator.pool.key_pool import KeyPool
@@ -58,6 +58,7 @@ from rotator.store import StateStore, StoreError, open_store
 from rotator.sync.save_loop import PoolSync
 from rotator.sync.team_caps import TeamCaps
 from rotator.sync.team_notices import TeamNotices
+from rotator.sync.team_pins import SharedPins
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class KimiRotator:
         self.sync: PoolSync | None = None
         self.team: TeamCaps | None = None  # team-wide in-flight caps, on a shared store
         self.notices: TeamNotices | None = None  # what the team's processes tell each other
+        self.shared_pins: SharedPins | None = None  # conversation pins the team shares
         self._running = False
         self._background = Background()
         # Parts that read this addon's state, loaded and run by it rather than as child
@@ -131,7 +133,7 @@ class KimiRotator:
     def _open_store(self, store: StateStore) -> None:
         # Runs at start-up and on option changes only, never per request.
         previous, previous_polls = self.sync, self.polls
-        previous_team = [part for part in (self.team, self.notices) if part is not None]
+        previous_team = [part for part in (self.team, self.notices, self.shared_pins) if part is not None]
         self._use_pool(KeyPool(AccountsFile(), self.pool.max_in_flight, self.clock))
         self.polls.default_target = previous_polls.default_target
         self.sync = PoolSync(store, self.pool, self.settings.flush_interval_s)
@@ -140,6 +142,9 @@ class KimiRotator:
         self.line.admit = None if self.team is None else self.team.admit
         events = store.team_events()
         self.notices = None if events is None else TeamNotices(events, self.pool, self.sync, self.team, self.clock)
+        pins = store.team_pins()
+        self.shared_pins = None if pins is None else SharedPins(pins, self.pins, self.pool, self.clock)
+        self.affinity.pinned = None if self.shared_pins is None else self.shared_pins.pinned
         state = self.sync.load()
         if previous is not None and self._running:
             self._background.start(let_go(previous, previous_team))  # it gets its last changes
@@ -178,14 +183,14 @@ class KimiRotator:
         await self.polls.stop()
         await self._background.stop(cancel=True)
         if self.sync is not None:
-            await let_go(self.sync, [part for part in (self.team, self.notices) if part is not None])
+            await let_go(self.sync, [part for part in (self.team, self.notices, self.shared_pins) if part is not None])
         self.timeline.detach()
         await self.status_page.done()
 
     def _start_store(self) -> None:
         if self.sync is not None:
             self.sync.start()
-        for part in (self.team, self.notices):
+        for part in (self.team, self.notices, self.shared_pins):
             if part is not None:
                 part.start()
 
@@ -247,20 +252,25 @@ class KimiRotator:
                 flow.request.port = 443
         now = self.clock.now_ms()
         deadline = now + self.settings.max_wait_ms  # one deadline for waiting and every retry
-        turn, first = None, None
-        if settings.affinity:
-            request = flow.request  # an encoded or streamed body is not read: headers only
-            body = None if streamed or "content-encoding" in request.headers else request.raw_content
-            conversation = conversation_of(request.headers.fields, body or None)
-            if conversation is not None:
-                turn, first = self.affinity.begin(conversation, now)
+        conversation = conversation_in(flow.request, streamed) if settings.affinity else None
         if self.team is not None:  # the team's slot on the key is one round trip away
-            return self._wait_for_key(flow, deadline, streamed, turn, first)
+            return self._team_turn(flow, deadline, streamed, conversation)
+        turn, first = (None, None) if conversation is None else self.affinity.begin(conversation, now)
         lease = first if turn is not None else self.pool.acquire(now)
         if isinstance(lease, Lease):
             self._send_with(flow, lease, deadline, turn)
             return None
         return self._wait_for_key(flow, deadline, streamed, turn)
+
+    async def _team_turn(
+        self, flow: http.HTTPFlow, deadline_ms: int, streamed: bool, conversation: Conversation | None
+    ) -> None:
+        turn, first = None, None
+        if conversation is not None:
+            if self.shared_pins is not None:
+                await self.shared_pins.recall(conversation)  # where the team has it
+            turn, first = self.affinity.begin(conversation, self.clock.now_ms())
+        await self._wait_for_key(flow, deadline_ms, streamed, turn, first)
 
     async def _wait_for_key(
         self, flow: http.HTTPFlow, deadline_ms: int, streamed: bool, turn: Turn | None = None,
@@ -356,7 +366,7 @@ class KimiRotator:
         )
 
 
-async def let_go(sync: PoolSync, team: list[TeamCaps | TeamNotices]) -> None:
+async def let_go(sync: PoolSync, team: list[TeamCaps | TeamNotices | SharedPins]) -> None:
     """Stop using a store: its team parts first (slots given back), then the last save."""
     for part in team:
         await part.stop()
@@ -388,3 +398,10 @@ def _announce_keys(state: AccountsFile, location: str) -> None:
             ALERT, "kimi-rotator: %d key(s) from %s, strategy %s",
             len(state.accounts), location, state.rotation_strategy,
         )
+
+
+def conversation_in(request: http.Request, streamed: bool) -> Conversation | None:
+    """The conversation a request names (rotator.conversations.ids); an encoded or
+    streamed body is not read: its headers only."""
+    body = None if streamed or "content-encoding" in request.headers else request.raw_content
+    return conversation_of(request.headers.fields, body or None)

@@ -206,6 +206,11 @@ class RedisStore:
 
         return RedisEvents(self)
 
+    def team_pins(self) -> "RedisPins":
+        from rotator.store.redis_pins import RedisPins
+
+        return RedisPins(self)
+
     def close(self) -> None:
         self._client.close()
 
