@@ -293,6 +293,7 @@ async def test_a_team_pin_is_followed_and_this_proxys_pins_and_moves_are_told(ca
     await shared.recall(theirs)
     turn, lease = affinity.begin(theirs, clock.now)
     assert lease is not None and lease.key == KEYS[2] and turn.note().endswith("pinned")
+    assert [v.turns for v in table.sessions(clock.now, str)] == [1]  # this turn, counted once
     ours = Conversation("ours", "x-session-affinity", "opencode")
     await shared.recall(ours)
     turn, lease = affinity.begin(ours, clock.now)  # new here and for the team

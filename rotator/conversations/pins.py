@@ -114,9 +114,10 @@ class PinTable:
                 best, best_rank = key, rank
         return best
 
-    def pin(self, conversation_id: str, key: str, now_ms: int, client: str = OTHER) -> None:
+    def pin(self, conversation_id: str, key: str, now_ms: int, client: str = OTHER, turns: int = 1) -> None:
         """Pin a new conversation (its first turn) to `key`; an existing one is
-        re-pinned as by `moved`, without counting a move."""
+        re-pinned as by `moved`, without counting a move. `turns=0`: a pin learnt from
+        elsewhere (a team's store), whose turn `pin_for` counts next."""
         now = self._expire(now_ms)
         pin = self._pins.get(conversation_id)
         if pin is not None:
@@ -125,7 +126,7 @@ class PinTable:
         if len(self._pins) >= self.max_conversations:
             _, oldest = self._pins.popitem(last=False)
             self._less(oldest.key)
-        self._pins[conversation_id] = _Pin(key, client, 1, now, now)
+        self._pins[conversation_id] = _Pin(key, client, turns, now, now)
         self._live[key] = self._live.get(key, 0) + 1
 
     def moved(self, conversation_id: str, new_key: str, now_ms: int, client: str = OTHER) -> None:

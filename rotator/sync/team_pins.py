@@ -48,7 +48,8 @@ class SharedPins:
         key = None if shared is None else key_with_id((a.key for a in self.pool.accounts), shared)
         here = self.table.key_of(cid, now)
         if key is not None and key != here:
-            self.table.pin(cid, key, now, conversation.client)  # another proxy pinned or moved it
+            # Another proxy pinned or moved it; its turn is counted as `begin` takes it.
+            self.table.pin(cid, key, now, conversation.client, turns=0)
         elif key is None and here is not None:
             self._tell(cid, here)
 
