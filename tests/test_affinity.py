@@ -5,10 +5,10 @@ person sees (flow comments, /status.json, /metrics, kimi.sessions)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 from mitmproxy import exceptions, http
@@ -177,7 +177,6 @@ async def test_a_turn_whose_key_is_at_its_cap_moves_without_waiting(proxy, clock
     (first,) = await send(clock, upstream, claude_turn("conv-a"))
     busy = claude_turn("conv-a")
     busy.request.headers["x-hang"] = "1"
-    import asyncio
     task = asyncio.ensure_future(upstream(busy))
     for _ in range(20):
         await asyncio.sleep(0)
@@ -185,6 +184,7 @@ async def test_a_turn_whose_key_is_at_its_cap_moves_without_waiting(proxy, clock
     (second,) = await send(clock, upstream, claude_turn("conv-a"))
     assert second != first
     task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 # -- a person's choice, a key removed ------------------------------------------------------
@@ -357,6 +357,3 @@ async def test_with_affinity_off_nothing_is_listed(proxy, clock) -> None:
     assert json.loads(document.status_json(addon.status_page.snapshot()))["sessions"] == []
     assert addon.commands.sessions() == ["conversation affinity is off (kimi_affinity)"]
 
-
-def _unused(*_: Any) -> None:  # keep linters quiet about the imported fixtures
-    return None
