@@ -23,6 +23,10 @@ Arms (all reverse mode in front of one fake Kimi, flow_detail=0):
 - redis: the same on a Redis store (`--redis`): each request takes a team slot; the
   redis-server's own instructions (also under callgrind) are added, since it runs on
   the same machine.
+- bare-sessions, sessions, sessions-off (`--arms bare-sessions,sessions,sessions-off`):
+  bare mitmdump, the addon with conversation affinity on (its default) and off, each
+  request a conversation's turn as Claude Code sends it: its session header (one
+  conversation per connection) and a 50 KB body.
 
 The save loop and the slot refresh run once a second and every few seconds of wall
 time; under valgrind a second holds about 60 times fewer requests than at full speed, so
@@ -58,10 +62,18 @@ from bench import _common as C  # noqa: E402
 from bench import _team as T  # noqa: E402
 from testbed.redis_server import RedisServer  # noqa: E402
 
-ARMS = ("bare", "hooks", "streamer", "passthrough", "addon", "before", "redis")
+ARMS = ("bare", "hooks", "streamer", "passthrough", "addon", "before", "redis", "bare-sessions", "sessions",
+        "sessions-off")
 AGENT_TARGET_RATIO = 0.97  # issue 26's bar with usage reading on, vs the streamer floor
 AGENT_DELTAS = 15  # 20 SSE events an answer
 AGENT_BODY_BYTES = 40_000
+# Arms whose requests are a conversation's turns as Claude Code sends them (issue 25): its
+# session header, one conversation per connection, and a 50 KB body.
+SESSION_ARMS = ("bare-sessions", "sessions", "sessions-off")
+SESSION_BODY = json.dumps({**C.REQUEST_BODY, "messages": [
+    {"role": "user", "content": "x" * 1000} for _ in range(50)],
+    "metadata": {"user_id": json.dumps({"device_id": "f" * 64, "session_id": "s"})}}).encode()
+
 CONNECTIONS = (1, 16)
 TARGET_RATIO = 0.95  # issue 9's bar for the addon vs bare mitmdump
 TEAM_TARGET_RATIO = 0.9  # issue 12's bar for the Redis store vs the file store
@@ -134,24 +146,30 @@ class Clients:
 
     body = json.dumps(C.REQUEST_BODY).encode()
 
-    def __init__(self, port: int, connections: int) -> None:
+    def __init__(self, port: int, connections: int, sessions: bool = False) -> None:
         self.conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=600) for _ in range(connections)]
         self.pool = ThreadPoolExecutor(connections)
+        self.sessions = sessions
 
     def send(self, requests: int) -> None:
         """`requests` POSTs spread over the connections, all at once; each answered 200."""
         n = len(self.conns)
         shares = [requests // n + (1 if i < requests % n else 0) for i in range(n)]
-        list(self.pool.map(self._send_on, self.conns, shares))
+        list(self.pool.map(self._send_on, self.conns, shares, range(n)))
 
-    def _send_on(self, conn: http.client.HTTPConnection, count: int) -> None:
+    def _send_on(self, conn: http.client.HTTPConnection, count: int, number: int) -> None:
+        headers = {"content-type": "application/json", "x-api-key": C.PLACEHOLDER_KEY}
+        body: bytes = self.body
+        if self.sessions:
+            headers["x-claude-code-session-id"] = f"0b7c6a1e-59f4-4b8e-9a51-{number:012d}"
+            headers["user-agent"] = "claude-cli/2.1.332 (external, cli)"
+            body = SESSION_BODY
         for _ in range(count):
-            conn.request("POST", C.MESSAGES_PATH, self.body,
-                         {"content-type": "application/json", "x-api-key": C.PLACEHOLDER_KEY})
+            conn.request("POST", C.MESSAGES_PATH, body, headers)
             answer = conn.getresponse()
-            body = answer.read()
+            said = answer.read()
             if answer.status != 200:
-                raise SystemExit(f"bench: answered {answer.status}: {body[:200]!r}")
+                raise SystemExit(f"bench: answered {answer.status}: {said[:200]!r}")
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -207,8 +225,12 @@ def count(arm: str, work: Path, fake_port: int, requests: int, before: Path | No
                            kimi_usage_interval=0)
         if arm == "passthrough":
             options["kimi_hosts"] = "api.kimi.com"
-        proxy = C.start_proxy(work, arm, fake_port, addon=arm in ("passthrough", "addon", "redis"),
-                              accounts=accounts, options=options if arm not in ("bare", "hooks", "streamer") else {},
+        if arm == "sessions-off":
+            options["kimi_affinity"] = "false"
+        proxy = C.start_proxy(work, arm, fake_port,
+                              addon=arm in ("passthrough", "addon", "redis", "sessions", "sessions-off"),
+                              accounts=accounts,
+                              options=options if arm not in ("bare", "hooks", "streamer", "bare-sessions") else {},
                               scripts=scripts, wrapper=callgrind(out))
         stack.callback(stop, proxy.process)
         port = int(proxy.url.rsplit(":", 1)[1])
@@ -219,7 +241,7 @@ def count(arm: str, work: Path, fake_port: int, requests: int, before: Path | No
         scripts: dict[int, float] = {}
         idle: list[float] = []
         for connections in CONNECTIONS:
-            clients = Clients(port, connections)
+            clients = Clients(port, connections, sessions=arm in SESSION_ARMS)
             clients.send(WARM_UP_PER_CONNECTION * connections)  # every connection opened, upstream too
             for pid in pids:
                 zero(pid)
@@ -319,6 +341,14 @@ def main() -> int:
                 for connections in CONNECTIONS:
                     print(compared(f"{arm} vs streamer", counted["streamer"], counted[arm], connections, requests,
                                    AGENT_TARGET_RATIO))
+    if "sessions" in counted and "bare-sessions" in counted:
+        for connections in CONNECTIONS:
+            print(compared("sessions vs bare-sessions (affinity on, a session header, a 50 KB body)",
+                           counted["bare-sessions"], counted["sessions"], connections, requests, TARGET_RATIO))
+    if "sessions" in counted and "sessions-off" in counted:
+        for connections in CONNECTIONS:
+            print(compared("affinity on vs off (sessions vs sessions-off)", counted["sessions-off"],
+                           counted["sessions"], connections, requests, TARGET_RATIO))
     if "addon" in counted and "redis" in counted:
         for connections in CONNECTIONS:
             print(compared("redis vs file store", counted["addon"], counted["redis"], connections, requests,

@@ -32,6 +32,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _common as C  # noqa: E402
+from rotator.conversations.pins import PinTable  # noqa: E402
 from rotator.core.clock import SYSTEM_CLOCK, now_ms  # noqa: E402
 from rotator.core.models import Account, AccountsFile  # noqa: E402
 from rotator.core.quota import QuotaReading, QuotaWindow  # noqa: E402
@@ -112,7 +113,7 @@ def main() -> int:
             now = now_ms()
             pool, tally, timeline = busy_pool(keys, now)
             rotator = SimpleNamespace(pool=pool, tally=tally, timeline=timeline, clock=SYSTEM_CLOCK,
-                                      settings=Settings(), sync=None)
+                                      settings=Settings(), sync=None, pins=PinTable())
             page = StatusPage(rotator)
             events = timeline.newest_first()
             json_request, metrics_request = request("/status.json"), request("/metrics")

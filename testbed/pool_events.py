@@ -38,3 +38,6 @@ class RecordedPoolEvents:
 
     def window_spent(self, index: int, account: Account, window: str, resets_ms: int | None) -> None:
         self.events.append(("window_spent", index, account.key, window, resets_ms))
+
+    def adopted(self) -> None:
+        self.events.append(("adopted",))

@@ -269,6 +269,19 @@ def test_conversation_ids_quick() -> None:
 
 
 @pytest.mark.slow
+def test_sessions_quick() -> None:
+    out = run_bench("sessions.py")
+    for strategy in ("health-based", "round-robin", "sticky"):
+        for affinity in ("on", "off"):
+            m = search(rf"^\s*{strategy}\s+{affinity}\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+(\d+)"
+                       rf"\s+(\d+(?:/\d+)+)$", out, f"row {strategy} {affinity}")
+            positive(m.group(1), f"{strategy} {affinity} cache share", out)
+            positive(m.group(3), f"{strategy} {affinity} ttft p50", out)
+    for strategy in ("health-based", "round-robin"):
+        search(rf"^target {strategy}: cache share {NUMBER} of ideal .*: {VERDICT}$", out, f"target {strategy}")
+
+
+@pytest.mark.slow
 def test_token_scan_quick() -> None:
     out = run_bench("token_scan.py")
     for stream in ("anthropic", "anthropic 16K", "kimi openai", "openai nulls"):

@@ -94,8 +94,8 @@ def test_a_request_never_sent_frees_its_slot_and_changes_nothing():
 def test_listeners_are_told_in_order_each_event():
     first, second = RecordedPoolEvents(), RecordedPoolEvents()
     pool = _pool(PoolListeners(first, second))
-    pool.adopt(pool.state)  # a change from the store: a key may have freed
-    assert first.events == second.events == [("key_freed",)]
+    pool.adopt(pool.state)  # a change from the store: a state taken on, and a key may have freed
+    assert first.events == second.events == [("adopted",), ("key_freed",)]
 
 
 def test_the_assembly_wires_the_wait_line_and_the_addons_listeners_to_its_pool():

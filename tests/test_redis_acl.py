@@ -70,6 +70,10 @@ def test_the_readme_acl_user_can_run_a_pool(acl_url):
         assert slots.give(KEY, 1)  # at its cap: to be sent at once
         await slots.flush()  # publishes "freed"
         await events.pause(1000)
+        pins = store.team_pins()  # conversation affinity: GETEX and SET under the prefix
+        await pins.remember("conv-1", key_id(KEY), 60_000)
+        assert await pins.recall("conv-1", 60_000) == key_id(KEY)
+        await pins.close()
         for _ in range(200):
             if len(heard) >= 2:
                 break

@@ -114,9 +114,10 @@ class PinTable:
                 best, best_rank = key, rank
         return best
 
-    def pin(self, conversation_id: str, key: str, now_ms: int, client: str = OTHER) -> None:
+    def pin(self, conversation_id: str, key: str, now_ms: int, client: str = OTHER, turns: int = 1) -> None:
         """Pin a new conversation (its first turn) to `key`; an existing one is
-        re-pinned as by `moved`, without counting a move."""
+        re-pinned as by `moved`, without counting a move. `turns=0`: a pin learnt from
+        elsewhere (a team's store), whose turn `pin_for` counts next."""
         now = self._expire(now_ms)
         pin = self._pins.get(conversation_id)
         if pin is not None:
@@ -125,7 +126,7 @@ class PinTable:
         if len(self._pins) >= self.max_conversations:
             _, oldest = self._pins.popitem(last=False)
             self._less(oldest.key)
-        self._pins[conversation_id] = _Pin(key, client, 1, now, now)
+        self._pins[conversation_id] = _Pin(key, client, turns, now, now)
         self._live[key] = self._live.get(key, 0) + 1
 
     def moved(self, conversation_id: str, new_key: str, now_ms: int, client: str = OTHER) -> None:
@@ -166,6 +167,12 @@ class PinTable:
     # -- reading -------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._pins)
+
+    def key_of(self, conversation_id: str, now_ms: int) -> str | None:
+        """The key a live conversation is pinned to, without counting a turn."""
+        self._expire(now_ms)
+        pin = self._pins.get(conversation_id)
+        return None if pin is None else pin.key
 
     def live(self, key: str) -> int:
         """Live conversations pinned to `key` (as of the last time given)."""

@@ -44,6 +44,9 @@ class PoolListener(Protocol):
         `billing cycle`, ...) until `resets_ms` (None: not known): an answer naming the
         window, or a quota reading that finds it spent."""
 
+    def adopted(self) -> None:
+        """The pool took on a state: the store's, or a person's change made in place."""
+
 
 class IgnoresPoolEvents:
     """A listener that hears nothing; a part overrides the events it acts on."""
@@ -70,6 +73,9 @@ class IgnoresPoolEvents:
         pass
 
     def window_spent(self, index: int, account: Account, window: str, resets_ms: int | None) -> None:
+        pass
+
+    def adopted(self) -> None:
         pass
 
 
@@ -118,3 +124,7 @@ class PoolListeners:
     def window_spent(self, index: int, account: Account, window: str, resets_ms: int | None) -> None:
         for listener in self._listeners:
             listener.window_spent(index, account, window, resets_ms)
+
+    def adopted(self) -> None:
+        for listener in self._listeners:
+            listener.adopted()

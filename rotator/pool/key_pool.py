@@ -21,7 +21,7 @@ from rotator.core.clock import SYSTEM_CLOCK, Clock
 from rotator.core.health import rest_period_ms
 from rotator.core.models import Account, AccountsFile
 from rotator.core.policy import Outcome, Verdict, Window
-from rotator.core.strategies import Shortage, Unavailable, choose_key, next_index
+from rotator.core.strategies import Shortage, Unavailable, choose_key, is_usable, next_index
 from rotator.pool import key_updates
 from rotator.pool.events import QUIET, PoolListener
 from rotator.pool.from_outside import HeardFromOutside
@@ -103,6 +103,29 @@ class KeyPool(HeardFromOutside):
         chosen = self.peek(now_ms, tried)
         if isinstance(chosen, Unavailable):
             return chosen
+        return self._take(chosen, now_ms)
+
+    def can_serve(self, key: str, now_ms: int, tried: Collection[str] = ()) -> bool:
+        """Whether `key` could take a request now: listed, usable (not disabled, not
+        cooling, which a quota spent per /usages also makes it), not at its own or the
+        team's cap, not in `tried`, and no shared pause on."""
+        index = self._index_by_key.get(key)
+        return (
+            index is not None
+            and now_ms >= self.paused_until_ms
+            and key not in self._at_cap
+            and key not in tried
+            and is_usable(self._state.accounts[index], now_ms)
+        )
+
+    def acquire_key(self, key: str, now_ms: int, tried: Collection[str] = ()) -> Lease | None:
+        """`key` itself for one attempt, counted as `acquire` counts it, if it can serve
+        now (`can_serve`); None otherwise, changing nothing."""
+        if not self.can_serve(key, now_ms, tried):
+            return None
+        return self._take(self._index_by_key[key], now_ms)
+
+    def _take(self, chosen: int, now_ms: int) -> Lease:
         state = self._state
         account = state.accounts[chosen]
         key = account.key
@@ -260,6 +283,7 @@ class KeyPool(HeardFromOutside):
         self._drop_changes_of_gone_entries(on_disk)
         merge.apply(on_disk, self.changes)
         events = self._adopt(on_disk)
+        self.listener.adopted()
         self.listener.key_freed()
         return events
 

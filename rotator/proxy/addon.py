@@ -26,6 +26,9 @@ from rotator.core.clock import SYSTEM_CLOCK, Clock
 from rotator.core.models import AccountsFile
 from rotator.notify.pool_listener import PoolNotifications
 from rotator.pool.key_pool import DEFAULT_MAX_IN_FLIGHT
+from rotator.conversations.ids import Conversation, conversation_of
+from rotator.conversations.pins import PinTable
+from rotator.pool.affinity import Turn
 from rotator.pool.lease import Lease
 from rotator.proxy import answers, bodies, retry, startup_checks, token_reading, upstream
 from rotator.proxy.assembly import Assembly, Shell, assemble
@@ -47,7 +50,7 @@ from rotator.proxy.options import (
     warn_if_store_exposed,
 )
 from rotator.core.strategies import Unavailable
-from rotator.pool.waitline import ABANDONED
+from rotator.pool.waitline import ABANDONED, Abandoned
 from rotator.proxy.headers import is_event_stream
 from rotator.proxy.notify_option import add_notify_options, close_notify, configure_notify
 from rotator.proxy.polls import poll_target
@@ -68,9 +71,10 @@ class KimiRotator:
         self.tally = Tally()  # this process's counts, for metrics and the status page
         self.timeline = Timeline()  # the pool's recent state changes, as logged
         self.notify = PoolNotifications(clock)  # what a person is told (kimi_notify)
+        self.pins = PinTable(self.settings.affinity_ttl_ms)  # live conversations' keys (event loop only)
         self._shell = Shell(
             self.ledger, send, clock, self._no_key_answer, self.tally,
-            listeners=(self.notify,), store_heard=self.notify.store_problem,
+            listeners=(self.notify,), store_heard=self.notify.store_problem, pins=self.pins,
         )
         self._use(assemble(self._shell, self.settings, max_in_flight=DEFAULT_MAX_IN_FLIGHT))
         self._running = False
@@ -110,6 +114,8 @@ class KimiRotator:
             self.pool.member = self.settings.member if self.team is not None else None
         if "kimi_max_in_flight" in updated:
             self.pool.max_in_flight = self.settings.max_in_flight
+        if "kimi_affinity_ttl" in updated:
+            self.pins.ttl_ms = self.settings.affinity_ttl_ms
         if "kimi_quota_reserve" in updated:
             self.pool.quota_reserve_percent = self.settings.quota_reserve_percent
         if {"mode", "kimi_hosts"} & updated:
@@ -146,6 +152,7 @@ class KimiRotator:
         self.parts = parts
         self.pool, self.line, self.polls, self.attempts = parts.pool, parts.line, parts.polls, parts.attempts
         self.sync, self.team, self.notices = parts.sync, parts.team, parts.notices
+        self.affinity, self.shared_pins = parts.affinity, parts.shared_pins
 
     # -- lifecycle ---------------------------------------------------------------
     def running(self) -> Awaitable[None] | None:
@@ -227,26 +234,53 @@ class KimiRotator:
                 flow.request.port = 443
         now = self.clock.now_ms()
         deadline = now + self.settings.max_wait_ms  # one deadline for waiting and every retry
+        conversation = conversation_in(flow.request, streamed) if settings.affinity else None
         if self.team is not None:  # the team's slot on the key is one round trip away
-            return self._wait_for_key(flow, deadline, streamed)
-        lease = self.pool.acquire(now)
+            return self._team_turn(flow, deadline, streamed, conversation)
+        turn, first = (None, None) if conversation is None else self.affinity.begin(conversation, now)
+        lease = first if turn is not None else self.pool.acquire(now)
         if isinstance(lease, Lease):
-            self._send_with(flow, lease, deadline)
+            self._send_with(flow, lease, deadline, turn)
             return None
-        return self._wait_for_key(flow, deadline, streamed)
+        return self._wait_for_key(flow, deadline, streamed, turn)
 
-    async def _wait_for_key(self, flow: http.HTTPFlow, deadline_ms: int, streamed: bool) -> None:
-        lease = await self.line.acquire(deadline_ms, gone=lambda: client_gone(flow))
+    async def _team_turn(
+        self, flow: http.HTTPFlow, deadline_ms: int, streamed: bool, conversation: Conversation | None
+    ) -> None:
+        turn, first = None, None
+        if conversation is not None:
+            if self.shared_pins is not None:
+                await self.shared_pins.recall(conversation)  # where the team has it
+            turn, first = self.affinity.begin(conversation, self.clock.now_ms())
+        await self._wait_for_key(flow, deadline_ms, streamed, turn, first)
+
+    async def _wait_for_key(
+        self, flow: http.HTTPFlow, deadline_ms: int, streamed: bool, turn: Turn | None = None,
+        first: Lease | None = None,
+    ) -> None:
+        lease: Lease | Unavailable | Abandoned | None = None
+        admit = self.line.admit
+        if first is not None and (admit is None or await admit(first)):  # the conversation's own key
+            lease = first
+            if client_gone(flow):
+                self.pool.abandon(first)  # never sent: as if never chosen
+                lease = ABANDONED
+        if lease is None:
+            lease = await self.line.acquire(deadline_ms, gone=lambda: client_gone(flow))
         if lease is ABANDONED:  # not sent, not counted
             answers.close(flow, "kimi-rotator: the client left while waiting for a key")
         elif isinstance(lease, Unavailable):
             comment = f"kimi-rotator: no key: {lease.shortage.value}"
             answers.give(flow, self._no_key_answer(lease), comment, streamed=streamed)
         else:
-            self._send_with(flow, lease, deadline_ms)
+            self._send_with(flow, lease, deadline_ms, turn)
 
-    def _send_with(self, flow: http.HTTPFlow, lease: Lease, deadline_ms: int) -> None:
+    def _send_with(self, flow: http.HTTPFlow, lease: Lease, deadline_ms: int, turn: Turn | None = None) -> None:
         record = self.ledger.open(FlowRecord(FlowKind.CLIENT, flow, lease.key, lease, deadline_ms))
+        if turn is not None:
+            record.turn = turn
+            self.affinity.went_to(turn, lease.key, self.clock.now_ms())
+            flow.comment = f"kimi-rotator: {turn.note()}"
         record.attempts.append(attempt_note(lease))
         self.ledger.put_key(record, unreadable=bodies.UNREADABLE)
         self.polls.last_request = flow.request
@@ -344,3 +378,10 @@ def _announce_keys(state: AccountsFile, store: StateStore) -> None:
             ALERT, "kimi-rotator: %d key(s) from %s, strategy %s",
             len(state.accounts), location, state.rotation_strategy,
         )
+
+
+def conversation_in(request: http.Request, streamed: bool) -> Conversation | None:
+    """The conversation a request names (rotator.conversations.ids); an encoded or
+    streamed body is not read: its headers only."""
+    body = None if streamed or "content-encoding" in request.headers else request.raw_content
+    return conversation_of(request.headers.fields, body or None)

@@ -11,10 +11,12 @@ store changes (`kimi_accounts`, `kimi_store`), never per request.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from rotator.conversations.pins import PinTable
 from rotator.core.clock import Clock
 from rotator.core.models import AccountsFile
+from rotator.pool.affinity import Affinity
 from rotator.pool.events import PoolListener, PoolListeners
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.waitline import WaitLine
@@ -28,6 +30,7 @@ from rotator.store import StateStore, cli_command
 from rotator.sync.save_loop import PoolSync, StoreHeard
 from rotator.sync.team_caps import TeamCaps
 from rotator.sync.team_notices import TeamNotices
+from rotator.sync.team_pins import SharedPins
 
 
 @dataclass(slots=True, frozen=True)
@@ -41,6 +44,8 @@ class Shell:
     tally: Tally
     listeners: Sequence[PoolListener] = ()  # the addon's own listeners, told after the parts
     store_heard: StoreHeard | None = None  # told of a team store's outage and recovery
+    # Live conversations' keys, kept across stores (event loop only).
+    pins: PinTable = field(default_factory=PinTable)
 
 
 @dataclass(slots=True, frozen=True)
@@ -49,15 +54,17 @@ class Assembly:
     line: WaitLine
     polls: QuotaPolls
     attempts: Attempts
+    affinity: Affinity  # each conversation on one key (conversation affinity)
     sync: PoolSync | None = None
     team: TeamCaps | None = None  # team-wide in-flight caps, on a shared store
     notices: TeamNotices | None = None  # what the team's processes tell each other
+    shared_pins: SharedPins | None = None  # conversation pins the team shares
 
     def start(self) -> None:
         """Start the store's parts (the polls start with the proxy: see the addon)."""
         if self.sync is not None:
             self.sync.start()
-        for part in (self.team, self.notices):
+        for part in (self.team, self.notices, self.shared_pins):
             if part is not None:
                 part.start()
 
@@ -65,7 +72,7 @@ class Assembly:
         """Stop using the store: its team parts first (slots given back), then the last save."""
         if self.sync is None:
             return
-        for part in (self.team, self.notices):
+        for part in (self.team, self.notices, self.shared_pins):
             if part is not None:
                 await part.stop()
         await self.sync.stop()
@@ -85,7 +92,8 @@ def assemble(
     pool.quota_reserve_percent = settings.quota_reserve_percent
     if store is not None:
         pool.cli = cli_command(store, "")  # its messages' advice names the store
-    sync = team = notices = None
+    sync = team = notices = shared_pins = None
+    affinity = Affinity(pool, shell.pins)
     if store is not None:
         slots = store.team_slots(settings.slot_ttl_ms)
         team = None if slots is None else TeamCaps(pool, slots, clock)
@@ -93,9 +101,12 @@ def assemble(
         events = store.team_events()
         sync = PoolSync(store, pool, settings.flush_interval_s, None if events is None else shell.store_heard)
         notices = None if events is None else TeamNotices(events, pool, sync, team, clock)
+        team_pins = store.team_pins()
+        shared_pins = None if team_pins is None else SharedPins(team_pins, shell.pins, pool, clock)
+        affinity.pinned = None if shared_pins is None else shared_pins.pinned
     line = WaitLine(pool, admit=None if team is None else team.admit)
-    listeners.add(*(part for part in (line, team, notices) if part is not None), *shell.listeners)
+    listeners.add(*(part for part in (line, team, notices, affinity) if part is not None), *shell.listeners)
     polls = QuotaPolls(shell.ledger, pool, shell.send, clock)
     polls.interval_s = settings.usage_interval_s
-    attempts = Attempts(pool, line, shell.ledger, shell.send, clock, shell.no_key_answer, shell.tally)
-    return Assembly(pool, line, polls, attempts, sync, team, notices)
+    attempts = Attempts(pool, line, shell.ledger, shell.send, clock, shell.no_key_answer, shell.tally, affinity)
+    return Assembly(pool, line, polls, attempts, affinity, sync, team, notices, shared_pins)

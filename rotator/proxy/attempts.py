@@ -17,6 +17,7 @@ from mitmproxy.log import ALERT
 
 from rotator.core import policy, stats
 from rotator.core.clock import Clock
+from rotator.pool.affinity import Affinity
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from rotator.proxy import answers, retry, upstream
@@ -43,8 +44,9 @@ NoKeyAnswer = Callable[[Unavailable], http.Response]
 class Attempts:
     def __init__(
         self, pool: KeyPool, line: WaitLine, ledger: FlowLedger, send: upstream.Send, clock: Clock,
-        no_key_answer: NoKeyAnswer, tally: Tally,
+        no_key_answer: NoKeyAnswer, tally: Tally, affinity: Affinity | None = None,
     ) -> None:
+        self.affinity = affinity  # where a conversation's turn went is told to it
         self.pool = pool
         self.line = line
         self.ledger = ledger
@@ -85,7 +87,7 @@ class Attempts:
             spent = f" · {shown_tokens.note(usage)}"
         if record.kind is FlowKind.ATTEMPT:
             self.ledger.show_attempts(record)
-        record.flow.comment = f"kimi-rotator: {lease.label} → {verdict}{spent}"
+        record.flow.comment = f"kimi-rotator: {lease.label} → {verdict}{spent}" + turn_note(record)
 
     def failed(self, record: FlowRecord, now: int, usage: Usage | None = None) -> None:
         """The attempt's flow ended with an error (no answer, or one cut off): settled as
@@ -126,6 +128,8 @@ class Attempts:
         flow = client.flow
         copy = upstream.copy_to_resend(flow)
         copy.metadata[METADATA_KEY] = {"retry_of": flow.id}
+        if client.turn is not None and self.affinity is not None:
+            self.affinity.went_to(client.turn, lease.key, self.clock.now_ms())
         self.tally.retried(lease.key)
         attempt = self.ledger.open(FlowRecord(FlowKind.ATTEMPT, copy, lease.key, lease, client.deadline_ms))
         attempt.attempts.append(attempt_note(lease))
@@ -149,7 +153,7 @@ class Attempts:
         else:
             answers.take_resent(flow, copy, detail)
             tokens = Usage.from_fields(attempt.attempts[-1].get("tokens")) if attempt.attempts else None
-            flow.comment = shown if tokens is None else f"{shown} · {shown_tokens.note(tokens)}"
+            flow.comment = (shown if tokens is None else f"{shown} · {shown_tokens.note(tokens)}") + turn_note(client)
         return attempt.outcome
 
     async def _send_unless_client_leaves(self, flow: http.HTTPFlow, attempt: FlowRecord) -> bool:
@@ -175,3 +179,9 @@ class Attempts:
         sending.cancel()
         await asyncio.wait((sending,))
         return True
+
+
+def turn_note(record: FlowRecord) -> str:
+    """What the flow comment adds of the request's conversation: `; conversation
+    3f2a… (claude-code) pinned` (or new, moved), or nothing."""
+    return "" if record.turn is None else f"; {record.turn.note()}"

@@ -20,6 +20,8 @@ from mitmproxy import command, ctx, exceptions
 from mitmproxy.log import ALERT
 
 from rotator.admin import ops
+from rotator.conversations.pins import SessionView
+from rotator.core.keys import mask_key
 from rotator.core.key_view import KeyState, KeyView, format_duration, view_pool
 from rotator.core.models import STRATEGIES
 from rotator.core.text import clean_line, clean_lines
@@ -82,6 +84,22 @@ class RotatorCommands:
         if started:
             return _said(f"asking Kimi for the quota of {ops.plural(started, 'key')}")
         return _said("no quota poll started (no key to ask, or every key's poll is under way)")
+
+    @command.command("kimi.sessions")
+    @_one_paragraph
+    def sessions(self) -> Sequence[str]:
+        """One line per live conversation (conversation affinity): its id shortened, the
+        client, its key (masked), turns and moves, seconds since its last turn."""
+        rotator = self.rotator
+        if not rotator.settings.affinity:
+            lines = ["conversation affinity is off (kimi_affinity)"]
+        else:
+            now = rotator.clock.now_ms()
+            lines = [session_line(view, now) for view in rotator.pins.sessions(now, mask_key)]
+            lines = lines or ["no live conversations"]
+        for line in lines:
+            logger.info("kimi-rotator: %s", line)
+        return lines
 
     # -- changes (the CLI's verbs) ---------------------------------------------
     @command.command("kimi.rotate")
@@ -184,6 +202,13 @@ def status_line(view: KeyView, now: int) -> str:
     else:
         line += f", health {view.health}%"
     return clean_line(line, LINE_MOST)
+
+
+def session_line(view: SessionView, now: int) -> str:
+    """`3f2a9c1e-7b4d… claude-code on sk-kim…abcd: 5 turns, 1 move, last 12s ago`."""
+    moves = f", {ops.plural(view.moves, 'move')}" if view.moves else ""
+    ago = format_duration(max(0, now - view.last_seen_ms))
+    return clean_line(f"{view.id} {view.client} on {view.key}: {ops.plural(view.turns, 'turn')}{moves}, last {ago} ago", LINE_MOST)
 
 
 def _said(message: str) -> str:

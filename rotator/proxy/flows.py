@@ -20,6 +20,7 @@ from mitmproxy import http
 from mitmproxy.connection import Client, ConnectionState
 
 from rotator.core.policy import Outcome, Window
+from rotator.pool.affinity import Turn
 from rotator.pool.lease import Lease
 from rotator.proxy.headers import KeyPlacement, mask_sent_key, replace_client_key
 
@@ -43,6 +44,7 @@ class FlowRecord:
     outcome: Outcome | None = None  # what the answer meant for the key
     attempts: list[dict[str, Any]] = field(default_factory=list)  # CLIENT: one note per attempt
     window: Window | None = None  # POLL after a window refusal: the window whose reset it asks
+    turn: Turn | None = None  # CLIENT: its conversation's turn (conversation affinity)
 
 
 def client_gone(flow: http.HTTPFlow) -> bool:

@@ -35,6 +35,7 @@ DEFAULT_MAX_WAIT_S = 30.0
 DEFAULT_SLOT_TTL_S = 30
 MIN_USAGE_INTERVAL_S = 10.0  # /usages is free, but a poll per key every second is not polite
 CLIENT_TOKEN_ENV = "KIMI_ROTATOR_CLIENT_TOKEN"
+DEFAULT_AFFINITY_TTL_S = 1800
 
 
 MEMBER_MOST = 64  # characters of a team member's name (kimi_member)
@@ -61,6 +62,8 @@ class Settings:
     usage_interval_s: float = DEFAULT_INTERVAL_S  # 0: no polling of /usages but after a refusal
     quota_reserve_percent: float = DEFAULT_RESERVE_PERCENT
     member: str = ""  # this proxy's name in a team's token counts (kimi_member)
+    affinity: bool = True  # keep each conversation on one key (rotator.pool.affinity)
+    affinity_ttl_ms: int = DEFAULT_AFFINITY_TTL_S * 1000  # a conversation silent this long is forgotten
 
 
 def member_name(value: str) -> str:
@@ -120,6 +123,12 @@ def read_settings(current: Settings, options: Any, updated: set[str]) -> Setting
     if "kimi_quota_reserve" in updated:
         changes["quota_reserve_percent"] = parse_number(
             "kimi_quota_reserve", options.kimi_quota_reserve, 0, 100, "percent"
+        )
+    if "kimi_affinity" in updated:
+        changes["affinity"] = bool(options.kimi_affinity)
+    if "kimi_affinity_ttl" in updated:
+        changes["affinity_ttl_ms"] = int(
+            parse_seconds("kimi_affinity_ttl", options.kimi_affinity_ttl, 1, 7 * 24 * 3600) * 1000
         )
     if "kimi_client_token_file" in updated:
         changes["client_token"] = read_client_token(options.kimi_client_token_file)
@@ -270,6 +279,15 @@ def add_options(loader: Any) -> None:
         "kimi_quota_reserve", str, f"{DEFAULT_RESERVE_PERCENT:g}",
         "A key whose quota window has at most this percent of its limit left is rested until "
         "the window resets, before Kimi refuses it.",
+    )
+    loader.add_option(
+        "kimi_affinity", bool, True,
+        "Keep each conversation (Claude Code's, OpenCode's, Kimi CLI's session id) on one key while "
+        "it can serve, and spread new conversations over the keys. Off: every request follows the strategy.",
+    )
+    loader.add_option(
+        "kimi_affinity_ttl", str, f"{DEFAULT_AFFINITY_TTL_S}",
+        "Seconds of silence after which a conversation is forgotten (its next turn is new).",
     )
     loader.add_option(
         "kimi_allow_remote", bool, False,

@@ -183,9 +183,10 @@ class StatusPage:
         rotator = self.rotator
         sync = rotator.sync
         store = None if sync is None else document.StoreReading(sync.store.location, sync.problem_said)
+        pins = rotator.pins if rotator.settings.affinity else None
         return document.snapshot(
             rotator.pool, rotator.tally, rotator.timeline.newest_first(), rotator.clock.now_ms(), store,
-            self._notify_reading(),
+            self._notify_reading(), pins,
         )
 
     def _notify_reading(self) -> document.NotifyReading | None:

@@ -24,6 +24,8 @@ from rotator.core.oddities import first_index_by_key
 from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.core.stats import success_rate, utc_day
 from rotator.core.text import NAME_MOST, REASON_MOST, clean_line
+from rotator.conversations.pins import PinTable, SessionView
+from rotator.core.keys import mask_key
 from rotator.status.tally import Tally
 from rotator.status.timeline import Event
 from rotator.tokens import Usage, shown
@@ -70,6 +72,7 @@ class KeyRow:
     quota: QuotaReading | None  # the latest reading (a reading is replaced, never changed)
     tokens: Usage = Usage()  # the accounts file's totals since the key was added (rotator.tokens)
     tokens_today: Usage = Usage()  # today's (UTC)
+    sessions: int = 0  # live conversations pinned to the key (conversation affinity)
 
     # Worked out when asked, so a snapshot taken on the event loop is only copies; the
     # pages ask in a worker thread.
@@ -127,6 +130,7 @@ class Snapshot:
     timeline: tuple[Event, ...]  # newest first
     store: StoreReading | None = None
     notify: NotifyReading | None = None
+    sessions: tuple[SessionView, ...] = ()  # live conversations, most recently seen first
 
     @property
     def paused_seconds(self) -> float:
@@ -134,8 +138,11 @@ class Snapshot:
 
 
 def snapshot(pool: PoolReading, tally: Tally, events: Sequence[Event], now: int,
-             store: StoreReading | None = None, notify: NotifyReading | None = None) -> Snapshot:
-    """The pool as it is at `now`. `events` newest first (Timeline.newest_first())."""
+             store: StoreReading | None = None, notify: NotifyReading | None = None,
+             pins: PinTable | None = None) -> Snapshot:
+    """The pool as it is at `now`. `events` newest first (Timeline.newest_first());
+    `pins`: the live conversations (conversation affinity), if on."""
+    live = {} if pins is None else pins.counts(now)
     state = pool.state
     rest_ms = rest_period_ms(state)
     # The tally counts by key; a key listed twice is counted on its first entry only.
@@ -152,6 +159,7 @@ def snapshot(pool: PoolReading, tally: Tally, events: Sequence[Event], now: int,
         rows.append(_row(
             view, account.cooldown_level, pool.in_flight.get(key, 0) if counted else 0, pool.cap(key),
             outcomes.get(key, {}) if counted else {}, tally.retries.get(key, 0) if counted else 0, today,
+            live.get(key, 0) if counted else 0,
         ))
     return Snapshot(
         now=now,
@@ -163,6 +171,7 @@ def snapshot(pool: PoolReading, tally: Tally, events: Sequence[Event], now: int,
         timeline=tuple(events),
         store=store,
         notify=notify,
+        sessions=() if pins is None else tuple(pins.sessions(now, mask_key)),
     )
 
 
@@ -178,7 +187,7 @@ def key_state(view: KeyView, cooldown_level: int) -> str:
 
 def _row(
     view: KeyView, cooldown_level: int, in_flight: int, cap: int, outcomes: Mapping[str, int], retries: int,
-    today: str,
+    today: str, sessions: int = 0,
 ) -> KeyRow:
     state = key_state(view, cooldown_level)
     reason = view.disabled_reason if state == DISABLED else view.cooldown_reason if state == COOLING else None
@@ -206,6 +215,7 @@ def _row(
         quota=view.quota,
         tokens=shown.saved(view.tokens),
         tokens_today=shown.on_days(view.daily_tokens, (today,)),
+        sessions=sessions,
     )
 
 
@@ -242,6 +252,20 @@ def status_document(shot: Snapshot) -> dict[str, object]:
             "recent": [{"atMs": at, "title": title, "delivered": ok, "failed": failed}
                        for at, title, ok, failed in shot.notify.recent],
         },
+        "sessions": [session_document(s) for s in shot.sessions],
+    }
+
+
+def session_document(session: SessionView) -> dict[str, object]:
+    """One live conversation: its id shortened, the client, the masked key."""
+    return {
+        "id": clean_line(session.id, NAME_MOST),
+        "client": session.client,
+        "maskedKey": session.key,
+        "turns": session.turns,
+        "moves": session.moves,
+        "firstSeenMs": session.first_seen_ms,
+        "lastSeenMs": session.last_seen_ms,
     }
 
 
@@ -268,6 +292,7 @@ def key_document(row: KeyRow) -> dict[str, object]:
         "tokens": row.tokens.as_fields(),
         "tokensToday": row.tokens_today.as_fields(),
         "cacheShareToday": row.tokens_today.cache_share,
+        "sessions": row.sessions,
         "quota": None if row.quota_taken_at is None else {
             "takenAt": row.quota_taken_at,
             "parallelLimit": row.parallel_limit,

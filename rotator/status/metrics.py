@@ -38,6 +38,7 @@ def families(shot: Snapshot) -> list[Metric]:
     retries = family(CounterMetricFamily, "key_retries", "Resends of a refused request that went to the key, since start")
     in_flight = family(GaugeMetricFamily, "key_in_flight", "Requests on the key waiting for Kimi's answer")
     cap = family(GaugeMetricFamily, "key_in_flight_cap", "Requests the key may have in flight (the proxy's cap or Kimi's parallel limit)")
+    sessions = family(GaugeMetricFamily, "key_sessions", "Live conversations pinned to the key (conversation affinity)")
     health = family(GaugeMetricFamily, "key_health", "The key's health score, 0 to 100, resting recovery included")
     until = family(GaugeMetricFamily, "key_seconds_until_usable", "Seconds until a cooling key may serve; 0 if usable, +Inf if disabled")
     state = family(GaugeMetricFamily, "key_state", "1, labelled with the key's state (serving, ready, half-open, cooling, disabled)", "state")
@@ -52,6 +53,7 @@ def families(shot: Snapshot) -> list[Metric]:
         in_flight.add_metric(labels, row.in_flight)
         cap.add_metric(labels, row.cap)
         health.add_metric(labels, row.health)
+        sessions.add_metric(labels, row.sessions)
         until.add_metric(labels, row.seconds_until_usable(shot.now))
         state.add_metric([*labels, row.state], 1)  # one series per key: a scrape of 1,000 keys stays cheap
         spent = row.tokens
@@ -73,7 +75,8 @@ def families(shot: Snapshot) -> list[Metric]:
     keys.add_metric([], len(shot.keys))
     paused = GaugeMetricFamily(PREFIX + "paused_seconds", "Seconds left of the pause shared by every key (Kimi throttling this client)")
     paused.add_metric([], shot.paused_seconds)
-    return [requests, retries, in_flight, cap, health, until, state, tokens, quota, quota_reset, refused, keys, paused]
+    return [requests, retries, in_flight, cap, sessions, health, until, state, tokens, quota, quota_reset, refused, keys,
+            paused]
 
 
 def registry(read: SnapshotSource) -> CollectorRegistry:

@@ -79,6 +79,11 @@ class StateStore(Protocol):
         """Notices of what other processes changed, or None: this store has none to give."""
         ...
 
+    def team_pins(self) -> "TeamPins | None":
+        """Conversation pins shared by the team's proxies, or None: each process keeps
+        its own in memory."""
+        ...
+
     def close(self) -> None:
         """Let go of connections (a proxy switching stores)."""
         ...
@@ -118,6 +123,20 @@ class TeamSlots(Protocol):
     async def ping(self) -> None:
         """Whether the store answers and runs what `take` runs (raises `StoreError` if
         not: unreachable, or a command the user may not run)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class TeamPins(Protocol):
+    """Which key (by `urls.key_id`) each live conversation of the team is on."""
+
+    async def recall(self, conversation_id: str, ttl_ms: int) -> str | None:
+        """The key id it is pinned to, its TTL renewed; None if none."""
+        ...
+
+    async def remember(self, conversation_id: str, key_id: str, ttl_ms: int) -> None:
+        """Pin it to that key for the team, for `ttl_ms`."""
         ...
 
     async def close(self) -> None: ...

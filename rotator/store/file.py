@@ -398,6 +398,9 @@ class FileStore:
     def team_slots(self, ttl_ms: int) -> None:
         return None  # proxies on one file share a machine: each caps its own requests
 
+    def team_pins(self) -> None:
+        return None  # pins live in each process's memory
+
     def team_events(self) -> None:
         return None  # changes are seen by re-reading the file at each save
 

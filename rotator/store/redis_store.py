@@ -50,6 +50,7 @@ from rotator.store.urls import DEFAULT_PREFIX, NOTICE_STATE, SCHEMES, masked_url
 
 if TYPE_CHECKING:
     from rotator.store.redis_events import RedisEvents
+    from rotator.store.redis_pins import RedisPins
     from rotator.store.redis_slots import RedisSlots
 
 SOCKET_TIMEOUT_S = 1.0
@@ -208,6 +209,11 @@ class RedisStore:
         from rotator.store.redis_events import RedisEvents
 
         return RedisEvents(self)
+
+    def team_pins(self) -> "RedisPins":
+        from rotator.store.redis_pins import RedisPins
+
+        return RedisPins(self)
 
     def close(self) -> None:
         self._client.close()

@@ -73,3 +73,9 @@ def notices_channel(prefix: str) -> str:
 def slots_key(prefix: str, key: str) -> str:
     """The sorted set of a key's in-flight slots (member: holder, score: expiry ms)."""
     return f"{prefix}slots:{key_id(key)}"
+
+
+def pin_key(prefix: str, conversation_id: str) -> str:
+    """Where a team keeps a conversation's pin (its key's id, conversation affinity): by
+    a digest of the id, so every name has one short shape."""
+    return f"{prefix}pin:{hashlib.sha256(conversation_id.encode()).hexdigest()[:24]}"
