@@ -220,6 +220,25 @@ async def test_waiting_and_retries_share_one_deadline(proxy, clock: FakeClock) -
     assert "no other key" in flow.comment
 
 
+async def test_the_client_flow_names_every_attempt_in_a_persons_words(proxy, clock: FakeClock) -> None:
+    """Issue 27: mitmweb shows the client's one flow; its comment lists the chain, each
+    attempt's key and what its answer meant, not only the last one's verdict."""
+    answers = iter([kimi_error(429, "rate limited", {"retry-after": "30"}),
+                    kimi_error(403, "You've reached your 5-hour usage limit"), success()])
+    # (A window refusal asks /usages of that key too: that poll gets a 404.)
+    addon, upstream = proxy(lambda flow, key: kimi_error(404, "no") if flow.request.path.endswith("/usages")
+                            else next(answers))
+    flow = kimi_flow()
+    await run_virtual(clock, upstream(flow))
+    assert flow.response is not None and flow.response.status_code == 200
+    first, second, third = upstream.keys_sent()
+    names = {key: f"[{KEYS.index(key)}] Account {KEYS.index(key)} ({mask_key(key)})" for key in KEYS}
+    assert flow.comment == (
+        f"kimi-rotator: {names[first]}: HTTP 429: rate limited: x: rate limited → "
+        f"{names[second]}: 5-hour usage limit reached → {names[third]}: ok"
+    )
+
+
 async def test_retries_within_the_deadline_still_happen(proxy, clock: FakeClock) -> None:
     answers = iter([kimi_error(429, "concurrent request limit reached")] * 3 + [success()])
     addon, upstream = proxy(lambda flow, key: next(answers), kimi_max_wait="30")

@@ -298,7 +298,7 @@ async def test_a_resend_held_whole_as_sse_counts_on_the_key_that_answered(tmp_pa
     assert upstream.keys_sent() == KEYS
     assert totals(addon, KEYS[0]) == ({}, {})
     assert totals(addon, KEYS[1])[0] == ANTHROPIC_FIELDS
-    assert flow.comment.endswith("(attempt 2) · in 4.4k (cached 4.0k) · out 57"), flow.comment
+    assert flow.comment.endswith(": ok · in 4.4k (cached 4.0k) · out 57"), flow.comment
     assert flow.metadata["kimi_rotator"]["attempts"][-1]["tokens"] == ANTHROPIC_FIELDS
 
 

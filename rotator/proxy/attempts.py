@@ -26,6 +26,7 @@ from rotator.proxy.flows import (
     FlowKind,
     FlowLedger,
     FlowRecord,
+    attempt_chain,
     attempt_note,
     client_closed,
     client_gone,
@@ -147,7 +148,8 @@ class Attempts:
             self.settle(attempt, policy.classify_connection_error(detail, now), now)
         assert attempt.outcome is not None
         client.attempts.extend(attempt.attempts)
-        shown = f"kimi-rotator: {lease.label} → {attempt.outcome.verdict.value} (attempt {len(client.attempts)})"
+        # The whole chain, not the last attempt only: mitmweb shows this one flow to a person.
+        shown = f"kimi-rotator: {attempt_chain(client.attempts)}"
         if left:  # nobody to answer
             answers.close(flow, f"{shown}; the client left: the resend was stopped")
         else:

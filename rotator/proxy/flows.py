@@ -19,6 +19,7 @@ from typing import Any
 from mitmproxy import http
 from mitmproxy.connection import Client, ConnectionState
 
+from rotator.core.keys import label
 from rotator.core.policy import Outcome, Window
 from rotator.pool.affinity import Turn
 from rotator.pool.lease import Lease
@@ -68,6 +69,15 @@ def client_closed(flow: http.HTTPFlow) -> bool:
 
 def attempt_note(lease: Lease) -> dict[str, Any]:
     return {"account": lease.name, "index": lease.index, "key": lease.masked_key}
+
+
+def attempt_chain(notes: list[dict[str, Any]]) -> str:
+    """The attempts a request made, in a person's words, for its flow's comment:
+    `[0] Personal (sk-kim…abcd): HTTP 429: rate limited → [1] Work (sk-kim…wxyz): ok`."""
+    return " → ".join(
+        f"{label(note['index'], note['account'], note['key'])}: {note.get('reason') or 'no answer'}"
+        for note in notes
+    )
 
 
 class FlowLedger:
