@@ -355,3 +355,22 @@ def test_the_page_lists_where_notifications_go_and_the_last_ones(tmp_path: Path)
     assert dom.one(None, id="notify-channels").text == "ntfys://ntfy.sh, json://127.0.0.1:9"
     [sent] = dom.one(None, id="notify-recent").find("sent")
     assert sent.text.endswith("Kimi key [1] Work disabled (1 URL failed)")
+
+
+@pytest.mark.slow
+def test_the_page_lists_each_conversation_with_what_it_spent(tmp_path: Path) -> None:
+    now = now_ms()
+    server = _GoneAfterFirst({
+        "now": now, "strategy": "health-based", "activeIndex": 0, "pausedUntilMs": 0, "refused": {},
+        "keys": [], "timeline": [], "store": None, "notify": None,
+        "sessions": [{"id": "0b7c6a1e-59f…", "client": "claude-code", "maskedKey": "sk-kim…abcd", "turns": 3,
+                      "moves": 0, "firstSeenMs": now - 60_000, "lastSeenMs": now,
+                      "tokens": {"input": 8800, "output": 114, "cacheRead": 8000}, "cacheShare": 8000 / 8800}],
+    })
+    try:
+        dom = parse_dom(chromium(server.url, tmp_path / "profile", "--dump-dom").stdout)
+    finally:
+        server.close()
+    assert dom.one(None, id="sessions").attrs.get("hidden") is None
+    [row] = dom.one(None, id="session-list").find("session")
+    assert row.text == "0b7c6a1e-59f… (claude-code) on sk-kim…abcd · 3 turns · in 8800, 91% from cache · out 114"

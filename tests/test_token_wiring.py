@@ -338,3 +338,20 @@ def test_a_member_name_is_one_clean_short_line_or_user_at_host():
     assert member_name("") == f"{getpass.getuser()}@{socket.gethostname()}"[:MEMBER_MOST]
     odd = member_name("eve\x1b[31m\nred" + "x" * 200)
     assert "\x1b" not in odd and "\n" not in odd and len(odd) <= MEMBER_MOST
+
+
+async def test_each_conversation_adds_up_what_its_turns_spent(addon):
+    """Issue 26 with issue 25: per live conversation its turns, tokens and cache share, as
+    /status.json's sessions show them."""
+    from rotator.status import document
+
+    for turn in range(2):
+        flow = kimi_flow()
+        flow.request.path = MESSAGES
+        flow.request.headers["x-claude-code-session-id"] = "conv-tokens-1"
+        await call_hook(addon, "request", flow)
+        await answer_whole(addon, flow, 200, anthropic_json(100, 4000, 300, 57), JSON)
+    [session] = document.status_document(addon.status_page.snapshot())["sessions"]
+    assert session["turns"] == 2
+    assert session["tokens"] == {"input": 2 * 4400, "output": 2 * 57, "cacheRead": 2 * 4000}
+    assert session["cacheShare"] == pytest.approx(4000 / 4400)

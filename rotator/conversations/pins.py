@@ -45,6 +45,10 @@ class _Pin:
     first_seen_ms: int
     last_seen_ms: int
     moves: int = 0
+    # What its turns spent, as Kimi said: all input, output, of the input read from cache.
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,14 @@ class SessionView:
     moves: int
     first_seen_ms: int
     last_seen_ms: int
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+
+    @property
+    def cache_share(self) -> float | None:
+        """Of its input, the share Kimi read from its prompt cache (None before any)."""
+        return self.cache_read_tokens / self.input_tokens if self.input_tokens else None
 
 
 def short_id(conversation_id: str) -> str:
@@ -189,9 +201,19 @@ class PinTable:
         self._expire(now_ms)
         return [
             SessionView(short_id(cid), pin.client, label(pin.key), pin.turns, pin.moves,
-                        pin.first_seen_ms, pin.last_seen_ms)
+                        pin.first_seen_ms, pin.last_seen_ms, pin.input_tokens, pin.output_tokens,
+                        pin.cache_read_tokens)
             for cid, pin in reversed(self._pins.items())
         ]
+
+    def spent(self, conversation_id: str, input_tokens: int, output_tokens: int, cache_read_tokens: int) -> None:
+        """A turn's answer said what it spent: added to the live conversation's (nothing
+        for one already forgotten)."""
+        pin = self._pins.get(conversation_id)
+        if pin is not None:
+            pin.input_tokens += input_tokens
+            pin.output_tokens += output_tokens
+            pin.cache_read_tokens += cache_read_tokens
 
     def expire(self, now_ms: int) -> int:
         """Drop the conversations silent for `ttl_ms` or more; returns how many."""

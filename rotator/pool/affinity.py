@@ -30,6 +30,7 @@ from rotator.core.models import Account
 from rotator.pool.events import IgnoresPoolEvents
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
+from rotator.tokens import Usage
 
 # A window with at most this many times the reserve left makes a key a worse choice
 # for a new conversation (it will be rested soon, and the conversation moved).
@@ -100,6 +101,10 @@ class Affinity(IgnoresPoolEvents):
         turn.key = key
         if self.pinned is not None:
             self.pinned(turn)
+
+    def spent(self, turn: Turn, usage: Usage) -> None:
+        """What the turn's answer spent, added to its conversation's."""
+        self.table.spent(turn.conversation.id, usage.input, usage.output, usage.cache_read)
 
     def adopted(self) -> None:
         """The pool took a new state: keys gone release their conversations, and a

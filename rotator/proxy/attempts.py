@@ -74,6 +74,8 @@ class Attempts:
             )
         if usage is not None:
             self.pool.spent(lease, usage, now)
+            if record.turn is not None and self.affinity is not None:
+                self.affinity.spent(record.turn, usage)
         event = self.pool.release(lease, outcome, now, took_ms)
         if event:
             logger.log(ALERT, "kimi-rotator: %s", event)
@@ -155,6 +157,8 @@ class Attempts:
         else:
             answers.take_resent(flow, copy, detail)
             tokens = Usage.from_fields(attempt.attempts[-1].get("tokens")) if attempt.attempts else None
+            if tokens is not None and client.turn is not None and self.affinity is not None:
+                self.affinity.spent(client.turn, tokens)  # the resend's answer is the turn's
             flow.comment = (shown if tokens is None else f"{shown} · {shown_tokens.note(tokens)}") + turn_note(client)
         return attempt.outcome
 

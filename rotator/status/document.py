@@ -266,6 +266,9 @@ def session_document(session: SessionView) -> dict[str, object]:
         "moves": session.moves,
         "firstSeenMs": session.first_seen_ms,
         "lastSeenMs": session.last_seen_ms,
+        "tokens": {"input": session.input_tokens, "output": session.output_tokens,
+                   "cacheRead": session.cache_read_tokens},
+        "cacheShare": session.cache_share,
     }
 
 
