@@ -51,6 +51,9 @@ MAX_EVENT_BYTES = 64 * 1024
 _BLANK = re.compile(rb"\n\n|\r\r|\n\r")
 _BLANK_PAIRS = (b"\n\n", b"\r\r", b"\n\r")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+# An event of one data line, after an optional name line (a field's one leading space
+# is not part of its value); any other form is read line by line.
+_SIMPLE_EVENT = re.compile(rb"(?:event: ?([^\r\n:]*)(?:\r\n|\r|\n))?data: ?([^\r\n]*)")
 _AFTER_KEY = re.compile(rb"[ \t]*(:[ \t]*)?")
 _BOM = b"\xef\xbb\xbf"
 _LINE_END_BYTES = (0x0A, 0x0D)
@@ -130,18 +133,21 @@ class UsageScanner:
     def feed(self, chunk: bytes) -> None:
         """The next chunk of the stream; b"" when it ended."""
         if self._scanning and chunk:
-            buf = self._carry + chunk
+            buf = self._carry + chunk if chunk.find(b'"', 0, 6) >= 0 else chunk  # "usage" may be split
             i = buf.find(NEEDLE)
             while i >= 0 and not _could_hold_object(buf, i + len(NEEDLE)):  # e.g. "usage":null
                 i = buf.find(NEEDLE, i + len(NEEDLE))
-            if i < 0:  # the bulk: nothing here
-                self._carry = buf[-6:]
-                self._kept.append(chunk)
-                self._kept_len += len(chunk)
-                if self._kept_len > 2 * self._limit or len(self._kept) > _MAX_KEPT_PIECES:
-                    self._trim()
+            if i >= 0 and buf is chunk and self._carry:  # its event may begin in the carry
+                buf, i = self._carry + chunk, i + len(self._carry)
+            if i >= 0 and not self._read_within(buf, i):  # an event not whole in buf
+                self._feed(chunk, buf, i)
                 return
-            self._feed(chunk, buf, i)
+            # the bulk: nothing here, or events read whole
+            self._carry = buf[-6:] if len(buf) >= 6 else (self._carry + chunk)[-6:]
+            self._kept.append(chunk)
+            self._kept_len += len(chunk)
+            if self._kept_len > 2 * self._limit or len(self._kept) > _MAX_KEPT_PIECES:
+                self._trim()
         elif not chunk:
             self._end()
         elif self._state is not _State.ENDED:
@@ -169,6 +175,35 @@ class UsageScanner:
     def held_bytes(self) -> int:
         """The stream's bytes this scanner holds on to (kept chunks, a candidate event)."""
         return self._kept_len + len(self._pending) + len(self._carry)
+
+    def _read_within(self, buf: bytes, i: int) -> bool:
+        """The fast path for a candidate "usage" at `i` of `buf` (the stream's last bytes
+        before the chunk, then the chunk): when its event, and every later candidate's,
+        begins and ends within `buf` (or begins the stream), read them and say True; else
+        read nothing and say False (the general path reads the chunk)."""
+        at_start = not self._kept_len and not self._dropped  # buf is the stream so far
+        limit, n = self._limit, len(buf)
+        events: list[tuple[bytes, bool]] = []
+        while i >= 0:
+            s = max(buf.rfind(b"\n\n", 0, i), buf.rfind(b"\r\r", 0, i), buf.rfind(b"\n\r", 0, i)) + 2
+            if s < 2 and not at_start:
+                return False  # the event began before buf
+            m = _BLANK.search(buf, i)
+            if m is None:
+                return False  # it ends in a later chunk
+            end = m.start()
+            start = s if s >= 2 else 0
+            if end - start > limit:
+                return False
+            events.append((buf[start:end], start == 0 and at_start))
+            i = buf.find(NEEDLE, m.end())
+            while i >= 0 and not _could_hold_object(buf, i + len(NEEDLE)):
+                i = buf.find(NEEDLE, i + len(NEEDLE))
+            if i >= 0 and i + len(NEEDLE) >= n:
+                return False  # a "usage" whose value the next chunk tells
+        for event, first in events:
+            self._dispatch(event, first)
+        return True
 
     # -- the states --------------------------------------------------------------------
 
@@ -308,6 +343,10 @@ class UsageScanner:
         """Parse one candidate event (its lines) and take its figures."""
         if at_stream_start and event.startswith(_BOM):
             event = event[len(_BOM):]
+        simple = _SIMPLE_EVENT.fullmatch(event)  # the usual form: one data line, maybe a name
+        if simple is not None:
+            self._take(simple.group(2), simple.group(1) or b"")
+            return
         name, data = b"", []
         for line in _LINE_END.split(event):
             if not line or line[0] == 0x3A:  # empty, or a comment
@@ -319,10 +358,13 @@ class UsageScanner:
                 data.append(value)
             elif field == b"event":
                 name = value
-        if not data:
-            return
+        if data:
+            self._take(b"\n".join(data), name)
+
+    def _take(self, data: bytes, name: bytes) -> None:
+        """Take the figures of one event's data (its `data:` lines joined), named `name`."""
         self.events_read += 1
-        document = load_json(b"\n".join(data))
+        document = load_json(data)
         if not isinstance(document, dict):
             return
         if self.shape is Shape.OPENAI:
