@@ -108,7 +108,7 @@ class UsageScanner:
 
     __slots__ = ("shape", "_final", "events_read", "events_skipped", "_limit", "_state", "_scanning",
                  "_kept", "_kept_len", "_dropped", "_carry", "_pending", "_pending_start",
-                 "_skip_last", "_counts", "_openai")
+                 "_skip_last", "_counts", "_openai", "_most_kept")
 
     def __init__(self, shape: Shape, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self.shape = shape
@@ -116,6 +116,7 @@ class UsageScanner:
         self.events_read = 0  # candidate events parsed
         self.events_skipped = 0  # candidate events larger than max_event_bytes, not read
         self._limit = max(16, max_event_bytes)
+        self._most_kept = 2 * self._limit  # kept bytes are trimmed past this
         self._state = _State.SCAN
         self._scanning = True  # state is SCAN: the fast path applies
         self._kept: list[bytes] = []  # the chunks before this one: the stream's last ≥ limit bytes
@@ -133,20 +134,17 @@ class UsageScanner:
     def feed(self, chunk: bytes) -> None:
         """The next chunk of the stream; b"" when it ended."""
         if self._scanning and chunk:
-            buf = self._carry + chunk if chunk.find(b'"', 0, 6) >= 0 else chunk  # "usage" may be split
+            carry = self._carry
+            buf = carry + chunk if carry and chunk.find(b'"', 0, 6) >= 0 else chunk  # "usage" may be split
             i = buf.find(NEEDLE)
-            while i >= 0 and not _could_hold_object(buf, i + len(NEEDLE)):  # e.g. "usage":null
-                i = buf.find(NEEDLE, i + len(NEEDLE))
-            if i >= 0 and buf is chunk and self._carry:  # its event may begin in the carry
-                buf, i = self._carry + chunk, i + len(self._carry)
-            if i >= 0 and not self._read_within(buf, i):  # an event not whole in buf
-                self._feed(chunk, buf, i)
+            if i >= 0:
+                self._candidate(chunk, buf, i)
                 return
-            # the bulk: nothing here, or events read whole
-            self._carry = buf[-6:] if len(buf) >= 6 else (self._carry + chunk)[-6:]
-            self._kept.append(chunk)
+            self._carry = buf[-6:] if len(buf) >= 6 else (carry + chunk)[-6:]  # the bulk: nothing here
+            kept = self._kept
+            kept.append(chunk)
             self._kept_len += len(chunk)
-            if self._kept_len > 2 * self._limit or len(self._kept) > _MAX_KEPT_PIECES:
+            if self._kept_len > self._most_kept or len(kept) > _MAX_KEPT_PIECES:
                 self._trim()
         elif not chunk:
             self._end()
@@ -175,6 +173,22 @@ class UsageScanner:
     def held_bytes(self) -> int:
         """The stream's bytes this scanner holds on to (kept chunks, a candidate event)."""
         return self._kept_len + len(self._pending) + len(self._carry)
+
+    def _candidate(self, chunk: bytes, buf: bytes, i: int) -> None:
+        """A chunk in SCAN with "usage" at `i` of `buf` (the chunk, or the stream's last
+        bytes before it and it)."""
+        while i >= 0 and not _could_hold_object(buf, i + len(NEEDLE)):  # e.g. "usage":null
+            i = buf.find(NEEDLE, i + len(NEEDLE))
+        carry = self._carry
+        if i >= 0 and buf is chunk and carry:  # its event may begin in the carry
+            buf, i = carry + chunk, i + len(carry)
+        if i >= 0 and not self._read_within(buf, i):  # an event not whole in buf
+            self._feed(chunk, buf, i)
+            return
+        self._carry = buf[-6:] if len(buf) >= 6 else (carry + chunk)[-6:]
+        self._kept.append(chunk)
+        self._kept_len += len(chunk)
+        self._trim()
 
     def _read_within(self, buf: bytes, i: int) -> bool:
         """The fast path for a candidate "usage" at `i` of `buf` (the stream's last bytes
