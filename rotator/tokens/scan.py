@@ -88,7 +88,7 @@ def _could_hold_object(chunk: bytes, after: int) -> bool:
     """Whether the `"usage"` ending at `after` may be a key whose value is an object (not
     `"usage": null`, not the string "usage" as a value); True when the chunk ends first."""
     two = chunk[after:after + 2]
-    if two == b":{":
+    if two == b":{" or two == b": " and chunk[after + 2:after + 3] == b"{":  # compact, or json.dumps'
         return True
     if len(two) == 2 and two[0] == 0x3A and two[1] not in _SPACE_OR_LINE_END:  # ":null", ":0", …
         return False
