@@ -186,9 +186,11 @@ class UsageScanner:
             self._feed(chunk, buf, i)
             return
         self._carry = buf[-6:] if len(buf) >= 6 else (carry + chunk)[-6:]
-        self._kept.append(chunk)
+        kept = self._kept
+        kept.append(chunk)
         self._kept_len += len(chunk)
-        self._trim()
+        if self._kept_len > self._most_kept or len(kept) > _MAX_KEPT_PIECES:
+            self._trim()
 
     def _read_within(self, buf: bytes, i: int) -> bool:
         """The fast path for a candidate "usage" at `i` of `buf` (the stream's last bytes
