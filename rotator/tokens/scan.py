@@ -134,13 +134,12 @@ class UsageScanner:
     def feed(self, chunk: bytes) -> None:
         """The next chunk of the stream; b"" when it ended."""
         if self._scanning and chunk:
-            carry = self._carry
-            buf = carry + chunk if carry and chunk.find(b'"', 0, 6) >= 0 else chunk  # "usage" may be split
+            buf = self._carry + chunk  # "usage" may be split across chunks
             i = buf.find(NEEDLE)
             if i >= 0:
                 self._candidate(chunk, buf, i)
                 return
-            self._carry = buf[-6:] if len(buf) >= 6 else (carry + chunk)[-6:]  # the bulk: nothing here
+            self._carry = buf[-6:]  # the bulk: nothing here
             kept = self._kept
             kept.append(chunk)
             self._kept_len += len(chunk)
@@ -175,17 +174,14 @@ class UsageScanner:
         return self._kept_len + len(self._pending) + len(self._carry)
 
     def _candidate(self, chunk: bytes, buf: bytes, i: int) -> None:
-        """A chunk in SCAN with "usage" at `i` of `buf` (the chunk, or the stream's last
-        bytes before it and it)."""
+        """A chunk in SCAN with "usage" at `i` of `buf` (the stream's last bytes before
+        the chunk, then the chunk)."""
         while i >= 0 and not _could_hold_object(buf, i + len(NEEDLE)):  # e.g. "usage":null
             i = buf.find(NEEDLE, i + len(NEEDLE))
-        carry = self._carry
-        if i >= 0 and buf is chunk and carry:  # its event may begin in the carry
-            buf, i = carry + chunk, i + len(carry)
         if i >= 0 and not self._read_within(buf, i):  # an event not whole in buf
             self._feed(chunk, buf, i)
             return
-        self._carry = buf[-6:] if len(buf) >= 6 else (carry + chunk)[-6:]
+        self._carry = buf[-6:]
         kept = self._kept
         kept.append(chunk)
         self._kept_len += len(chunk)
