@@ -297,6 +297,52 @@ def test_comments_and_unknown_fields_in_a_usage_event_are_ignored() -> None:
     assert from_event_stream(body, A) == ANTHROPIC_EXPECTED
 
 
+START_FORMS = [  # message_start's data as other writers may write it: each read by JSON's rules
+    '{"type":"message_start","message":{"usage":{"cache_read_input_tokens":41000,"output_tokens":1,'
+    '"cache_creation_input_tokens":96,"input_tokens":2107},"id":"m","content":[]}}',  # usage first, other order
+    '{ "type" : "message_start" , "message" : { "usage" : { "input_tokens" : 2107 ,'
+    ' "cache_read_input_tokens" : 41000 , "cache_creation_input_tokens" : 96 } } }',  # spaces everywhere
+    '{"type":"message_start","message":{"usage":{"\\u0069nput_tokens":2107,"cache_read_input_tokens":41000,'
+    '"cache_creation_input_tokens":96,"server_tool_use":{"web_search_requests":0},"service_tier":"standard"}}}',
+    '{"type":"message_start","message":{"usage":{"input_tokens":5,"cache_read_input_tokens":41000,'
+    '"cache_creation_input_tokens":96,"input_tokens":2107}}}',  # a repeated key: the last counts
+]
+
+
+@pytest.mark.parametrize("data", START_FORMS)
+def test_a_message_start_in_another_form_counts_the_same_whole_or_split(data: str) -> None:
+    body = sse([("message_start", data)]) + sse(anthropic_events()[1:])
+    events = [e + b"\n\n" for e in body.split(b"\n\n")[:-1]]
+    assert scan(events, A).result() == ANTHROPIC_EXPECTED  # each event whole in its chunk
+    for point in range(1, len(body), 7):
+        assert scan(split_at(body, point), A).result() == ANTHROPIC_EXPECTED, point
+
+
+@pytest.mark.parametrize("delta", [
+    b": a comment\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":612}}",
+    b"id: 9\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":612}}",
+    b"event: message_delta\ndata: {\"type\":\"message_delta\",\ndata: \"usage\":{\"output_tokens\":612}}",
+    b"event:message_delta\r\ndata:{\"type\":\"message_delta\",\"usage\":{\"output_tokens\":612}}",
+    b"event: odd:name\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":612}}",
+    b"event: message_delta\ndata: {\"usage\":{\"output_tokens\":612}}\nevent: message_delta",
+])
+def test_a_usage_event_whole_in_its_chunk_in_any_form_reads_as_when_split(delta: bytes) -> None:
+    head, tail = sse(anthropic_events()[:-2]), sse(anthropic_events()[-1:])
+    whole = scan([head, delta + b"\n\n", tail], A)  # the event whole in one chunk
+    split = scan([head, *[delta[i:i + 1] for i in range(len(delta))], b"\n\n", tail], A)
+    assert whole.result() == split.result() == ANTHROPIC_EXPECTED
+    assert whole.events_read == split.events_read
+
+
+def test_a_chunk_holding_several_usage_events_reads_them_all_the_last_delta_winning() -> None:
+    events = anthropic_events()
+    second = ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 700}})
+    body = sse(events[:-1] + [second] + events[-1:])
+    scanner = scan([body], A)
+    assert scanner.result() == Usage(input=2107 + 41000 + 96, output=700, cache_read=41000, cache_write=96)
+    assert scanner.complete
+
+
 def test_the_last_message_delta_wins_and_a_larger_repeated_input_counts() -> None:
     events = anthropic_events()
     more = [("message_delta", {"type": "message_delta", "usage": {"output_tokens": 700}}),

@@ -32,7 +32,7 @@ class StreamReader:
     """A `response.stream` callable: each chunk is scanned for usage and handed on
     unchanged; `result()` is what the stream reported (a stream cut short: so far)."""
 
-    __slots__ = ("scanner", "_inflate", "_deflate", "_broken")
+    __slots__ = ("scanner", "_inflate", "_deflate", "_broken", "_feed")
 
     def __init__(self, shape: Shape, coding: str = "") -> None:
         self.scanner = UsageScanner(shape)
@@ -41,11 +41,13 @@ class StreamReader:
         if coding in ("gzip", "x-gzip"):
             self._inflate = zlib.decompressobj(_GZIP_WBITS)
         self._broken = False
+        # An answer as sent goes straight to the scanner: one call a chunk.
+        self._feed = self._read if coding else self.scanner.feed
 
     def __call__(self, chunk: bytes) -> bytes:
         if not self._broken:
             try:
-                self._read(chunk)
+                self._feed(chunk)
             except Exception:  # a broken body (zlib.error, …): it streams on, counted no further
                 self._broken = True
                 logger.debug("kimi-rotator: a streamed answer could not be read for tokens", exc_info=True)

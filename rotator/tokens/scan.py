@@ -51,6 +51,9 @@ MAX_EVENT_BYTES = 64 * 1024
 _BLANK = re.compile(rb"\n\n|\r\r|\n\r")
 _BLANK_PAIRS = (b"\n\n", b"\r\r", b"\n\r")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+# An event of one data line, after an optional name line (a field's one leading space
+# is not part of its value); any other form is read line by line.
+_SIMPLE_EVENT = re.compile(rb"(?:event: ?([^\r\n:]*)(?:\r\n|\r|\n))?data: ?([^\r\n]*)")
 _AFTER_KEY = re.compile(rb"[ \t]*(:[ \t]*)?")
 _BOM = b"\xef\xbb\xbf"
 _LINE_END_BYTES = (0x0A, 0x0D)
@@ -85,7 +88,7 @@ def _could_hold_object(chunk: bytes, after: int) -> bool:
     """Whether the `"usage"` ending at `after` may be a key whose value is an object (not
     `"usage": null`, not the string "usage" as a value); True when the chunk ends first."""
     two = chunk[after:after + 2]
-    if two == b":{":
+    if two == b":{" or two == b": " and chunk[after + 2:after + 3] == b"{":  # compact, or json.dumps'
         return True
     if len(two) == 2 and two[0] == 0x3A and two[1] not in _SPACE_OR_LINE_END:  # ":null", ":0", …
         return False
@@ -105,7 +108,7 @@ class UsageScanner:
 
     __slots__ = ("shape", "_final", "events_read", "events_skipped", "_limit", "_state", "_scanning",
                  "_kept", "_kept_len", "_dropped", "_carry", "_pending", "_pending_start",
-                 "_skip_last", "_counts", "_openai")
+                 "_skip_last", "_counts", "_openai", "_most_kept")
 
     def __init__(self, shape: Shape, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self.shape = shape
@@ -113,6 +116,7 @@ class UsageScanner:
         self.events_read = 0  # candidate events parsed
         self.events_skipped = 0  # candidate events larger than max_event_bytes, not read
         self._limit = max(16, max_event_bytes)
+        self._most_kept = 2 * self._limit  # kept bytes are trimmed past this
         self._state = _State.SCAN
         self._scanning = True  # state is SCAN: the fast path applies
         self._kept: list[bytes] = []  # the chunks before this one: the stream's last ≥ limit bytes
@@ -130,18 +134,17 @@ class UsageScanner:
     def feed(self, chunk: bytes) -> None:
         """The next chunk of the stream; b"" when it ended."""
         if self._scanning and chunk:
-            buf = self._carry + chunk
+            buf = self._carry + chunk  # "usage" may be split across chunks
             i = buf.find(NEEDLE)
-            while i >= 0 and not _could_hold_object(buf, i + len(NEEDLE)):  # e.g. "usage":null
-                i = buf.find(NEEDLE, i + len(NEEDLE))
-            if i < 0:  # the bulk: nothing here
-                self._carry = buf[-6:]
-                self._kept.append(chunk)
-                self._kept_len += len(chunk)
-                if self._kept_len > 2 * self._limit or len(self._kept) > _MAX_KEPT_PIECES:
-                    self._trim()
+            if i >= 0:
+                self._candidate(chunk, buf, i)
                 return
-            self._feed(chunk, buf, i)
+            self._carry = buf[-6:]  # the bulk: nothing here
+            kept = self._kept
+            kept.append(chunk)
+            self._kept_len += len(chunk)
+            if self._kept_len > self._most_kept or len(kept) > _MAX_KEPT_PIECES:
+                self._trim()
         elif not chunk:
             self._end()
         elif self._state is not _State.ENDED:
@@ -169,6 +172,50 @@ class UsageScanner:
     def held_bytes(self) -> int:
         """The stream's bytes this scanner holds on to (kept chunks, a candidate event)."""
         return self._kept_len + len(self._pending) + len(self._carry)
+
+    def _candidate(self, chunk: bytes, buf: bytes, i: int) -> None:
+        """A chunk in SCAN with "usage" at `i` of `buf` (the stream's last bytes before
+        the chunk, then the chunk)."""
+        while i >= 0 and not _could_hold_object(buf, i + len(NEEDLE)):  # e.g. "usage":null
+            i = buf.find(NEEDLE, i + len(NEEDLE))
+        if i >= 0 and not self._read_within(buf, i):  # an event not whole in buf
+            self._feed(chunk, buf, i)
+            return
+        self._carry = buf[-6:]
+        kept = self._kept
+        kept.append(chunk)
+        self._kept_len += len(chunk)
+        if self._kept_len > self._most_kept or len(kept) > _MAX_KEPT_PIECES:
+            self._trim()
+
+    def _read_within(self, buf: bytes, i: int) -> bool:
+        """The fast path for a candidate "usage" at `i` of `buf` (the stream's last bytes
+        before the chunk, then the chunk): when its event, and every later candidate's,
+        begins and ends within `buf` (or begins the stream), read them and say True; else
+        read nothing and say False (the general path reads the chunk)."""
+        at_start = not self._kept_len and not self._dropped  # buf is the stream so far
+        limit, n = self._limit, len(buf)
+        events: list[tuple[bytes, bool]] = []
+        while i >= 0:
+            s = max(buf.rfind(b"\n\n", 0, i), buf.rfind(b"\r\r", 0, i), buf.rfind(b"\n\r", 0, i)) + 2
+            if s < 2 and not at_start:
+                return False  # the event began before buf
+            m = _BLANK.search(buf, i)
+            if m is None:
+                return False  # it ends in a later chunk
+            end = m.start()
+            start = s if s >= 2 else 0
+            if end - start > limit:
+                return False
+            events.append((buf[start:end], start == 0 and at_start))
+            i = buf.find(NEEDLE, m.end())
+            while i >= 0 and not _could_hold_object(buf, i + len(NEEDLE)):
+                i = buf.find(NEEDLE, i + len(NEEDLE))
+            if i >= 0 and i + len(NEEDLE) >= n:
+                return False  # a "usage" whose value the next chunk tells
+        for event, first in events:
+            self._dispatch(event, first)
+        return True
 
     # -- the states --------------------------------------------------------------------
 
@@ -308,6 +355,10 @@ class UsageScanner:
         """Parse one candidate event (its lines) and take its figures."""
         if at_stream_start and event.startswith(_BOM):
             event = event[len(_BOM):]
+        simple = _SIMPLE_EVENT.fullmatch(event)  # the usual form: one data line, maybe a name
+        if simple is not None:
+            self._take(simple.group(2), simple.group(1) or b"")
+            return
         name, data = b"", []
         for line in _LINE_END.split(event):
             if not line or line[0] == 0x3A:  # empty, or a comment
@@ -319,10 +370,13 @@ class UsageScanner:
                 data.append(value)
             elif field == b"event":
                 name = value
-        if not data:
-            return
+        if data:
+            self._take(b"\n".join(data), name)
+
+    def _take(self, data: bytes, name: bytes) -> None:
+        """Take the figures of one event's data (its `data:` lines joined), named `name`."""
         self.events_read += 1
-        document = load_json(b"\n".join(data))
+        document = load_json(data)
         if not isinstance(document, dict):
             return
         if self.shape is Shape.OPENAI:

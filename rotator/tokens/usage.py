@@ -136,14 +136,15 @@ def anthropic_counts(usage: object, required: tuple[str, ...] = ()) -> dict[str,
     if not isinstance(usage, dict):
         return None
     counts: dict[str, int] = {}
-    for name in ANTHROPIC_NAMES:
-        found = _optional_count(usage, name)
-        if found is _ODD:
+    for name in ANTHROPIC_NAMES:  # token_count inlined: this runs on every streamed answer
+        value = usage.get(name)
+        if value is not None:
+            if type(value) is not int or not 0 <= value <= MAX_TOKENS:
+                return None
+            counts[name] = value
+    for name in required:
+        if name not in counts:
             return None
-        if found is not None:
-            counts[name] = found  # type: ignore[assignment]
-    if any(name not in counts for name in required):
-        return None
     return counts
 
 
