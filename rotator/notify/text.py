@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, tzinfo
 
+from rotator.core.key_view import format_duration as duration  # the one way a duration is written
 from rotator.core.text import ELLIPSIS, cap, clean_line
 
 MS_PER_SECOND = 1000
@@ -44,22 +45,6 @@ def clock_time(moment_ms: int, now_ms: int, tz: tzinfo | None = None) -> str:
     if abs(moment_ms - now_ms) >= WEEKDAY_ONLY_WITHIN_MS:
         return moment.strftime("%a %d %b %H:%M")
     return moment.strftime("%a %H:%M")
-
-
-def duration(ms: int) -> str:
-    """`4m 12s`, `45s`, `2h 05m`, `3d 4h` (rotator.status.format_duration's form),
-    rounded up so it never shows 0s while something is still ahead."""
-    seconds = max(0, -(-ms // MS_PER_SECOND))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m {seconds}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h {minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d {hours}h"
 
 
 def when(moment_ms: int, now_ms: int, tz: tzinfo | None = None) -> str:
