@@ -90,11 +90,10 @@ def assemble(
         AccountsFile(), settings.max_in_flight if max_in_flight is None else max_in_flight, clock, listeners
     )
     pool.quota_reserve_percent = settings.quota_reserve_percent
-    if store is not None:
-        pool.cli = cli_command(store, "")  # its messages' advice names the store
     sync = team = notices = shared_pins = None
     affinity = Affinity(pool, shell.pins)
     if store is not None:
+        pool.cli = cli_command(store, "")  # its messages' advice names the store
         slots = store.team_slots(settings.slot_ttl_ms)
         team = None if slots is None else TeamCaps(pool, slots, clock)
         pool.member = None if team is None else settings.member  # tokens per member, in a team
