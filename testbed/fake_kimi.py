@@ -332,6 +332,9 @@ class StreamGate:
             self.timed_out = True
 
 
+CUT_STREAM = "fake-kimi:cut"  # an sse_events entry: the connection breaks there
+
+
 def mid_stream_error_events(
     message: str = "The engine is currently overloaded, please try again later",
     error_type: str = "overloaded_error",
@@ -972,6 +975,10 @@ class FakeKimi:
         if gate is not None:
             gate.claimed_by = seen.number
         for i, (name, data) in enumerate(events):
+            if name == CUT_STREAM:  # the connection breaks here: no end of the body
+                h.close_connection = True
+                h.connection.shutdown(socket.SHUT_RDWR)
+                return
             payload = data if isinstance(data, (bytes, str)) else json.dumps(data)
             if isinstance(payload, str):
                 payload = payload.encode()

@@ -30,7 +30,7 @@ from rotator.conversations.ids import Conversation, conversation_of
 from rotator.conversations.pins import PinTable
 from rotator.pool.affinity import Turn
 from rotator.pool.lease import Lease
-from rotator.proxy import answers, bodies, retry, startup_checks, token_reading, upstream
+from rotator.proxy import answers, bodies, retry, splice, startup_checks, token_reading, upstream
 from rotator.proxy.assembly import Assembly, Shell, assemble
 from rotator.proxy.client_host import ClientHost, Seen
 from rotator.proxy.commands import RotatorCommands
@@ -54,6 +54,7 @@ from rotator.pool.waitline import ABANDONED, Abandoned
 from rotator.proxy.headers import is_event_stream
 from rotator.proxy.notify_option import add_notify_options, close_notify, configure_notify
 from rotator.proxy.polls import poll_target
+from rotator.proxy.splice import Splice
 from rotator.proxy.status_page import StatusPage
 from rotator.status.tally import Tally
 from rotator.status.timeline import Timeline
@@ -292,27 +293,68 @@ class KimiRotator:
             return
         self.ledger.mask(record)  # the request has gone upstream
         response = flow.response
-        # Errors stay buffered so their bodies can be read and the request retried;
-        # success streams as it comes. Our own resends stay buffered: their answer is
-        # handed to the client's flow whole.
-        if (
-            record.kind is FlowKind.CLIENT
-            and response is not None
-            and response.status_code < 400
-            and is_event_stream(response.headers)
-        ):
-            response.stream = token_reading.stream_reader(flow) or True
+        if response is None or record.kind is FlowKind.POLL:
+            return
+        # A success streams as it comes; an error stays buffered so its body can be read
+        # and the request retried. Our own resends stay buffered too (the client gets
+        # their answer whole), unless the client's answer is held: then a success streams
+        # on to it (rotator.proxy.splice).
+        if response.status_code < 400:
+            if is_event_stream(response.headers):
+                if record.kind is FlowKind.CLIENT:
+                    response.stream = token_reading.stream_reader(flow) or True
+                elif record.splice is not None:
+                    response.stream = self.attempts.relay(record)
+        elif record.kind is FlowKind.CLIENT:
+            self._hold_refusal(record)
+
+    def _hold_refusal(self, record: FlowRecord) -> None:
+        """Hold an error answer that may lead to a retry, so that the retry's answer can
+        stream to the client in its place (`_answer_held`)."""
+        flow = record.flow
+        if not self.settings.stream_retries or bodies.is_streamed(flow.request):
+            return
+        if len(record.attempts) >= retry.max_attempts(self.settings.max_attempts, len(self.pool.accounts)):
+            return
+        held = splice.take_over(flow)
+        if held is not None:
+            record.splice = held
+            self._background.start(self._answer_held(record, held))
+
+    async def _answer_held(self, record: FlowRecord, held: Splice) -> None:
+        """Judge a held refusal as `response` judges any answer: a retry then answers the
+        client (rotator.proxy.attempts), anything else goes to it whole."""
+        if not await held.refusal:
+            return  # it ended otherwise: `response` or `error` took it
+        flow = record.flow
+        self.ledger.forget(flow.id)
+        retrying = self._judge(record)
+        if retrying is not None:
+            await retrying
+        elif flow.response is not None:
+            held.whole(flow.response)
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         record = self.ledger.forget(flow.id)
         if record is None or flow.response is None:
             return None
-        response = flow.response
         if record.kind is FlowKind.POLL:
-            self.polls.answered(record, response)
+            self.polls.answered(record, flow.response)
             return None
+        if record.splice is not None and record.kind is FlowKind.CLIENT:
+            # Held, but the refusal came without a body and went the usual way.
+            record.splice.release()
+            record.splice = None
+            flow.response.stream = False
+        return self._judge(record)
+
+    def _judge(self, record: FlowRecord) -> Awaitable[None] | None:
+        """What the answer meant for its key; a client's refused request is retried
+        (the awaitable), unless it can't be."""
+        flow = record.flow
+        response = flow.response
         lease = record.lease
-        if lease is None:
+        if lease is None or response is None:
             return None
         # Only error bodies say anything about the key; a success is never read.
         readable = not response.stream and response.status_code >= 400
@@ -336,6 +378,8 @@ class KimiRotator:
 
     def error(self, flow: http.HTTPFlow) -> None:
         record = self.ledger.forget(flow.id)
+        if record is not None and record.splice is not None and record.kind is FlowKind.CLIENT:
+            record.splice.release()
         if record is not None and record.lease is not None:
             # A stream cut off counts what it said so far.
             self.attempts.failed(record, self.clock.now_ms(), token_reading.cut_short(flow))

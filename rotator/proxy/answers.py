@@ -124,12 +124,15 @@ def resend_failed(detail: str) -> http.Response:
     return anthropic_error(502, "api_error", f"kimi-rotator: resending on another key failed: {detail}")
 
 
-def take_resent(flow: http.HTTPFlow, copy: http.HTTPFlow, detail: str) -> None:
+def take_resent(flow: http.HTTPFlow, copy: http.HTTPFlow, detail: str, *, answer: bool = True) -> None:
     """The client's flow takes a resend's answer (or a 502 saying why there is none) and
-    shows the (masked) key that gave it."""
+    shows the (masked) key that gave it; with `answer` False (the answer went to the
+    client as it streamed, rotator.proxy.splice), only the key."""
     for name in ("x-api-key", "authorization"):
         if name in copy.request.headers:
             flow.request.headers[name] = copy.request.headers[name]
+    if not answer:
+        return
     if copy.response is not None:
         flow.response = copy.response
     else:

@@ -3,14 +3,16 @@
 `settle` ends an attempt's hold on its key with what the answer meant (the pool counts
 it, the flow shows it); `retry` resends a refused client request on other keys, each
 resend a flow of its own, within the request's one deadline, and stops a resend whose
-client leaves. The addon's hooks call both; nothing here reads options or the store.
+client leaves. When the client's answer was held (rotator.proxy.splice), a resend's
+streamed success goes on to the client event by event (`Relay`); any other last answer
+goes whole. The addon's hooks call these; nothing here reads options or the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from mitmproxy import http
 from mitmproxy.log import ALERT
@@ -20,7 +22,7 @@ from rotator.core.clock import Clock
 from rotator.pool.affinity import Affinity
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
-from rotator.proxy import answers, retry, upstream
+from rotator.proxy import answers, retry, token_reading, upstream
 from rotator.proxy.flows import (
     METADATA_KEY,
     FlowKind,
@@ -32,7 +34,9 @@ from rotator.proxy.flows import (
     client_gone,
 )
 from rotator.core.strategies import Unavailable
-from rotator.pool.waitline import ABANDONED, WaitLine
+from rotator.pool.waitline import ABANDONED, Abandoned, WaitLine
+from rotator.proxy.splice import Splice
+from rotator.proxy.token_reading import StreamReader
 from rotator.status.tally import Tally
 from rotator.tokens import Usage
 from rotator.tokens import shown as shown_tokens
@@ -40,6 +44,23 @@ from rotator.tokens import shown as shown_tokens
 logger = logging.getLogger(__name__)
 
 NoKeyAnswer = Callable[[Unavailable], http.Response]
+
+
+class Relay:
+    """A resend's `response.stream` when its client's answer is held: each chunk, read
+    for tokens (`reader`), goes on to the client; the resend's own flow keeps none."""
+
+    __slots__ = ("reader", "splice")
+
+    def __init__(self, reader: StreamReader | None, splice: Splice) -> None:
+        self.reader = reader
+        self.splice = splice
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if self.reader is not None:
+            self.reader(chunk)
+        self.splice.data(chunk)
+        return b""
 
 
 class Attempts:
@@ -105,13 +126,40 @@ class Attempts:
         if record.kind is FlowKind.CLIENT:
             self.ledger.show_attempts_afresh(record)
 
+    def relay(self, attempt: FlowRecord) -> Relay:
+        """For a resend's success that streams (`responseheaders`) while its client's
+        answer is held: the client gets its status and headers now, its events as they come."""
+        splice = attempt.splice
+        response = attempt.flow.response
+        assert splice is not None and response is not None
+        splice.start(response.copy())
+        return Relay(token_reading.stream_reader(attempt.flow), splice)
+
     async def retry(self, client: FlowRecord, failed: Lease, most_attempts: int) -> None:
         """Resend on other keys; the client sees only the last answer. Each attempt is
         counted on its own key and listed in the client flow's metadata."""
+        last: list[policy.Outcome] = []
 
         async def send(lease: Lease) -> policy.Outcome:
-            return await self._resend(client, lease)
+            outcome = await self._resend(client, lease)
+            last.append(outcome)
+            return outcome
 
+        try:
+            why = await self._retry(client, failed, most_attempts, send)
+        except Exception as e:  # a held client must get an answer, whatever broke
+            if client.splice is None:
+                raise
+            logger.exception("kimi-rotator: retrying on another key failed")
+            why = None
+            client.flow.response = answers.for_request(client.flow.request, answers.resend_failed(str(e) or type(e).__name__))
+        if client.splice is not None:
+            _finish(client.splice, client.flow, why, last[-1] if last else None)
+
+    async def _retry(
+        self, client: FlowRecord, failed: Lease, most_attempts: int,
+        send: Callable[[Lease], Awaitable[policy.Outcome]],
+    ) -> Unavailable | Abandoned | None:
         why = await retry.retry_elsewhere(
             self.line, send,
             tried={failed.key},
@@ -126,6 +174,7 @@ class Attempts:
             client.flow.response = answers.for_request(client.flow.request, self.no_key_answer(why))
             client.flow.comment += f"; no other key: {why.shortage.value}"
         self.ledger.show_attempts_afresh(client)
+        return why
 
     async def _resend(self, client: FlowRecord, lease: Lease) -> policy.Outcome:
         flow = client.flow
@@ -135,6 +184,7 @@ class Attempts:
             self.affinity.went_to(client.turn, lease.key, self.clock.now_ms())
         self.tally.retried(lease.key)
         attempt = self.ledger.open(FlowRecord(FlowKind.ATTEMPT, copy, lease.key, lease, client.deadline_ms))
+        attempt.splice = client.splice
         attempt.attempts.append(attempt_note(lease))
         detail = "no answer"
         left = False
@@ -155,7 +205,8 @@ class Attempts:
         if left:  # nobody to answer
             answers.close(flow, f"{shown}; the client left: the resend was stopped")
         else:
-            answers.take_resent(flow, copy, detail)
+            streamed = client.splice is not None and client.splice.started
+            answers.take_resent(flow, copy, detail, answer=not streamed)
             tokens = Usage.from_fields(attempt.attempts[-1].get("tokens")) if attempt.attempts else None
             if tokens is not None and client.turn is not None and self.affinity is not None:
                 self.affinity.spent(client.turn, tokens)  # the resend's answer is the turn's
@@ -178,13 +229,34 @@ class Attempts:
             sending.result()  # what the send raised, if anything
             return False
         if attempt.lease is not None:
+            # An answer that had begun streaming to the client counts as the key's success
+            # (as a first attempt's does), with what it had spent.
             now = self.clock.now_ms()
-            outcome = policy.classify_connection_error("the client left during a resend", now, client_left=True)
-            self.settle(attempt, outcome, now)
+            answer = attempt.flow.response
+            outcome = policy.classify_connection_error(
+                "the client left during a resend", now,
+                answer.status_code if answer is not None else None, client_left=True,
+            )
+            self.settle(attempt, outcome, now, token_reading.cut_short(attempt.flow) if outcome.counts_as_success else None)
         self.ledger.forget(attempt.flow.id)  # before the stopped flow's error hook runs
         sending.cancel()
         await asyncio.wait((sending,))
         return True
+
+
+def _finish(splice: Splice, flow: http.HTTPFlow, why: Unavailable | Abandoned | None,
+            last: policy.Outcome | None) -> None:
+    """Answer a held client once its retries are over: end the answer that streamed (or
+    break it off, if the resend's stream broke), else send the client flow's answer whole."""
+    if why is ABANDONED or splice.closed:
+        return  # nobody to answer
+    if splice.started:
+        if last is not None and last.counts_as_success:
+            splice.end()
+        else:
+            splice.abort(f"the retried answer broke off: {last.reason if last else 'no answer'}")
+    elif flow.response is not None:
+        splice.whole(flow.response)
 
 
 def turn_note(record: FlowRecord) -> str:

@@ -14,7 +14,7 @@ import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
 from mitmproxy.connection import Client, ConnectionState
@@ -24,6 +24,9 @@ from rotator.core.policy import Outcome, Window
 from rotator.pool.affinity import Turn
 from rotator.pool.lease import Lease
 from rotator.proxy.headers import KeyPlacement, mask_sent_key, replace_client_key
+
+if TYPE_CHECKING:
+    from rotator.proxy.splice import Splice
 
 METADATA_KEY = "kimi_rotator"
 
@@ -46,6 +49,9 @@ class FlowRecord:
     attempts: list[dict[str, Any]] = field(default_factory=list)  # CLIENT: one note per attempt
     window: Window | None = None  # POLL after a window refusal: the window whose reset it asks
     turn: Turn | None = None  # CLIENT: its conversation's turn (conversation affinity)
+    # CLIENT: its answer, held after a refusal; ATTEMPT: that of the client it resends for,
+    # which a success streams to (rotator.proxy.splice).
+    splice: Splice | None = None
 
 
 def client_gone(flow: http.HTTPFlow) -> bool:

@@ -64,6 +64,7 @@ class Settings:
     member: str = ""  # this proxy's name in a team's token counts (kimi_member)
     affinity: bool = True  # keep each conversation on one key (rotator.pool.affinity)
     affinity_ttl_ms: int = DEFAULT_AFFINITY_TTL_S * 1000  # a conversation silent this long is forgotten
+    stream_retries: bool = True  # a retried answer streams to the client (rotator.proxy.splice)
 
 
 def member_name(value: str) -> str:
@@ -126,6 +127,8 @@ def read_settings(current: Settings, options: Any, updated: set[str]) -> Setting
         )
     if "kimi_affinity" in updated:
         changes["affinity"] = bool(options.kimi_affinity)
+    if "kimi_stream_retries" in updated:
+        changes["stream_retries"] = bool(options.kimi_stream_retries)
     if "kimi_affinity_ttl" in updated:
         changes["affinity_ttl_ms"] = int(
             parse_seconds("kimi_affinity_ttl", options.kimi_affinity_ttl, 1, 7 * 24 * 3600) * 1000
@@ -284,6 +287,11 @@ def add_options(loader: Any) -> None:
         "kimi_affinity", bool, True,
         "Keep each conversation (Claude Code's, OpenCode's, Kimi CLI's session id) on one key while "
         "it can serve, and spread new conversations over the keys. Off: every request follows the strategy.",
+    )
+    loader.add_option(
+        "kimi_stream_retries", bool, True,
+        "A request retried on another key after a refusal gets that key's answer event by event, "
+        "as it comes. Off: the retried answer arrives whole, once Kimi has finished it.",
     )
     loader.add_option(
         "kimi_affinity_ttl", str, f"{DEFAULT_AFFINITY_TTL_S}",

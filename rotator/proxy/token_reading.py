@@ -93,6 +93,15 @@ def stream_reader(flow: http.HTTPFlow) -> StreamReader | None:
     return StreamReader(shape, coding)
 
 
+def reader_of(stream: object) -> StreamReader | None:
+    """The usage reader of a `response.stream`: itself, or the one a relay to a held
+    client answer carries (rotator.proxy.attempts.Relay)."""
+    if isinstance(stream, StreamReader):
+        return stream
+    reader = getattr(stream, "reader", None)
+    return reader if isinstance(reader, StreamReader) else None
+
+
 def spent(flow: http.HTTPFlow) -> Usage | None:
     """What the answer of `flow` (a success) reported it spent: read by its stream reader
     while it streamed, or from its whole body (JSON, or SSE held whole: our resends)."""
@@ -100,8 +109,9 @@ def spent(flow: http.HTTPFlow) -> Usage | None:
     if response is None:
         return None
     stream = response.stream
-    if isinstance(stream, StreamReader):
-        return stream.result()
+    reader = reader_of(stream) if stream else None
+    if reader is not None:
+        return reader.result()
     if stream:
         return None
     shape = shape_for_path(flow.request.path)
@@ -118,5 +128,5 @@ def spent(flow: http.HTTPFlow) -> Usage | None:
 def cut_short(flow: http.HTTPFlow) -> Usage | None:
     """What a stream that ended in an error had reported before it ended."""
     response = flow.response
-    stream = None if response is None else response.stream
-    return stream.result() if isinstance(stream, StreamReader) else None
+    reader = None if response is None else reader_of(response.stream)
+    return None if reader is None else reader.result()
