@@ -146,16 +146,25 @@ def bench_key(i: int) -> str:
     return f"sk-kimi-benchkey-{i:08d}"
 
 
-def make_accounts_file(path: Path, keys: int, strategy: str = "health-based") -> Path:
+def make_accounts_file(path: Path, keys: int, strategy: str = "health-based",
+                       numbers: tuple[int, ...] = ()) -> Path:
+    """An accounts file with bench keys 0…keys-1 (or those `numbers`)."""
     from rotator.core.models import Account, AccountsFile
     from rotator.store.file import write_accounts
 
     state = AccountsFile(
-        accounts=[Account(key=bench_key(i), name=f"bench-{i}") for i in range(keys)],
+        accounts=[Account(key=bench_key(i), name=f"bench-{i}") for i in (numbers or range(keys))],
         rotation_strategy=strategy,
     )
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_accounts(path, state)
     return path
+
+
+def read_key_counts(path: Path) -> dict[str, tuple[int, int]]:
+    """(total requests, successful requests) per key in the file."""
+    data = json.loads(path.read_text())
+    return {a["key"]: (a.get("totalRequests", 0), a.get("successfulRequests", 0)) for a in data.get("accounts", [])}
 
 
 def read_counts(path: Path) -> tuple[int, int]:

@@ -11,12 +11,20 @@ Arms, alternating in rounds:
   bare    mitmdump --set stream_large_bodies=1 (reverse mode)
   addon   mitmdump -s kimi_rotator_addon.py (reverse mode, 3 keys); the addon streams
           successful text/event-stream answers itself, from its responseheaders hook
+  retried the addon again, with two keys of which the first is always refused (429,
+          for 1 ms, round-robin): every stream is refused on its first key and
+          retried on the second, whose answer the addon relays into the client's held
+          response (rotator/proxy/splice.py) event by event
 Bare mitmdump buffers a whole response unless told to stream it, so its SSE would
 arrive all at once at the end; stream_large_bodies=1 makes it stream any body larger
 than 1 byte. (A chunked body's size is unknown, so mitmproxy streams it once the first
 chunk is in; the option also streams the bare arm's request body, which the leg does
 not include.) One stream through a bare mitmdump *without* the option shows the
 buffering for comparison.
+
+For the retried arm, "send→1st" is compared with the addon arm's: a retry should cost
+one refusal round trip (measured through bare mitmdump: a request the fake refuses) and
+a few ms more, not the whole answer.
 
     python bench/streaming.py [--quick] [--rounds N] [--streams N] [--event-delay S]
 """
@@ -36,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import _common as C  # noqa: E402
 
 TARGET_RATIO = 1.02
-ARMS = ("direct", "bare", "addon")
+ARMS = ("direct", "bare", "addon", "retried")
+REFUSED_KEY, SERVING_KEY = 100, 101  # C.bench_key numbers of the retried arm's two keys
+RETRY_SLACK_MS = 5.0  # what a retry may cost beyond one refusal round trip
 
 
 @dataclass
@@ -62,15 +72,41 @@ class Stream:
         return (self.events[0][1] - self.sent_ns) / 1e6
 
 
-def stream_once(port: int, timeout: float) -> Stream:
-    """POST a streaming Messages request over a fresh connection; note each event's arrival."""
+def streaming_request(port: int, key: str = C.PLACEHOLDER_KEY) -> bytes:
     body = json.dumps({**C.REQUEST_BODY, "stream": True}).encode()
-    request = (
+    return (
         f"POST {C.MESSAGES_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
-        f"x-api-key: {C.PLACEHOLDER_KEY}\r\nanthropic-version: 2023-06-01\r\n"
+        f"x-api-key: {key}\r\nanthropic-version: 2023-06-01\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
+
+
+def refusal_round_trip_ms(port: int, timeout: float) -> float:
+    """One request the fake refuses (the retried arm's first key), sent and answered in full."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.monotonic_ns()
+        sock.sendall(streaming_request(port, C.bench_key(REFUSED_KEY)))
+        raw = b""
+        while data := sock.recv(65536):
+            raw += data
+            head, _, body = raw.partition(b"\r\n\r\n")
+            m = re.search(rb"content-length:\s*(\d+)", head, re.I)
+            if m and len(body) >= int(m.group(1)):
+                break
+        took = (time.monotonic_ns() - started) / 1e6
+    finally:
+        sock.close()
+    if not raw.startswith(b"HTTP/1.1 429"):
+        raise RuntimeError(f"the refused key was not refused: {raw[:80]!r}")
+    return took
+
+
+def stream_once(port: int, timeout: float) -> Stream:
+    """POST a streaming Messages request over a fresh connection; note each event's arrival."""
+    request = streaming_request(port)
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -142,6 +178,11 @@ def one_by_one(stream: Stream, delay_s: float) -> bool:
     return max(stream.legs_us()) / 1000 < half_ms and min(stream.gaps_ms()) > half_ms
 
 
+def one_by_one_at_client(stream: Stream, delay_s: float) -> bool:
+    """Spaced at the client like the server wrote them (no stamps needed)."""
+    return min(stream.gaps_ms()) > delay_s * 1000 / 2
+
+
 def main() -> int:
     ap = C.parser(__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, help="alternating rounds (default 5; quick 1)")
@@ -158,16 +199,26 @@ def main() -> int:
     stream_s = 9 * delay + 1
     budget = 60 + (rounds * per_round * len(ARMS) + 1) * (stream_s + 1)
     results: dict[str, list[list[Stream]]] = {arm: [] for arm in ARMS}
+    refusals: list[float] = []
     with C.watchdog(budget), C.workdir("streaming") as work, \
-            C.fake_kimi("--no-record", "--event-delay", str(delay), module="bench._stamped_fake") as (fake, fake_port):
+            C.fake_kimi("--no-record", "--event-delay", str(delay), "--refuse-key", C.bench_key(REFUSED_KEY),
+                        module="bench._stamped_fake") as (fake, fake_port):
         accounts = C.make_accounts_file(work / "kimi-accounts.json", 3)
+        two_keys = C.make_accounts_file(work / "retried" / "kimi-accounts.json", 0, "round-robin",
+                                        numbers=(REFUSED_KEY, SERVING_KEY))
         proxies = {}
         try:
             proxies["bare"] = C.start_proxy(work, "bare", fake_port, addon=False,
                                             options={"stream_large_bodies": "1"})
             proxies["addon"] = C.start_proxy(work, "addon", fake_port, addon=True, accounts=accounts)
+            proxies["retried"] = C.start_proxy(work, "retried", fake_port, addon=True, accounts=two_keys,
+                                               options={"kimi_affinity": "false"})
             proxies["buffered"] = C.start_proxy(work, "buffered", fake_port, addon=False)
-            ports = {"direct": fake_port, "bare": proxies["bare"].port, "addon": proxies["addon"].port}
+            proxies["whole"] = C.start_proxy(work, "whole", fake_port, addon=True, accounts=C.make_accounts_file(
+                work / "whole" / "kimi-accounts.json", 0, "round-robin", numbers=(REFUSED_KEY, SERVING_KEY)),
+                options={"kimi_affinity": "false", "kimi_stream_retries": "false"})
+            ports = {"direct": fake_port, "bare": proxies["bare"].port, "addon": proxies["addon"].port,
+                     "retried": proxies["retried"].port}
             for arm in ARMS:  # warm-up: connections, imports, first-flow paths
                 stream_once(ports[arm], stream_s + 5)
             for rnd in range(rounds):
@@ -184,9 +235,14 @@ def main() -> int:
                           f"one by one: {all(one_by_one(s, delay) for s in streams)}", flush=True)
             buffered = stream_once(proxies["buffered"].port, stream_s + 5)
             attach_stamps(fake, buffered)
+            whole = stream_once(proxies["whole"].port, stream_s + 5)
+            refusals = [refusal_round_trip_ms(proxies["bare"].port, 5) for _ in range(max(3, per_round))]
         finally:
             for proxy in proxies.values():
                 proxy.stop()
+        counts = C.read_key_counts(two_keys)  # saved as the proxy stopped
+    retried_streams = 1 + rounds * per_round  # the warm-up's, and the measured ones
+    refused, served = (counts.get(C.bench_key(n), (0, 0)) for n in (REFUSED_KEY, SERVING_KEY))
 
     print()
     print("Per arm (all streams): legs are server write -> client read, in µs")
@@ -217,15 +273,33 @@ def main() -> int:
     ratio = C.median(paired)
     med = {arm: C.median([s.first_leg_us for rnd in results[arm] for s in rnd]) for arm in ARMS}
     added_b, added_a = med["bare"] - med["direct"], med["addon"] - med["direct"]
-    streamed = all(one_by_one(s, delay) for arm in ("bare", "addon") for rnd in results[arm] for s in rnd)
+    streamed = all(one_by_one(s, delay) for arm in ("bare", "addon", "retried") for rnd in results[arm] for s in rnd)
     print(f"first-event leg, addon / bare: {ratio:.3f} (median of per-round ratios, rounds {C.spread(paired)}); "
           f"target ≤ {TARGET_RATIO}: {C.verdict(ratio <= TARGET_RATIO)}")
     print(f"added over direct: bare {added_b:+.0f} µs, addon {added_a:+.0f} µs "
           f"(the proxy hop itself; addon/bare of that = {added_a / added_b:.2f})" if added_b > 0 else
           f"added over direct: bare {added_b:+.0f} µs, addon {added_a:+.0f} µs")
-    print(f"events arrive one by one through both proxies: {C.verdict(streamed)}; "
+    print(f"events arrive one by one through the proxies (retried included): {C.verdict(streamed)}; "
           f"without stream_large_bodies bare mitmdump held the first event {first_b[0] / 1000:.0f} ms "
           f"(until the stream's end), one by one: {one_by_one(buffered, delay)}")
+    send_first = {arm: C.median([s.first_from_send_ms for rnd in results[arm] for s in rnd]) for arm in ARMS}
+    refusal_ms = C.median(refusals)
+    cost_ms = send_first["retried"] - send_first["addon"]
+    every_refused = refused == (retried_streams, 0) and served == (retried_streams, retried_streams)
+    print(f"retried: every stream refused on its first key and served by the second: {C.verdict(every_refused)} "
+          f"(refused key {refused[0]} requests, {refused[1]} ok; serving key {served[0]}, {served[1]} ok; "
+          f"{retried_streams} streams)")
+    print(f"retried: send→1st event {send_first['retried']:.2f} ms vs {send_first['addon']:.2f} ms clean: "
+          f"{cost_ms:+.2f} ms; one refusal round trip (through bare mitmdump) {refusal_ms:.2f} ms; "
+          f"target ≤ refusal + {RETRY_SLACK_MS:g} ms: {C.verdict(cost_ms <= refusal_ms + RETRY_SLACK_MS)}")
+    print(f"retried with kimi_stream_retries=false (one stream, as before issue 29): send→1st event "
+          f"{whole.first_from_send_ms:.2f} ms, one by one: {one_by_one_at_client(whole, delay)} (the answer came whole)")
+    print(f"retried: later events' leg {C.median([l for rnd in results['retried'] for s in rnd for l in s.legs_us()[1:]]):.0f} µs "
+          f"vs {C.median([l for rnd in results['addon'] for s in rnd for l in s.legs_us()[1:]]):.0f} µs clean "
+          f"(each relayed event is injected into the client's stream: one more pass through mitmproxy's layers)")
+    if not every_refused:
+        print("FAIL: the retried arm did not retry every stream; its figures measure something else")
+        return 1
     if args.quick:
         print("(--quick: few streams; the figures are rough)")
     return 0

@@ -1015,12 +1015,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-record", action="store_true",
                     help="do not keep a log of requests (long benchmarks)")
     ap.add_argument("--verbose", action="store_true", help="log each request to stderr")
+    ap.add_argument("--refuse-key", action="append", default=[], metavar="KEY",
+                    help="answer every request with this key 429 (rate limited, for 1 ms: retry-after-ms: 1); repeatable")
     args = ap.parse_args(argv)
     if args.host not in ("127.0.0.1", "localhost"):
         ap.error("refusing to listen on a non-loopback address")
     kimi = FakeKimi(args.host, args.port, event_delay=args.event_delay,
                     stream_framing=args.stream_framing, deltas=args.deltas, record=not args.no_record,
                     verbose=args.verbose).start()
+    for key in args.refuse_key:
+        kimi.set_kimi_error(key, "too_many_requests", headers={"retry-after-ms": "1"})
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: Any) -> None:

@@ -8,13 +8,16 @@ deliver nothing before the gate times out.
 
 from __future__ import annotations
 
+import ssl
 import time
 
 import httpx
 import pytest
 
 from testbed.fake_kimi import CUT_STREAM, MESSAGES_PATH, mid_stream_error_events
-from tests.harness import accounts_on_disk, counts_on_disk, counts_seen, poll, saved_flows, sse_events
+from testbed.processes import start_mitmdump
+from tests.conftest import ADDON_SCRIPT
+from tests.harness import LOOPBACK_DNS, accounts_on_disk, counts_on_disk, counts_seen, poll, saved_flows, sse_events
 from tests.test_e2e_rotation import (
     CLIENT_HEADERS,
     FILE_DEADLINE_S,
@@ -173,3 +176,39 @@ def test_a_client_leaving_while_the_retry_streams_stops_it(fake_kimi, keys, writ
     assert counts_on_disk(accounts_path, [limited, serving]) == counts_seen(fake_kimi, [limited, serving])
     account = accounts_on_disk(accounts_path)[1]
     assert account["consecutiveFailures"] == 0, account
+
+
+def test_a_retry_through_an_upstream_proxy_streams_too(fake_kimi, keys, write_accounts, accounts_path, tmp_path):
+    """mitmproxy's upstream mode (a corporate proxy that intercepts TLS): the resend takes
+    the same way as the first attempt, and its answer still streams to the client."""
+    limited, serving = keys[:2]
+    write_accounts([limited, serving], "round-robin")
+    fake_kimi.set_kimi_error(limited, "too_many_requests")
+    gate = fake_kimi.hold_stream_after_first_event(serving, timeout=GATE_S)
+    corporate_dump = tmp_path / "corporate.flows"
+    corporate = start_mitmdump(
+        addons=[LOOPBACK_DNS], options={"loopback_dns_port": str(fake_kimi.port), "stream_large_bodies": "1"},
+        confdir=tmp_path / "corporate", extra_args=("-w", str(corporate_dump)),
+    )
+    ours = None
+    try:
+        ours = start_mitmdump(
+            addons=[ADDON_SCRIPT], mode=f"upstream:http://127.0.0.1:{corporate.port}",
+            options={"kimi_accounts": str(accounts_path), "kimi_status": "off", "kimi_usage_interval": "0",
+                     "ssl_verify_upstream_trusted_ca": str(corporate.ca_cert)},
+            confdir=tmp_path / "ours",
+        )
+        trust_ours = ssl.create_default_context(cafile=str(ours.ca_cert))
+        with httpx.Client(proxy=ours.url, verify=trust_ours, trust_env=False, timeout=10) as c:
+            events, held, r = stream_events(c, "https://api.kimi.com" + MESSAGES_PATH, gate)
+        assert r.status_code == 200, (r.text, ours.output())
+        assert held, "the retry's first event only arrived after Kimi released the rest"
+        assert [name for name, _ in events] == STREAM_EVENTS
+    finally:
+        if ours is not None:
+            ours.stop()
+        corporate.stop()
+    _, flows = saved_flows(corporate_dump)
+    sent = [(f.request.headers["x-api-key"], f.client_conn.tls_established) for f in flows
+            if f.request.path == MESSAGES_PATH]
+    assert sent == [(limited, True), (serving, True)]  # both attempts the corporate way
