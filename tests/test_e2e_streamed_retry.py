@@ -17,7 +17,15 @@ import pytest
 from testbed.fake_kimi import CUT_STREAM, MESSAGES_PATH, mid_stream_error_events
 from testbed.processes import start_mitmdump
 from tests.conftest import ADDON_SCRIPT
-from tests.harness import LOOPBACK_DNS, accounts_on_disk, counts_on_disk, counts_seen, poll, saved_flows, sse_events
+from tests.harness import (
+    LOOPBACK_DNS,
+    accounts_on_disk,
+    counts_on_disk,
+    counts_seen,
+    poll,
+    saved_flows,
+    sse_events,
+)
 from tests.test_e2e_rotation import (
     CLIENT_HEADERS,
     FILE_DEADLINE_S,
@@ -80,6 +88,7 @@ def test_the_client_flow_names_both_attempts_and_the_keys_stay_masked(
     with client(proxy, "reverse") as c:
         events, held, r = stream_events(c, proxy.url + MESSAGES_PATH, gate)
     assert r.status_code == 200 and held, proxy.output()
+    assert [name for name, _ in events] == STREAM_EVENTS
     assert proxy.stop() == 0, proxy.output()
     raw, flows = saved_flows(dump)
     assert limited.encode() not in raw and serving.encode() not in raw
@@ -131,12 +140,11 @@ def test_a_retried_stream_that_breaks_off_is_broken_off_for_the_client(
     cut = [*mid_stream_error_events()[:3], (CUT_STREAM, "")]
     fake_kimi.set_response(serving, sse_events=cut, times=1)
     proxy = start_proxy(fake_kimi)
-    with client(proxy, "reverse") as c:
-        with pytest.raises(httpx.RemoteProtocolError):
-            with c.stream("POST", proxy.url + MESSAGES_PATH, json=STREAMED,
-                          headers={**CLIENT_HEADERS, "x-api-key": PLACEHOLDER}) as r:
-                assert r.status_code == 200
-                list(r.iter_lines())
+    with client(proxy, "reverse") as c, pytest.raises(httpx.RemoteProtocolError):
+        with c.stream("POST", proxy.url + MESSAGES_PATH, json=STREAMED,
+                      headers={**CLIENT_HEADERS, "x-api-key": PLACEHOLDER}) as r:
+            assert r.status_code == 200
+            list(r.iter_lines())
     assert [s.key for s in fake_kimi.message_requests()] == [limited, serving]
 
 

@@ -11,19 +11,16 @@ that gets a key at once costs no extra task.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
-from mitmproxy.log import ALERT
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from rotator.core import access, policy
 from rotator.core.background import Background
 from rotator.core.clock import SYSTEM_CLOCK, Clock
-from rotator.core.models import AccountsFile
 from rotator.notify.pool_listener import PoolNotifications
 from rotator.pool.key_pool import DEFAULT_MAX_IN_FLIGHT
 from rotator.conversations.ids import Conversation, conversation_of
@@ -58,7 +55,7 @@ from rotator.proxy.splice import Splice
 from rotator.proxy.status_page import StatusPage
 from rotator.status.tally import Tally
 from rotator.status.timeline import Timeline
-from rotator.store import StateStore, StoreError, cli_command, open_store
+from rotator.store import StateStore, StoreError, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +144,7 @@ class KimiRotator:
             self._background.start(previous.polls.stop())
             self.parts.start()
         if state is not None:
-            _announce_keys(state, store)
+            startup_checks.announce_keys(state, store)
 
     def _use(self, parts: Assembly) -> None:
         self.parts = parts
@@ -163,7 +160,7 @@ class KimiRotator:
         warn_if_store_exposed(self.settings.store)
         self.parts.start()
         self.polls.start()
-        freeze_what_lives_on()
+        startup_checks.freeze_what_lives_on()
         return self.status_page.running()
 
     async def done(self) -> None:
@@ -393,34 +390,6 @@ class KimiRotator:
         self.notify.no_key(why, self.pool.accounts)
         return answers.no_key(
             why, self.pool.state, self.clock.now_ms(), self.sync.store, self.sync.problem
-        )
-
-
-_frozen = False
-
-
-def freeze_what_lives_on() -> None:
-    """Once per process, when the proxy first runs: what exists then (modules, classes,
-    mitmproxy's and this addon's state) lives until it stops, so it goes out of the
-    garbage collector's sight (`gc.freeze`) and each collection walks only what requests
-    made since. Walking this addon's imports (pydantic, redis, …) at every full
-    collection cost ~100k instructions a request (bench/instructions.py). Never
-    thawed: an addon reloaded later is collected as usual."""
-    global _frozen
-    if not _frozen:
-        _frozen = True
-        gc.freeze()
-
-
-def _announce_keys(state: AccountsFile, store: StateStore) -> None:
-    location = store.location
-    if not state.accounts:
-        logger.warning("kimi-rotator: no Kimi API keys in %s; add one with: %s", location,
-                       cli_command(store, "add-key sk-kimi-…"))
-    else:
-        logger.log(
-            ALERT, "kimi-rotator: %d key(s) from %s, strategy %s",
-            len(state.accounts), location, state.rotation_strategy,
         )
 
 

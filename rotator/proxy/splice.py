@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,7 @@ from rotator.proxy.flows import client_closed
 logger = logging.getLogger(__name__)
 
 try:  # the private parts, in one place
-    from mitmproxy.proxy.layers.http import HttpStream
+    from mitmproxy.proxy.layers.http import HttpStream, SendHttp
     from mitmproxy.proxy.layers.http._base import HttpEvent
     from mitmproxy.proxy.layers.http._events import (
         ResponseData,
@@ -50,7 +50,6 @@ try:  # the private parts, in one place
         ResponseProtocolError,
         ResponseTrailers,
     )
-    from mitmproxy.proxy.layers.http import SendHttp
 
     try:  # mitmproxy 12 names the error's kind; 11 takes the status a client would see
         from mitmproxy.proxy.layers.http._events import ErrorCode  # type: ignore[attr-defined]

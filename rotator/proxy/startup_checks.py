@@ -1,6 +1,7 @@
-"""What is wrong with how the proxy was started, each said in one line that names the
-option: a `kimi_*` option given twice or not ours, and a bad value's message without
-mitmproxy's traceback.
+"""What the proxy says and does once as it starts: what is wrong with how it was started,
+each said in one line that names the option (a `kimi_*` option given twice or not ours,
+and a bad value's message without mitmproxy's traceback); which keys it serves
+(`announce_keys`); and freezing what lives as long as the process (`freeze_what_lives_on`).
 
 mitmproxy keeps `--set` values for options no addon has registered yet in
 `options.deferred` and applies them once a script registers them. A repeated one then
@@ -12,12 +13,17 @@ deferred forever, unsaid. `check_deferred` runs in the addon's `load`, before th
 from __future__ import annotations
 
 import difflib
+import gc
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from mitmproxy import exceptions
+from mitmproxy.log import ALERT
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+
+from rotator.core.models import AccountsFile
+from rotator.store import StateStore, cli_command
 
 logger = logging.getLogger(__name__)
 
@@ -112,3 +118,31 @@ def install_one_line_option_errors() -> None:
     script_logger = logging.getLogger(SCRIPT_LOGGER)
     if _ONE_LINE not in script_logger.filters:
         script_logger.addFilter(_ONE_LINE)
+
+
+_frozen = False
+
+
+def freeze_what_lives_on() -> None:
+    """Once per process, when the proxy first runs: what exists then (modules, classes,
+    mitmproxy's and this addon's state) lives until it stops, so it goes out of the
+    garbage collector's sight (`gc.freeze`) and each collection walks only what requests
+    made since. Walking this addon's imports (pydantic, redis, …) at every full
+    collection cost ~100k instructions a request (bench/instructions.py). Never
+    thawed: an addon reloaded later is collected as usual."""
+    global _frozen
+    if not _frozen:
+        _frozen = True
+        gc.freeze()
+
+
+def announce_keys(state: AccountsFile, store: StateStore) -> None:
+    location = store.location
+    if not state.accounts:
+        logger.warning("kimi-rotator: no Kimi API keys in %s; add one with: %s", location,
+                       cli_command(store, "add-key sk-kimi-…"))
+    else:
+        logger.log(
+            ALERT, "kimi-rotator: %d key(s) from %s, strategy %s",
+            len(state.accounts), location, state.rotation_strategy,
+        )
