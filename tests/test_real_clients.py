@@ -1,0 +1,96 @@
+"""The real Claude Code (the npm package, pinned) through a real mitmdump with the addon,
+in both proxy modes, against the fake Kimi: a refused first key, and the retry's answer
+reaching Claude Code event by event (issue 29).
+
+Claude Code is installed with npm once per session into a temporary folder; these tests
+fail (never skip) without node and npm. It runs with a throwaway HOME and with its
+non-essential traffic (telemetry, updates, error reports) off; its API calls go to the
+proxy only (reverse mode: ANTHROPIC_BASE_URL; regular mode: HTTPS_PROXY, with the
+loopback DNS shim sending api.kimi.com to the fake).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from testbed.fake_kimi import MESSAGES_PATH
+
+CLAUDE_CODE = "@anthropic-ai/claude-code@2.1.197"
+EVENT_DELAY_S = 0.3  # between the fake's SSE events: a whole answer would come at once
+RUN_TIMEOUT_S = 90
+
+
+@pytest.fixture(scope="session")
+def claude_code(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    npm = shutil.which("npm")
+    if not shutil.which("node") or not npm:
+        pytest.fail("these tests need node and npm on PATH (apt-get install nodejs npm)")
+    folder = tmp_path_factory.mktemp("claude-code")
+    done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent", CLAUDE_CODE],
+                          cwd=folder, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        pytest.fail(f"npm install {CLAUDE_CODE} failed: {done.stderr.strip()[-2000:]}")
+    return folder / "node_modules" / ".bin" / "claude"
+
+
+def run_claude(claude: Path, home: Path, env: dict[str, str]) -> tuple[int, list[tuple[float, dict]], str]:
+    """`claude -p` with stream-json output: its exit status, each output line with when it
+    arrived (seconds from the start), and its stderr."""
+    home.mkdir(parents=True, exist_ok=True)
+    full_env = {
+        "PATH": os.environ["PATH"], "HOME": str(home), "ANTHROPIC_API_KEY": "sk-kimi-placeholder",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1",
+        "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1", **env,
+    }
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [str(claude), "-p", "say hi", "--output-format", "stream-json", "--verbose", "--include-partial-messages"],
+        env=full_env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    lines: list[tuple[float, dict]] = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.strip():
+                lines.append((time.monotonic() - started, json.loads(line)))
+        process.wait(RUN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.stderr is not None
+    return process.returncode, lines, process.stderr.read()
+
+
+@pytest.mark.parametrize("mode", ["reverse", "regular"])
+def test_claude_code_gets_a_retried_answer_event_by_event(
+    mode, claude_code, fake_kimi, keys, write_accounts, start_proxy, tmp_path
+):
+    limited, serving = keys[:2]
+    write_accounts([limited, serving], "sticky")  # every request tries the refused key first
+    fake_kimi.set_kimi_error(limited, "too_many_requests")
+    fake_kimi.event_delay = EVENT_DELAY_S
+    proxy = start_proxy(fake_kimi, mode)
+    if mode == "reverse":
+        env = {"ANTHROPIC_BASE_URL": proxy.url + "/coding"}
+    else:
+        env = {"ANTHROPIC_BASE_URL": "https://api.kimi.com/coding", "HTTPS_PROXY": proxy.url,
+               "NODE_EXTRA_CA_CERTS": str(proxy.ca_cert)}
+    status, lines, stderr = run_claude(claude_code, tmp_path / "home", env)
+    assert status == 0, (stderr[-2000:], proxy.output())
+    result = [line for _, line in lines if line.get("type") == "result"]
+    assert result and result[0]["subtype"] == "success" and not result[0]["is_error"], (lines, proxy.output())
+    assert result[0]["result"].startswith("hello from fake kimi #"), result
+    # Kimi refused the first key and streamed the second's answer...
+    messages = [(s.key, s.status) for s in fake_kimi.requests if s.path.startswith(MESSAGES_PATH)]
+    assert messages == [(limited, 429), (serving, 200)], (messages, proxy.output())
+    # ...and Claude Code saw that answer's events as Kimi wrote them, not all at once.
+    arrived = [at for at, line in lines if line.get("type") == "stream_event"]
+    assert len(arrived) >= 6, lines
+    assert arrived[-1] - arrived[0] > 4 * EVENT_DELAY_S * 0.8, arrived
