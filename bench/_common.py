@@ -161,6 +161,12 @@ def make_accounts_file(path: Path, keys: int, strategy: str = "health-based",
     return path
 
 
+def sum_counts(counts: dict[str, tuple[int, int]], keys: Sequence[str]) -> tuple[int, int]:
+    """(total requests, successful requests) of `keys` together."""
+    found = [counts.get(key, (0, 0)) for key in keys]
+    return sum(total for total, _ in found), sum(ok for _, ok in found)
+
+
 def read_key_counts(path: Path) -> dict[str, tuple[int, int]]:
     """(total requests, successful requests) per key in the file."""
     data = json.loads(path.read_text())

@@ -11,8 +11,8 @@ Arms, alternating in rounds:
   bare    mitmdump --set stream_large_bodies=1 (reverse mode)
   addon   mitmdump -s kimi_rotator_addon.py (reverse mode, 3 keys); the addon streams
           successful text/event-stream answers itself, from its responseheaders hook
-  retried the addon again, with two keys of which the first is always refused (429,
-          for 1 ms, round-robin): every stream is refused on its first key and
+  retried the addon again, with pairs of keys of which the first is always refused
+          (429, for 1 ms, round-robin): every stream is refused on its first key and
           retried on the second, whose answer the addon relays into the client's held
           response (rotator/proxy/splice.py) event by event
 Bare mitmdump buffers a whole response unless told to stream it, so its SSE would
@@ -45,7 +45,17 @@ from bench import _common as C  # noqa: E402
 
 TARGET_RATIO = 1.02
 ARMS = ("direct", "bare", "addon", "retried")
-REFUSED_KEY, SERVING_KEY = 100, 101  # C.bench_key numbers of the retried arm's two keys
+# The retried arm's keys, in pairs (C.bench_key numbers 100, 101, 102, …): each stream is
+# refused on a pair's first key and served by its second. A key is refused at most
+# REFUSALS_PER_KEY times, so that its health (−15 a refusal) never falls below the
+# strategies' skip line (30) and every stream really starts on a refused key.
+REFUSALS_PER_KEY = 4
+
+
+def retried_keys(streams: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(refused, serving) key numbers for `streams` retried streams."""
+    pairs = -(-streams // REFUSALS_PER_KEY)
+    return tuple(100 + 2 * i for i in range(pairs)), tuple(101 + 2 * i for i in range(pairs))
 RETRY_SLACK_MS = 5.0  # what a retry may cost beyond one refusal round trip
 
 
@@ -88,7 +98,7 @@ def refusal_round_trip_ms(port: int, timeout: float) -> float:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         started = time.monotonic_ns()
-        sock.sendall(streaming_request(port, C.bench_key(REFUSED_KEY)))
+        sock.sendall(streaming_request(port, C.bench_key(100)))
         raw = b""
         while data := sock.recv(65536):
             raw += data
@@ -200,12 +210,15 @@ def main() -> int:
     budget = 60 + (rounds * per_round * len(ARMS) + 1) * (stream_s + 1)
     results: dict[str, list[list[Stream]]] = {arm: [] for arm in ARMS}
     refusals: list[float] = []
+    retried_streams = 1 + rounds * per_round  # the warm-up's, and the measured ones
+    refused_keys, serving_keys = retried_keys(retried_streams)
+    refuse = [arg for n in refused_keys for arg in ("--refuse-key", C.bench_key(n))]
+    in_pairs = tuple(n for pair in zip(refused_keys, serving_keys) for n in pair)
     with C.watchdog(budget), C.workdir("streaming") as work, \
-            C.fake_kimi("--no-record", "--event-delay", str(delay), "--refuse-key", C.bench_key(REFUSED_KEY),
+            C.fake_kimi("--no-record", "--event-delay", str(delay), *refuse,
                         module="bench._stamped_fake") as (fake, fake_port):
         accounts = C.make_accounts_file(work / "kimi-accounts.json", 3)
-        two_keys = C.make_accounts_file(work / "retried" / "kimi-accounts.json", 0, "round-robin",
-                                        numbers=(REFUSED_KEY, SERVING_KEY))
+        two_keys = C.make_accounts_file(work / "retried" / "kimi-accounts.json", 0, "round-robin", numbers=in_pairs)
         proxies = {}
         try:
             proxies["bare"] = C.start_proxy(work, "bare", fake_port, addon=False,
@@ -215,7 +228,7 @@ def main() -> int:
                                                options={"kimi_affinity": "false"})
             proxies["buffered"] = C.start_proxy(work, "buffered", fake_port, addon=False)
             proxies["whole"] = C.start_proxy(work, "whole", fake_port, addon=True, accounts=C.make_accounts_file(
-                work / "whole" / "kimi-accounts.json", 0, "round-robin", numbers=(REFUSED_KEY, SERVING_KEY)),
+                work / "whole" / "kimi-accounts.json", 0, "round-robin", numbers=in_pairs[:2]),
                 options={"kimi_affinity": "false", "kimi_stream_retries": "false"})
             ports = {"direct": fake_port, "bare": proxies["bare"].port, "addon": proxies["addon"].port,
                      "retried": proxies["retried"].port}
@@ -241,8 +254,7 @@ def main() -> int:
             for proxy in proxies.values():
                 proxy.stop()
         counts = C.read_key_counts(two_keys)  # saved as the proxy stopped
-    retried_streams = 1 + rounds * per_round  # the warm-up's, and the measured ones
-    refused, served = (counts.get(C.bench_key(n), (0, 0)) for n in (REFUSED_KEY, SERVING_KEY))
+    refused, served = (C.sum_counts(counts, [C.bench_key(n) for n in numbers]) for numbers in (refused_keys, serving_keys))
 
     print()
     print("Per arm (all streams): legs are server write -> client read, in µs")
@@ -287,8 +299,8 @@ def main() -> int:
     cost_ms = send_first["retried"] - send_first["addon"]
     every_refused = refused == (retried_streams, 0) and served == (retried_streams, retried_streams)
     print(f"retried: every stream refused on its first key and served by the second: {C.verdict(every_refused)} "
-          f"(refused key {refused[0]} requests, {refused[1]} ok; serving key {served[0]}, {served[1]} ok; "
-          f"{retried_streams} streams)")
+          f"(refused keys {refused[0]} requests, {refused[1]} ok; serving keys {served[0]}, {served[1]} ok; "
+          f"{retried_streams} streams, {len(refused_keys)} pair(s) of keys)")
     print(f"retried: send→1st event {send_first['retried']:.2f} ms vs {send_first['addon']:.2f} ms clean: "
           f"{cost_ms:+.2f} ms; one refusal round trip (through bare mitmdump) {refusal_ms:.2f} ms; "
           f"target ≤ refusal + {RETRY_SLACK_MS:g} ms: {C.verdict(cost_ms <= refusal_ms + RETRY_SLACK_MS)}")
