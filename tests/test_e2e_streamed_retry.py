@@ -74,6 +74,7 @@ def test_a_retried_answer_streams_event_by_event(mode, fake_kimi, keys, write_ac
     assert poll(lambda: counts_on_disk(accounts_path, [limited, serving]) == counts_seen(fake_kimi, [limited, serving]),
                 FILE_DEADLINE_S), proxy.output()
     assert counts_on_disk(accounts_path, [serving]) == {serving: (1, 1)}
+    assert "has crashed" not in proxy.output()  # nothing injected into a stream that was gone
 
 
 def test_the_client_flow_names_both_attempts_and_the_keys_stay_masked(
@@ -184,6 +185,7 @@ def test_a_client_leaving_while_the_retry_streams_stops_it(fake_kimi, keys, writ
     assert counts_on_disk(accounts_path, [limited, serving]) == counts_seen(fake_kimi, [limited, serving])
     account = accounts_on_disk(accounts_path)[1]
     assert account["consecutiveFailures"] == 0, account
+    assert "has crashed" not in proxy.output()
 
 
 def test_a_retry_through_an_upstream_proxy_streams_too(fake_kimi, keys, write_accounts, accounts_path, tmp_path):
@@ -220,3 +222,20 @@ def test_a_retry_through_an_upstream_proxy_streams_too(fake_kimi, keys, write_ac
     sent = [(f.request.headers["x-api-key"], f.client_conn.tls_established) for f in flows
             if f.request.path == MESSAGES_PATH]
     assert sent == [(limited, True), (serving, True)]  # both attempts the corporate way
+
+
+def test_a_refusal_without_a_body_is_retried_too(fake_kimi, keys, write_accounts, start_proxy):
+    """A refusal that ends with its headers never reaches the held stream: it goes the
+    usual way (judged in `response`) and the retry's answer arrives whole."""
+    refused, serving = keys[:2]
+    write_accounts([refused, serving], "round-robin")
+    fake_kimi.set_response(refused, status=401, body=b"", times=1)
+    proxy = start_proxy(fake_kimi)
+    with client(proxy, "reverse") as c:
+        r = c.post(proxy.url + MESSAGES_PATH, json=STREAMED, headers={**CLIENT_HEADERS, "x-api-key": PLACEHOLDER})
+        again = c.post(proxy.url + MESSAGES_PATH, json=MSG, headers={**CLIENT_HEADERS, "x-api-key": PLACEHOLDER})
+    assert r.status_code == 200, (r.status_code, r.text, proxy.output())
+    assert [name for name, _ in sse_events(iter(r.text.splitlines()))] == STREAM_EVENTS
+    assert again.status_code == 200
+    assert [(s.key, s.status) for s in fake_kimi.message_requests()] == [(refused, 401), (serving, 200), (serving, 200)]
+    assert "has crashed" not in proxy.output()
