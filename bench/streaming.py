@@ -12,8 +12,8 @@ Arms, alternating in rounds:
   addon   mitmdump -s kimi_rotator_addon.py (reverse mode, 3 keys); the addon streams
           successful text/event-stream answers itself, from its responseheaders hook
   retried the addon again, with pairs of keys of which the first is always refused
-          (429, for 1 ms, round-robin): every stream is refused on its first key and
-          retried on the second, whose answer the addon relays into the client's held
+          (429, for 1 ms, round-robin; a fresh proxy every 7 streams, see RetriedArm):
+          every stream is refused on its first key and retried on the second, whose answer the addon relays into the client's held
           response (rotator/proxy/splice.py) event by event
 Bare mitmdump buffers a whole response unless told to stream it, so its SSE would
 arrive all at once at the end; stream_large_bodies=1 makes it stream any body larger
@@ -45,18 +45,57 @@ from bench import _common as C  # noqa: E402
 
 TARGET_RATIO = 1.02
 ARMS = ("direct", "bare", "addon", "retried")
-# The retried arm's keys, in pairs (C.bench_key numbers 100, 101, 102, …): each stream is
-# refused on a pair's first key and served by its second. A key is refused at most
-# REFUSALS_PER_KEY times, so that its health (−15 a refusal) never falls below the
-# strategies' skip line (30) and every stream really starts on a refused key.
-REFUSALS_PER_KEY = 4
-
-
-def retried_keys(streams: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(refused, serving) key numbers for `streams` retried streams."""
-    pairs = -(-streams // REFUSALS_PER_KEY)
-    return tuple(100 + 2 * i for i in range(pairs)), tuple(101 + 2 * i for i in range(pairs))
+# The retried arm: each stream is refused on the first key of a pair (C.bench_key numbers
+# 100, 102, …) and served by the second. Kimi's refusals cost a key health (−15) and three
+# refused keys within 5 s pause the pool (a throttle), so one proxy serves at most
+# STREAMS_PER_PROXY streams, over two pairs; then a fresh proxy, with fresh keys, takes over.
 RETRY_SLACK_MS = 5.0  # what a retry may cost beyond one refusal round trip
+STREAMS_PER_PROXY = 8  # 4 refusals a key leave it at health 40, above the skip line (30)
+PAIRS_PER_PROXY = 2
+
+
+class RetriedArm:
+    """The retried arm's proxies, each warmed up with one stream before it is measured."""
+
+    def __init__(self, work: Path, fake_port: int, stream_s: float) -> None:
+        self.work, self.fake_port, self.stream_s = work, fake_port, stream_s
+        self.started: list[tuple[object, Path, tuple[int, ...]]] = []  # (proxy, file, key numbers)
+        self.served = STREAMS_PER_PROXY
+
+    @staticmethod
+    def key_numbers(proxy_number: int) -> tuple[int, ...]:
+        first = 100 + 2 * PAIRS_PER_PROXY * proxy_number
+        return tuple(range(first, first + 2 * PAIRS_PER_PROXY))
+
+    def port(self) -> int:
+        if self.served >= STREAMS_PER_PROXY:
+            number = len(self.started)
+            name = f"retried-{number}"
+            numbers = self.key_numbers(number)
+            accounts = C.make_accounts_file(self.work / name / "kimi-accounts.json", 0, "round-robin", numbers=numbers)
+            proxy = C.start_proxy(self.work, name, self.fake_port, addon=True, accounts=accounts,
+                                  options={"kimi_affinity": "false"})
+            self.started.append((proxy, accounts, numbers))
+            stream_once(proxy.port, self.stream_s + 5)  # warm-up: imports, first-flow paths
+            self.served = 1
+        self.served += 1
+        return self.started[-1][0].port  # type: ignore[attr-defined]
+
+    def stop(self) -> tuple[tuple[int, int], tuple[int, int], int]:
+        """Stop every proxy: (refused keys' requests, ok), (serving keys' …), streams."""
+        refused, served = [0, 0], [0, 0]
+        for proxy, accounts, numbers in self.started:
+            proxy.stop()  # type: ignore[attr-defined]
+            counts = C.read_key_counts(accounts)  # saved as the proxy stopped
+            for totals, keys in ((refused, numbers[0::2]), (served, numbers[1::2])):
+                found = C.sum_counts(counts, [C.bench_key(n) for n in keys])
+                totals[0] += found[0]
+                totals[1] += found[1]
+        return (refused[0], refused[1]), (served[0], served[1]), len(self.started)
+
+    @staticmethod
+    def refused_keys(proxies: int) -> list[int]:
+        return [n for i in range(proxies) for n in RetriedArm.key_numbers(i)[0::2]]
 
 
 @dataclass
@@ -98,7 +137,7 @@ def refusal_round_trip_ms(port: int, timeout: float) -> float:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         started = time.monotonic_ns()
-        sock.sendall(streaming_request(port, C.bench_key(100)))
+        sock.sendall(streaming_request(port, C.bench_key(RetriedArm.key_numbers(0)[0])))
         raw = b""
         while data := sock.recv(65536):
             raw += data
@@ -210,36 +249,37 @@ def main() -> int:
     budget = 60 + (rounds * per_round * len(ARMS) + 1) * (stream_s + 1)
     results: dict[str, list[list[Stream]]] = {arm: [] for arm in ARMS}
     refusals: list[float] = []
-    retried_streams = 1 + rounds * per_round  # the warm-up's, and the measured ones
-    refused_keys, serving_keys = retried_keys(retried_streams)
-    refuse = [arg for n in refused_keys for arg in ("--refuse-key", C.bench_key(n))]
-    in_pairs = tuple(n for pair in zip(refused_keys, serving_keys) for n in pair)
+    # Each retried proxy serves a warm-up stream, then STREAMS_PER_PROXY - 1 measured ones.
+    retried_proxies = -(-(rounds * per_round + 1) // (STREAMS_PER_PROXY - 1))
+    refuse = [arg for n in RetriedArm.refused_keys(retried_proxies) for arg in ("--refuse-key", C.bench_key(n))]
     with C.watchdog(budget), C.workdir("streaming") as work, \
             C.fake_kimi("--no-record", "--event-delay", str(delay), *refuse,
                         module="bench._stamped_fake") as (fake, fake_port):
         accounts = C.make_accounts_file(work / "kimi-accounts.json", 3)
-        two_keys = C.make_accounts_file(work / "retried" / "kimi-accounts.json", 0, "round-robin", numbers=in_pairs)
+        retried = RetriedArm(work, fake_port, stream_s)
         proxies = {}
         try:
             proxies["bare"] = C.start_proxy(work, "bare", fake_port, addon=False,
                                             options={"stream_large_bodies": "1"})
             proxies["addon"] = C.start_proxy(work, "addon", fake_port, addon=True, accounts=accounts)
-            proxies["retried"] = C.start_proxy(work, "retried", fake_port, addon=True, accounts=two_keys,
-                                               options={"kimi_affinity": "false"})
             proxies["buffered"] = C.start_proxy(work, "buffered", fake_port, addon=False)
             proxies["whole"] = C.start_proxy(work, "whole", fake_port, addon=True, accounts=C.make_accounts_file(
-                work / "whole" / "kimi-accounts.json", 0, "round-robin", numbers=in_pairs[:2]),
+                work / "whole" / "kimi-accounts.json", 0, "round-robin", numbers=RetriedArm.key_numbers(0)[:2]),
                 options={"kimi_affinity": "false", "kimi_stream_retries": "false"})
-            ports = {"direct": fake_port, "bare": proxies["bare"].port, "addon": proxies["addon"].port,
-                     "retried": proxies["retried"].port}
+            ports = {"direct": fake_port, "bare": proxies["bare"].port, "addon": proxies["addon"].port}
+
+            def port_of(arm: str) -> int:
+                return retried.port() if arm == "retried" else ports[arm]
+
             for arm in ARMS:  # warm-up: connections, imports, first-flow paths
-                stream_once(ports[arm], stream_s + 5)
+                if arm != "retried":  # each of its proxies is warmed up as it starts
+                    stream_once(ports[arm], stream_s + 5)
             for rnd in range(rounds):
                 shift = rnd % len(ARMS)
                 for arm in ARMS[shift:] + ARMS[:shift]:
                     streams = []
                     for _ in range(per_round):
-                        s = stream_once(ports[arm], stream_s + 5)
+                        s = stream_once(port_of(arm), stream_s + 5)
                         attach_stamps(fake, s)
                         streams.append(s)
                     results[arm].append(streams)
@@ -250,11 +290,16 @@ def main() -> int:
             attach_stamps(fake, buffered)
             whole = stream_once(proxies["whole"].port, stream_s + 5)
             refusals = [refusal_round_trip_ms(proxies["bare"].port, 5) for _ in range(max(3, per_round))]
+        except Exception:
+            named = [*proxies.items(), *((f"retried-{i}", p) for i, (p, _, _) in enumerate(retried.started))]
+            for name, proxy in named:  # what each proxy said, to tell why
+                print(f"--- {name} proxy's output (end) ---\n{proxy.output()[-4000:]}", file=sys.stderr)
+            raise
         finally:
             for proxy in proxies.values():
                 proxy.stop()
-        counts = C.read_key_counts(two_keys)  # saved as the proxy stopped
-    refused, served = (C.sum_counts(counts, [C.bench_key(n) for n in numbers]) for numbers in (refused_keys, serving_keys))
+            refused, served, retried_proxies = retried.stop()
+    retried_streams = rounds * per_round + retried_proxies  # the measured ones and each proxy's warm-up
 
     print()
     print("Per arm (all streams): legs are server write -> client read, in µs")
@@ -300,7 +345,7 @@ def main() -> int:
     every_refused = refused == (retried_streams, 0) and served == (retried_streams, retried_streams)
     print(f"retried: every stream refused on its first key and served by the second: {C.verdict(every_refused)} "
           f"(refused keys {refused[0]} requests, {refused[1]} ok; serving keys {served[0]}, {served[1]} ok; "
-          f"{retried_streams} streams, {len(refused_keys)} pair(s) of keys)")
+          f"{retried_streams} streams, {retried_proxies} proxies of {PAIRS_PER_PROXY} pairs of keys)")
     print(f"retried: send→1st event {send_first['retried']:.2f} ms vs {send_first['addon']:.2f} ms clean: "
           f"{cost_ms:+.2f} ms; one refusal round trip (through bare mitmdump) {refusal_ms:.2f} ms; "
           f"target ≤ refusal + {RETRY_SLACK_MS:g} ms: {C.verdict(cost_ms <= refusal_ms + RETRY_SLACK_MS)}")
