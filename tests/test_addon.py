@@ -14,7 +14,7 @@ from rotator.proxy.options import parse_hosts
 from rotator.store import file as storage
 from testbed.hooks import call_hook
 from testbed.processes import REPO_ROOT
-from tests.conftest import fake_key
+from tests.support.accounts import fake_key
 
 POOL_KEY = fake_key("pool0")
 

@@ -23,8 +23,9 @@ from rotator.proxy.addon import KimiRotator
 from rotator.status import document, metrics
 from rotator.store import file as storage
 from testbed.hooks import FakeClock, kimi_flow, run_virtual
-from tests.test_conversation_ids import CLAUDE_UA, KIMI_UA, OPENCODE_UA, kimi_cli_body
-from tests.test_retry import KEYS, FakeUpstream, clock, kimi_error, proxy, success  # noqa: F401 (fixtures)
+from tests.support.accounts import KEYS
+from tests.support.agents import CLAUDE_UA, KIMI_UA, OPENCODE_UA, kimi_cli_body
+from tests.support.in_process import FakeUpstream, kimi_error, success
 
 MESSAGES = "/coding/v1/messages"
 

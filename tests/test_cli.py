@@ -1,4 +1,4 @@
-"""The key-management CLI, run in-process through `main([...])` (tests.harness.run_cli).
+"""The key-management CLI, run in-process through `main([...])` (tests.support.harness.run_cli).
 
 Every test's captured output is scanned afterwards for full keys: no output of the
 CLI may ever contain one.
@@ -22,7 +22,7 @@ import pytest
 import rotator.cli.main as cli
 from rotator.core import key_view
 from rotator.core.keys import mask_key
-from tests.harness import run_cli
+from tests.support.harness import run_cli
 
 NOW = 1_750_000_000_000
 MIN = 60_000

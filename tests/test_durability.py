@@ -36,8 +36,9 @@ from rotator.store import file as storage
 from rotator.store.lock import DirLock
 from testbed.fake_kimi import MESSAGES_PATH, FakeKimi
 from testbed.processes import Proxy
-from tests.conftest import FLUSH_INTERVAL_S, fake_key
-from tests.harness import counts_on_disk, counts_seen, poll, run_cli
+from tests.support.accounts import fake_key
+from tests.support.harness import FLUSH_INTERVAL_S
+from tests.support.harness import counts_on_disk, counts_seen, poll, run_cli
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"x-api-key": "sk-kimi-placeholder", "User-Agent": "claude-cli/2.0.14 (external, cli)"}

@@ -1,7 +1,7 @@
 """End to end: a real mitmdump with the addon, a fake Kimi server and an httpx client.
 
 Everything stays on 127.0.0.1: reverse mode points at the fake server, regular mode
-uses the loopback DNS shim (tests/loopback_dns.py) so ``api.kimi.com`` reaches it.
+uses the loopback DNS shim (tests/support/loopback_dns.py) so ``api.kimi.com`` reaches it.
 
 Tests about the order of keys after a failure set ``kimi_max_attempts=1`` (no
 transparent retry on another key) and check what the fake server saw, not what the
@@ -21,7 +21,7 @@ import pytest
 from rotator.core.keys import mask_key, mask_key_ascii
 from testbed.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
 from testbed.processes import Proxy
-from tests.harness import accounts_on_disk, counts_on_disk, counts_seen, poll, saved_flows, sse_events
+from tests.support.harness import accounts_on_disk, counts_on_disk, counts_seen, poll, saved_flows, sse_events
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 PLACEHOLDER = "sk-kimi-placeholder"

@@ -36,9 +36,9 @@ from rotator.store import file as storage
 from testbed.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
 from testbed.hooks import call_hook
 from testbed.processes import Proxy
-from tests.conftest import fake_key
-from tests.harness import counts_on_disk, poll, saved_flows
-from tests.harness import accounts_on_disk as accounts
+from tests.support.accounts import fake_key
+from tests.support.harness import counts_on_disk, poll, saved_flows
+from tests.support.harness import accounts_on_disk as accounts
 
 PLACEHOLDER = "sk-kimi-placeholder"
 CLIENT_HEADERS = {"x-api-key": PLACEHOLDER, "anthropic-version": "2023-06-01"}

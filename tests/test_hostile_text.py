@@ -30,8 +30,8 @@ from rotator.core.models import Account, AccountsFile
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
 from testbed.hooks import FakeClock, call_hook, kimi_flow, run_virtual
-from tests.conftest import fake_key
-from tests.harness import run_cli
+from tests.support.accounts import fake_key
+from tests.support.harness import run_cli
 
 NOW = 1_750_000_000_000
 KEY1 = fake_key("hostile1")
@@ -44,7 +44,7 @@ JSON_CONTROL_ESCAPE = re.compile(r"\\u00[01][0-9a-fA-F]|\\u00[89][0-9a-fA-F]|\\u
 FULL_KEYS = (KEY1, KEY2, KEY3, ECHOED)
 
 
-# -- the CLI, in process (tests.harness.run_cli) -------------------------------------------
+# -- the CLI, in process (tests.support.harness.run_cli) -------------------------------------------
 
 
 class Cli:
@@ -391,7 +391,7 @@ def test_hostile_upstream_errors_leave_log_file_and_dump_clean(
 ) -> None:
     import httpx
 
-    from tests.harness import saved_flows
+    from tests.support.harness import saved_flows
 
     path = write_accounts(keys)
     forged = "\\n\\u001b[31m\\u25cf [7] Forged\\r\\n   Key: " + ECHOED + " \\u202e\\u001b]52;c;aGk=\\u0007"

@@ -15,7 +15,7 @@ from rotator.notify.pool_listener import PoolNotifications
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from testbed.hooks import FakeClock
-from tests.conftest import fake_key
+from tests.support.accounts import fake_key
 
 NOW = 1_800_000_000_000
 KEYS = [fake_key(f"notify{i}") for i in range(3)]

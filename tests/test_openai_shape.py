@@ -26,7 +26,7 @@ from rotator.store import file as storage
 from testbed.fake_kimi import CHAT_COMPLETIONS_PATH, KIMI_ERRORS, MESSAGES_PATH, FakeKimi, kimi_error
 from testbed.hooks import FakeClock, call_hook
 from testbed.processes import Proxy
-from tests.conftest import fake_key
+from tests.support.accounts import fake_key
 
 KEYS = [fake_key(f"openai{i}") for i in range(2)]
 CHAT = {"model": "kimi-for-coding", "messages": [{"role": "user", "content": "hi"}]}

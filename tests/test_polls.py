@@ -18,7 +18,8 @@ from mitmproxy import exceptions, http
 from rotator.core.keys import mask_key, mask_key_ascii
 from rotator.proxy.polls import poll_target
 from testbed.hooks import kimi_flow
-from tests.test_retry import KEYS, USAGES, clock, kimi_error, proxy, success  # noqa: F401 (fixtures)
+from tests.support.accounts import KEYS
+from tests.support.in_process import USAGES, kimi_error, success
 
 HOUR = 3_600_000
 

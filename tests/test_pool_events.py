@@ -16,7 +16,7 @@ from rotator.proxy.options import Settings
 from rotator.status.tally import Tally
 from testbed.hooks import FakeClock
 from testbed.pool_events import RecordedPoolEvents
-from tests.conftest import fake_key
+from tests.support.accounts import fake_key
 
 NOW = 1_800_000_000_000
 OK = policy.classify(200, {}, b"{}", NOW)

@@ -27,7 +27,7 @@ from rotator.core.quota import (
 from rotator.core.key_view import KeyState, view_pool
 from rotator.core.strategies import Shortage, Unavailable
 from testbed.hooks import FakeClock
-from tests.conftest import fake_key
+from tests.support.accounts import fake_key
 
 NOW = 1_800_000_000_000  # 2027-01-15T08:00:00Z
 HOUR = 3_600_000

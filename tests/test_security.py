@@ -34,7 +34,7 @@ from rotator.core.keys import mask_key, mask_key_ascii
 from rotator.proxy.addon import KimiRotator
 from testbed.fake_kimi import FakeKimi
 from testbed.hooks import call_hook
-from tests.harness import counts_on_disk, poll, run_cli, sse_events
+from tests.support.harness import counts_on_disk, poll, run_cli, sse_events
 
 PLACEHOLDER = "sk-kimi-placeholder-from-the-client"
 TOKEN = "client-token-7f3a9c"

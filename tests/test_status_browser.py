@@ -29,8 +29,8 @@ from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.store import file as storage
 from testbed.fake_kimi import FakeKimi
 from testbed.processes import REPO_ROOT, Proxy
-from tests.conftest import fake_key
-from tests.harness import poll
+from tests.support.accounts import fake_key
+from tests.support.harness import poll
 
 KEYS = [fake_key(f"browser{i}") for i in range(5)]
 SCREENSHOT = REPO_ROOT / "docs" / "status-page.png"

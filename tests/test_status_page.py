@@ -32,7 +32,7 @@ from rotator.proxy.status_page import StatusPage, parse_address
 from rotator.status import http_server
 from rotator.status.http_server import Request
 from rotator.store import file as storage
-from tests.conftest import fake_key
+from tests.support.accounts import fake_key
 
 KEYS = [fake_key(f"page{i}") for i in range(3)]
 TOKEN = "team-token-0123456789"

@@ -38,8 +38,8 @@ from rotator.proxy.addon import KimiRotator
 from testbed.fake_kimi import CHAT_COMPLETIONS_PATH, MESSAGES_PATH, FakeKimi
 from testbed.hooks import call_hook
 from testbed.processes import start_mitmdump
-from tests.conftest import ADDON_SCRIPT
-from tests.harness import counts_on_disk, saved_flows
+from tests.support.harness import ADDON_SCRIPT
+from tests.support.harness import counts_on_disk, saved_flows
 
 PLACEHOLDER = "sk-kimi-placeholder"
 TOKEN = "client-token-5e1d7a"

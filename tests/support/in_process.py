@@ -1,0 +1,69 @@
+"""The addon in process: mitmproxy's taddons around a KimiRotator on a fake clock, and a
+fake upstream that plays mitmproxy and Kimi for its flows (the ``proxy`` fixture in
+tests/conftest.py puts the two together)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+from mitmproxy import http
+
+from rotator.proxy.addon import KimiRotator
+from testbed.hooks import call_hook
+
+USAGES = "/coding/v1/usages"
+
+
+def kimi_error(status: int, message: str, headers: dict[str, str] | None = None) -> http.Response:
+    body = json.dumps({"type": "error", "error": {"type": "x", "message": message}})
+    return http.Response.make(status, body, {"content-type": "application/json", **(headers or {})})
+
+
+def success() -> http.Response:
+    return http.Response.make(200, b'{"type":"message"}', {"content-type": "application/json"})
+
+
+Answer = Callable[[http.HTTPFlow, str], "http.Response | Exception | None"]
+
+
+class FakeUpstream:
+    """Plays mitmproxy and Kimi for flows: runs the addon's hooks around an answer.
+
+    `answer(flow, key)` gets each request with the full key it carried, and returns a
+    response, an exception to raise after the key went on (a resend that blew up), or
+    None to hang until cancelled (`cut` lists the keys of requests so ended).
+    """
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.addon: KimiRotator | None = None
+        self.seen: list[tuple[str, str]] = []  # (path, key) as upstream saw them
+        self.cut: list[str] = []  # keys of the requests cancelled while they hung
+
+    async def __call__(self, flow: http.HTTPFlow) -> None:
+        addon = self.addon
+        assert addon is not None
+        await call_hook(addon, "request", flow)
+        if flow.response is not None:
+            return  # the proxy answered itself
+        key = flow.request.headers.get("x-api-key") or flow.request.headers.get("authorization", "")
+        key = key.removeprefix("Bearer ")
+        self.seen.append((flow.request.path, key))
+        result = self.answer(flow, key)
+        if result is None:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cut.append(key)
+                raise
+        if isinstance(result, Exception):
+            raise result
+        assert isinstance(result, http.Response)
+        flow.response = result
+        await call_hook(addon, "responseheaders", flow)
+        await call_hook(addon, "response", flow)
+
+    def keys_sent(self, path: str = "/coding/v1/messages") -> list[str]:
+        return [key for seen_path, key in self.seen if seen_path == path]
