@@ -20,9 +20,8 @@ from rotator.pool.lease import Lease
 from rotator.proxy.addon import KimiRotator
 from rotator.store.file import read_accounts, write_accounts
 from testbed.hooks import FakeClock
-from tests.support.accounts import fake_key
+from tests.support.accounts import KEYS
 
-KEYS = [fake_key(f"cmd{i}") for i in range(3)]
 INVALID = b'{"error":{"type":"invalid_authentication_error","message":"Invalid Authentication"}}'
 SECOND = 1000
 

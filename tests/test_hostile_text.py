@@ -33,7 +33,7 @@ from testbed.hooks import FakeClock, call_hook, kimi_flow, run_virtual
 from tests.support.accounts import fake_key
 from tests.support.harness import run_cli
 
-NOW = 1_750_000_000_000
+CLI_NOW = 1_750_000_000_000  # 2025-06-15: the CLI's clock here, before the wall clock (a stamp from the future reads as now)
 KEY1 = fake_key("hostile1")
 KEY2 = fake_key("hostile2")
 KEY3 = fake_key("hostile3")
@@ -77,7 +77,7 @@ class Cli:
 
 @pytest.fixture
 def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cli:
-    monkeypatch.setattr(cli, "now_ms", lambda: NOW)
+    monkeypatch.setattr(cli, "now_ms", lambda: CLI_NOW)
     monkeypatch.setattr(sys, "argv", ["kimi-rotator"])
     monkeypatch.delenv("KIMI_ROTATOR_ACCOUNTS", raising=False)
     return Cli(tmp_path / "kimi-accounts.json")
@@ -98,7 +98,7 @@ def file_with(*accounts: dict[str, Any], **top: Any) -> str:
 
 
 def entry(key: str, name: str, **fields: Any) -> dict[str, Any]:
-    return {"key": key, "name": name, "addedAt": NOW, "lastUsed": 0, "rateLimitResetTime": 0,
+    return {"key": key, "name": name, "addedAt": CLI_NOW, "lastUsed": 0, "rateLimitResetTime": 0,
             "healthScore": 100, "consecutiveFailures": 0, "totalRequests": 7,
             "successfulRequests": 5, **fields}
 
@@ -198,7 +198,7 @@ def test_a_bad_key_argument_is_not_echoed_raw(run: Cli) -> None:
 def test_hostile_text_already_in_the_file_is_shown_clean(run: Cli) -> None:
     write_raw(run.path, file_with(
         entry(KEY1, FORGED, disabledReason=f"key rejected\n\x1b[31m● [7] x {ECHOED}\u202e" + "y" * 5000),
-        entry(KEY2, "\x1b]52;c;aGVsbG8=\x07Home", rateLimitResetTime=NOW + 60_000,
+        entry(KEY2, "\x1b]52;c;aGVsbG8=\x07Home", rateLimitResetTime=CLI_NOW + 60_000,
               cooldownReason="rate limited\r\n\x1b[2J"),
     ))
     listing = run.ok("list-keys")

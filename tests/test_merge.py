@@ -4,9 +4,8 @@ from rotator.admin import ops
 from rotator.core import merge
 from rotator.core.clock import AHEAD_SLACK_MS
 from rotator.core.models import Account, AccountsFile
+from tests.support.accounts import KEYS, NOW
 
-NOW = 1_800_000_000_000
-KEYS = [f"sk-kimi-FAKEmerge{i:015d}" for i in range(3)]
 
 
 def state(count: int = 3, **top: object) -> AccountsFile:

@@ -18,19 +18,17 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from rotator.core import policy
 from rotator.core.keys import mask_key
-from rotator.core.models import Account, AccountsFile
+from rotator.core.models import Account
 from rotator.core.policy import Verdict
 from rotator.proxy import answers
 from rotator.proxy.addon import KimiRotator
-from rotator.store import file as storage
 from testbed.fake_kimi import CHAT_COMPLETIONS_PATH, KIMI_ERRORS, MESSAGES_PATH, FakeKimi, kimi_error
 from testbed.hooks import FakeClock, call_hook
 from testbed.processes import Proxy
-from tests.support.accounts import fake_key
+from tests.support.accounts import NOW, fake_key, fake_keys, write_pool
 
-KEYS = [fake_key(f"openai{i}") for i in range(2)]
+KEYS = fake_keys(2)
 CHAT = {"model": "kimi-for-coding", "messages": [{"role": "user", "content": "hi"}]}
-NOW = 1_800_000_000_000
 S = 1000
 OPENAI_KEYS = {"message", "type", "code"}
 
@@ -42,11 +40,6 @@ def flow_to(path: str, peer: tuple[str, int] = ("127.0.0.1", 40000), **headers: 
     flow = tflow.tflow(req=request)
     flow.client_conn.peername = peer
     return flow
-
-
-def write_pool(path: Path, accounts: list[Account]) -> Path:
-    storage.write_accounts(path, AccountsFile(accounts=accounts, rotation_strategy="round-robin"))
-    return path
 
 
 def openai_error(response: http.Response) -> dict[str, Any]:

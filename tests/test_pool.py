@@ -4,9 +4,9 @@ from rotator.core import merge, policy
 from rotator.core.models import Account, AccountsFile
 from rotator.core.strategies import Shortage, Unavailable
 from rotator.pool.key_pool import KeyPool
+from tests.support.accounts import NOW, fake_keys
 
-NOW = 1_800_000_000_000
-KEYS = [f"sk-kimi-FAKEpool{i:016d}" for i in range(4)]
+KEYS = fake_keys(4)
 OK = policy.classify(200, {}, b"{}", NOW)
 RATE_LIMITED = policy.classify(429, {"retry-after": "30"}, b"", NOW)
 REVOKED = policy.classify(401, {}, b'{"error":{"message":"Invalid Authentication"}}', NOW)

@@ -32,13 +32,13 @@ from rotator.proxy.status_page import StatusPage, parse_address
 from rotator.status import http_server
 from rotator.status.http_server import Request
 from rotator.store import file as storage
-from tests.support.accounts import fake_key
+from tests.support.accounts import KEYS
 
-KEYS = [fake_key(f"page{i}") for i in range(3)]
 TOKEN = "team-token-0123456789"
 
 
-def write_pool(path: Path) -> Path:
+def write_page_pool(path: Path) -> Path:
+    """Three keys a page shows differently: one used, one cooling, one with a quota reading."""
     now = now_ms()
     reading = QuotaReading(
         taken_at=now, windows=[QuotaWindow(minutes=300, limit=200, used=50, reset_time=now + 3_600_000)],
@@ -61,7 +61,7 @@ def page_of(rotator: KimiRotator) -> StatusPage:
 async def running(tmp_path: Path, **options: object) -> AsyncIterator[tuple[KimiRotator, StatusPage, taddons.context]]:
     """The rotator with its status page, configured and running, stopped at the end."""
     rotator = KimiRotator()
-    accounts = write_pool(tmp_path / "kimi-accounts.json")
+    accounts = write_page_pool(tmp_path / "kimi-accounts.json")
     with taddons.context(rotator) as tctx:
         tctx.configure(rotator, **{"kimi_accounts": str(accounts), "kimi_status": "127.0.0.1:0", **options})
         await tctx.master.addons.invoke_addon(rotator, hooks.RunningHook())

@@ -20,11 +20,10 @@ from rotator.proxy.token_reading import StreamReader
 from rotator.store import file as storage
 from rotator.tokens import Shape, Usage
 from testbed.hooks import call_hook, kimi_flow
-from tests.support.accounts import KEYS as ALL_KEYS
-from tests.support.accounts import NOW
+from tests.support.accounts import NOW, fake_keys
 from tests.support.in_process import kimi_error
 
-KEYS = ALL_KEYS[:2]
+KEYS = fake_keys(2)
 TODAY = stats.utc_day(NOW)
 MESSAGES = "/coding/v1/messages"
 CHAT = "/coding/v1/chat/completions"
