@@ -1,3 +1,5 @@
+"""The accounts file on disk (rotator.store.file): what it reads, what it writes, and how."""
+
 import json
 import os
 import stat

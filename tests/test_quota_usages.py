@@ -1,3 +1,5 @@
+"""What Kimi's /usages answer and its reset times say (rotator.core.quota, rotator.core.reset_times)."""
+
 import json
 
 import pytest
