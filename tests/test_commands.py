@@ -14,7 +14,7 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from rotator.core import merge, policy
+from rotator.core import edit_stamps, policy
 from rotator.core.models import Account, AccountsFile
 from rotator.pool.lease import Lease
 from rotator.proxy.addon import KimiRotator
@@ -173,7 +173,7 @@ async def test_use_moves_the_next_request_and_the_file(running) -> None:
     assert isinstance(lease, Lease) and lease.key == KEYS[2]  # the very next request
     await r.saved()
     disk = r.on_disk()
-    assert disk.active_index == 2 and merge.disk_name("active_index") in disk.edited_at
+    assert disk.active_index == 2 and edit_stamps.disk_name("active_index") in disk.edited_at
     assert r.rotator.sync is not None and r.rotator.sync.pending_ops == 0
 
 
