@@ -73,6 +73,23 @@ def test_cooldowns_in_a_row_grow_and_a_success_resets_them():
     assert pool.accounts[0].rate_limit_reset_time - now == 60_000
 
 
+def test_an_announced_reset_grows_too_when_it_follows_another_cooldown():
+    """The logic of test_e2e_failures' twice-as-long test on the fake clock, exactly: a
+    key refused with retry-after-ms 400, back after it and refused again, cools 800 ms."""
+    pool = KeyPool(state(2, strategy="sticky"))
+    now = NOW
+    announced = {"retry-after-ms": "400"}
+    pool.release(pool.acquire(now), policy.classify(429, announced, b"", now), now)
+    assert pool.accounts[0].rate_limit_reset_time == now + 400
+    assert pool.accounts[0].cooldown_level == 1
+    now += 400  # its cooldown is over: half-open, one request
+    trial = pool.acquire(now)
+    assert trial.index == 0
+    pool.release(trial, policy.classify(429, announced, b"", now), now)
+    assert pool.accounts[0].cooldown_level == 2
+    assert pool.accounts[0].rate_limit_reset_time == now + 800  # twice the 400 announced
+
+
 def test_backoff_is_capped_at_thirty_minutes():
     pool = KeyPool(state(1))
     pool.accounts[0].cooldown_level = 12
