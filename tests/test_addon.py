@@ -15,6 +15,7 @@ from rotator.store import file as storage
 from testbed.hooks import call_hook
 from testbed.processes import REPO_ROOT
 from tests.support.accounts import fake_key
+from tests.support.in_process import configure_with_keys
 
 POOL_KEY = fake_key("pool0")
 
@@ -94,12 +95,6 @@ def test_bad_options_stop_the_proxy_with_a_message(tmp_path, option, value, mess
     with taddons.context(addon) as tctx:
         with pytest.raises(exceptions.OptionsError, match=message):
             tctx.configure(addon, kimi_accounts=str(tmp_path / "a.json"), **{option: value})
-
-
-def configure_with_keys(tctx, addon, tmp_path, keys, **options):
-    path = tmp_path / "accounts.json"
-    storage.write_accounts(path, AccountsFile(accounts=[Account(key=k) for k in keys]))
-    tctx.configure(addon, kimi_accounts=str(path), **options)
 
 
 def kimi_flow(host="api.kimi.com", **headers):

@@ -28,17 +28,16 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
 from rotator.core.keys import mask_key, mask_key_ascii
-from rotator.core.models import Account, AccountsFile
 from rotator.core.policy import BODY_SCAN_LIMIT
 from rotator.proxy.addon import KimiRotator
 from rotator.proxy.options import parse_hosts
-from rotator.store import file as storage
 from testbed.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
 from testbed.hooks import call_hook
 from testbed.processes import Proxy
 from tests.support.accounts import fake_key
 from tests.support.harness import counts_on_disk, poll, saved_flows
 from tests.support.harness import accounts_on_disk as accounts
+from tests.support.in_process import configure_with_keys
 
 PLACEHOLDER = "sk-kimi-placeholder"
 CLIENT_HEADERS = {"x-api-key": PLACEHOLDER, "anthropic-version": "2023-06-01"}
@@ -138,12 +137,6 @@ def kimi_flow(stream: bool, key: str | None = PLACEHOLDER) -> http.HTTPFlow:
 def context(addon: KimiRotator) -> taddons.context:
     """mitmproxy's test context, with the proxyserver addon that owns stream_large_bodies."""
     return taddons.context(Proxyserver(), addon)
-
-
-def configure_with_keys(tctx, addon: KimiRotator, tmp_path: Path, keys: list[str], **options) -> None:
-    path = tmp_path / "accounts.json"
-    storage.write_accounts(path, AccountsFile(accounts=[Account(key=k) for k in keys]))
-    tctx.configure(addon, kimi_accounts=str(path), **options)
 
 
 async def test_requestheaders_puts_the_key_on_a_streamed_request_only(tmp_path):

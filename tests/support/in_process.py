@@ -7,13 +7,25 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from mitmproxy import http
+from mitmproxy.test import taddons
 
+from rotator.core.models import Account
 from rotator.proxy.addon import KimiRotator
 from testbed.hooks import call_hook
+from tests.support.accounts import write_pool
 
 USAGES = "/coding/v1/usages"
+
+
+def configure_with_keys(tctx: taddons.context, addon: KimiRotator, folder: Path, keys: list[str],
+                        **options: Any) -> None:
+    """Configure `addon` in `tctx` on a pool of `keys` (unnamed accounts) written in `folder`."""
+    path = write_pool(folder / "accounts.json", [Account(key=k) for k in keys])
+    tctx.configure(addon, kimi_accounts=str(path), **options)
 
 
 def kimi_error(status: int, message: str, headers: dict[str, str] | None = None) -> http.Response:
