@@ -4,13 +4,13 @@ mitmdump proxies, and a real redis-server. What tests import is in tests/support
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mitmproxy.test import taddons
 
 from rotator.proxy.addon import KimiRotator
 from testbed.fake_kimi import FakeKimi
@@ -20,7 +20,7 @@ from testbed.receiver import Receiver
 from testbed.redis_server import RedisServer
 from tests.support.accounts import KEYS, write_pool
 from tests.support.harness import ADDON_SCRIPT, FLUSH_INTERVAL_S, LOOPBACK_DNS
-from tests.support.in_process import Answer, FakeUpstream
+from tests.support.in_process import Answer, FakeUpstream, addon_in_taddons
 
 _counter = itertools.count()
 pytest_plugins = ["tests.support.tiers", "pytester"]
@@ -36,24 +36,17 @@ def proxy(tmp_path: Path, clock: FakeClock) -> Iterator[Callable[..., tuple[Kimi
     """start(answer, keys=KEYS, fields=None, **options) -> (addon, upstream): the addon
     in taddons on the `clock`, its own requests and the client's going to a fake
     upstream that answers with answer(flow, key); its pool written by write_pool."""
-    contexts: list[Any] = []
+    with contextlib.ExitStack() as running:
 
-    def start(answer: Answer, keys: list[str] = KEYS, fields: dict[str, dict[str, Any]] | None = None,
-              **options: Any) -> tuple[KimiRotator, FakeUpstream]:
-        path = write_pool(tmp_path / "accounts.json", keys, fields=fields)
-        upstream = FakeUpstream(answer)
-        addon = KimiRotator(clock=clock, send=upstream)
-        upstream.addon = addon
-        tctx = taddons.context(addon)
-        contexts.append(tctx)
-        tctx.__enter__()
-        options.setdefault("kimi_hosts", ["api.kimi.com"])
-        tctx.configure(addon, kimi_accounts=str(path), **{"kimi_status": "off", **options})
-        return addon, upstream
+        def start(answer: Answer, keys: list[str] = KEYS, fields: dict[str, dict[str, Any]] | None = None,
+                  **options: Any) -> tuple[KimiRotator, FakeUpstream]:
+            path = write_pool(tmp_path / "accounts.json", keys, fields=fields)
+            upstream = FakeUpstream(answer)
+            options = {"kimi_hosts": ["api.kimi.com"], "kimi_status": "off", **options}
+            addon, _ = running.enter_context(addon_in_taddons(path, clock=clock, send=upstream, **options))
+            return addon, upstream
 
-    yield start
-    for tctx in contexts:
-        tctx.__exit__(None, None, None)
+        yield start
 
 
 @pytest.fixture

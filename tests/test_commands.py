@@ -5,6 +5,7 @@ save, a person's change outliving the proxy's older ones, bad input, masked keys
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import types
 from pathlib import Path
@@ -21,6 +22,7 @@ from rotator.proxy.addon import KimiRotator
 from rotator.store.file import read_accounts, write_accounts
 from testbed.hooks import FakeClock
 from tests.support.accounts import KEYS
+from tests.support.in_process import addon_in_taddons
 
 INVALID = b'{"error":{"type":"invalid_authentication_error","message":"Invalid Authentication"}}'
 SECOND = 1000
@@ -70,22 +72,18 @@ class Running:
 
 @pytest.fixture
 def running(tmp_path: Path) -> Any:
-    async def start(strategy: str = "sticky", keys: list[str] = KEYS) -> Running:
-        path = tmp_path / "accounts.json"
-        write_accounts(path, AccountsFile(
-            accounts=[Account(key=k, name=f"k{i}") for i, k in enumerate(keys)], rotation_strategy=strategy,
-        ))
-        clock = FakeClock()
-        rotator = KimiRotator(clock=clock)
-        contexts.append(taddons.context(rotator))
-        tctx = contexts[-1].__enter__()
-        tctx.configure(rotator, kimi_accounts=str(path))
-        return Running(tctx, rotator, clock, path)
+    with contextlib.ExitStack() as stack:
 
-    contexts: list[taddons.context] = []
-    yield start
-    for context in contexts:
-        context.__exit__(None, None, None)
+        async def start(strategy: str = "sticky", keys: list[str] = KEYS) -> Running:
+            path = tmp_path / "accounts.json"
+            write_accounts(path, AccountsFile(
+                accounts=[Account(key=k, name=f"k{i}") for i, k in enumerate(keys)], rotation_strategy=strategy,
+            ))
+            clock = FakeClock()
+            rotator, tctx = stack.enter_context(addon_in_taddons(path, clock=clock))
+            return Running(tctx, rotator, clock, path)
+
+        yield start
 
 
 def never_a_full_key(*texts: Any) -> None:

@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 from mitmproxy import http
 from mitmproxy import io as mitm_io
-from mitmproxy.test import taddons
 
 import rotator.cli.main as cli
 from rotator.core.keys import mask_key
@@ -32,6 +31,7 @@ from rotator.store import file as storage
 from testbed.hooks import FakeClock, call_hook, kimi_flow, run_virtual
 from tests.support.accounts import fake_key
 from tests.support.harness import run_cli
+from tests.support.in_process import addon_in_taddons
 
 CLI_NOW = 1_750_000_000_000  # 2025-06-15: the CLI's clock here, before the wall clock (a stamp from the future reads as now)
 KEY1 = fake_key("hostile1")
@@ -304,10 +304,7 @@ async def exchange(tmp_path: Path, first: http.Response) -> tuple[Path, http.HTT
                                               rotation_strategy="round-robin"))
     clock = FakeClock()
     upstream = Upstream({KEY1: first, KEY2: OK})
-    addon = KimiRotator(clock=clock, send=upstream)
-    upstream.addon = addon
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, kimi_accounts=str(path), kimi_hosts=["api.kimi.com"])
+    with addon_in_taddons(path, clock=clock, send=upstream, kimi_hosts=["api.kimi.com"]) as (addon, _):
         flow = kimi_flow()
         await call_hook(addon, "request", flow)
         await run_virtual(clock, upstream.answer(flow))

@@ -6,19 +6,39 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mitmproxy import http
 from mitmproxy.test import taddons
 
+from rotator.core.clock import SYSTEM_CLOCK, Clock
 from rotator.core.models import Account
 from rotator.proxy.addon import KimiRotator
 from testbed.hooks import call_hook
 from tests.support.accounts import write_pool
 
 USAGES = "/coding/v1/usages"
+
+
+@contextmanager
+def addon_in_taddons(accounts: Path | None = None, *before: Any, clock: Clock = SYSTEM_CLOCK,
+                     send: Any = None, **options: Any) -> Iterator[tuple[KimiRotator, taddons.context]]:
+    """A KimiRotator in mitmproxy's taddons, configured: on `clock`, its own requests going
+    to `send` (one with an `addon` attribute, as FakeUpstream, is told its addon), on the
+    `accounts` file, with `options`. `before`: addons loaded ahead of it whose options a
+    test sets (Proxyserver, ProxyAuth). The one way the tests put the addon in taddons."""
+    addon = KimiRotator(clock=clock) if send is None else KimiRotator(clock=clock, send=send)
+    if hasattr(send, "addon"):
+        send.addon = addon
+    if accounts is not None:
+        options = {"kimi_accounts": str(accounts), **options}
+    with taddons.context(*before, addon) as tctx:
+        if options:
+            tctx.configure(addon, **options)
+        yield addon, tctx
 
 
 def configure_with_keys(tctx: taddons.context, addon: KimiRotator, folder: Path, keys: list[str],
