@@ -10,6 +10,7 @@ tests/conftest.py (built from what is here).
 - harness: running the CLI, reading SSE, what a proxy left on disk, waiting (``poll``),
   the addon script and the loopback DNS shim mitmdump loads.
 - e2e: an httpx client and a request to a running mitmdump, as the end-to-end tests send them.
+- modes: the same in each of mitmdump's modes (reverse, regular, regular with TLS).
 - redis_acl: the README's Redis ACL user on a real redis-server.
 - plugin_files: accounts files as the TypeScript plugin writes them.
 - agents: what each coding agent's requests look like (User-Agents, Kimi CLI's body).
