@@ -2,7 +2,7 @@
 
 Plain HTTP/1.1 with keep-alive, built on ``http.server.ThreadingHTTPServer``
 (one daemon thread per connection, TCP_NODELAY). It accepts any ``Host``
-header, so it can stand in for ``api.kimi.com`` behind ``tests/loopback_dns.py``.
+header, so it can stand in for ``api.kimi.com`` behind ``tests/support/loopback_dns.py``.
 
 In-process use (pytest)::
 

@@ -13,6 +13,7 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 
 MESSAGES = "/coding/v1/messages"
+NOW = 1_800_000_000_000  # 2027-01-15T08:00:00Z: where a FakeClock starts, the tests' "now"
 
 
 async def call_hook(addon: Any, name: str, flow: Any = None) -> None:
@@ -52,7 +53,7 @@ class FakeTimer:
 class FakeClock:
     """Time that moves only when a test says so; callbacks run as it passes them."""
 
-    def __init__(self, now_ms: int = 1_800_000_000_000) -> None:
+    def __init__(self, now_ms: int = NOW) -> None:
         self.now = now_ms
         self._timers: list[list[Any]] = []
         self._order = itertools.count()

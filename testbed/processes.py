@@ -5,7 +5,7 @@ own process (``start_fake_kimi_process``). Nothing here imports rotator or tests
 ::
 
     proxy = start_mitmdump(
-        addons=["kimi_rotator_addon.py", LOOPBACK_DNS],   # LOOPBACK_DNS: tests.harness
+        addons=["kimi_rotator_addon.py", LOOPBACK_DNS],   # LOOPBACK_DNS: tests.support.harness
         options={"loopback_dns_port": str(kimi.port)},
         confdir=tmp_path / "mitm",
     )                                   # regular mode on 127.0.0.1:<ephemeral>

@@ -1,31 +1,52 @@
-"""Shared fixtures: a fake Kimi server, an accounts file, real mitmdump proxies, and a
-real redis-server."""
+"""The tests' fixtures (pytest finds them by name; nothing here is imported): the addon
+in taddons on a fake clock (`proxy`), a fake Kimi server, an accounts file, real
+mitmdump proxies, and a real redis-server. What tests import is in tests/support/."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from rotator.core.models import Account, AccountsFile
-from rotator.store import file as storage
+from rotator.proxy.addon import KimiRotator
 from testbed.fake_kimi import FakeKimi
-from testbed.processes import REPO_ROOT, Proxy, start_mitmdump
+from testbed.hooks import FakeClock
+from testbed.processes import Proxy, start_mitmdump
 from testbed.receiver import Receiver
 from testbed.redis_server import RedisServer
-from tests.harness import LOOPBACK_DNS
+from tests.support.accounts import KEYS, write_pool
+from tests.support.harness import ADDON_SCRIPT, FLUSH_INTERVAL_S, LOOPBACK_DNS
+from tests.support.in_process import Answer, FakeUpstream, addon_in_taddons
 
-ADDON_SCRIPT = REPO_ROOT / "kimi_rotator_addon.py"
-FLUSH_INTERVAL_S = 0.2  # start_proxy's kimi_flush_interval: a proxy saves this often
 _counter = itertools.count()
-pytest_plugins = ["tests.tiers", "pytester"]
+pytest_plugins = ["tests.support.tiers", "pytester"]
 
 
-def fake_key(label: str | int) -> str:
-    """An obviously fake key of the real shape: sk-kimi- plus 32 characters."""
-    return f"sk-kimi-FAKE{str(label):0>28}"[:40]
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def proxy(tmp_path: Path, clock: FakeClock) -> Iterator[Callable[..., tuple[KimiRotator, FakeUpstream]]]:
+    """start(answer, keys=KEYS, fields=None, **options) -> (addon, upstream): the addon
+    in taddons on the `clock`, its own requests and the client's going to a fake
+    upstream that answers with answer(flow, key); its pool written by write_pool."""
+    with contextlib.ExitStack() as running:
+
+        def start(answer: Answer, keys: list[str] = KEYS, fields: dict[str, dict[str, Any]] | None = None,
+                  **options: Any) -> tuple[KimiRotator, FakeUpstream]:
+            path = write_pool(tmp_path / "accounts.json", keys, fields=fields)
+            upstream = FakeUpstream(answer)
+            options = {"kimi_hosts": ["api.kimi.com"], "kimi_status": "off", **options}
+            addon, _ = running.enter_context(addon_in_taddons(path, clock=clock, send=upstream, **options))
+            return addon, upstream
+
+        yield start
 
 
 @pytest.fixture
@@ -55,7 +76,7 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def keys() -> list[str]:
-    return [fake_key(f"key{i}") for i in range(3)]
+    return list(KEYS)
 
 
 @pytest.fixture
@@ -65,14 +86,10 @@ def accounts_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def write_accounts(accounts_path: Path) -> Callable[..., Path]:
-    """write_accounts(keys, strategy="round-robin", **account_fields_by_index)."""
+    """write_accounts(keys, strategy="round-robin", **file_fields): write_pool at accounts_path."""
 
-    def write(keys: list[str], strategy: str = "round-robin", **top: object) -> Path:
-        accounts = [Account(key=key, name=f"Account {i}") for i, key in enumerate(keys)]
-        storage.write_accounts(
-            accounts_path, AccountsFile(accounts=accounts, rotation_strategy=strategy, **top)
-        )
-        return accounts_path
+    def write(keys: list[str], strategy: str = "round-robin", **top: Any) -> Path:
+        return write_pool(accounts_path, keys, strategy, **top)
 
     return write
 

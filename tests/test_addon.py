@@ -5,16 +5,16 @@ import json
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.http import Headers
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from rotator.core.models import Account, AccountsFile
-from rotator.proxy.addon import KimiRotator
 from rotator.proxy.headers import mask_sent_key, replace_client_key
 from rotator.proxy.options import parse_hosts
 from rotator.store import file as storage
 from testbed.hooks import call_hook
 from testbed.processes import REPO_ROOT
-from tests.conftest import fake_key
+from tests.support.accounts import fake_key
+from tests.support.in_process import addon_in_taddons, configure_with_keys
 
 POOL_KEY = fake_key("pool0")
 
@@ -90,16 +90,9 @@ def test_hosts_are_normalised():
     ],
 )
 def test_bad_options_stop_the_proxy_with_a_message(tmp_path, option, value, message):
-    addon = KimiRotator()
-    with taddons.context(addon) as tctx:
+    with addon_in_taddons() as (addon, tctx):
         with pytest.raises(exceptions.OptionsError, match=message):
             tctx.configure(addon, kimi_accounts=str(tmp_path / "a.json"), **{option: value})
-
-
-def configure_with_keys(tctx, addon, tmp_path, keys, **options):
-    path = tmp_path / "accounts.json"
-    storage.write_accounts(path, AccountsFile(accounts=[Account(key=k) for k in keys]))
-    tctx.configure(addon, kimi_accounts=str(path), **options)
 
 
 def kimi_flow(host="api.kimi.com", **headers):
@@ -111,8 +104,7 @@ def kimi_flow(host="api.kimi.com", **headers):
 
 
 async def test_no_keys_answers_with_an_anthropic_error(tmp_path):
-    addon = KimiRotator()
-    with taddons.context(addon) as tctx:
+    with addon_in_taddons() as (addon, tctx):
         configure_with_keys(tctx, addon, tmp_path, [])
         flow = kimi_flow(**{"x-api-key": "placeholder"})
         await call_hook(addon, "request", flow)
@@ -125,8 +117,7 @@ async def test_no_keys_answers_with_an_anthropic_error(tmp_path):
 async def test_unreadable_accounts_file_is_explained_to_the_client(tmp_path):
     path = tmp_path / "accounts.json"
     path.write_text("{broken")
-    addon = KimiRotator()
-    with taddons.context(addon) as tctx:
+    with addon_in_taddons() as (addon, tctx):
         tctx.configure(addon, kimi_accounts=str(path))
         flow = kimi_flow()
         await call_hook(addon, "request", flow)
@@ -136,8 +127,7 @@ async def test_unreadable_accounts_file_is_explained_to_the_client(tmp_path):
 
 
 async def test_key_injected_then_masked_once_the_response_arrives(tmp_path):
-    addon = KimiRotator()
-    with taddons.context(addon) as tctx:
+    with addon_in_taddons() as (addon, tctx):
         configure_with_keys(tctx, addon, tmp_path, [POOL_KEY])
         flow = kimi_flow(**{"x-api-key": "placeholder"})
         await call_hook(addon, "request", flow)
@@ -154,8 +144,7 @@ async def test_key_injected_then_masked_once_the_response_arrives(tmp_path):
 
 
 async def test_other_hosts_are_left_alone(tmp_path):
-    addon = KimiRotator()
-    with taddons.context(addon) as tctx:
+    with addon_in_taddons() as (addon, tctx):
         configure_with_keys(tctx, addon, tmp_path, [POOL_KEY])
         for host in ("api.kimi.com.evil.test", "evilapi.kimi.com", "kimi.com", "api-kimi.com"):
             flow = kimi_flow(host=host, **{"x-api-key": "mine"})
@@ -165,8 +154,7 @@ async def test_other_hosts_are_left_alone(tmp_path):
 
 
 async def test_plain_http_to_a_remote_kimi_host_is_upgraded_to_https(tmp_path):
-    addon = KimiRotator()
-    with taddons.context(addon) as tctx:
+    with addon_in_taddons() as (addon, tctx):
         configure_with_keys(tctx, addon, tmp_path, [POOL_KEY], kimi_hosts=["api.kimi.com", "127.0.0.1"])
         remote = kimi_flow()
         remote.request.scheme, remote.request.port = "http", 80

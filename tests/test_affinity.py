@@ -12,19 +12,18 @@ from pathlib import Path
 
 import pytest
 from mitmproxy import exceptions, http
-from mitmproxy.test import taddons
 
 from rotator.core.models import Account, AccountsFile
 from rotator.conversations.pins import PinTable
 from rotator.pool.affinity import Affinity
 from rotator.pool.events import PoolListeners
 from rotator.pool.key_pool import KeyPool
-from rotator.proxy.addon import KimiRotator
 from rotator.status import document, metrics
 from rotator.store import file as storage
 from testbed.hooks import FakeClock, kimi_flow, run_virtual
-from tests.test_conversation_ids import CLAUDE_UA, KIMI_UA, OPENCODE_UA, kimi_cli_body
-from tests.test_retry import KEYS, FakeUpstream, clock, kimi_error, proxy, success  # noqa: F401 (fixtures)
+from tests.support.accounts import KEYS
+from tests.support.agents import CLAUDE_UA, KIMI_UA, OPENCODE_UA, kimi_cli_body
+from tests.support.in_process import FakeUpstream, addon_in_taddons, kimi_error, success
 
 MESSAGES = "/coding/v1/messages"
 
@@ -321,8 +320,7 @@ async def test_a_team_pin_is_followed_and_this_proxys_pins_and_moves_are_told(ca
 
 @pytest.mark.parametrize("value", ["soon", "0", "-5", "nan"])
 def test_a_bad_affinity_ttl_stops_the_proxy_naming_the_option(tmp_path, value) -> None:
-    addon = KimiRotator()
-    with taddons.context(addon) as tctx:
+    with addon_in_taddons() as (addon, tctx):
         with pytest.raises(exceptions.OptionsError, match="kimi_affinity_ttl"):
             tctx.configure(addon, kimi_accounts=str(tmp_path / "a.json"), kimi_affinity_ttl=value)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tests.harness import run_cli
+from tests.support.harness import run_cli
 
 PASSWORD = "correct horse"
 KEY_A = "sk-kimi-" + "A" * 48

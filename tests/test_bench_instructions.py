@@ -12,8 +12,7 @@ import shutil
 
 import pytest
 
-from tests.test_bench import NUMBER, VERDICT, positive, run_bench, search
-from tests.test_bench_team import require_redis_server
+from tests.support.bench import NUMBER, VERDICT, positive, require_redis_server, run_bench, search
 
 pytestmark = pytest.mark.slow  # each test starts a process or a server
 

@@ -1,6 +1,6 @@
 """bench/team_store.py still runs: the proxy on a Redis store vs on the accounts file.
 
-Like tests/test_bench.py (whose helpers it uses), it runs the script with --quick as its
+Like tests/test_bench.py (its helpers are in tests/support/bench.py), it runs the script with --quick as its
 own process and checks what a reader of its output checks: it exits 0, every figure it
 prints (each round, the summary table, the ratio lines) is a number, each request on
 Redis took a team slot and gave it back with the next take (about one EVALSHA per
@@ -14,27 +14,14 @@ silently stopped running is what these tests are here to catch).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from testbed.redis_server import REDIS_SERVER
-from tests.test_bench import NUMBER, VERDICT, findall, positive, require_wrk, run_bench, search
+from tests.support.bench import NUMBER, VERDICT, findall, positive, require_redis_server, require_wrk, run_bench, search
 
 pytestmark = pytest.mark.slow  # each test starts a process or a server
 
 CELLS = [(1, 1), (1, 16), (3, 1), (3, 16)]  # (proxies loaded at once, clients per proxy)
 ARMS = ("file", "redis")
-
-
-def require_redis_server() -> None:
-    if not Path(REDIS_SERVER).exists():
-        pytest.fail(
-            "redis-server is not installed, and bench/team_store.py runs its Redis arm on a real one. "
-            "Install it: `apt-get install redis-server` (Debian/Ubuntu; .ci/run does this) or "
-            "`brew install redis` (macOS)",
-            pytrace=False,
-        )
 
 
 def test_team_store_quick() -> None:

@@ -1,4 +1,4 @@
-"""The key-management CLI, run in-process through `main([...])` (tests.harness.run_cli).
+"""The key-management CLI, run in-process through `main([...])` (tests.support.harness.run_cli).
 
 Every test's captured output is scanned afterwards for full keys: no output of the
 CLI may ever contain one.
@@ -22,9 +22,9 @@ import pytest
 import rotator.cli.main as cli
 from rotator.core import key_view
 from rotator.core.keys import mask_key
-from tests.harness import run_cli
+from tests.support.harness import run_cli
 
-NOW = 1_750_000_000_000
+CLI_NOW = 1_750_000_000_000  # 2025-06-15: the CLI's clock here, before the wall clock (a stamp from the future reads as now)
 MIN = 60_000
 
 KEY1 = "sk-kimi-FAKEtestkey0000000000000001"
@@ -107,7 +107,7 @@ class Runner:
 
 @pytest.fixture(autouse=True)
 def fixed_clock(monkeypatch):
-    monkeypatch.setattr(cli, "now_ms", lambda: NOW)
+    monkeypatch.setattr(cli, "now_ms", lambda: CLI_NOW)
     monkeypatch.setattr(sys, "argv", ["kimi-rotator"])
     monkeypatch.delenv("KIMI_ROTATOR_ACCOUNTS", raising=False)
 
@@ -136,8 +136,8 @@ def account(key: str, name: str, **fields) -> dict:
     base = {
         "key": key,
         "name": name,
-        "addedAt": NOW - 86_400_000,
-        "lastUsed": NOW - MIN,
+        "addedAt": CLI_NOW - 86_400_000,
+        "lastUsed": CLI_NOW - MIN,
         "rateLimitResetTime": 0,
         "healthScore": 100,
         "consecutiveFailures": 0,
@@ -169,8 +169,8 @@ def test_add_key_creates_the_file_and_appends(run):
     assert data["activeIndex"] == 0
     assert data["rotationStrategy"] == "health-based"
     assert [(a["key"], a["name"], a["addedAt"]) for a in data["accounts"]] == [
-        (KEY1, "Work", NOW),
-        (KEY2, "Account 2", NOW),
+        (KEY1, "Work", CLI_NOW),
+        (KEY2, "Account 2", CLI_NOW),
     ]
     first = data["accounts"][0]
     assert first["healthScore"] == 100
@@ -238,17 +238,17 @@ def test_list_keys_layout(run):
                     KEY2,
                     "My Account 2",
                     healthScore=80,
-                    lastUsed=NOW,
+                    lastUsed=CLI_NOW,
                     totalRequests=25,
                     successfulRequests=20,
-                    rateLimitResetTime=NOW + 4 * MIN + 12_000,
+                    rateLimitResetTime=CLI_NOW + 4 * MIN + 12_000,
                     cooldownReason="429 Too Many Requests",
                 ),
-                account(KEY3, "Worn out", healthScore=0, lastUsed=NOW, totalRequests=9),
-                account(KEY4, "Revoked", healthScore=40, lastUsed=NOW, disabledReason="401 Unauthorized"),
+                account(KEY3, "Worn out", healthScore=0, lastUsed=CLI_NOW, totalRequests=9),
+                account(KEY4, "Revoked", healthScore=40, lastUsed=CLI_NOW, disabledReason="401 Unauthorized"),
                 # 50, rested 65 minutes: two whole recovery periods, shown as 70.
-                account(KEY5, "Resting", healthScore=50, lastUsed=NOW - 65 * MIN,
-                        rateLimitResetTime=NOW - 1),
+                account(KEY5, "Resting", healthScore=50, lastUsed=CLI_NOW - 65 * MIN,
+                        rateLimitResetTime=CLI_NOW - 1),
             ],
             "activeIndex": 1,
             "rotationStrategy": "sticky",
@@ -290,7 +290,7 @@ def test_list_keys_layout(run):
 
 
 def test_list_keys_cooling_without_a_reason(run):
-    write(run.path, {"version": 1, "accounts": [account(KEY1, "A", rateLimitResetTime=NOW + 45_500)]})
+    write(run.path, {"version": 1, "accounts": [account(KEY1, "A", rateLimitResetTime=CLI_NOW + 45_500)]})
     assert "   Status: ⏳ Cooling down (free in 46s)\n" in run.ok("list-keys")
 
 
@@ -308,7 +308,7 @@ def test_list_keys_json(run):
             "version": 1,
             "accounts": [
                 account(KEY1, "One", totalRequests=50, successfulRequests=45),
-                account(KEY2, "Two", healthScore=20, lastUsed=NOW, rateLimitResetTime=NOW + MIN,
+                account(KEY2, "Two", healthScore=20, lastUsed=CLI_NOW, rateLimitResetTime=CLI_NOW + MIN,
                         cooldownReason="429", disabledReason="banned"),
             ],
             "activeIndex": 1,
@@ -331,13 +331,13 @@ def test_list_keys_json(run):
         "cooling": False,
         "disabledReason": None,
         "cooldownReason": None,
-        "lastUsed": NOW - MIN,
+        "lastUsed": CLI_NOW - MIN,
         "status": "✓ Ready",
         "tokens": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
     }
     assert (two["active"], two["health"], two["cooling"]) == (True, 20, True)
     assert (two["disabledReason"], two["cooldownReason"]) == ("banned", "429")
-    assert two["rateLimitResetTime"] == NOW + MIN
+    assert two["rateLimitResetTime"] == CLI_NOW + MIN
     assert "key" not in one and "key" not in two
 
 
@@ -360,8 +360,8 @@ def test_list_keys_warns_when_others_can_read_the_file(run):
 
 def test_list_keys_falls_back_to_ascii(run):
     write(run.path, {"version": 1, "accounts": [
-        account(KEY1, "Café", healthScore=80, lastUsed=NOW),
-        account(KEY2, "B", rateLimitResetTime=NOW + MIN)]})
+        account(KEY1, "Café", healthScore=80, lastUsed=CLI_NOW),
+        account(KEY2, "B", rateLimitResetTime=CLI_NOW + MIN)]})
     code, text, _ = run("list-keys", encoding="ascii")  # a terminal that can't show the glyphs
     assert code == 0
     assert "* [0] Caf?\n" in text
@@ -416,7 +416,7 @@ def test_rotate_moves_to_the_next_key_and_wraps(run):
 
 def test_rotate_notes_a_key_that_is_cooling(run):
     data = three_keys()
-    data["accounts"][1]["rateLimitResetTime"] = NOW + 90_000
+    data["accounts"][1]["rateLimitResetTime"] = CLI_NOW + 90_000
     write(run.path, data)
     assert run.ok("rotate") == (
         f"Rotated to [1] Two ({mask_key(KEY2)}).\nNote: ⏳ Cooling down (free in 1m 30s)\nSaved in {run.path}.\n"
@@ -454,7 +454,7 @@ def test_a_name_that_is_no_key_changes_nothing(run):
 def test_enable_key_and_clear_limits_by_name(run):
     data = three_keys()
     data["accounts"][1].update(disabledReason="401 Unauthorized", consecutiveFailures=3,
-                               rateLimitResetTime=NOW + MIN, cooldownReason="429")
+                               rateLimitResetTime=CLI_NOW + MIN, cooldownReason="429")
     write(run.path, data)
     assert run.ok("enable-key", "Two").startswith(f"Enabled [1] Two ({mask_key(KEY2)})")
     run.ok("clear-limits", "Two")
@@ -502,7 +502,7 @@ def test_enable_key(run):
 def _cooling_file(run) -> None:
     data = three_keys()
     for i, acct in enumerate(data["accounts"]):
-        acct.update(rateLimitResetTime=NOW + (i + 1) * MIN, cooldownReason=f"429 #{i}", cooldownLevel=2)
+        acct.update(rateLimitResetTime=CLI_NOW + (i + 1) * MIN, cooldownReason=f"429 #{i}", cooldownLevel=2)
     write(run.path, data)
 
 
@@ -511,9 +511,9 @@ def test_clear_limits_one(run):
     assert run.ok("clear-limits", "1") == f"Cleared rate limits on [1] Two ({mask_key(KEY2)}).\nSaved in {run.path}.\n"
     accounts = run.data()["accounts"]
     assert [(a["rateLimitResetTime"], a["cooldownReason"]) for a in accounts] == [
-        (NOW + MIN, "429 #0"),
+        (CLI_NOW + MIN, "429 #0"),
         (0, None),
-        (NOW + 3 * MIN, "429 #2"),
+        (CLI_NOW + 3 * MIN, "429 #2"),
     ]
 
 

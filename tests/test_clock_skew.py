@@ -28,12 +28,11 @@ from rotator.store.lock import STALE_S, Found, judge
 from rotator.store.redis_store import RedisStore
 from rotator.sync.save_loop import PoolSync
 from testbed.hooks import FakeClock
-from tests.conftest import fake_key
-from tests.harness import accounts_on_disk, poll, run_cli
-from tests.test_e2e_failures import FILE_DEADLINE_S, client, messages_by, send
+from tests.support.accounts import KEYS
+from tests.support.e2e import FILE_DEADLINE_S, client, messages_by, send
+from tests.support.harness import accounts_on_disk, poll, run_cli
 
 HOUR = 3_600_000
-KEYS = [fake_key(f"skew{i}") for i in range(3)]
 REVOKED_BODY = b'{"error":{"type":"invalid_authentication_error","message":"Invalid Authentication"}}'
 
 

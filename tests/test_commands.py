@@ -5,6 +5,7 @@ save, a person's change outliving the proxy's older ones, bad input, masked keys
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import types
 from pathlib import Path
@@ -14,15 +15,15 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from rotator.core import merge, policy
+from rotator.core import edit_stamps, policy
 from rotator.core.models import Account, AccountsFile
 from rotator.pool.lease import Lease
 from rotator.proxy.addon import KimiRotator
 from rotator.store.file import read_accounts, write_accounts
 from testbed.hooks import FakeClock
-from tests.conftest import fake_key
+from tests.support.accounts import KEYS
+from tests.support.in_process import addon_in_taddons
 
-KEYS = [fake_key(f"cmd{i}") for i in range(3)]
 INVALID = b'{"error":{"type":"invalid_authentication_error","message":"Invalid Authentication"}}'
 SECOND = 1000
 
@@ -71,22 +72,18 @@ class Running:
 
 @pytest.fixture
 def running(tmp_path: Path) -> Any:
-    async def start(strategy: str = "sticky", keys: list[str] = KEYS) -> Running:
-        path = tmp_path / "accounts.json"
-        write_accounts(path, AccountsFile(
-            accounts=[Account(key=k, name=f"k{i}") for i, k in enumerate(keys)], rotation_strategy=strategy,
-        ))
-        clock = FakeClock()
-        rotator = KimiRotator(clock=clock)
-        contexts.append(taddons.context(rotator))
-        tctx = contexts[-1].__enter__()
-        tctx.configure(rotator, kimi_accounts=str(path))
-        return Running(tctx, rotator, clock, path)
+    with contextlib.ExitStack() as stack:
 
-    contexts: list[taddons.context] = []
-    yield start
-    for context in contexts:
-        context.__exit__(None, None, None)
+        async def start(strategy: str = "sticky", keys: list[str] = KEYS) -> Running:
+            path = tmp_path / "accounts.json"
+            write_accounts(path, AccountsFile(
+                accounts=[Account(key=k, name=f"k{i}") for i, k in enumerate(keys)], rotation_strategy=strategy,
+            ))
+            clock = FakeClock()
+            rotator, tctx = stack.enter_context(addon_in_taddons(path, clock=clock))
+            return Running(tctx, rotator, clock, path)
+
+        yield start
 
 
 def never_a_full_key(*texts: Any) -> None:
@@ -174,7 +171,7 @@ async def test_use_moves_the_next_request_and_the_file(running) -> None:
     assert isinstance(lease, Lease) and lease.key == KEYS[2]  # the very next request
     await r.saved()
     disk = r.on_disk()
-    assert disk.active_index == 2 and merge.disk_name("active_index") in disk.edited_at
+    assert disk.active_index == 2 and edit_stamps.disk_name("active_index") in disk.edited_at
     assert r.rotator.sync is not None and r.rotator.sync.pending_ops == 0
 
 

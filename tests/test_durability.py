@@ -27,17 +27,17 @@ from typing import Any
 
 import httpx
 import pytest
-from mitmproxy.test import taddons
 
 from rotator.core import policy
 from rotator.core.models import Account, AccountsFile
-from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
 from rotator.store.lock import DirLock
 from testbed.fake_kimi import MESSAGES_PATH, FakeKimi
 from testbed.processes import Proxy
-from tests.conftest import FLUSH_INTERVAL_S, fake_key
-from tests.harness import counts_on_disk, counts_seen, poll, run_cli
+from tests.support.accounts import fake_key
+from tests.support.harness import FLUSH_INTERVAL_S
+from tests.support.harness import counts_on_disk, counts_seen, poll, run_cli
+from tests.support.in_process import addon_in_taddons
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"x-api-key": "sk-kimi-placeholder", "User-Agent": "claude-cli/2.0.14 (external, cli)"}
@@ -390,8 +390,7 @@ async def test_a_change_right_after_a_flush_is_still_picked_up(tmp_path, keys, m
     storage.write_accounts(path, AccountsFile(accounts=[Account(key=k) for k in keys[:2]]))
     hook = _WriteRightAfterUnlock(path, keys[2])
     monkeypatch.setattr(DirLock, "release", hook(DirLock.release))
-    addon = KimiRotator()
-    with taddons.context(addon) as tctx:
+    with addon_in_taddons() as (addon, tctx):
         tctx.configure(addon, kimi_accounts=str(path))
         addon.pool.acquire(int(time.time() * 1000))  # something to save
         hook.armed = True
@@ -605,13 +604,11 @@ def test_counts_add_up_across_a_restart(interval, fake_kimi, keys, accounts_path
 async def test_stopping_while_a_save_waits_for_its_thread_loses_nothing(tmp_path, keys):
     path = tmp_path / "accounts.json"
     storage.write_accounts(path, AccountsFile(accounts=[Account(key=k) for k in keys]))
-    addon = KimiRotator()
     loop = asyncio.get_running_loop()
     gate = threading.Event()
     busy: list[asyncio.Future[bool]] = []
     try:
-        with taddons.context(addon) as tctx:
-            tctx.configure(addon, kimi_accounts=str(path), kimi_flush_interval="0.05", kimi_status="off")
+        with addon_in_taddons(path, kimi_flush_interval="0.05", kimi_status="off") as (addon, _):
             now = int(time.time() * 1000)
             for _ in range(5):  # five answered requests, not saved yet
                 lease = addon.pool.acquire(now)

@@ -26,51 +26,26 @@ import httpx
 import pytest
 
 from rotator.core.keys import mask_key, mask_key_ascii
-from tests.conftest import ADDON_SCRIPT, fake_key
 from testbed.fake_kimi import (
     MESSAGES_PATH,
     USAGES_PATH,
     FakeKimi,
-    SeenRequest,
     kimi_error,
 )
 from testbed.processes import Proxy, start_mitmdump
-from tests.harness import LOOPBACK_DNS, counts_on_disk, poll, run_cli, saved_flows, sse_events
-from tests.harness import accounts_on_disk as accounts
-
-MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
-PLACEHOLDER = "sk-kimi-placeholder"
-CLIENT_HEADERS = {
-    "x-api-key": PLACEHOLDER,
-    "User-Agent": "claude-cli/2.0.14 (external, cli)",
-    "anthropic-version": "2023-06-01",
-}
-# Generous: other test suites share this 2-core machine.
-FILE_DEADLINE_S = 10.0
-CLIENT_TIMEOUT_S = 30.0
+from tests.support.accounts import fake_key
+from tests.support.e2e import CLIENT_HEADERS, CLIENT_TIMEOUT_S, FILE_DEADLINE_S, MSG, client, messages_by, send
+from tests.support.harness import ADDON_SCRIPT, LOOPBACK_DNS, counts_on_disk, poll, run_cli, saved_flows, sse_events
+from tests.support.harness import accounts_on_disk as accounts
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def client() -> httpx.Client:
-    # trust_env=False: never pick up a proxy from the environment.
-    return httpx.Client(trust_env=False, timeout=CLIENT_TIMEOUT_S)
-
-
-def send(c: httpx.Client, proxy: Proxy, *, stream: bool = False) -> httpx.Response:
-    body = {**MSG, "stream": True} if stream else MSG
-    return c.post(proxy.url + MESSAGES_PATH, json=body, headers=CLIENT_HEADERS)
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-
-
-def messages_by(fake: FakeKimi, key: str) -> list[SeenRequest]:
-    return [r for r in fake.message_requests() if r.key == key]
 
 
 def assert_complete_stream(events: list[tuple[str | None, Any]]) -> None:

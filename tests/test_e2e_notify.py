@@ -16,8 +16,8 @@ from rotator.core.keys import mask_key
 from testbed.fake_kimi import MESSAGES_PATH, FakeKimi
 from testbed.processes import Proxy
 from testbed.receiver import Receiver
-from tests.conftest import fake_key
-from tests.harness import run_cli
+from tests.support.accounts import fake_key
+from tests.support.harness import run_cli
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"x-api-key": "sk-kimi-placeholder", "anthropic-version": "2023-06-01"}

@@ -14,7 +14,7 @@ import httpx
 
 from rotator.core.keys import mask_key
 from testbed.fake_kimi import MESSAGES_PATH, USAGES_PATH
-from tests.harness import accounts_on_disk, poll, saved_flows
+from tests.support.harness import accounts_on_disk, poll, saved_flows
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"x-api-key": "sk-kimi-placeholder", "anthropic-version": "2023-06-01", "user-agent": "claude-cli/2.0"}
@@ -103,7 +103,7 @@ def test_done_when_the_page_the_usage_verb_and_metrics_agree_on_a_key_spent_at_s
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tests.harness import run_cli
+    from tests.support.harness import run_cli
 
     reset_s = int(time.time()) + 3 * 3600
     fake_kimi.set_usage(keys[0], five_hour_limit=200, five_hour_used=200, five_hour_reset=reset_s)

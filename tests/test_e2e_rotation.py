@@ -1,7 +1,7 @@
 """End to end: a real mitmdump with the addon, a fake Kimi server and an httpx client.
 
 Everything stays on 127.0.0.1: reverse mode points at the fake server, regular mode
-uses the loopback DNS shim (tests/loopback_dns.py) so ``api.kimi.com`` reaches it.
+uses the loopback DNS shim (tests/support/loopback_dns.py) so ``api.kimi.com`` reaches it.
 
 Tests about the order of keys after a failure set ``kimi_max_attempts=1`` (no
 transparent retry on another key) and check what the fake server saw, not what the
@@ -11,7 +11,6 @@ client got for the failed request.
 from __future__ import annotations
 
 import re
-import ssl
 import time
 from pathlib import Path
 
@@ -20,46 +19,15 @@ import pytest
 
 from rotator.core.keys import mask_key, mask_key_ascii
 from testbed.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
-from testbed.processes import Proxy
-from tests.harness import accounts_on_disk, counts_on_disk, counts_seen, poll, saved_flows, sse_events
+from tests.support.harness import accounts_on_disk, counts_on_disk, counts_seen, poll, saved_flows, sse_events
+from tests.support.modes import (
+    CLIENT_HEADERS, FILE_DEADLINE_S, MSG, PLACEHOLDER, STREAM_EVENTS, USER_AGENT, client, kimi_base,
+)
 
-MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
-PLACEHOLDER = "sk-kimi-placeholder"
-USER_AGENT = "claude-cli/2.0.14 (external, cli)"
-CLIENT_HEADERS = {"User-Agent": USER_AGENT, "X-Msh-Platform": "kimi_cli"}
-STREAM_EVENTS = [
-    "message_start",
-    "content_block_start",
-    "content_block_delta",
-    "content_block_delta",
-    "content_block_delta",
-    "content_block_stop",
-    "message_delta",
-    "message_stop",
-]
-FILE_DEADLINE_S = 2.0  # the fixture flushes every 0.2 s
 NO_RETRY = {"kimi_max_attempts": "1"}  # no transparent retry on another key
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def kimi_base(proxy: Proxy, mode: str) -> str:
-    return {
-        "reverse": proxy.url,
-        "regular": "http://api.kimi.com",
-        "regular-tls": "https://api.kimi.com",
-    }[mode]
-
-
-def client(proxy: Proxy, mode: str) -> httpx.Client:
-    # trust_env=False: never pick up a proxy from the environment.
-    if mode == "reverse":
-        return httpx.Client(trust_env=False, timeout=10)
-    verify: ssl.SSLContext | bool = True
-    if mode == "regular-tls":
-        verify = ssl.create_default_context(cafile=str(proxy.ca_cert))
-    return httpx.Client(proxy=proxy.url, verify=verify, trust_env=False, timeout=10)
 
 
 def send(c: httpx.Client, base: str, key: str | None = PLACEHOLDER, *, bearer: bool = False,

@@ -14,16 +14,8 @@ from rotator.core.keys import mask_key
 from rotator.store.redis_store import RedisStore
 from testbed.processes import Proxy
 from testbed.redis_server import RedisServer
-from tests.harness import counts_seen, poll
-from tests.test_e2e_failures import client, send
-
-FLUSH_DEADLINE_S = 10.0
-
-
-def _counts_in_redis(url: str, keys: list[str]) -> dict[str, tuple[int, int]]:
-    by_key = {a.key: (a.total_requests, a.successful_requests) for a in RedisStore(url).read().accounts}
-    return {k: by_key.get(k, (0, 0)) for k in keys}
-
+from tests.support.e2e import FLUSH_DEADLINE_S, client, counts_in_redis, send
+from tests.support.harness import counts_seen, poll
 
 def test_three_proxies_count_exactly_and_see_cli_changes(redis_server, fake_kimi, start_proxy, keys):
     store = RedisStore(redis_server.url)
@@ -36,8 +28,8 @@ def test_three_proxies_count_exactly_and_see_cli_changes(redis_server, fake_kimi
     assert all(a.status_code == 200 for a in answers)
     seen = counts_seen(fake_kimi, keys)
     assert sum(total for total, _ in seen.values()) == 60
-    assert poll(lambda: _counts_in_redis(redis_server.url, keys) == seen, FLUSH_DEADLINE_S), (
-        _counts_in_redis(redis_server.url, keys), seen)
+    assert poll(lambda: counts_in_redis(redis_server.url, keys) == seen, FLUSH_DEADLINE_S), (
+        counts_in_redis(redis_server.url, keys), seen)
 
     # A person's change through the CLI (a third key) reaches every proxy: round robin
     # puts it on one of each proxy's next requests.
@@ -86,8 +78,8 @@ def test_redis_away_under_load_costs_no_request_and_counts_end_exact(redis_serve
         redis_server.start()
         assert statuses and set(statuses) == {200}
     seen = counts_seen(fake_kimi, keys)
-    assert poll(lambda: _counts_in_redis(redis_server.url, keys) == seen, FLUSH_DEADLINE_S), (
-        _counts_in_redis(redis_server.url, keys), seen)
+    assert poll(lambda: counts_in_redis(redis_server.url, keys) == seen, FLUSH_DEADLINE_S), (
+        counts_in_redis(redis_server.url, keys), seen)
 
 
 
@@ -129,8 +121,8 @@ def test_redis_losing_its_data_costs_no_key_and_no_count(redis_server, fake_kimi
     assert answers == [200] * 16
     seen = counts_seen(fake_kimi, keys)
     assert sum(total for total, _ in seen.values()) == 24
-    assert poll(lambda: _counts_in_redis(redis_server.url, keys) == seen, FLUSH_DEADLINE_S), (
-        _counts_in_redis(redis_server.url, keys), seen)
+    assert poll(lambda: counts_in_redis(redis_server.url, keys) == seen, FLUSH_DEADLINE_S), (
+        counts_in_redis(redis_server.url, keys), seen)
     logs = [p.output()[mark:] for p, mark in zip(proxies, marks)]
     assert not any("removed)" in log for log in logs), logs
     said = [line for log in logs for line in log.splitlines() if "lost the pool" in line]

@@ -11,10 +11,9 @@ import pytest
 
 from rotator.admin import ops
 from rotator.store.redis_store import RedisStore
-from tests.harness import counts_seen, poll
-from tests.test_e2e_failures import client, send
-from tests.test_e2e_team import FLUSH_DEADLINE_S, _counts_in_redis
-from tests.test_redis_acl import PASSWORD, acl_user
+from tests.support.e2e import FLUSH_DEADLINE_S, client, counts_in_redis, send
+from tests.support.harness import counts_seen, poll
+from tests.support.redis_acl import PASSWORD, acl_user
 
 
 @pytest.fixture
@@ -41,14 +40,14 @@ def test_a_user_that_may_not_publish_still_saves_every_count_and_says_so_once(
         assert answers == [200] * 6
         seen = counts_seen(fake_kimi, pool)
         assert seen[pool[0]][1] < seen[pool[0]][0]  # the 429 was answered: the key cooled
-        assert poll(lambda: _counts_in_redis(redis_server.url, pool) == seen, FLUSH_DEADLINE_S), (
-            _counts_in_redis(redis_server.url, pool), seen, proxy.output())
+        assert poll(lambda: counts_in_redis(redis_server.url, pool) == seen, FLUSH_DEADLINE_S), (
+            counts_in_redis(redis_server.url, pool), seen, proxy.output())
         # The cooldown itself reached the store.
         cooled = RedisStore(redis_server.url).read().accounts[0]
         assert cooled.rate_limit_reset_time > 0 and cooled.cooldown_reason
         assert [send(c, proxy).status_code for _ in range(4)] == [200] * 4
         seen = counts_seen(fake_kimi, pool)
-        assert poll(lambda: _counts_in_redis(redis_server.url, pool) == seen, FLUSH_DEADLINE_S)
+        assert poll(lambda: counts_in_redis(redis_server.url, pool) == seen, FLUSH_DEADLINE_S)
     proxy.stop()
     log = proxy.output()
     untold = [line for line in log.splitlines() if "cannot tell the team" in line]
@@ -64,7 +63,7 @@ def test_a_user_that_loses_set_has_its_failures_named_as_writes_and_its_unsaved_
     proxy = start_proxy(fake_kimi, options={"kimi_store": url})
     with client() as c:
         assert [send(c, proxy).status_code for _ in range(2)] == [200] * 2
-        assert poll(lambda: _counts_in_redis(redis_server.url, pool) == counts_seen(fake_kimi, pool), FLUSH_DEADLINE_S)
+        assert poll(lambda: counts_in_redis(redis_server.url, pool) == counts_seen(fake_kimi, pool), FLUSH_DEADLINE_S)
         redis_server.command("ACL", "SETUSER", "kimi", "-set")
         mark = len(proxy.output())
         assert [send(c, proxy).status_code for _ in range(3)] == [200] * 3

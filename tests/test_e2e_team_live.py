@@ -17,9 +17,9 @@ from rotator.admin import ops
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import slots_key
 from testbed.processes import Proxy
-from tests.conftest import fake_key
-from tests.harness import counts_seen, poll
-from tests.test_e2e_failures import client, send
+from tests.support.accounts import fake_key
+from tests.support.e2e import client, send
+from tests.support.harness import counts_seen, poll
 
 SEEN_WITHIN_S = 1.0
 # Saves far apart: only the team's notices can make a change seen within a second.

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rotator.core.keys import mask_key
 from testbed.fake_kimi import CHAT_COMPLETIONS_PATH, MESSAGES_PATH, FakeKimi
 from testbed.processes import Proxy
-from tests.harness import accounts_on_disk, poll, run_cli
+from tests.support.harness import accounts_on_disk, poll, run_cli
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 ANTHROPIC = {"x-api-key": "sk-kimi-placeholder", "User-Agent": "claude-cli/2.0.14 (external, cli)"}
@@ -85,7 +85,7 @@ def test_what_kimi_reported_in_both_shapes_is_what_each_key_shows(
 
 def test_the_flow_comment_ends_with_the_answers_tokens(fake_kimi: FakeKimi, keys, write_accounts, start_proxy,
                                                         tmp_path: Path):
-    from tests.harness import saved_flows
+    from tests.support.harness import saved_flows
 
     fake_kimi.report_tokens(fresh=1200, output=612, cache_read=41_000, cache_write=6000)
     write_accounts(keys[:1])

@@ -19,7 +19,7 @@ from testbed.fake_kimi import (
     mid_stream_error_events,
 )
 from testbed.processes import start_fake_kimi_process, start_mitmdump
-from tests.harness import LOOPBACK_DNS, poll, sse_events
+from tests.support.harness import LOOPBACK_DNS, poll, sse_events
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16,
        "messages": [{"role": "user", "content": "hi"}]}

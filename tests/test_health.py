@@ -5,8 +5,8 @@ from rotator.core.health import (
     effective_health,
 )
 from rotator.core.models import Account
+from tests.support.accounts import NOW
 
-NOW = 1_800_000_000_000
 
 
 def account(**fields) -> Account:

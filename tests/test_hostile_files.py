@@ -2,7 +2,7 @@
 symlinked files, duplicate keys, a truncated file at start, activeIndex out of range,
 and write or lock failures worded as what they are.
 
-The CLI runs as a subprocess (``python -m rotator.cli``, through tests.harness.run_cli),
+The CLI runs as a subprocess (``python -m rotator.cli``, through tests.support.harness.run_cli),
 the proxy as a real ``mitmdump`` in reverse mode in front of the fake Kimi server (which
 answers 200 to everything here); the save loop is driven in process where a failure must
 be forced.
@@ -30,8 +30,9 @@ from rotator.store.lock import DirLock, LockTimeout
 from rotator.sync.save_loop import PoolSync
 from testbed.fake_kimi import MESSAGES_PATH, FakeKimi
 from testbed.processes import Proxy
-from tests.conftest import FLUSH_INTERVAL_S, fake_key
-from tests.harness import accounts_on_disk, counts_on_disk, counts_seen, poll, run_cli
+from tests.support.accounts import fake_key
+from tests.support.harness import FLUSH_INTERVAL_S
+from tests.support.harness import accounts_on_disk, counts_on_disk, counts_seen, poll, run_cli
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 HEADERS = {"x-api-key": "sk-kimi-placeholder", "User-Agent": "claude-cli/2.0.14 (external, cli)"}

@@ -25,20 +25,18 @@ import httpx
 import pytest
 from mitmproxy import http
 from mitmproxy.addons.proxyserver import Proxyserver
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from rotator.core.keys import mask_key, mask_key_ascii
-from rotator.core.models import Account, AccountsFile
 from rotator.core.policy import BODY_SCAN_LIMIT
-from rotator.proxy.addon import KimiRotator
 from rotator.proxy.options import parse_hosts
-from rotator.store import file as storage
 from testbed.fake_kimi import MESSAGES_PATH, FakeKimi, kimi_error
 from testbed.hooks import call_hook
 from testbed.processes import Proxy
-from tests.conftest import fake_key
-from tests.harness import counts_on_disk, poll, saved_flows
-from tests.harness import accounts_on_disk as accounts
+from tests.support.accounts import fake_key
+from tests.support.harness import counts_on_disk, poll, saved_flows
+from tests.support.harness import accounts_on_disk as accounts
+from tests.support.in_process import addon_in_taddons, configure_with_keys
 
 PLACEHOLDER = "sk-kimi-placeholder"
 CLIENT_HEADERS = {"x-api-key": PLACEHOLDER, "anthropic-version": "2023-06-01"}
@@ -135,21 +133,9 @@ def kimi_flow(stream: bool, key: str | None = PLACEHOLDER) -> http.HTTPFlow:
     return flow
 
 
-def context(addon: KimiRotator) -> taddons.context:
-    """mitmproxy's test context, with the proxyserver addon that owns stream_large_bodies."""
-    return taddons.context(Proxyserver(), addon)
-
-
-def configure_with_keys(tctx, addon: KimiRotator, tmp_path: Path, keys: list[str], **options) -> None:
-    path = tmp_path / "accounts.json"
-    storage.write_accounts(path, AccountsFile(accounts=[Account(key=k) for k in keys]))
-    tctx.configure(addon, kimi_accounts=str(path), **options)
-
-
 async def test_requestheaders_puts_the_key_on_a_streamed_request_only(tmp_path):
     key = fake_key("pool0")
-    addon = KimiRotator()
-    with context(addon) as tctx:
+    with addon_in_taddons(None, Proxyserver()) as (addon, tctx):  # Proxyserver owns stream_large_bodies
         configure_with_keys(tctx, addon, tmp_path, [key], stream_large_bodies="1k")
         streamed = kimi_flow(stream=True)
         await call_hook(addon, "requestheaders", streamed)
@@ -168,8 +154,7 @@ async def test_requestheaders_puts_the_key_on_a_streamed_request_only(tmp_path):
 
 
 async def test_without_stream_large_bodies_there_is_no_requestheaders_hook(tmp_path):
-    addon = KimiRotator()
-    with context(addon) as tctx:
+    with addon_in_taddons(None, Proxyserver()) as (addon, tctx):
         configure_with_keys(tctx, addon, tmp_path, [fake_key("pool0")])
         assert getattr(addon, "requestheaders", None) is None  # the hot path costs nothing more
         tctx.configure(addon, stream_large_bodies="1m")
@@ -180,8 +165,7 @@ async def test_without_stream_large_bodies_there_is_no_requestheaders_hook(tmp_p
 
 async def test_a_request_streamed_before_any_key_is_not_charged(tmp_path):
     key = fake_key("pool0")
-    addon = KimiRotator()
-    with context(addon) as tctx:
+    with addon_in_taddons(None, Proxyserver()) as (addon, tctx):
         configure_with_keys(tctx, addon, tmp_path, [key])
         # Its headers went out already (streamed with no requestheaders chance): no key now.
         flow = kimi_flow(stream=True)
@@ -193,8 +177,7 @@ async def test_a_request_streamed_before_any_key_is_not_charged(tmp_path):
 
 
 async def test_a_streamed_request_with_no_key_is_closed_not_crashed(tmp_path):
-    addon = KimiRotator()
-    with context(addon) as tctx:
+    with addon_in_taddons(None, Proxyserver()) as (addon, tctx):
         configure_with_keys(tctx, addon, tmp_path, [], stream_large_bodies="1k")
         flow = kimi_flow(stream=True)
         await call_hook(addon, "requestheaders", flow)
@@ -364,8 +347,7 @@ def test_comma_separated_hosts_are_several_hosts():
 
 
 def test_kimi_hosts_from_the_command_line_split_on_commas(tmp_path):
-    addon = KimiRotator()
-    with context(addon) as tctx:
+    with addon_in_taddons(None, Proxyserver()) as (addon, tctx):
         configure_with_keys(tctx, addon, tmp_path, [fake_key("pool0")])
         tctx.options.set("kimi_hosts=api.kimi.com,api.moonshot.ai")  # as --set parses it
         assert addon.settings.hosts == {"api.kimi.com", "api.moonshot.ai"}

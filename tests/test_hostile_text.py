@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 from mitmproxy import http
 from mitmproxy import io as mitm_io
-from mitmproxy.test import taddons
 
 import rotator.cli.main as cli
 from rotator.core.keys import mask_key
@@ -30,10 +29,11 @@ from rotator.core.models import Account, AccountsFile
 from rotator.proxy.addon import KimiRotator
 from rotator.store import file as storage
 from testbed.hooks import FakeClock, call_hook, kimi_flow, run_virtual
-from tests.conftest import fake_key
-from tests.harness import run_cli
+from tests.support.accounts import fake_key
+from tests.support.harness import run_cli
+from tests.support.in_process import addon_in_taddons
 
-NOW = 1_750_000_000_000
+CLI_NOW = 1_750_000_000_000  # 2025-06-15: the CLI's clock here, before the wall clock (a stamp from the future reads as now)
 KEY1 = fake_key("hostile1")
 KEY2 = fake_key("hostile2")
 KEY3 = fake_key("hostile3")
@@ -44,7 +44,7 @@ JSON_CONTROL_ESCAPE = re.compile(r"\\u00[01][0-9a-fA-F]|\\u00[89][0-9a-fA-F]|\\u
 FULL_KEYS = (KEY1, KEY2, KEY3, ECHOED)
 
 
-# -- the CLI, in process (tests.harness.run_cli) -------------------------------------------
+# -- the CLI, in process (tests.support.harness.run_cli) -------------------------------------------
 
 
 class Cli:
@@ -77,7 +77,7 @@ class Cli:
 
 @pytest.fixture
 def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cli:
-    monkeypatch.setattr(cli, "now_ms", lambda: NOW)
+    monkeypatch.setattr(cli, "now_ms", lambda: CLI_NOW)
     monkeypatch.setattr(sys, "argv", ["kimi-rotator"])
     monkeypatch.delenv("KIMI_ROTATOR_ACCOUNTS", raising=False)
     return Cli(tmp_path / "kimi-accounts.json")
@@ -98,7 +98,7 @@ def file_with(*accounts: dict[str, Any], **top: Any) -> str:
 
 
 def entry(key: str, name: str, **fields: Any) -> dict[str, Any]:
-    return {"key": key, "name": name, "addedAt": NOW, "lastUsed": 0, "rateLimitResetTime": 0,
+    return {"key": key, "name": name, "addedAt": CLI_NOW, "lastUsed": 0, "rateLimitResetTime": 0,
             "healthScore": 100, "consecutiveFailures": 0, "totalRequests": 7,
             "successfulRequests": 5, **fields}
 
@@ -198,7 +198,7 @@ def test_a_bad_key_argument_is_not_echoed_raw(run: Cli) -> None:
 def test_hostile_text_already_in_the_file_is_shown_clean(run: Cli) -> None:
     write_raw(run.path, file_with(
         entry(KEY1, FORGED, disabledReason=f"key rejected\n\x1b[31m● [7] x {ECHOED}\u202e" + "y" * 5000),
-        entry(KEY2, "\x1b]52;c;aGVsbG8=\x07Home", rateLimitResetTime=NOW + 60_000,
+        entry(KEY2, "\x1b]52;c;aGVsbG8=\x07Home", rateLimitResetTime=CLI_NOW + 60_000,
               cooldownReason="rate limited\r\n\x1b[2J"),
     ))
     listing = run.ok("list-keys")
@@ -304,10 +304,7 @@ async def exchange(tmp_path: Path, first: http.Response) -> tuple[Path, http.HTT
                                               rotation_strategy="round-robin"))
     clock = FakeClock()
     upstream = Upstream({KEY1: first, KEY2: OK})
-    addon = KimiRotator(clock=clock, send=upstream)
-    upstream.addon = addon
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, kimi_accounts=str(path), kimi_hosts=["api.kimi.com"])
+    with addon_in_taddons(path, clock=clock, send=upstream, kimi_hosts=["api.kimi.com"]) as (addon, _):
         flow = kimi_flow()
         await call_hook(addon, "request", flow)
         await run_virtual(clock, upstream.answer(flow))
@@ -391,7 +388,7 @@ def test_hostile_upstream_errors_leave_log_file_and_dump_clean(
 ) -> None:
     import httpx
 
-    from tests.harness import saved_flows
+    from tests.support.harness import saved_flows
 
     path = write_accounts(keys)
     forged = "\\n\\u001b[31m\\u25cf [7] Forged\\r\\n   Key: " + ECHOED + " \\u202e\\u001b]52;c;aGk=\\u0007"

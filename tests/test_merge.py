@@ -1,12 +1,11 @@
 """The one merge rule: a proxy's change record applied to the state in the store."""
 
 from rotator.admin import ops
-from rotator.core import merge
+from rotator.core import edit_stamps, merge
 from rotator.core.clock import AHEAD_SLACK_MS
 from rotator.core.models import Account, AccountsFile
+from tests.support.accounts import KEYS, NOW
 
-NOW = 1_800_000_000_000
-KEYS = [f"sk-kimi-FAKEmerge{i:015d}" for i in range(3)]
 
 
 def state(count: int = 3, **top: object) -> AccountsFile:
@@ -173,7 +172,7 @@ def test_a_stamp_a_little_ahead_is_believed_and_nothing_is_written_for_it():
     disk = state(1)
     ops.use_key(0, NOW + AHEAD_SLACK_MS)(disk)  # clocks a moment apart
     assert merge.syncing(merge.PoolChange(), NOW)(disk) is None
-    assert not merge.stamps_ahead(disk, NOW) and merge.stamps_ahead(disk, NOW - 1)
+    assert not edit_stamps.stamps_ahead(disk, NOW) and edit_stamps.stamps_ahead(disk, NOW - 1)
     disk = state(2)
     ops.use_key(1, NOW + AHEAD_SLACK_MS)(disk)
     earlier = merge.PoolChange()

@@ -15,10 +15,8 @@ from rotator.notify.pool_listener import PoolNotifications
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from testbed.hooks import FakeClock
-from tests.conftest import fake_key
+from tests.support.accounts import KEYS, NOW
 
-NOW = 1_800_000_000_000
-KEYS = [fake_key(f"notify{i}") for i in range(3)]
 URL = "json://127.0.0.1:9/"
 REVOKED = policy.classify(401, {}, b'{"error":{"message":"Invalid Authentication"}}', NOW)
 BANNED = policy.classify(403, {}, b'{"error":{"message":"access terminated: community guidelines"}}', NOW)

@@ -14,23 +14,22 @@ from typing import Any
 import httpx
 import pytest
 from mitmproxy import http
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from rotator.core import policy
 from rotator.core.keys import mask_key
-from rotator.core.models import Account, AccountsFile
+from rotator.core.models import Account
 from rotator.core.policy import Verdict
 from rotator.proxy import answers
 from rotator.proxy.addon import KimiRotator
-from rotator.store import file as storage
 from testbed.fake_kimi import CHAT_COMPLETIONS_PATH, KIMI_ERRORS, MESSAGES_PATH, FakeKimi, kimi_error
 from testbed.hooks import FakeClock, call_hook
 from testbed.processes import Proxy
-from tests.conftest import fake_key
+from tests.support.accounts import NOW, fake_key, fake_keys, write_pool
+from tests.support.in_process import addon_in_taddons
 
-KEYS = [fake_key(f"openai{i}") for i in range(2)]
+KEYS = fake_keys(2)
 CHAT = {"model": "kimi-for-coding", "messages": [{"role": "user", "content": "hi"}]}
-NOW = 1_800_000_000_000
 S = 1000
 OPENAI_KEYS = {"message", "type", "code"}
 
@@ -42,11 +41,6 @@ def flow_to(path: str, peer: tuple[str, int] = ("127.0.0.1", 40000), **headers: 
     flow = tflow.tflow(req=request)
     flow.client_conn.peername = peer
     return flow
-
-
-def write_pool(path: Path, accounts: list[Account]) -> Path:
-    storage.write_accounts(path, AccountsFile(accounts=accounts, rotation_strategy="round-robin"))
-    return path
 
 
 def openai_error(response: http.Response) -> dict[str, Any]:
@@ -64,10 +58,8 @@ def anthropic_error(response: http.Response) -> dict[str, Any]:
 async def answered_itself(tmp_path: Path, accounts: list[Account], path: str, **options: Any) -> http.Response:
     """The answer the proxy gives itself to one request on `path`."""
     clock = FakeClock(NOW)
-    addon = KimiRotator(clock=clock)
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, kimi_accounts=str(write_pool(tmp_path / "accounts.json", accounts)),
-                       kimi_max_wait="0", **options)
+    with addon_in_taddons(write_pool(tmp_path / "accounts.json", accounts), clock=clock,
+                          kimi_max_wait="0", **options) as (addon, _):
         flow = flow_to(path, authorization="Bearer sk-kimi-placeholder")
         if options.get("kimi_allow_remote"):
             flow.client_conn.peername = ("192.0.2.7", 40000)
@@ -120,11 +112,9 @@ async def test_a_refused_client_gets_the_openai_shape(
 ) -> None:
     token = tmp_path / "token"
     token.write_text("a-long-client-token-for-tests\n")
-    addon = KimiRotator(clock=FakeClock(NOW))
     peer = ("192.0.2.7", 40000) if refusal == "remote" else ("127.0.0.1", 40000)
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, kimi_accounts=str(write_pool(tmp_path / "a.json", [Account(key=KEYS[0])])),
-                       kimi_client_token_file=str(token))
+    with addon_in_taddons(write_pool(tmp_path / "a.json", [Account(key=KEYS[0])]), clock=FakeClock(NOW),
+                          kimi_client_token_file=str(token)) as (addon, _):
         chat = flow_to(CHAT_COMPLETIONS_PATH + "?x=1", peer, authorization="Bearer wrong")
         messages = flow_to(MESSAGES_PATH, peer, authorization="Bearer wrong")
         for flow in (chat, messages):
@@ -181,11 +171,8 @@ def refusal(name: str, headers: dict[str, str] | None = None) -> http.Response:
 
 async def test_retries_that_find_every_key_refused_end_in_an_openai_429(tmp_path: Path) -> None:
     upstream = RefusingUpstream("too_many_requests")
-    addon = KimiRotator(clock=FakeClock(NOW), send=upstream)
-    upstream.addon = addon
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, kimi_accounts=str(write_pool(tmp_path / "a.json", [Account(key=k) for k in KEYS])),
-                       kimi_max_wait="0")
+    with addon_in_taddons(write_pool(tmp_path / "a.json", [Account(key=k) for k in KEYS]), clock=FakeClock(NOW),
+                          send=upstream, kimi_max_wait="0") as (addon, _):
         flow = flow_to(CHAT_COMPLETIONS_PATH, authorization="Bearer sk-kimi-placeholder")
         await call_hook(addon, "request", flow)
         assert flow.request.headers["authorization"] == f"Bearer {KEYS[0]}"

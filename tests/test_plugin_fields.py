@@ -29,13 +29,10 @@ from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from rotator.store import file as storage
 from testbed.fake_kimi import MESSAGES_PATH
-from tests.harness import accounts_on_disk, poll, run_cli
+from tests.support.accounts import DAY, HOUR, NOW, TODAY
+from tests.support.harness import accounts_on_disk, poll, run_cli
+from tests.support.plugin_files import PLUGIN_KEYS, on_disk, plugin_account, plugin_file
 
-NOW = 1_800_000_000_000  # 2027-01-15T08:00:00Z
-TODAY = "2027-01-15"
-HOUR = 3_600_000
-DAY = 86_400_000
-KEYS = [f"sk-kimi-FAKEplugin{i:014d}abcd" for i in range(3)]
 OK = policy.classify(200, {}, b"{}", NOW)
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -147,30 +144,6 @@ def plugin_schema_problems(doc: Any) -> list[str]:
     return problems
 
 
-def plugin_account(key: str, name: str, **fields: Any) -> dict[str, Any]:
-    """An account exactly as the plugin writes one: all of its fields, nothing else."""
-    return {
-        "key": key, "name": name, "addedAt": NOW - 30 * DAY, "lastUsed": NOW - HOUR,
-        "rateLimitResetTime": 0, "billingLimitResetTime": 0, "healthScore": 100,
-        "consecutiveFailures": 0, "consecutiveBillingLimitHits": 0, "totalRequests": 0,
-        "successfulRequests": 0, "responseTimes": [], "dailyRequests": {}, **fields,
-    }
-
-
-def plugin_file(path: Path, accounts: list[dict[str, Any]], **top: Any) -> dict[str, Any]:
-    doc = {
-        "version": 1, "accounts": accounts, "activeIndex": 0, "rotationStrategy": "health-based",
-        "autoRefreshHealth": True, "healthRefreshCooldownMinutes": 30, **top,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2))
-    return doc
-
-
-def on_disk(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
-
 # -- round trip ---------------------------------------------------------------------------
 
 
@@ -178,10 +151,10 @@ def on_disk(path: Path) -> dict[str, Any]:
 def test_a_file_the_plugin_wrote_keeps_every_field_through_our_write(tmp_path, zod_folder):
     path = tmp_path / "kimi-accounts.json"
     written = plugin_file(path, [
-        plugin_account(KEYS[0], "Personal", billingLimitResetTime=NOW + HOUR, consecutiveBillingLimitHits=2,
+        plugin_account(PLUGIN_KEYS[0], "Personal", billingLimitResetTime=NOW + HOUR, consecutiveBillingLimitHits=2,
                        healthScore=40, consecutiveFailures=1, totalRequests=12, successfulRequests=9,
                        responseTimes=[812, 1290.5, 604], dailyRequests={"2027-01-14": 4, TODAY: 5}),
-        plugin_account(KEYS[1], "Work", rateLimitResetTime=NOW + 60_000, totalRequests=3, successfulRequests=3,
+        plugin_account(PLUGIN_KEYS[1], "Work", rateLimitResetTime=NOW + 60_000, totalRequests=3, successfulRequests=3,
                        responseTimes=[350], dailyRequests={TODAY: 3}),
     ], rotationStrategy="sticky", autoRefreshHealth=False, healthRefreshCooldownMinutes=45)
 
@@ -200,7 +173,7 @@ def test_a_file_the_plugin_wrote_keeps_every_field_through_our_write(tmp_path, z
 
 def test_a_file_without_the_new_fields_gets_the_plugins_defaults(tmp_path):
     path = tmp_path / "kimi-accounts.json"
-    storage.write_accounts(path, AccountsFile(accounts=[Account(key=KEYS[0], name="One")]))
+    storage.write_accounts(path, AccountsFile(accounts=[Account(key=PLUGIN_KEYS[0], name="One")]))
     doc = on_disk(path)
     assert (doc["autoRefreshHealth"], doc["healthRefreshCooldownMinutes"]) == (True, 30)
     account = doc["accounts"][0]
@@ -211,7 +184,7 @@ def test_a_file_without_the_new_fields_gets_the_plugins_defaults(tmp_path):
 
 def test_a_cooldown_the_plugin_would_refuse_is_refused_and_the_file_kept(tmp_path):
     path = tmp_path / "kimi-accounts.json"
-    plugin_file(path, [plugin_account(KEYS[0], "One")], healthRefreshCooldownMinutes=5000)
+    plugin_file(path, [plugin_account(PLUGIN_KEYS[0], "One")], healthRefreshCooldownMinutes=5000)
     before = path.read_bytes()
     result = run_cli(path, "use-key", "0", in_process=True)
     assert result.returncode != 0
@@ -224,7 +197,7 @@ def test_a_cooldown_the_plugin_would_refuse_is_refused_and_the_file_kept(tmp_pat
 
 def test_a_billing_limited_key_is_not_used_before_its_reset(tmp_path):
     state = AccountsFile(
-        accounts=[Account(key=k, name=f"k{i}") for i, k in enumerate(KEYS)], rotation_strategy="round-robin"
+        accounts=[Account(key=k, name=f"k{i}") for i, k in enumerate(PLUGIN_KEYS)], rotation_strategy="round-robin"
     )
     state.accounts[0].billing_limit_reset_time = NOW + HOUR
     pool = KeyPool(state)
@@ -239,7 +212,7 @@ def test_a_billing_limited_key_is_not_used_before_its_reset(tmp_path):
 
 
 def test_the_later_of_rate_and_billing_deadlines_counts():
-    accounts = [Account(key=KEYS[0], rate_limit_reset_time=NOW + 60_000, billing_limit_reset_time=NOW + HOUR)]
+    accounts = [Account(key=PLUGIN_KEYS[0], rate_limit_reset_time=NOW + 60_000, billing_limit_reset_time=NOW + HOUR)]
     assert choose_key(accounts, "sticky", 0, NOW + 120_000) == Unavailable(Shortage.ALL_COOLING, NOW + HOUR)
     accounts[0].rate_limit_reset_time = NOW + 2 * HOUR
     assert choose_key(accounts, "sticky", 0, NOW + HOUR + 1) == Unavailable(Shortage.ALL_COOLING, NOW + 2 * HOUR)
@@ -249,9 +222,9 @@ def test_list_keys_shows_a_billing_limited_key_as_cooling_and_clear_limits_clear
     path = tmp_path / "kimi-accounts.json"
     soon = int(time.time() * 1000) + HOUR
     plugin_file(path, [
-        plugin_account(KEYS[0], "Billed", billingLimitResetTime=soon, rateLimitResetTime=soon - 1000,
+        plugin_account(PLUGIN_KEYS[0], "Billed", billingLimitResetTime=soon, rateLimitResetTime=soon - 1000,
                        consecutiveBillingLimitHits=2),
-        plugin_account(KEYS[1], "Fine"),
+        plugin_account(PLUGIN_KEYS[1], "Fine"),
     ])
     listed = run_cli(path, "list-keys", in_process=True)
     block = listed.stdout.split("[1] Fine")[0]
@@ -273,7 +246,7 @@ def test_list_keys_shows_a_billing_limited_key_as_cooling_and_clear_limits_clear
 
 
 def test_a_success_records_today_and_its_response_time_and_resets_billing_hits():
-    state = AccountsFile(accounts=[Account(key=KEYS[0], consecutive_billing_limit_hits=1)])
+    state = AccountsFile(accounts=[Account(key=PLUGIN_KEYS[0], consecutive_billing_limit_hits=1)])
     pool = KeyPool(state)
     for took in (120, 340):
         lease = pool.acquire(NOW)
@@ -283,7 +256,7 @@ def test_a_success_records_today_and_its_response_time_and_resets_billing_hits()
     assert account.response_times == [120, 340]
     assert account.consecutive_billing_limit_hits == 0
 
-    disk = AccountsFile(accounts=[Account(key=KEYS[0], consecutive_billing_limit_hits=1,
+    disk = AccountsFile(accounts=[Account(key=PLUGIN_KEYS[0], consecutive_billing_limit_hits=1,
                                           daily_requests={TODAY: 5, "2027-01-14": 1}, response_times=[900])])
     merged = merge.apply(disk, pool.take_changes())
     saved = merged.accounts[0]
@@ -293,16 +266,16 @@ def test_a_success_records_today_and_its_response_time_and_resets_billing_hits()
 
 
 def test_a_failure_records_neither_a_day_nor_a_time():
-    pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0])]))
+    pool = KeyPool(AccountsFile(accounts=[Account(key=PLUGIN_KEYS[0])]))
     lease = pool.acquire(NOW)
     pool.release(lease, policy.classify(500, {}, b"{}", NOW), NOW, 99)
     assert (pool.accounts[0].daily_requests, pool.accounts[0].response_times) == ({}, [])
 
 
 def test_two_proxies_add_their_days_and_the_newest_100_times_are_kept():
-    disk = AccountsFile(accounts=[Account(key=KEYS[0], daily_requests={TODAY: 1},
+    disk = AccountsFile(accounts=[Account(key=PLUGIN_KEYS[0], daily_requests={TODAY: 1},
                                           response_times=list(range(90)))])
-    proxies = [KeyPool(AccountsFile(accounts=[Account(key=KEYS[0])])) for _ in range(2)]
+    proxies = [KeyPool(AccountsFile(accounts=[Account(key=PLUGIN_KEYS[0])])) for _ in range(2)]
     for n, pool in enumerate(proxies):
         for i in range(10):
             pool.release(pool.acquire(NOW), OK, NOW, 1000 * (n + 1) + i)
@@ -317,20 +290,20 @@ def test_two_proxies_add_their_days_and_the_newest_100_times_are_kept():
 
 
 def test_a_failed_save_keeps_every_day_and_time_for_the_next():
-    pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0])]))
+    pool = KeyPool(AccountsFile(accounts=[Account(key=PLUGIN_KEYS[0])]))
     pool.release(pool.acquire(NOW), OK, NOW, 100)
     taken = pool.take_changes()
     pool.release(pool.acquire(NOW + DAY), OK, NOW + DAY, 200)
     pool.give_back(taken)  # the save failed
-    disk = merge.apply(AccountsFile(accounts=[Account(key=KEYS[0])]), pool.take_changes())
+    disk = merge.apply(AccountsFile(accounts=[Account(key=PLUGIN_KEYS[0])]), pool.take_changes())
     assert disk.accounts[0].daily_requests == {TODAY: 1, "2027-01-16": 1}
     assert disk.accounts[0].response_times == [100, 200]
 
 
 def test_days_older_than_90_are_dropped_when_saved():
     old = {(dt.date(2027, 1, 15) - dt.timedelta(days=back)).isoformat(): 1 for back in range(1, 120)}
-    disk = AccountsFile(accounts=[Account(key=KEYS[0], daily_requests=dict(old))])
-    pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0])]))
+    disk = AccountsFile(accounts=[Account(key=PLUGIN_KEYS[0], daily_requests=dict(old))])
+    pool = KeyPool(AccountsFile(accounts=[Account(key=PLUGIN_KEYS[0])]))
     pool.release(pool.acquire(NOW), OK, NOW, 5)
     kept = merge.apply(disk, pool.take_changes()).accounts[0].daily_requests
     assert min(kept) == "2026-10-17"  # 90 days before 2027-01-15
@@ -341,7 +314,7 @@ def test_the_date_is_made_once_per_day_and_is_the_utc_date(monkeypatch):
     made = []
     real = time.strftime
     monkeypatch.setattr(stats.time, "strftime", lambda *a: made.append(a) or real(*a))
-    pool = KeyPool(AccountsFile(accounts=[Account(key=KEYS[0])]))
+    pool = KeyPool(AccountsFile(accounts=[Account(key=PLUGIN_KEYS[0])]))
     midnight = NOW - 8 * HOUR + DAY  # 2027-01-16T00:00:00Z
     for at in (NOW, NOW + 1, midnight - 1, midnight - 1):
         pool.release(pool.acquire(at), OK, at, 1)
@@ -355,7 +328,7 @@ def test_the_date_is_made_once_per_day_and_is_the_utc_date(monkeypatch):
 
 def test_resting_recovery_follows_the_files_cooldown_minutes_and_switch():
     def rested(**top: Any) -> int:
-        state = AccountsFile(accounts=[Account(key=KEYS[0], health_score=20, health_rest_since=NOW)], **top)
+        state = AccountsFile(accounts=[Account(key=PLUGIN_KEYS[0], health_score=20, health_rest_since=NOW)], **top)
         return view_pool(state, NOW + 2 * HOUR)[0].health
 
     assert rested() == 60  # 30 minutes per +10 by default
@@ -365,8 +338,8 @@ def test_resting_recovery_follows_the_files_cooldown_minutes_and_switch():
 
 
 def test_with_auto_refresh_off_a_weak_key_is_not_chosen_back_at_rest():
-    accounts = [Account(key=KEYS[0], health_score=20, health_rest_since=NOW),
-                Account(key=KEYS[1], health_score=35, health_rest_since=NOW)]
+    accounts = [Account(key=PLUGIN_KEYS[0], health_score=20, health_rest_since=NOW),
+                Account(key=PLUGIN_KEYS[1], health_score=35, health_rest_since=NOW)]
     state = AccountsFile(accounts=accounts, rotation_strategy="health-based", auto_refresh_health=False)
     pool = KeyPool(state)
     lease = pool.acquire(NOW + 10 * HOUR)

@@ -30,8 +30,8 @@ from rotator.store.file import FileStore
 from rotator.store.lock import STALE_S, Found, judge
 from rotator.sync.save_loop import PoolSync
 from testbed.processes import REPO_ROOT
-from tests.conftest import fake_key
-from tests.harness import accounts_on_disk, run_cli
+from tests.support.accounts import fake_key
+from tests.support.harness import accounts_on_disk, run_cli
 
 # Takes the lock as the plugin's storage.ts does (stale 5000 ms, 3 retries) unless the
 # options say otherwise; reads the file once locked, waits HOLD_MS, adds KEY (if given),

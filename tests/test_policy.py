@@ -27,8 +27,8 @@ from rotator.core.policy import (
     classify_connection_error,
     normalise,
 )
+from tests.support.accounts import NOW
 
-NOW = 1_800_000_000_000  # 2027-01-15T08:00:00Z
 S = 1000
 HOUR = 3600 * S
 DAY = 24 * HOUR

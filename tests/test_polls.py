@@ -18,7 +18,8 @@ from mitmproxy import exceptions, http
 from rotator.core.keys import mask_key, mask_key_ascii
 from rotator.proxy.polls import poll_target
 from testbed.hooks import kimi_flow
-from tests.test_retry import KEYS, USAGES, clock, kimi_error, proxy, success  # noqa: F401 (fixtures)
+from tests.support.accounts import KEYS
+from tests.support.in_process import USAGES, addon_in_taddons, kimi_error, success
 
 HOUR = 3_600_000
 
@@ -235,12 +236,7 @@ def test_where_polls_go_before_any_client_request(modes, hosts, target):
     ],
 )
 def test_odd_polling_options_are_refused_naming_the_option(tmp_path, option, value, message):
-    from mitmproxy.test import taddons
-
-    from rotator.proxy.addon import KimiRotator
-
-    addon = KimiRotator()
-    with taddons.context(addon) as tctx:
+    with addon_in_taddons() as (addon, tctx):
         tctx.configure(addon, kimi_accounts=str(tmp_path / "a.json"))
         with pytest.raises(exceptions.OptionsError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
             tctx.configure(addon, **{option: value})

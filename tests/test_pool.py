@@ -4,9 +4,9 @@ from rotator.core import merge, policy
 from rotator.core.models import Account, AccountsFile
 from rotator.core.strategies import Shortage, Unavailable
 from rotator.pool.key_pool import KeyPool
+from tests.support.accounts import NOW, fake_keys
 
-NOW = 1_800_000_000_000
-KEYS = [f"sk-kimi-FAKEpool{i:016d}" for i in range(4)]
+KEYS = fake_keys(4)
 OK = policy.classify(200, {}, b"{}", NOW)
 RATE_LIMITED = policy.classify(429, {"retry-after": "30"}, b"", NOW)
 REVOKED = policy.classify(401, {}, b'{"error":{"message":"Invalid Authentication"}}', NOW)
@@ -71,6 +71,23 @@ def test_cooldowns_in_a_row_grow_and_a_success_resets_them():
     lease = pool.acquire(now)
     pool.release(lease, policy.classify(429, {}, b"", now), now)
     assert pool.accounts[0].rate_limit_reset_time - now == 60_000
+
+
+def test_an_announced_reset_grows_too_when_it_follows_another_cooldown():
+    """The logic of test_e2e_failures' twice-as-long test on the fake clock, exactly: a
+    key refused with retry-after-ms 400, back after it and refused again, cools 800 ms."""
+    pool = KeyPool(state(2, strategy="sticky"))
+    now = NOW
+    announced = {"retry-after-ms": "400"}
+    pool.release(pool.acquire(now), policy.classify(429, announced, b"", now), now)
+    assert pool.accounts[0].rate_limit_reset_time == now + 400
+    assert pool.accounts[0].cooldown_level == 1
+    now += 400  # its cooldown is over: half-open, one request
+    trial = pool.acquire(now)
+    assert trial.index == 0
+    pool.release(trial, policy.classify(429, announced, b"", now), now)
+    assert pool.accounts[0].cooldown_level == 2
+    assert pool.accounts[0].rate_limit_reset_time == now + 800  # twice the 400 announced
 
 
 def test_backoff_is_capped_at_thirty_minutes():

@@ -16,9 +16,8 @@ from rotator.proxy.options import Settings
 from rotator.status.tally import Tally
 from testbed.hooks import FakeClock
 from testbed.pool_events import RecordedPoolEvents
-from tests.conftest import fake_key
+from tests.support.accounts import NOW, fake_key
 
-NOW = 1_800_000_000_000
 OK = policy.classify(200, {}, b"{}", NOW)
 BANNED = policy.classify(403, {}, b'{"error":{"message":"access terminated: community guidelines"}}', NOW)
 WEEKLY = policy.classify(429, {}, b'{"error":{"message":"You have reached your weekly usage limit"}}', NOW)

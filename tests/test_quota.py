@@ -27,11 +27,9 @@ from rotator.core.quota import (
 from rotator.core.key_view import KeyState, view_pool
 from rotator.core.strategies import Shortage, Unavailable
 from testbed.hooks import FakeClock
-from tests.conftest import fake_key
+from tests.support.accounts import KEYS, NOW
 
-NOW = 1_800_000_000_000  # 2027-01-15T08:00:00Z
 HOUR = 3_600_000
-KEYS = [fake_key(f"quota{i}") for i in range(3)]
 
 
 def usages(five_hour=(200, 3, 197), weekly=(2048, 3, 2045), five_hour_reset=NOW + 2 * HOUR,

@@ -5,8 +5,6 @@ against a real redis-server."""
 from __future__ import annotations
 
 import asyncio
-import re
-from pathlib import Path
 
 import pytest
 import redis
@@ -16,30 +14,11 @@ from rotator.core import merge
 from rotator.store import Notice, NoticeKind, StoreError
 from rotator.store.redis_store import RedisStore
 from rotator.store.urls import key_id
-from testbed.redis_server import RedisServer
+from tests.support.redis_acl import PASSWORD, acl_user
 
 pytestmark = pytest.mark.slow  # each test starts a process or a server
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 KEY = "sk-kimi-ACLTEST0000000000000000000000key0"
-PASSWORD = "a-long-password"
-
-
-def readme_acl_line() -> list[str]:
-    found = re.search(r"^ACL SETUSER .*$", README.read_text(encoding="utf-8"), re.MULTILINE)
-    assert found, "README.md shows no ACL SETUSER line"
-    return found.group(0).split()
-
-
-def acl_user(server: RedisServer, without: tuple[str, ...] = ()) -> str:
-    """The README's ACL user `kimi` on `server`, less the rules in `without`; its URL."""
-    line = readme_acl_line()
-    for rule in without:
-        assert rule in line, rule
-    server.command(*[part for part in line if part not in without])
-    return f"redis://kimi:{PASSWORD}@127.0.0.1:{server.port}/0"
-
-
 @pytest.fixture
 def acl_url(redis_server):
     redis_server.command("SET", "other-app:secret", "x")

@@ -6,8 +6,8 @@ from rotator.core.reset_times import (
     later_deadline,
     reset_deadline_from_headers,
 )
+from tests.support.accounts import NOW
 
-NOW = 1_800_000_000_000  # 2027-01-15T08:00:00Z
 S = 1000
 DAY = 24 * 3600 * S
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.flow import Error
-from mitmproxy.test import taddons
 
 from rotator.core import policy
 from rotator.core.keys import mask_key, mask_key_ascii
@@ -23,104 +20,11 @@ from rotator.pool.events import PoolListeners
 from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from rotator.pool.waitline import WaitLine
-from rotator.proxy.addon import KimiRotator
-from rotator.store import file as storage
 from testbed.hooks import FakeClock, call_hook, kimi_flow, run_virtual
-from tests.conftest import fake_key
+from tests.support.accounts import KEYS
+from tests.support.in_process import USAGES, kimi_error, success
 
-KEYS = [fake_key(f"retry{i}") for i in range(3)]
 OK = policy.classify(200, {}, b"{}", 0)
-USAGES = "/coding/v1/usages"
-
-
-def kimi_error(status: int, message: str, headers: dict[str, str] | None = None) -> http.Response:
-    body = json.dumps({"type": "error", "error": {"type": "x", "message": message}})
-    return http.Response.make(status, body, {"content-type": "application/json", **(headers or {})})
-
-
-def success() -> http.Response:
-    return http.Response.make(200, b'{"type":"message"}', {"content-type": "application/json"})
-
-
-Answer = Callable[[http.HTTPFlow, str], "http.Response | Exception | None"]
-
-
-class FakeUpstream:
-    """Plays mitmproxy and Kimi for flows: runs the addon's hooks around an answer.
-
-    `answer(flow, key)` gets each request with the full key it carried, and returns a
-    response, an exception to raise after the key went on (a resend that blew up), or
-    None to hang until cancelled (`cut` lists the keys of requests so ended).
-    """
-
-    def __init__(self, answer: Answer) -> None:
-        self.answer = answer
-        self.addon: KimiRotator | None = None
-        self.seen: list[tuple[str, str]] = []  # (path, key) as upstream saw them
-        self.cut: list[str] = []  # keys of the requests cancelled while they hung
-
-    async def __call__(self, flow: http.HTTPFlow) -> None:
-        addon = self.addon
-        assert addon is not None
-        await call_hook(addon, "request", flow)
-        if flow.response is not None:
-            return  # the proxy answered itself
-        key = flow.request.headers.get("x-api-key") or flow.request.headers.get("authorization", "")
-        key = key.removeprefix("Bearer ")
-        self.seen.append((flow.request.path, key))
-        result = self.answer(flow, key)
-        if result is None:
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                self.cut.append(key)
-                raise
-        if isinstance(result, Exception):
-            raise result
-        assert isinstance(result, http.Response)
-        flow.response = result
-        await call_hook(addon, "responseheaders", flow)
-        await call_hook(addon, "response", flow)
-
-    def keys_sent(self, path: str = "/coding/v1/messages") -> list[str]:
-        return [key for seen_path, key in self.seen if seen_path == path]
-
-
-def write_pool(path: Path, keys: list[str], **fields_by_index: dict[str, Any]) -> Path:
-    accounts = []
-    for i, key in enumerate(keys):
-        accounts.append(Account(key=key, name=f"Account {i}", **fields_by_index.get(f"k{i}", {})))
-    storage.write_accounts(path, AccountsFile(accounts=accounts, rotation_strategy="round-robin"))
-    return path
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def proxy(tmp_path: Path, clock: FakeClock):
-    """start(answer, keys, **options) -> (addon, upstream): the addon in taddons, its
-    own requests and the client's going to the fake upstream."""
-    contexts: list[Any] = []
-
-    def start(answer: Answer, keys: list[str] = KEYS, fields: dict[str, dict[str, Any]] | None = None,
-              **options: Any) -> tuple[KimiRotator, FakeUpstream]:
-        path = write_pool(tmp_path / "accounts.json", keys, **(fields or {}))
-        upstream = FakeUpstream(answer)
-        addon = KimiRotator(clock=clock, send=upstream)
-        upstream.addon = addon
-        tctx = taddons.context(addon)
-        contexts.append(tctx)
-        tctx.__enter__()
-        options.setdefault("kimi_hosts", ["api.kimi.com"])
-        tctx.configure(addon, kimi_accounts=str(path), **{"kimi_status": "off", **options})
-        return addon, upstream
-
-    yield start
-    for tctx in contexts:
-        tctx.__exit__(None, None, None)
 
 
 # -- waiting in line ---------------------------------------------------------------------

@@ -28,13 +28,14 @@ import httpx
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.addons import proxyauth
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from rotator.core.keys import mask_key, mask_key_ascii
 from rotator.proxy.addon import KimiRotator
 from testbed.fake_kimi import FakeKimi
 from testbed.hooks import call_hook
-from tests.harness import counts_on_disk, poll, run_cli, sse_events
+from tests.support.harness import counts_on_disk, poll, run_cli, sse_events
+from tests.support.in_process import addon_in_taddons
 
 PLACEHOLDER = "sk-kimi-placeholder-from-the-client"
 TOKEN = "client-token-7f3a9c"
@@ -265,10 +266,7 @@ def kimi_flow(peer: tuple[Any, ...], key: str | None = PLACEHOLDER, host: str = 
 
 @pytest.fixture
 async def addon_ctx(keys: list[str], write_accounts) -> AsyncIterator[tuple[KimiRotator, Any]]:
-    path = write_accounts(keys)
-    addon = KimiRotator()
-    with taddons.context(proxyauth.ProxyAuth(), addon) as tctx:
-        tctx.configure(addon, kimi_accounts=str(path), kimi_hosts=["api.kimi.com"])
+    with addon_in_taddons(write_accounts(keys), proxyauth.ProxyAuth(), kimi_hosts=["api.kimi.com"]) as (addon, tctx):
         yield addon, tctx
 
 
@@ -368,10 +366,7 @@ async def test_startup_warns_when_listening_beyond_loopback(
     keys, write_accounts, caplog: pytest.LogCaptureFixture, addresses, exposed
 ) -> None:
     """Nothing is bound: the proxyserver addon is a fake that reports these addresses."""
-    path = write_accounts(keys)
-    addon = KimiRotator()
-    with taddons.context(FakeProxyServer(addresses), proxyauth.ProxyAuth(), addon) as tctx:
-        tctx.configure(addon, kimi_accounts=str(path))
+    with addon_in_taddons(write_accounts(keys), FakeProxyServer(addresses), proxyauth.ProxyAuth()) as (addon, _):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             await call_hook(addon, "running", None)

@@ -15,8 +15,8 @@ from mitmproxy import exceptions
 from rotator.proxy.startup_checks import OptionErrorsInOneLine, deferred_problems, reverse_targets_not_kimi
 from rotator.store.urls import masked_url
 from testbed.processes import child_env, mitmdump_path
-from tests.conftest import ADDON_SCRIPT
-from tests.harness import run_cli
+from tests.support.harness import ADDON_SCRIPT
+from tests.support.harness import run_cli
 
 
 class Unparsed:  # what mitmproxy keeps for an option given before its addon loaded

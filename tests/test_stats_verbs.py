@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 import rotator.cli.main as cli
-from tests.harness import run_cli
-from tests.test_plugin_fields import DAY, HOUR, KEYS, NOW, TODAY, on_disk, plugin_account, plugin_file
+from tests.support.accounts import HOUR, NOW, TODAY
+from tests.support.harness import run_cli
+from tests.support.plugin_files import PLUGIN_KEYS, on_disk, plugin_account, plugin_file
 
 
 @pytest.fixture(autouse=True)
@@ -30,10 +31,10 @@ def run(path: Path, *args: str):
 
 def two_keys(path: Path, **top: Any) -> None:
     plugin_file(path, [
-        plugin_account(KEYS[0], "Personal", totalRequests=10, successfulRequests=8,
+        plugin_account(PLUGIN_KEYS[0], "Personal", totalRequests=10, successfulRequests=8,
                        responseTimes=[100, 200, 301],
                        dailyRequests={TODAY: 3, "2027-01-13": 4, "2027-01-09": 1, "2027-01-08": 50}),
-        plugin_account(KEYS[1], "Work", totalRequests=2, successfulRequests=2, responseTimes=[1000],
+        plugin_account(PLUGIN_KEYS[1], "Work", totalRequests=2, successfulRequests=2, responseTimes=[1000],
                        dailyRequests={"2027-01-14": 2}),
     ], **top)
 
@@ -59,7 +60,7 @@ def test_stats_shows_each_key_and_the_totals(path):
     for line in ("Total Requests (All Keys): 12", "Total Successful: 10", "Overall Success Rate: 83.3%",
                  "Overall Avg Response Time: 400ms", "Requests Today: 3", "Requests Last 7 Days: 10"):
         assert line in totals, (line, totals)
-    assert KEYS[0] not in result.stdout and "sk-kim…abcd" in result.stdout
+    assert PLUGIN_KEYS[0] not in result.stdout and "sk-kim…abcd" in result.stdout
 
 
 def test_stats_json_is_data(path):
@@ -75,11 +76,11 @@ def test_stats_json_is_data(path):
     assert (first["requestsToday"], first["requestsLast7Days"]) == (3, 8)
     assert list(first["last7Days"]) == [f"2027-01-{d:02d}" for d in range(9, 16)]
     assert doc["totals"]["requestsLast7Days"] == 10 and doc["totals"]["totalRequests"] == 12
-    assert KEYS[0] not in result.stdout
+    assert PLUGIN_KEYS[0] not in result.stdout
 
 
 def test_stats_of_a_key_never_used_says_na(path):
-    plugin_file(path, [plugin_account(KEYS[0], "New")])
+    plugin_file(path, [plugin_account(PLUGIN_KEYS[0], "New")])
     result = run(path, "stats")
     assert "Avg Response Time: N/A" in result.stdout
     assert "Success Rate" not in result.stdout.split("Aggregate")[0]
@@ -90,8 +91,8 @@ def test_stats_never_shows_more_successes_than_requests_as_over_100_percent(path
     # A file counted wrongly (issue 23, item 6: 3 successes on a re-added key's 0 requests)
     # or edited by hand: the rate is at most 100 %, and no key is "failed" below zero.
     plugin_file(path, [
-        plugin_account(KEYS[0], "Personal", totalRequests=1, successfulRequests=2),
-        plugin_account(KEYS[1], "Work", totalRequests=0, successfulRequests=3),
+        plugin_account(PLUGIN_KEYS[0], "Personal", totalRequests=1, successfulRequests=2),
+        plugin_account(PLUGIN_KEYS[1], "Work", totalRequests=0, successfulRequests=3),
     ])
     result = run(path, "stats")
     assert result.returncode == 0, result.stderr
@@ -114,10 +115,10 @@ def test_stats_with_no_keys_says_how_to_add_one(path):
 
 def refresh_file(path: Path, **top: Any) -> None:
     plugin_file(path, [
-        plugin_account(KEYS[0], "Rested", healthScore=50, consecutiveFailures=3, lastUsed=NOW,
+        plugin_account(PLUGIN_KEYS[0], "Rested", healthScore=50, consecutiveFailures=3, lastUsed=NOW,
                        rateLimitResetTime=NOW - 2 * HOUR),
-        plugin_account(KEYS[1], "JustFreed", healthScore=50, lastUsed=NOW, rateLimitResetTime=NOW - 60_000),
-        plugin_account(KEYS[2], "Full", healthScore=100),
+        plugin_account(PLUGIN_KEYS[1], "JustFreed", healthScore=50, lastUsed=NOW, rateLimitResetTime=NOW - 60_000),
+        plugin_account(PLUGIN_KEYS[2], "Full", healthScore=100),
     ], **top)
 
 
@@ -143,7 +144,7 @@ def test_refresh_health_follows_the_cooldown_minutes(path):
 
 
 def test_refresh_health_with_nothing_to_do_says_why(path):
-    plugin_file(path, [plugin_account(KEYS[0], "Full")])
+    plugin_file(path, [plugin_account(PLUGIN_KEYS[0], "Full")])
     before = path.read_bytes()
     result = run(path, "refresh-health")
     assert result.returncode == 0
@@ -208,7 +209,7 @@ def test_settings_verbs_create_no_file_when_refused(path):
 
 
 def test_set_cooldown_changes_what_list_keys_shows_as_recovered(path):
-    plugin_file(path, [plugin_account(KEYS[0], "Low", healthScore=20, lastUsed=NOW - 2 * HOUR)])
+    plugin_file(path, [plugin_account(PLUGIN_KEYS[0], "Low", healthScore=20, lastUsed=NOW - 2 * HOUR)])
     assert "Health: ██████░░░░ 60%" in run(path, "list-keys").stdout
     run(path, "set-cooldown", "60")
     assert "Health: ████░░░░░░ 40%" in run(path, "list-keys").stdout

@@ -29,10 +29,10 @@ from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.store import file as storage
 from testbed.fake_kimi import FakeKimi
 from testbed.processes import REPO_ROOT, Proxy
-from tests.conftest import fake_key
-from tests.harness import poll
+from tests.support.accounts import fake_keys
+from tests.support.harness import poll
 
-KEYS = [fake_key(f"browser{i}") for i in range(5)]
+KEYS = fake_keys(5)
 SCREENSHOT = REPO_ROOT / "docs" / "status-page.png"
 STATUS_URL = re.compile(r"kimi-rotator: status page at (http://127\.0\.0\.1:\d+/)")
 MESSAGES = "/coding/v1/messages"

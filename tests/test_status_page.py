@@ -32,13 +32,14 @@ from rotator.proxy.status_page import StatusPage, parse_address
 from rotator.status import http_server
 from rotator.status.http_server import Request
 from rotator.store import file as storage
-from tests.conftest import fake_key
+from tests.support.accounts import KEYS
+from tests.support.in_process import addon_in_taddons
 
-KEYS = [fake_key(f"page{i}") for i in range(3)]
 TOKEN = "team-token-0123456789"
 
 
-def write_pool(path: Path) -> Path:
+def write_page_pool(path: Path) -> Path:
+    """Three keys a page shows differently: one used, one cooling, one with a quota reading."""
     now = now_ms()
     reading = QuotaReading(
         taken_at=now, windows=[QuotaWindow(minutes=300, limit=200, used=50, reset_time=now + 3_600_000)],
@@ -60,10 +61,8 @@ def page_of(rotator: KimiRotator) -> StatusPage:
 @contextlib.asynccontextmanager
 async def running(tmp_path: Path, **options: object) -> AsyncIterator[tuple[KimiRotator, StatusPage, taddons.context]]:
     """The rotator with its status page, configured and running, stopped at the end."""
-    rotator = KimiRotator()
-    accounts = write_pool(tmp_path / "kimi-accounts.json")
-    with taddons.context(rotator) as tctx:
-        tctx.configure(rotator, **{"kimi_accounts": str(accounts), "kimi_status": "127.0.0.1:0", **options})
+    accounts = write_page_pool(tmp_path / "kimi-accounts.json")
+    with addon_in_taddons(accounts, **{"kimi_status": "127.0.0.1:0", **options}) as (rotator, tctx):
         await tctx.master.addons.invoke_addon(rotator, hooks.RunningHook())
         try:
             yield rotator, page_of(rotator), tctx
@@ -276,8 +275,7 @@ async def test_a_busy_port_is_a_warning_not_a_stop(tmp_path: Path, caplog: pytes
 @pytest.mark.parametrize("value", ["127.0.0.1", "127.0.0.1:99999", "127.0.0.1:http", "example.com:80", "::1:8766",
                                    ":8766", "on", "[nope]:1"])
 def test_bad_values_name_the_option(value: str) -> None:
-    rotator = KimiRotator()
-    with taddons.context(rotator) as tctx:
+    with addon_in_taddons() as (rotator, tctx):
         with pytest.raises(exceptions.OptionsError, match="kimi_status"):
             tctx.configure(rotator, kimi_status=value)
 

@@ -4,8 +4,8 @@ import pytest
 
 from rotator.core.models import Account
 from rotator.core.strategies import Shortage, Unavailable, choose_key, next_index
+from tests.support.accounts import NOW
 
-NOW = 1_800_000_000_000
 
 
 def pool(*healths: int, **per_index) -> list[Account]:

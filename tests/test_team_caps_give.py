@@ -21,9 +21,9 @@ from rotator.store.urls import key_id
 from rotator.sync import team_caps
 from rotator.sync.team_caps import GIVE_DELAY_MS, HOLD_MS, TeamCaps
 from testbed.hooks import FakeClock
+from tests.support.accounts import NOW, fake_keys
 
-NOW = 1_800_000_000_000
-KEYS = [f"sk-kimi-FAKEcaps{i:024d}" for i in range(2)]
+KEYS = fake_keys(2)
 OK = policy.classify(200, {}, b"{}", NOW)
 
 

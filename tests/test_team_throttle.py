@@ -24,9 +24,9 @@ from rotator.sync.team_notices import TeamNotices
 from testbed.hooks import FakeClock
 from testbed.pool_events import RecordedPoolEvents
 from testbed.redis_server import RedisServer
+from tests.support.accounts import NOW, fake_keys
 
-NOW = 1_800_000_000_000
-KEYS = [f"sk-kimi-FAKEteam{i:024d}" for i in range(4)]
+KEYS = fake_keys(4)
 LIMITED = policy.classify(429, {"retry-after": "30"}, b"", NOW)
 
 

@@ -26,7 +26,7 @@ def test_it():
 @pytest.mark.parametrize("body", [STARTS_A_PROCESS, STARTS_A_SERVER], ids=["process", "server"])
 def test_unmarked_fails_naming_the_mark(pytester: pytest.Pytester, body: str) -> None:
     pytester.makepyfile(test_probe=body.format(mark=""))
-    result = pytester.runpytest_inprocess("-p", "tests.tiers", "-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("-p", "tests.support.tiers", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*test_probe.py::test_it starts a *: mark it pytest.mark.slow*"])
 
@@ -35,7 +35,7 @@ def test_unmarked_fails_naming_the_mark(pytester: pytest.Pytester, body: str) ->
 @pytest.mark.parametrize("body", [STARTS_A_PROCESS, STARTS_A_SERVER], ids=["process", "server"])
 def test_marked_slow_runs(pytester: pytest.Pytester, body: str) -> None:
     pytester.makepyfile(test_probe=body.format(mark="import pytest\n@pytest.mark.slow"))
-    result = pytester.runpytest_inprocess("-p", "tests.tiers", "-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("-p", "tests.support.tiers", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
 
 
@@ -50,6 +50,6 @@ def test_uses_it(fake_kimi):
 def test_does_not():
     pass
 """)
-    result = pytester.runpytest_inprocess("-p", "tests.tiers", "-p", "no:cacheprovider", "-m", "not slow",
+    result = pytester.runpytest_inprocess("-p", "tests.support.tiers", "-p", "no:cacheprovider", "-m", "not slow",
                                           "-W", "ignore::pytest.PytestUnknownMarkWarning")
     result.assert_outcomes(passed=1, deselected=1)

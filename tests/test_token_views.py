@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import rotator.cli.main as cli
-from tests.harness import run_cli
-from tests.test_plugin_fields import KEYS, NOW, TODAY, plugin_account, plugin_file
+from tests.support.accounts import NOW, TODAY
+from tests.support.harness import run_cli
+from tests.support.plugin_files import PLUGIN_KEYS, plugin_account, plugin_file
 
 FOUR = ("input", "output", "cacheRead", "cacheWrite")
 
@@ -25,12 +26,12 @@ def fixed_clock(monkeypatch):
 def path(tmp_path: Path) -> Path:
     path = tmp_path / "kimi-accounts.json"
     plugin_file(path, [
-        plugin_account(KEYS[0], "Personal", tokens={"input": 50_000, "output": 700, "cacheRead": 40_000,
+        plugin_account(PLUGIN_KEYS[0], "Personal", tokens={"input": 50_000, "output": 700, "cacheRead": 40_000,
                                                     "cacheWrite": 1000},
                        dailyTokens={TODAY: {"input": 10_000, "output": 100, "cacheRead": 9000},
                                     "2027-01-12": {"input": 30_000, "output": 500, "cacheRead": 31_000 - 1000},
                                     "2026-12-01": {"input": 10_000, "output": 100, "cacheWrite": 1000}}),
-        plugin_account(KEYS[1], "Work"),
+        plugin_account(PLUGIN_KEYS[1], "Work"),
     ])
     return path
 
@@ -83,9 +84,9 @@ def test_status_json_and_metrics_give_each_key_its_tokens():
 
     spent = {"input": 50_000, "output": 700, "cacheRead": 40_000, "cacheWrite": 1000}
     state = AccountsFile(accounts=[
-        Account(key=KEYS[0], name="Personal", tokens=spent,
+        Account(key=PLUGIN_KEYS[0], name="Personal", tokens=spent,
                 daily_tokens={TODAY: {"input": 10_000, "output": 100, "cacheRead": 9000}}),
-        Account(key=KEYS[1], name="Work"),
+        Account(key=PLUGIN_KEYS[1], name="Work"),
     ])
     shot = snapshot(KeyPool(state), Tally(), [], NOW)
     personal, work = status_document(shot)["keys"]
@@ -107,10 +108,10 @@ def test_stats_by_member_shows_who_spent_what_in_the_last_7_days(tmp_path):
     path = tmp_path / "kimi-accounts.json"
     week_ago = "2027-01-01"  # outside the last 7 days
     plugin_file(path, [
-        plugin_account(KEYS[0], "Personal", memberTokens={
+        plugin_account(PLUGIN_KEYS[0], "Personal", memberTokens={
             "alice@one": {TODAY: {"input": 100, "output": 5, "cacheRead": 50}, week_ago: {"input": 10_000}},
             "bob@two": {"2027-01-10": {"input": 1000, "output": 9}}}),
-        plugin_account(KEYS[1], "Work", memberTokens={"alice@one": {"2027-01-12": {"input": 20, "cacheWrite": 2}}}),
+        plugin_account(PLUGIN_KEYS[1], "Work", memberTokens={"alice@one": {"2027-01-12": {"input": 20, "cacheWrite": 2}}}),
     ])
     doc = json.loads(run_cli(path, "stats", "--by-member", "--json", in_process=True).stdout)
     bob, alice = doc["members"]  # most input first

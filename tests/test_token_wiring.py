@@ -9,12 +9,9 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
-from pathlib import Path
-from typing import Any
 
 import pytest
 from mitmproxy import http
-from mitmproxy.test import taddons
 
 from rotator.core import merge, stats
 from rotator.core.models import Account, AccountsFile
@@ -22,11 +19,11 @@ from rotator.proxy.addon import KimiRotator
 from rotator.proxy.token_reading import StreamReader
 from rotator.store import file as storage
 from rotator.tokens import Shape, Usage
-from testbed.hooks import FakeClock, call_hook, kimi_flow
-from tests.conftest import fake_key
+from testbed.hooks import call_hook, kimi_flow
+from tests.support.accounts import NOW, fake_keys
+from tests.support.in_process import kimi_error
 
-KEYS = [fake_key(f"tokens{i}") for i in range(2)]
-NOW = 1_800_000_000_000
+KEYS = fake_keys(2)
 TODAY = stats.utc_day(NOW)
 MESSAGES = "/coding/v1/messages"
 CHAT = "/coding/v1/chat/completions"
@@ -63,13 +60,9 @@ def openai_events(prompt: int, cached: int, out: int) -> list[bytes]:
 
 
 @pytest.fixture
-def addon(tmp_path: Path):
-    path = tmp_path / "accounts.json"
-    storage.write_accounts(path, AccountsFile(accounts=[Account(key=k) for k in KEYS]))
-    addon = KimiRotator(clock=FakeClock(NOW))
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, kimi_accounts=str(path), kimi_status="off")
-        yield addon
+def addon(proxy) -> KimiRotator:
+    """The addon in taddons on two keys; the tests call its hooks themselves."""
+    return proxy(lambda flow, key: None, KEYS)[0]
 
 
 async def sent(addon: KimiRotator, path: str) -> http.HTTPFlow:
@@ -279,22 +272,15 @@ def test_token_totals_are_saved_and_read_back_and_a_person_s_edit_does_not_undo_
     assert storage.read_accounts(path).accounts[0].tokens == {"input": 3}
 
 
-async def test_a_resend_held_whole_as_sse_counts_on_the_key_that_answered(tmp_path):
-    from tests.test_retry import FakeUpstream, kimi_error, write_pool
-
+async def test_a_resend_held_whole_as_sse_counts_on_the_key_that_answered(proxy):
     def answer(flow: http.HTTPFlow, key: str) -> http.Response:
         if key == KEYS[0]:
             return kimi_error(429, "rate limit reached", {"retry-after": "30"})
         return http.Response.make(200, b"".join(anthropic_events(100, 4000, 300, 57)), SSE)
 
-    upstream = FakeUpstream(answer)
-    addon = KimiRotator(clock=FakeClock(NOW), send=upstream)
-    upstream.addon = addon
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, kimi_accounts=str(write_pool(tmp_path / "a.json", KEYS)), kimi_status="off",
-                       kimi_hosts=["api.kimi.com"])
-        flow = kimi_flow()
-        await upstream(flow)
+    addon, upstream = proxy(answer, KEYS)
+    flow = kimi_flow()
+    await upstream(flow)
     assert upstream.keys_sent() == KEYS
     assert totals(addon, KEYS[0]) == ({}, {})
     assert totals(addon, KEYS[1])[0] == ANTHROPIC_FIELDS

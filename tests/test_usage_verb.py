@@ -25,7 +25,7 @@ from rotator.core.quota import QuotaReading, QuotaWindow
 from rotator.store import file as storage
 from testbed.fake_kimi import USAGES_PATH, FakeKimi
 from testbed.processes import start_mitmdump
-from tests.harness import LOOPBACK_DNS, accounts_on_disk, run_cli
+from tests.support.harness import LOOPBACK_DNS, accounts_on_disk, run_cli
 
 K0 = "sk-kimi-FAKEusagekey00000000000000a0"
 K1 = "sk-kimi-FAKEusagekey00000000000000b1"

@@ -31,15 +31,16 @@ import pytest
 from mitmproxy.addons import proxyauth
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy.mode_specs import ProxyMode
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import tflow
 
 from rotator.core import access
 from rotator.proxy.addon import KimiRotator
 from testbed.fake_kimi import CHAT_COMPLETIONS_PATH, MESSAGES_PATH, FakeKimi
 from testbed.hooks import call_hook
 from testbed.processes import start_mitmdump
-from tests.conftest import ADDON_SCRIPT
-from tests.harness import counts_on_disk, saved_flows
+from tests.support.harness import ADDON_SCRIPT
+from tests.support.harness import counts_on_disk, saved_flows
+from tests.support.in_process import addon_in_taddons
 
 PLACEHOLDER = "sk-kimi-placeholder"
 TOKEN = "client-token-5e1d7a"
@@ -162,11 +163,8 @@ def reverse_flow(host_header: str | None, origin: str | None = None) -> Any:
 
 @pytest.fixture
 def reverse_addon(keys: list[str], write_accounts) -> Iterator[tuple[KimiRotator, Any]]:
-    path = write_accounts(keys)
-    addon = KimiRotator()
-    with taddons.context(Proxyserver(), addon) as tctx:
-        tctx.configure(addon, mode=[f"reverse:http://{TARGET[0]}:{TARGET[1]}"],
-                       kimi_accounts=str(path), kimi_hosts=[TARGET[0]], kimi_status="off")
+    with addon_in_taddons(write_accounts(keys), Proxyserver(), mode=[f"reverse:http://{TARGET[0]}:{TARGET[1]}"],
+                          kimi_hosts=[TARGET[0]], kimi_status="off") as (addon, tctx):
         yield addon, tctx
 
 
@@ -210,11 +208,9 @@ async def test_each_kind_of_refusal_is_logged_once_and_cleaned(reverse_addon, ca
 async def test_allow_remote_lifts_the_host_check_not_the_origin_one(keys, write_accounts) -> None:
     """Remote clients name the proxy as they like (proxy.lan); their authentication
     (proxyauth here) is what stops a page. A page's Origin is still refused."""
-    path = write_accounts(keys)
-    addon = KimiRotator()
-    with taddons.context(Proxyserver(), proxyauth.ProxyAuth(), addon) as tctx:
-        tctx.configure(addon, mode=[f"reverse:http://{TARGET[0]}:{TARGET[1]}"], proxyauth="any",
-                       kimi_allow_remote=True, kimi_accounts=str(path), kimi_hosts=[TARGET[0]], kimi_status="off")
+    with addon_in_taddons(write_accounts(keys), Proxyserver(), proxyauth.ProxyAuth(),
+                          mode=[f"reverse:http://{TARGET[0]}:{TARGET[1]}"], proxyauth="any",
+                          kimi_allow_remote=True, kimi_hosts=[TARGET[0]], kimi_status="off") as (addon, tctx):
         served = reverse_flow("proxy.lan:8080")
         await call_hook(addon, "request", served)
         assert served.response is None and served.request.headers["x-api-key"] in keys
@@ -227,11 +223,8 @@ async def test_allow_remote_lifts_the_host_check_not_the_origin_one(keys, write_
 async def test_a_keep_host_header_found_on_still_sends_the_targets_host(keys, write_accounts) -> None:
     """As a script reloaded by mitmproxy finds it (turned on by its first load), or a user
     set it: the client's Host is checked, and Kimi still gets the target's."""
-    path = write_accounts(keys)
-    addon = KimiRotator()
-    with taddons.context(Proxyserver(), addon) as tctx:
-        tctx.configure(addon, mode=[f"reverse:http://{TARGET[0]}:{TARGET[1]}"], keep_host_header=True,
-                       kimi_accounts=str(path), kimi_hosts=[TARGET[0]], kimi_status="off")
+    with addon_in_taddons(write_accounts(keys), Proxyserver(), mode=[f"reverse:http://{TARGET[0]}:{TARGET[1]}"],
+                          keep_host_header=True, kimi_hosts=[TARGET[0]], kimi_status="off") as (addon, tctx):
         flow = reverse_flow("localhost:8080")
         await call_hook(addon, "request", flow)
         assert flow.response is None and flow.request.headers.get_all("host") == ["127.0.0.1:9"]
@@ -241,10 +234,7 @@ async def test_a_keep_host_header_found_on_still_sends_the_targets_host(keys, wr
 
 
 async def test_regular_mode_leaves_keep_host_header_alone(keys, write_accounts) -> None:
-    path = write_accounts(keys)
-    addon = KimiRotator()
-    with taddons.context(Proxyserver(), addon) as tctx:
-        tctx.configure(addon, kimi_accounts=str(path), kimi_status="off")
+    with addon_in_taddons(write_accounts(keys), Proxyserver(), kimi_status="off") as (addon, tctx):
         assert tctx.options.keep_host_header is False
 
 

@@ -16,7 +16,7 @@ import pytest
 from rotator.core.models import Account, AccountsFile
 from rotator.store import file as storage
 from testbed.processes import LISTEN_RE, REPO_ROOT, Proxy, OutputCollector
-from tests.conftest import fake_key
+from tests.support.accounts import fake_key
 
 pytestmark = pytest.mark.slow  # builds a wheel, makes an environment, starts mitmdump
 

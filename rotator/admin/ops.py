@@ -2,7 +2,7 @@
 
 Each `Op` changes a state in place and returns what to tell the person, or raises
 `OpError` before changing anything. Every field an op sets is stamped as a person's
-edit (`merge.stamp_person_edit`), even when it already held that value: the store may
+edit (`edit_stamps.stamp_person_edit`), even when it already held that value: the store may
 lag a running proxy's memory, and the stamp is what keeps the proxy's older change from
 overriding the person's. The CLI runs ops; so do the proxy's mitmproxy commands
 (`rotator.proxy.commands`), which aim them at a key rather than an index (`on_key`,
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from rotator.core import merge
+from rotator.core import edit_stamps, merge
 from rotator.core.health import HEALTH_MAX, apply_health_delta, rest_period_ms
 from rotator.core.key_view import STATUS_READY, status_text, view_key
 from rotator.core.keys import key_label, mask_key
@@ -183,7 +183,7 @@ def rotate(now_ms: int) -> Op:
             raise OpError("no keys configured to rotate between; add one with add-key")
         current = state.active_index
         state.active_index = (current + 1) % count if 0 <= current < count else 0
-        merge.stamp_person_edit(state, (merge.ACTIVE_INDEX,), now_ms)
+        edit_stamps.stamp_person_edit(state, (merge.ACTIVE_INDEX,), now_ms)
         return _now_using("Rotated to", state, now_ms)
 
     return change
@@ -193,7 +193,7 @@ def use_key(index: int, now_ms: int) -> Op:
     def change(state: AccountsFile) -> str:
         account_at(state, index)
         state.active_index = index
-        merge.stamp_person_edit(state, (merge.ACTIVE_INDEX,), now_ms)
+        edit_stamps.stamp_person_edit(state, (merge.ACTIVE_INDEX,), now_ms)
         return _now_using("Now using", state, now_ms)
 
     return change
@@ -216,7 +216,7 @@ def set_strategy(strategy: str, now_ms: int) -> Op:
 
     def change(state: AccountsFile) -> str:
         state.rotation_strategy = chosen
-        merge.stamp_person_edit(state, ("rotation_strategy",), now_ms)
+        edit_stamps.stamp_person_edit(state, ("rotation_strategy",), now_ms)
         return f"Rotation strategy set to: {chosen}"
 
     return change
@@ -228,7 +228,7 @@ def enable_key(index: int, now_ms: int) -> Op:
         was = account.disabled_reason
         account.disabled_reason = None
         account.consecutive_failures = 0
-        merge.stamp_person_edit(account, ENABLE_FIELDS, now_ms)
+        edit_stamps.stamp_person_edit(account, ENABLE_FIELDS, now_ms)
         if was is None:
             return f"{describe(index, account)} was not disabled; it stays enabled."
         return f"Enabled {describe(index, account)} (was disabled: {was})."
@@ -250,7 +250,7 @@ def clear_limits(target: int | Literal["all"], now_ms: int) -> Op:
             account.consecutive_billing_limit_hits = 0
             account.cooldown_reason = None
             account.cooldown_level = 0  # the next cooldown starts short again
-            merge.stamp_person_edit(account, CLEAR_LIMIT_FIELDS, now_ms)
+            edit_stamps.stamp_person_edit(account, CLEAR_LIMIT_FIELDS, now_ms)
         if target == "all":
             if not chosen:
                 return "No keys configured; nothing to clear."
@@ -279,7 +279,7 @@ def refresh_health(now_ms: int) -> Op:
             account.health_score = new.score
             account.health_rest_since = new.rest_since
             account.consecutive_failures = 0
-            merge.stamp_person_edit(account, REFRESH_FIELDS, now_ms)
+            edit_stamps.stamp_person_edit(account, REFRESH_FIELDS, now_ms)
             details.append(f"  {describe(i, account)}: {health}% → {new.score}%")
         if not details:
             return ("No keys needed health refresh."
@@ -292,7 +292,7 @@ def refresh_health(now_ms: int) -> Op:
 def set_auto_refresh(enabled: bool, now_ms: int) -> Op:
     def change(state: AccountsFile) -> str:
         state.auto_refresh_health = enabled
-        merge.stamp_person_edit(state, ("auto_refresh_health",), now_ms)
+        edit_stamps.stamp_person_edit(state, ("auto_refresh_health",), now_ms)
         return f"Auto-refresh health: {'true' if enabled else 'false'}"
 
     return change
@@ -305,7 +305,7 @@ def set_cooldown(minutes: int, now_ms: int) -> Op:
 
     def change(state: AccountsFile) -> str:
         state.health_refresh_cooldown_minutes = minutes
-        merge.stamp_person_edit(state, ("health_refresh_cooldown_minutes",), now_ms)
+        edit_stamps.stamp_person_edit(state, ("health_refresh_cooldown_minutes",), now_ms)
         return f"Health refresh cooldown: {_minutes(minutes)}"
 
     return change

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rotator.admin import backup, ops
 from rotator.store import StateStore
-from rotator.store.file import write_private
+from rotator.store.safe_write import write_private
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,8 @@ from rotator.core.models import STRATEGIES
 from rotator.core.text import NAME_MOST, refusal
 from rotator.notify.channels import NOTIFY_ENV
 from rotator.store import STORE_ENV, StateStore, StoreError, open_store
-from rotator.store.file import FileStore, is_readable_by_others, resolve_accounts_path
+from rotator.store.file import FileStore, resolve_accounts_path
+from rotator.store.safe_write import is_readable_by_others
 
 DEFAULT_PROG = "kimi-rotator"
 _KNOWN_PROGS = ("kimi-rotator", "opencode-kimi")

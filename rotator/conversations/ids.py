@@ -19,12 +19,12 @@ The body rule. Bodies are 30–500 KB, so a field is found with `bytes.rfind` fr
    one more bracket than it opens. A nested key of that name (in a tool's schema)
    closes two or more. This reads everything after the key (Kimi CLI sends its tools
    there: 10–60 KB), with C-speed bytes methods only (`replace`, `translate`, `split`,
-   `count`: a few µs per KB), and only up to `MAX_TAIL` bytes: a key followed by more
-   is not believed (no known client sends one; it would cost ~1 ms per 500 KB), so
-   the search itself reads only the body's last `MAX_TAIL` bytes. A
-   conversation's turns repeat the same tail (its id, the same tools), so the count is
-   remembered by the tail's hash (`DEPTH_MEMO_SIZE` of them): a later turn pays one
-   hash of the tail, ~0.4 µs per KB;
+   `count`), and only up to `MAX_TAIL` bytes: a key followed by more is not believed
+   (no known client sends one; its cost would grow with the body), so the search
+   itself reads only the body's last `MAX_TAIL` bytes. A conversation's turns repeat
+   the same tail (its id, the same tools), so the count is remembered by the tail's
+   hash (`DEPTH_MEMO_SIZE` of them): a later turn pays one hash of the tail, far less
+   than the count (the figures: bench/README.md);
 4. its value is read from a small window only: a string of at most 1,024 bytes
    (`prompt_cache_key`), an object of at most 4 KB (`metadata`).
 A candidate that fails 1–3 sends the search further back; after `MAX_CANDIDATES` the

@@ -5,7 +5,7 @@ Rules:
 - a conversation is live while it was seen less than `ttl_ms` ago (default 30 min of
   silence); an expired one is gone, and its next request is a new conversation;
 - the table holds at most `max_conversations` (default 10,000: far more than the
-  parallel agents a pool of keys can serve, in ~2.6 MB by bench/conversation_ids.py);
+  parallel agents a pool of keys can serve, in a few MB: bench/README.md);
   a new one beyond that drops the one seen longest ago;
 - `pin_for` is called once per client request (not per retry): it counts the turn;
 - a conversation whose key cannot serve is re-pinned where its turn went (`moved`)

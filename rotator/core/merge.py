@@ -22,17 +22,9 @@ failed save's changes with newer ones) through `KeyChange.absorb`; both read `RU
 - READING: a measurement (`quota`, Kimi's /usages); the one taken last wins, whoever
   saves last.
 
-A person's change wins by time, not by save order: the CLI stamps each field it touches
-in `edited_at`, and a proxy's change to that field made before the stamp is dropped,
-even if the proxy saves it later (it could not have known).
-
-A stamp never lies ahead of the store's clock (the server's `TIME` for a team store):
-one further ahead than `clock.AHEAD_SLACK_MS` (a clock that ran ahead, an NTP step back,
-a hand edit, an imported file) counts as the moment a store step read it, and is
-written back so (`syncing`, `editing`). Otherwise it would outrank every change a proxy
-makes until the clocks catch up: a revoked key never disabled, a rate-limited key hit
-again after every save. A proxy's changes are compared on the store's clock too
-(`skew_ms`), so a machine whose clock runs behind the server's is not outranked either.
+A person's change wins by time, not by save order (rotator/core/edit_stamps.py): a
+proxy's change to a field a person stamped later is dropped, and a stamp from the future
+is read as now by every store step (`syncing`, `editing`).
 """
 
 from __future__ import annotations
@@ -42,9 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic.alias_generators import to_camel
-
-from rotator.core.clock import AHEAD_SLACK_MS, not_ahead
+from rotator.core.edit_stamps import clamp_stamps, older_than_person
 from rotator.core.health import clamp_health
 from rotator.core.models import Account, AccountsFile
 from rotator.core.stats import RESPONSE_TIMES_KEPT, drop_old_days
@@ -89,14 +79,6 @@ _CLAMPED = {"health_score": clamp_health}
 _DECISIVE = frozenset({"rate_limit_reset_time", "disabled_reason", "cooldown_reason", "cooldown_level"})
 # Top-level field a proxy changes: the key it moved the pool to.
 ACTIVE_INDEX = "active_index"
-
-_DISK_NAME = {name: to_camel(name) for name in (*RULES, ACTIVE_INDEX, "rotation_strategy", "name")}
-
-
-def disk_name(attr: str) -> str:
-    """The field's name in the file, as `edited_at` records it."""
-    return _DISK_NAME.get(attr) or to_camel(attr)
-
 
 @dataclass(slots=True)
 class FieldChange:
@@ -257,7 +239,7 @@ def apply(state: AccountsFile, change: PoolChange, skew_ms: int = 0) -> Accounts
                 applied.add(account.key)
                 apply_to_account(account, key_change, skew_ms)
     moved = change.active_key
-    if moved is not None and not _older_than_person(state.edited_at, ACTIVE_INDEX, moved.at_ms + skew_ms):
+    if moved is not None and not older_than_person(state.edited_at, ACTIVE_INDEX, moved.at_ms + skew_ms):
         index = state.index_of(moved.value)
         if index is not None:
             state.active_index = index
@@ -269,7 +251,7 @@ def apply_to_account(account: Account, change: KeyChange, skew_ms: int = 0) -> N
     for attr, new in change.fields.items():
         rule = RULES[attr]
         # Counts are never undone: a person's edit only outranks values.
-        if edited and rule not in _COUNTED and _older_than_person(edited, attr, new.at_ms + skew_ms):
+        if edited and rule not in _COUNTED and older_than_person(edited, attr, new.at_ms + skew_ms):
             continue
         if rule is Rule.BY_DAY:
             daily = getattr(account, attr)
@@ -335,40 +317,6 @@ def _copied(rule: Rule, value: Any) -> Any:
     if rule is Rule.NEWEST:
         return list(value)
     return value
-
-
-def _older_than_person(edited_at: dict[str, int], attr: str, at_ms: int) -> bool:
-    stamp = edited_at.get(disk_name(attr))
-    return stamp is not None and at_ms < stamp
-
-
-def stamp_person_edit(target: Account | AccountsFile, attrs: tuple[str, ...], at_ms: int) -> None:
-    """Record that a person set these fields at `at_ms`, even to the value they had."""
-    for attr in attrs:
-        target.edited_at[disk_name(attr)] = at_ms
-
-
-def _stamp_maps(state: AccountsFile) -> list[dict[str, int]]:
-    return [state.edited_at, *(account.edited_at for account in state.accounts)]
-
-
-def stamps_ahead(state: AccountsFile, now_ms: int) -> bool:
-    """Whether a person's stamp in `state` lies further ahead of `now_ms` than clocks drift."""
-    return any(not_ahead(at, now_ms) != at for stamps in _stamp_maps(state) for at in stamps.values())
-
-
-def clamp_stamps(state: AccountsFile, now_ms: int) -> bool:
-    """Make each stamp from the future (`clock.not_ahead`) `now_ms` less the slack; whether
-    any was. Less the slack: a proxy's change made from the moment the stamp is read on
-    must win, and the proxy's clock agrees with the store's only to within the slack (in
-    team mode its skew to the server is measured across a round trip)."""
-    clamped = False
-    for stamps in _stamp_maps(state):
-        for name, at in stamps.items():
-            if not_ahead(at, now_ms) != at:
-                stamps[name] = now_ms - AHEAD_SLACK_MS
-                clamped = True
-    return clamped
 
 
 # What a store does to the state it holds under its lock: the state to write, or None.

@@ -1,46 +1,11 @@
 """What a Kimi response means for the key that earned it: one table, read top down.
 
 `RULES` is the whole policy. Each row names the statuses it applies to (None: any) and
-the phrases it looks for (empty: any message); the first row that matches decides.
-Wording is checked before bare statuses because Kimi varies both status and
-`error.type` for the same condition (the weekly-limit text has come with 403 and 429),
-while the sentence itself stays put. 2xx/3xx are settled first, by status alone, so a
-model's answer that happens to quote "too many requests" is never read as an error.
-
-Decisions the table encodes
-- When a message names several plan windows, the shortest wins (5-hour, then billing
-  cycle, then weekly): a guess too short costs one failed request later, a guess too
-  long idles a good key for days.
-- Wording that is specific to one condition (membership, windows, concurrency) is
-  checked before the broad "access terminated", so a limit message that happens to use
-  those words cools the key instead of disabling it until a person steps in.
-- Statuses without known wording: 401 → key invalid (disable); 402 → membership;
-  403 → ACCESS_DENIED, a key fault of unknown kind: -20, retry elsewhere, 5-minute
-  cooldown, short enough that a transient refusal costs little and long enough not
-  to hammer a key that is refused for good; 429 → rate limited.
-- Upstream faults (5xx, 529) never retry elsewhere: the request may already have been
-  processed, clients' SDKs retry 5xx themselves, and resending on every key would
-  multiply load on a struggling server. 503/529 are overload, not the key: -5 and no
-  cooldown, so one busy moment cannot bench the whole pool.
-- Cooldowns: rate limits use the server's announced reset when there is one, even if
-  shorter than the default (the server knows); every other cooldown takes the later of
-  its default and any announced reset; verdicts without a cooldown ignore reset headers
-  (Anthropic-shaped servers send them on every success).
-- Phrases are matched in the error message(s) of a JSON body; a body that is not JSON,
-  or JSON without a message field, is searched whole. Both of Kimi's envelopes read
-  alike: Anthropic's (`{"type":"error","error":{"type","message"}}`, /v1/messages) and
-  OpenAI's (`{"error":{"message","type","code"}}`, /v1/chat/completions, and Moonshot's
-  platform), whose wording adds organisation limits ("request reached organization max
-  concurrency/RPM, TPM rate limit") and an empty balance (`exceeded_current_quota_error`:
-  "You exceeded your current token quota", "please check your account balance"), read
-  as a membership problem: a day's rest, since retrying cannot top an account up.
-- A refusal that says when to come back in its words ("please try again after 3
-  seconds") is read like a `retry-after` header when no header announces a reset.
-- Only SUCCESS counts as a success; CLIENT_REJECTED and REQUEST_ERROR are neutral.
-- Kimi's words in a reason (a fallback row quotes `error.type` and the message; a
-  connection error quotes mitmproxy) are outside text: `text.clean_line` makes each one
-  printable line with keys masked and a capped length, so what reaches the file, the
-  log and list-keys can't forge lines, drive the terminal or break a save.
+the phrases it looks for (empty: any message); the first row that matches decides. Why
+a row says what it says, and sits where it sits, is written beside it; what each verdict
+does to a key, as a person sees it, is the README's table ("What a response means").
+Reading the body (`read_error`), the cooldown (`_cooldown`) and the reason (`_reason`)
+say their own rules where they are made.
 """
 
 from __future__ import annotations
@@ -110,6 +75,9 @@ class Window(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """What one response does to its key. Only SUCCESS counts as a success;
+    CLIENT_REJECTED and REQUEST_ERROR are neutral."""
+
     verdict: Verdict
     retry_elsewhere: bool  # the key's fault, not the request's: resend with another key
     health_delta: int
@@ -140,7 +108,14 @@ def _statuses(*codes: int | range) -> frozenset[int]:
     return frozenset(found)
 
 
+# Wording is checked before bare statuses because Kimi varies both status and
+# `error.type` for the same condition (the weekly-limit text has come with 403 and 429),
+# while the sentence itself stays put. Both of Kimi's envelopes read alike (see
+# `read_error`); the OpenAI-shaped one (/v1/chat/completions, and Moonshot's platform)
+# brings wording of its own, in the rows below that quote it.
 RULES: tuple[Rule, ...] = (
+    # 2xx/3xx are settled first, by status alone, so a model's answer that happens to
+    # quote "too many requests" is never read as an error.
     Rule(_statuses(range(200, 400)), (), Verdict.SUCCESS, "ok", HEALTH_SUCCESS),
     # Every key would be refused the same way, so rotating only burns the pool.
     Rule(None, ("only available for coding agents",),
@@ -148,13 +123,18 @@ RULES: tuple[Rule, ...] = (
     Rule(None, ("unable to verify your membership", "membership benefits", "membership is active"),
          Verdict.MEMBERSHIP_INACTIVE, "membership could not be verified", HEALTH_FAILURE,
          MEMBERSHIP_COOLDOWN_MS, retry_elsewhere=True),
-    # The OpenAI-shaped endpoints' exceeded_current_quota_error: the account is out of
-    # balance or token quota, which no retry on this key can fix.
+    # The OpenAI-shaped endpoints' exceeded_current_quota_error ("You exceeded your
+    # current token quota", "please check your account balance"): the account is out of
+    # balance or token quota, which no retry on this key can fix; read as a membership
+    # problem, a day's rest, since retrying cannot top an account up.
     Rule(None, ("exceeded your current quota", "exceeded your current token quota", "insufficient balance",
                 "check your account balance"),
          Verdict.MEMBERSHIP_INACTIVE, "account out of balance or token quota", HEALTH_FAILURE,
          MEMBERSHIP_COOLDOWN_MS, retry_elsewhere=True),
-    # "Your usage limit for this period" names no window: the shortest is assumed.
+    # The plan's windows. When a message names several, the shortest wins (these rows
+    # are in that order: 5-hour, then billing cycle, then weekly): a guess too short costs
+    # one failed request later, a guess too long idles a good key for days. "Your usage
+    # limit for this period" names no window: the shortest is assumed.
     Rule(None, ("5-hour usage limit", "5-hour limit", "5 hour usage limit", "5 hour limit",
                 "usage limit for this period"),
          Verdict.WINDOW_EXHAUSTED, "5-hour usage limit reached", HEALTH_FAILURE,
@@ -166,10 +146,14 @@ RULES: tuple[Rule, ...] = (
                 "7-day usage limit", "7-day limit"),
          Verdict.WINDOW_EXHAUSTED, "weekly usage limit reached", HEALTH_FAILURE,
          WEEKLY_COOLDOWN_MS, retry_elsewhere=True, window=Window.WEEKLY),
+    # "request reached organization max concurrency" is the OpenAI-shaped wording.
     Rule(None, ("concurrent request limit", "concurrency limit", "too many concurrent requests",
                 "max concurrency", "organization concurrency"),
          Verdict.CONCURRENCY_LIMIT, "concurrent request limit reached", HEALTH_RATE_LIMITED,
          CONCURRENCY_COOLDOWN_MS, retry_elsewhere=True),
+    # After every row of wording specific to one condition (membership, windows,
+    # concurrency): a limit message that happens to use these words then cools the key
+    # instead of disabling it until a person steps in.
     Rule(None, ("community guidelines", "access terminated"),
          Verdict.ACCOUNT_BANNED, "account terminated under the Community Guidelines", HEALTH_FAILURE,
          retry_elsewhere=True, disable=True),
@@ -177,6 +161,7 @@ RULES: tuple[Rule, ...] = (
                 "api key appears to be invalid"),
          Verdict.KEY_INVALID, "key rejected as invalid", HEALTH_FAILURE,
          retry_elsewhere=True, disable=True),
+    # "max rpm" and the "rpm/tpm/tpd rate limit"s are the OpenAI-shaped organisation limits.
     Rule(None, ("engine is currently overloaded", "too many requests", "rate limit reached",
                 "rate limit exceeded", "max rpm", "max tpm", "rpm rate limit", "tpm rate limit", "tpd rate limit"),
          Verdict.RATE_LIMITED, "rate limited", HEALTH_RATE_LIMITED,
@@ -186,10 +171,17 @@ RULES: tuple[Rule, ...] = (
          retry_elsewhere=True, disable=True),
     Rule(_statuses(402), (), Verdict.MEMBERSHIP_INACTIVE, "HTTP 402: membership or payment required",
          HEALTH_FAILURE, MEMBERSHIP_COOLDOWN_MS, retry_elsewhere=True),
+    # A key fault of unknown kind: retried elsewhere, and a 5-minute cooldown, short
+    # enough that a transient refusal costs little, long enough not to hammer a key that
+    # is refused for good.
     Rule(_statuses(403), (), Verdict.ACCESS_DENIED, "HTTP 403 with an unrecognised message",
          HEALTH_FAILURE, ACCESS_DENIED_COOLDOWN_MS, retry_elsewhere=True),
     Rule(_statuses(429), (), Verdict.RATE_LIMITED, "HTTP 429: rate limited", HEALTH_RATE_LIMITED,
          RATE_LIMIT_COOLDOWN_MS, retry_elsewhere=True),
+    # Upstream faults (5xx, 529) never retry elsewhere: the request may already have been
+    # processed, clients' SDKs retry 5xx themselves, and resending on every key would
+    # multiply load on a struggling server. 503/529 are overload, not the key: -5 and no
+    # cooldown, so one busy moment cannot bench the whole pool.
     Rule(_statuses(503, 529), (), Verdict.UPSTREAM_FAULT, "Kimi overloaded (HTTP {status})", HEALTH_OVERLOADED),
     Rule(_statuses(range(500, 600)), (), Verdict.UPSTREAM_FAULT, "Kimi server error (HTTP {status})",
          HEALTH_FAILURE),
@@ -293,7 +285,12 @@ def normalise(text: str) -> str:
 
 
 def read_error(body: bytes | bytearray | memoryview | str | None) -> ErrorText:
-    """The error message(s) and type in a response body; never raises."""
+    """The error message(s) and type in a response body; never raises.
+
+    Phrases are matched in the error message(s) of a JSON body; a body that is not JSON,
+    or JSON without a message field, is searched whole. Both of Kimi's envelopes read
+    alike: Anthropic's (`{"type":"error","error":{"type","message"}}`, /v1/messages) and
+    OpenAI's (`{"error":{"message","type","code"}}`, /v1/chat/completions)."""
     text = _decode(body)
     parsed = _parse_json(text)
     messages = _messages(parsed) if isinstance(parsed, dict) else []
@@ -341,6 +338,12 @@ def _error_type(document: dict[str, Any]) -> str | None:
 # -- composing the outcome ---------------------------------------------------------------
 
 def _cooldown(rule: Rule, headers: Mapping[str, str] | None, now_ms: int, match_text: str = "") -> int | None:
+    # Rate limits use the server's announced reset when there is one, even if shorter
+    # than the default (the server knows); every other cooldown takes the later of its
+    # default and any announced reset; verdicts without a cooldown ignore reset headers
+    # (Anthropic-shaped servers send them on every success). A refusal that says when to
+    # come back in its words ("please try again after 3 seconds") is read like a
+    # `retry-after` header when no header announces a reset.
     if rule.cooldown_ms is None:
         return None
     announced = reset_deadline_from_headers(headers, now_ms)
@@ -366,6 +369,10 @@ def deadline_in_words(match_text: str, now_ms: int) -> int | None:
 
 
 def _reason(rule: Rule, status: int, message: ErrorText) -> str:
+    # Kimi's words in a reason (a fallback row quotes `error.type` and the message; a
+    # connection error quotes mitmproxy) are outside text: `text.clean_line` makes each
+    # one printable line with keys masked and a capped length, so what reaches the file,
+    # the log and list-keys can't forge lines, drive the terminal or break a save.
     reason = rule.reason.format(status=status)
     # Rows matched by wording already say what happened; fallbacks quote Kimi so a
     # person can tell what the table missed.

@@ -219,7 +219,8 @@ def _level(name: object) -> int:
 
 class AppriseSender:
     """Sends through apprise, one `Apprise` object per URL, made when first used (the
-    first one loads apprise's plugins: ~0.25 s, in the sending thread)."""
+    first one loads apprise's plugins, which takes a while: in the sending thread;
+    bench/README.md)."""
 
     def __init__(self) -> None:
         self._objects: dict[str, Any] = {}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from rotator.conversations.ids import Conversation
 from rotator.conversations.pins import PinTable, short_id
-from rotator.core import merge
+from rotator.core import edit_stamps, merge
 from rotator.core.health import HEALTH_SKIP_BELOW, effective_health, rest_period_ms
 from rotator.core.models import Account
 from rotator.pool.events import IgnoresPoolEvents
@@ -124,7 +124,7 @@ class Affinity(IgnoresPoolEvents):
 
     def _person_chose_at(self) -> int:
         """When a person last chose the active key (use-key, rotate), per the state's stamp."""
-        return self.pool.state.edited_at.get(merge.disk_name(merge.ACTIVE_INDEX), 0)
+        return self.pool.state.edited_at.get(edit_stamps.disk_name(merge.ACTIVE_INDEX), 0)
 
     def _lease_for_new(self, now_ms: int) -> Lease | None:
         pool = self.pool

@@ -9,7 +9,7 @@ the rest.
 
 from __future__ import annotations
 
-from rotator.core import merge, quota, stats, throttle
+from rotator.core import edit_stamps, merge, quota, stats, throttle
 from rotator.core.key_view import until_text
 from rotator.core.health import HEALTH_MAX, apply_health_delta
 from rotator.core.models import Account
@@ -103,7 +103,7 @@ def spent_window(account: Account, reserve_percent: float, now_ms: int) -> quota
     spent = quota.steer(reading, reserve_percent, now_ms)
     if spent is None or reading is None or spent.until_ms <= account.rate_limit_reset_time:
         return None
-    if account.edited_at.get(merge.disk_name("rate_limit_reset_time"), 0) > reading.taken_at:
+    if account.edited_at.get(edit_stamps.disk_name("rate_limit_reset_time"), 0) > reading.taken_at:
         return None
     return spent
 

@@ -200,8 +200,8 @@ class StatusPage:
     @staticmethod
     async def _in_thread(shot: document.Snapshot, write: Any, *args: Any) -> Response:
         # The pool is read on the event loop (a consistent snapshot, no locks); writing the
-        # body (1-2 MB of text at 1,000 keys) happens in a worker thread, so the loop
-        # keeps serving requests meanwhile (bench/status_cost.py).
+        # body (megabytes of text at 1,000 keys: bench/README.md) happens in a worker
+        # thread, so the loop keeps serving requests meanwhile.
         return await asyncio.to_thread(write, shot, *args)
 
     def answer(self, request: Request) -> Response | Awaitable[Response]:

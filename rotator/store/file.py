@@ -3,7 +3,7 @@
 Every writer (the CLI and each running proxy) changes the file the same way: take the
 cross-process lock (rotator/store/lock.py: the one the OpenCode plugin takes too), read
 the file, apply its change to what it read, write a temporary file beside it, fsync,
-and rename it over the old one. A crash leaves the old or the new
+and rename it over the old one (rotator/store/safe_write.py). A crash leaves the old or the new
 file whole, and a change made by another process between our reads is never lost.
 A file that cannot be read is never written, nor one nested too deeply to write back.
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,11 +27,12 @@ import platformdirs
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
-from rotator.core import merge
+from rotator.core import edit_stamps, merge
 from rotator.core.clock import SYSTEM_CLOCK, Clock
 from rotator.core.models import AccountsFile
 from rotator.store import StoreError
 from rotator.store.lock import DirLock, LockLost, LockTimeout
+from rotator.store.safe_write import ensure_private_dir, write_private
 
 ACCOUNTS_ENV = "KIMI_ROTATOR_ACCOUNTS"
 ACCOUNTS_FILENAME = "kimi-accounts.json"
@@ -87,13 +86,6 @@ def file_signature(path: Path) -> FileSignature | None:
     except OSError as e:
         raise AccountsFileError(path, _os_problem(e)) from e
     return FileSignature(st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def is_readable_by_others(path: Path) -> bool:
-    try:
-        return bool(path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO))
-    except OSError:
-        return False
 
 
 def read_accounts(path: Path) -> AccountsFile:
@@ -179,30 +171,10 @@ def _serialise(path: Path, state: AccountsFile) -> str:
 def _write_bytes(path: Path, data: bytes) -> None:
     target = write_target(path)
     try:
-        _ensure_private_dir(target.parent)
+        ensure_private_dir(target.parent)
         write_private(target, data)
     except OSError as e:
         raise AccountsFileError(path, _os_problem(e), "write") from e
-
-
-def write_private(target: Path, data: bytes, *, replace: bool = True) -> None:
-    """Put `data` at `target` atomically, mode 0600: a temporary file beside it, fsync,
-    then rename (or, without `replace`, a link that fails with FileExistsError if a file
-    is there, even one that appeared meanwhile). Raises OSError; leaves no temporary file."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            os.fchmod(tmp.fileno(), 0o600)
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        if replace:
-            os.replace(tmp_name, target)
-        else:
-            os.link(tmp_name, target)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
-    _fsync_dir(target.parent)
 
 
 def update_accounts(path: Path, change: Callable[[AccountsFile], AccountsFile | None]) -> AccountsFile:
@@ -262,7 +234,7 @@ def _locked(path: Path) -> Iterator[DirLock]:
     # takes this same lock too.
     target = write_target(path)
     try:
-        _ensure_private_dir(target.parent)
+        ensure_private_dir(target.parent)
     except OSError as e:
         raise AccountsFileError(path, _os_problem(e), "write") from e
     lock = DirLock(lock_path(target), timeout_s=LOCK_TIMEOUT_S)
@@ -310,25 +282,6 @@ def _still_locked(path: Path, lock: DirLock) -> None:
         raise AccountsFileError(path, f"lost its lock while holding it ({e})", "lock") from e
 
 
-def _ensure_private_dir(folder: Path) -> None:
-    if not folder.exists():
-        folder.mkdir(parents=True, mode=0o700, exist_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _os_problem(e: OSError) -> str:
     return e.strerror or str(e)
 
@@ -367,13 +320,13 @@ class FileStore:
             raise
         self._last_read_failed = False
         now = self._clock.now_ms()
-        if merge.stamps_ahead(state, now):
+        if edit_stamps.stamps_ahead(state, now):
             # Read as now, and written so at once: a proxy change made from now on is
             # newer than the person's, however far ahead the stamp said it was.
             try:
                 state, self._signature = update_accounts_signed(self.path, merge.syncing(merge.PoolChange(), now))
             except AccountsFileError:
-                merge.clamp_stamps(state, now)
+                edit_stamps.clamp_stamps(state, now)
                 self._last_read_failed = True  # the next save writes it
         return state
 

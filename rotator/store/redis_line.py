@@ -2,7 +2,7 @@
 
 redis-py's asyncio client takes a connection from its pool for each call, wraps each
 write and each read in a timeout task and sends nothing until the previous answer on
-that connection came back: about 150-230 CPU µs a call, most of it not Redis. Here
+that connection came back: CPU time a call, most of it not Redis (bench/README.md). Here
 every call is written at once on one connection (redis-py's own `Connection`, so the
 URL's user, password, database and TLS hold as for any client), and one reader hands
 the answers back in the order the calls went: Redis answers a connection's commands in

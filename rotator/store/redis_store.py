@@ -41,7 +41,7 @@ from redis.retry import Retry
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
-from rotator.core import merge
+from rotator.core import edit_stamps, merge
 from rotator.core.clock import SYSTEM_CLOCK, Clock
 from rotator.core.keys import scrub
 from rotator.core.models import AccountsFile
@@ -142,7 +142,7 @@ class RedisStore:
         # a proxy change made from now on is newer than the person's.
         try:
             now = self.server_time_ms()
-            if merge.stamps_ahead(state, now):
+            if edit_stamps.stamps_ahead(state, now):
                 state, _ = self._transact(merge.syncing(merge.PoolChange(), now))
         except StoreError:
             self._last_read_failed = True  # the next save settles them

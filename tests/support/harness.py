@@ -1,7 +1,8 @@
 """The tests' shared tools: the one way each to run the CLI (``run_cli``), read an SSE
 stream (``sse_events``), read the accounts file's counts (``counts_on_disk``, against the
 fake server's ``counts_seen``) and wait for something to happen (``poll``); and
-``LOOPBACK_DNS``, the addon that sends api.kimi.com to a fake Kimi on this machine.
+``ADDON_SCRIPT``, the addon as mitmdump loads it, and ``LOOPBACK_DNS``, the addon that
+sends api.kimi.com to a fake Kimi on this machine.
 The processes the tests and the benchmarks both start (mitmdump, the fake Kimi) are in
 testbed.processes.
 """
@@ -17,7 +18,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 from testbed.processes import REPO_ROOT, child_env
 
+ADDON_SCRIPT = REPO_ROOT / "kimi_rotator_addon.py"
 LOOPBACK_DNS = Path(__file__).resolve().parent / "loopback_dns.py"
+FLUSH_INTERVAL_S = 0.2  # start_proxy's kimi_flush_interval: a proxy saves this often
 
 
 # -- waiting for, and reading, what a proxy left behind ------------------------------

@@ -18,10 +18,9 @@ from rotator.pool.lease import Lease
 from rotator.store.redis_store import RedisStore
 from rotator.sync.save_loop import PoolSync
 from testbed.redis_server import RedisServer
-from tests.conftest import fake_key
-from tests.test_redis_acl import PASSWORD, acl_user
+from tests.support.accounts import KEYS
+from tests.support.redis_acl import PASSWORD, acl_user
 
-KEYS = [fake_key(f"team{i}") for i in range(3)]
 RATE_LIMITED = (429, b'{"error":{"message":"rate limited"}}', {"retry-after": "600"})
 
 

@@ -17,9 +17,9 @@ from rotator.status.document import snapshot, status_document
 from rotator.status.tally import Tally
 from rotator.status.timeline import Event
 from testbed.hooks import FakeClock
-from tests.conftest import fake_key
+from tests.support.accounts import fake_keys
 
-KEYS = [fake_key(f"dash{i}") for i in range(6)]
+KEYS = fake_keys(6)
 MINUTE = 60_000
 
 

@@ -2,7 +2,7 @@
 
 Load it AFTER the addon under test::
 
-    mitmdump -s rotator/addon.py -s tests/loopback_dns.py \
+    mitmdump -s rotator/addon.py -s tests/support/loopback_dns.py \
         --set loopback_dns_port=PORT_OF_FAKE_SERVER
 
 so the addon under test sees the real destination (``api.kimi.com``,

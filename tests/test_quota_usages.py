@@ -1,3 +1,5 @@
+"""What Kimi's /usages answer and its reset times say (rotator.core.quota, rotator.core.reset_times)."""
+
 import json
 
 import pytest
@@ -5,8 +7,8 @@ import pytest
 from rotator.core.policy import Window
 from rotator.core.quota import parse_usages, window_reset as reading_reset
 from rotator.core.reset_times import parse_reset_time
+from tests.support.accounts import NOW
 
-NOW = 1_800_000_000_000  # 2027-01-15T08:00:00Z
 FIVE_HOUR_RESET = "2027-01-15T10:30:00Z"
 WEEKLY_RESET = "2027-01-18T00:00:00Z"
 

@@ -1,3 +1,5 @@
+"""The accounts file on disk (rotator.store.file): what it reads, what it writes, and how."""
+
 import json
 import os
 import stat
@@ -6,6 +8,7 @@ import pytest
 
 from rotator.core.models import Account, AccountsFile
 from rotator.store import file as storage
+from rotator.store.safe_write import is_readable_by_others
 
 PLUGIN_FILE = {
     "version": 1,
@@ -116,9 +119,9 @@ def test_default_path_is_in_the_user_config_folder(monkeypatch):
 def test_group_readable_file_is_noticed(tmp_path):
     path = tmp_path / "kimi-accounts.json"
     storage.write_accounts(path, AccountsFile())
-    assert not storage.is_readable_by_others(path)
+    assert not is_readable_by_others(path)
     os.chmod(path, 0o644)
-    assert storage.is_readable_by_others(path)
+    assert is_readable_by_others(path)
 
 
 def test_temp_files_left_by_killed_writers_are_removed_once_stale(tmp_path):

@@ -16,9 +16,8 @@ from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from rotator.store.file import FileStore, read_accounts, write_accounts
 from rotator.sync.save_loop import PoolSync
-from tests.conftest import fake_key
+from tests.support.accounts import KEYS
 
-KEYS = [fake_key(f"sync{i}") for i in range(3)]
 
 
 def setup(tmp_path: Path, strategy: str = "round-robin") -> tuple[FileStore, KeyPool, PoolSync]:

@@ -24,8 +24,8 @@ from rotator.store.urls import key_id
 from rotator.sync import team_caps
 from rotator.sync.team_caps import GIVE_DELAY_MS, HOLD_MS, TeamCaps
 from testbed.hooks import FakeClock
+from tests.support.accounts import KEYS
 
-KEYS = ["sk-kimi-" + letter * 40 for letter in "abc"]
 MAX_IN_FLIGHT = 4
 OK = policy.classify(200, {}, b"{}", 0)
 
