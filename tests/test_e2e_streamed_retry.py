@@ -16,8 +16,8 @@ import pytest
 
 from testbed.fake_kimi import CUT_STREAM, MESSAGES_PATH, mid_stream_error_events
 from testbed.processes import start_mitmdump
-from tests.conftest import ADDON_SCRIPT
-from tests.harness import (
+from tests.support.harness import (
+    ADDON_SCRIPT,
     LOOPBACK_DNS,
     accounts_on_disk,
     counts_on_disk,
@@ -26,7 +26,7 @@ from tests.harness import (
     saved_flows,
     sse_events,
 )
-from tests.test_e2e_rotation import (
+from tests.support.modes import (
     CLIENT_HEADERS,
     FILE_DEADLINE_S,
     MSG,

@@ -20,8 +20,7 @@ from rotator.core import policy
 from rotator.pool.waitline import ABANDONED
 from rotator.proxy import attempts, splice, token_reading
 from rotator.tokens import Usage
-
-NOW = 1_700_000_000_000
+from testbed.hooks import NOW
 
 
 # -- what the adapter uses of mitmproxy: a release that changes it fails here, by name --

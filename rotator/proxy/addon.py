@@ -79,8 +79,8 @@ class KimiRotator:
         self._background = Background()
         # Parts that read this addon's state, loaded and run by it rather than as child
         # addons: mitmproxy visits every addon in the tree for every event of every flow
-        # (~8 a request), and two children cost ~40k instructions a request for hooks
-        # they don't have (bench/instructions.py).
+        # (~8 a request), and children would pay for hooks they don't have (figures:
+        # bench/README.md).
         self.status_page = StatusPage(self)
         self.commands = RotatorCommands(self)
         self.client_host = ClientHost()  # the name a reverse-mode client gave the proxy

@@ -128,7 +128,7 @@ def freeze_what_lives_on() -> None:
     mitmproxy's and this addon's state) lives until it stops, so it goes out of the
     garbage collector's sight (`gc.freeze`) and each collection walks only what requests
     made since. Walking this addon's imports (pydantic, redis, …) at every full
-    collection cost ~100k instructions a request (bench/instructions.py). Never
+    collection cost instructions on every request (figures: bench/README.md). Never
     thawed: an addon reloaded later is collected as usual."""
     global _frozen
     if not _frozen:
