@@ -32,6 +32,7 @@ from testbed.fake_kimi import MESSAGES_PATH
 from tests.support.accounts import DAY, HOUR, NOW, TODAY
 from tests.support.harness import accounts_on_disk, poll, run_cli
 from tests.support.plugin_files import PLUGIN_KEYS, on_disk, plugin_account, plugin_file
+from tests.support.node import npm_install
 
 OK = policy.classify(200, {}, b"{}", NOW)
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
@@ -75,12 +76,7 @@ console.log(JSON.stringify(parsed.data));
 
 @pytest.fixture(scope="session")
 def zod_folder(tmp_path_factory) -> Path:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        pytest.fail("these tests need node and npm on PATH (apt-get install nodejs npm)")
-    folder = tmp_path_factory.mktemp("zod")
-    subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent", "zod@3"], cwd=folder,
-                   check=True, capture_output=True, timeout=300)
+    folder = npm_install(tmp_path_factory, "zod@3")
     (folder / "schema.js").write_text(ZOD_SCRIPT)
     return folder
 

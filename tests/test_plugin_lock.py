@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -32,6 +31,7 @@ from rotator.sync.save_loop import PoolSync
 from testbed.processes import REPO_ROOT
 from tests.support.accounts import fake_key
 from tests.support.harness import accounts_on_disk, run_cli
+from tests.support.node import npm_install
 
 # Takes the lock as the plugin's storage.ts does (stale 5000 ms, 3 retries) unless the
 # options say otherwise; reads the file once locked, waits HOLD_MS, adds KEY (if given),
@@ -61,15 +61,7 @@ const options = Object.assign({ stale: 5000, retries: 3 }, JSON.parse(extra || '
 @pytest.fixture(scope="session")
 def plugin_lock(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with proper-lockfile@4 installed and the plugin's script in it."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        pytest.fail("these tests need node and npm on PATH (apt-get install nodejs npm)")
-    folder = tmp_path_factory.mktemp("proper-lockfile")
-    done = subprocess.run(
-        [npm, "install", "--no-audit", "--no-fund", "--silent", "proper-lockfile@4"],
-        cwd=folder, capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        pytest.fail(f"npm install proper-lockfile@4 failed: {done.stderr.strip()}")
+    folder = npm_install(tmp_path_factory, "proper-lockfile@4")
     (folder / "plugin_lock.js").write_text(PLUGIN_SCRIPT)
     return folder
 
