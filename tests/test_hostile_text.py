@@ -9,7 +9,6 @@ output, log records.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
