@@ -308,13 +308,10 @@ class KimiRotator:
     def _hold_refusal(self, record: FlowRecord) -> None:
         """Hold an error answer that may lead to a retry, so that the retry's answer can
         stream to the client in its place (`_answer_held`)."""
-        flow = record.flow
-        if not self.settings.stream_retries or bodies.is_streamed(flow.request):
+        most = retry.max_attempts(self.settings.max_attempts, len(self.pool.accounts))
+        if not self.settings.stream_retries or bodies.is_streamed(record.flow.request) or len(record.attempts) >= most:
             return
-        if len(record.attempts) >= retry.max_attempts(self.settings.max_attempts, len(self.pool.accounts)):
-            return
-        held = splice.take_over(flow)
-        if held is not None:
+        if held := splice.take_over(record.flow):
             record.splice = held
             self._background.start(self._answer_held(record, held))
 
@@ -325,10 +322,13 @@ class KimiRotator:
             return  # it ended otherwise: `response` or `error` took it
         flow = record.flow
         self.ledger.forget(flow.id)
-        retrying = self._judge(record)
-        if retrying is not None:
-            await retrying
-        elif flow.response is not None:
+        try:
+            retrying = self._judge(record)
+            if retrying is not None:
+                return await retrying  # it answers the client (rotator.proxy.attempts)
+        except Exception:  # the held client still gets the refusal, rather than nothing
+            logger.exception("kimi-rotator: judging a held answer failed")
+        if flow.response is not None:
             held.whole(flow.response)
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
