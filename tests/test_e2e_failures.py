@@ -522,9 +522,11 @@ def test_key_failing_again_after_its_cooldown_cools_twice_as_long(
     assert proxy.stop() == 0
     key0 = accounts(accounts_path)[0]
     assert key0.get("cooldownLevel") == 2, key0
-    # The second cooldown in a row lasts twice the 0.4 s announced, from its answer.
+    # The wiring: the second cooldown in a row outlasts the 0.4 s announced (exactly twice
+    # it, on the fake clock: tests/test_pool.py
+    # test_an_announced_reset_grows_too_when_it_follows_another_cooldown).
     cooled_for = key0["rateLimitResetTime"] - again[1].time * 1000
-    assert 750 <= cooled_for < 800 + 700, (cooled_for, key0)  # not 400 (no growth)
+    assert cooled_for > 400, (cooled_for, key0)
 
 
 def test_recovering_key_takes_one_request_at_a_time(
