@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from testbed.fake_kimi import CUT_STREAM, MESSAGES_PATH, mid_stream_error_events
+from testbed.fake_kimi import CHAT_COMPLETIONS_PATH, CUT_STREAM, MESSAGES_PATH, mid_stream_error_events
 from testbed.processes import start_mitmdump
 from tests.support.harness import (
     ADDON_SCRIPT,
@@ -239,3 +239,32 @@ def test_a_refusal_without_a_body_is_retried_too(fake_kimi, keys, write_accounts
     assert again.status_code == 200
     assert [(s.key, s.status) for s in fake_kimi.message_requests()] == [(refused, 401), (serving, 200), (serving, 200)]
     assert "has crashed" not in proxy.output()
+
+
+@pytest.mark.parametrize("path", [MESSAGES_PATH, CHAT_COMPLETIONS_PATH])
+def test_a_retried_stream_counts_the_tokens_kimi_reported(
+    path, fake_kimi, keys, write_accounts, start_proxy, accounts_path
+):
+    """The relayed stream is read for usage on its way (both shapes): the serving key's
+    saved tokens are what Kimi reported, exactly; the refused key spent none."""
+    limited, serving = keys[:2]
+    write_accounts([limited, serving], "round-robin")
+    envelope = "anthropic" if path == MESSAGES_PATH else "openai"
+    fake_kimi.set_kimi_error(limited, "too_many_requests", envelope=envelope, path=path)
+    fake_kimi.report_tokens(fresh=120, output=33, cache_read=4000, cache_write=250)
+    proxy = start_proxy(fake_kimi)
+    headers = (CLIENT_HEADERS | {"x-api-key": PLACEHOLDER} if path == MESSAGES_PATH
+               else {"authorization": f"Bearer {PLACEHOLDER}", "User-Agent": "KimiCLI/1.0"})
+    with client(proxy, "reverse") as c, c.stream("POST", proxy.url + path, json=STREAMED, headers=headers) as r:
+        body = r.read()
+    assert r.status_code == 200, (body, proxy.output())
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert [(s.key, s.status) for s in fake_kimi.requests if s.path == path] == [(limited, 429), (serving, 200)]
+    reported = fake_kimi.tokens_reported()
+    assert list(reported) == [serving]
+
+    def saved() -> dict[str, dict[str, int]]:
+        return {a["key"]: {n: a["tokens"].get(n, 0) for n in ("input", "output", "cacheRead", "cacheWrite")}
+                for a in accounts_on_disk(accounts_path) if a.get("tokens")}
+
+    assert poll(lambda: saved() == reported, FILE_DEADLINE_S), (saved(), reported)
