@@ -26,7 +26,7 @@ For the retried arm, "send→1st" is compared with the addon arm's: a retry shou
 one refusal round trip (measured through bare mitmdump: a request the fake refuses) and
 a few ms more, not the whole answer.
 
-    python bench/streaming.py [--quick] [--rounds N] [--streams N] [--event-delay S]
+    python bench/streaming.py [--quick] [--rounds N] [--streams N] [--event-delay S] [--deltas N]
 """
 
 from __future__ import annotations
@@ -104,6 +104,12 @@ class Stream:
     sent_ns: int
     events: list[tuple[str, int]]  # (event name, arrival ns)
     stamps: list[int] = field(default_factory=list)  # server write ns, by event index
+    received: int = 0  # bytes of the answer (head and body, as sent)
+
+    def mb_per_s(self) -> float:
+        """The answer's bytes over the time from its first event to its last."""
+        took_s = (self.events[-1][1] - self.events[0][1]) / 1e9
+        return self.received / 1e6 / took_s if took_s > 0 else float("inf")
 
     def legs_us(self) -> list[float]:
         return [(t - s) / 1000 for (_, t), s in zip(self.events, self.stamps)]
@@ -167,6 +173,7 @@ def stream_once(port: int, timeout: float) -> Stream:
         chunked = False
         payload = b""  # decoded body not yet split into events
         events: list[tuple[str, int]] = []
+        received = 0
         finished = False
         while not finished:
             if time.monotonic() > deadline:
@@ -175,6 +182,7 @@ def stream_once(port: int, timeout: float) -> Stream:
             now = time.monotonic_ns()
             if not data:
                 break
+            received += len(data)
             raw += data
             if head is None:
                 end = raw.find(b"\r\n\r\n")
@@ -209,7 +217,7 @@ def stream_once(port: int, timeout: float) -> Stream:
     m = re.search(r"^x-fake-kimi-request:\s*(\d+)", head or "", re.I | re.M)
     if m is None or not events:
         raise RuntimeError(f"not a stream from the fake server: {head!r}, {len(events)} events")
-    return Stream(int(m.group(1)), sent, events)
+    return Stream(int(m.group(1)), sent, events, received=received)
 
 
 def attach_stamps(fake, stream: Stream) -> None:
@@ -227,6 +235,28 @@ def one_by_one(stream: Stream, delay_s: float) -> bool:
     return max(stream.legs_us()) / 1000 < half_ms and min(stream.gaps_ms()) > half_ms
 
 
+def throughput(work: Path, rounds: int, deltas: int, timeout: float) -> dict[str, list[float]]:
+    """MB/s of long answers written at once (`deltas` text events, no delay) through the
+    addon, clean and retried, alternating: what relaying each chunk into the held
+    response costs when chunks come as fast as the server can write them."""
+    proxies_needed = -(-(rounds + 1) // (STREAMS_PER_PROXY - 1))
+    refuse = [arg for n in RetriedArm.refused_keys(proxies_needed) for arg in ("--refuse-key", C.bench_key(n))]
+    found: dict[str, list[float]] = {"addon": [], "retried": []}
+    with C.fake_kimi("--no-record", "--event-delay", "0", "--deltas", str(deltas), *refuse) as (_, port):
+        clean = C.start_proxy(work, "throughput-addon", port, addon=True,
+                              accounts=C.make_accounts_file(work / "throughput" / "kimi-accounts.json", 3))
+        retried = RetriedArm(work / "throughput", port, timeout)
+        try:
+            stream_once(clean.port, timeout)  # warm-up
+            for rnd in range(rounds):
+                for arm in ("addon", "retried") if rnd % 2 == 0 else ("retried", "addon"):
+                    found[arm].append(stream_once(retried.port() if arm == "retried" else clean.port, timeout).mb_per_s())
+        finally:
+            clean.stop()
+            retried.stop()
+    return found
+
+
 def one_by_one_at_client(stream: Stream, delay_s: float) -> bool:
     """Spaced at the client like the server wrote them (no stamps needed)."""
     return min(stream.gaps_ms()) > delay_s * 1000 / 2
@@ -237,6 +267,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, help="alternating rounds (default 5; quick 1)")
     ap.add_argument("--streams", type=int, help="streams per arm per round (default 6; quick 2)")
     ap.add_argument("--event-delay", type=float, help="seconds between SSE events (default 0.05; quick 0.02)")
+    ap.add_argument("--deltas", type=int, help="text events of each throughput stream (default 5000; quick 500)")
     args = ap.parse_args()
     rounds = args.rounds or (1 if args.quick else 5)
     per_round = args.streams or (2 if args.quick else 6)
@@ -299,6 +330,8 @@ def main() -> int:
             for proxy in proxies.values():
                 proxy.stop()
             refused, served, retried_proxies = retried.stop()
+        deltas = args.deltas or (500 if args.quick else 5000)
+        rates = throughput(work, max(2, rounds), deltas, 60)
     retried_streams = rounds * per_round + retried_proxies  # the measured ones and each proxy's warm-up
 
     print()
@@ -353,7 +386,12 @@ def main() -> int:
           f"{whole.first_from_send_ms:.2f} ms, one by one: {one_by_one_at_client(whole, delay)} (the answer came whole)")
     print(f"retried: later events' leg {C.median([l for rnd in results['retried'] for s in rnd for l in s.legs_us()[1:]]):.0f} µs "
           f"vs {C.median([l for rnd in results['addon'] for s in rnd for l in s.legs_us()[1:]]):.0f} µs clean "
-          f"(each relayed event is injected into the client's stream: one more pass through mitmproxy's layers)")
+          f"(a relayed event passes through mitmproxy's layers once more, into the client's stream)")
+    ratio_mb = C.median(rates["retried"]) / C.median(rates["addon"])
+    print(f"throughput ({deltas} text events written at once, {len(rates['addon'])} streams per arm): "
+          f"clean {C.median(rates['addon']):.1f} MB/s, retried {C.median(rates['retried']):.1f} MB/s "
+          f"(retried / clean {ratio_mb:.2f}; relayed chunks that come while one is on its way to the client "
+          f"go with it, in one pass through mitmproxy's layers)")
     if not every_refused:
         print("FAIL: the retried arm did not retry every stream; its figures measure something else")
         return 1

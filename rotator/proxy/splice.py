@@ -86,6 +86,7 @@ class Splice:
         self.refusal: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.started = False  # headers of an answer went to the client
         self.closed = False  # the client's connection went away before the answer ended
+        self._pending: list[bytes] = []  # body chunks whose step is on its way
 
     def whole(self, response: http.Response) -> bool:
         """Answer at once with `response` (the client flow's `response` hook runs)."""
@@ -97,7 +98,15 @@ class Splice:
         return self._send(_Start(response))
 
     def data(self, chunk: bytes) -> bool:
-        return self._send(_Data(chunk)) if chunk else True
+        """Send `chunk` of the body. Chunks that come while one is on its way go with it:
+        one pass through mitmproxy's layers for a burst, not one a chunk."""
+        if not chunk:
+            return True
+        if self._pending:
+            self._pending.append(chunk)
+            return not self.closed
+        self._pending.append(chunk)
+        return self._send(_Data(self._pending))
 
     def end(self) -> bool:
         """End the body (the client flow's `response` hook runs)."""
@@ -186,7 +195,10 @@ class _Start(_Step):
 
 class _Data(_Step):
     def apply(self, stream: Any) -> Commands:
-        yield SendHttp(ResponseData(stream.stream_id, self.payload), stream.context.client)
+        chunks: list[bytes] = self.payload  # the splice's pending list: emptied as it goes
+        data = b"".join(chunks)
+        chunks.clear()
+        yield SendHttp(ResponseData(stream.stream_id, data), stream.context.client)
 
 
 class _End(_Step):
