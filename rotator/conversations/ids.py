@@ -68,6 +68,7 @@ OTHER = "other"
 
 _HEADER_RANK = {name: rank for rank, name in enumerate(HEADER_NAMES)}
 _USER_AGENT = b"user-agent"
+_CONTENT_ENCODING = b"content-encoding"
 _PLAIN_ID = re.compile(rb"[!-~]+")  # printable ASCII, no space
 _KEY_MARK = b"sk-"  # what every API key shape starts with: such an id is hashed, never shown
 
@@ -102,7 +103,8 @@ def conversation_of(headers: Iterable[tuple[bytes, bytes]], body: bytes | None) 
 
     `headers`: (name, value) pairs as sent, e.g. mitmproxy's `request.headers.fields`
     (one pass over them; `Headers.get` would scan them once per name). `body`: the
-    request's bytes as sent (`request.raw_content`); pass None for an encoded body."""
+    request's bytes as sent (`request.raw_content`), not read when the headers name a
+    content coding (an encoded body)."""
     best_rank = len(HEADER_NAMES)
     best = b""
     agent = b""
@@ -114,6 +116,8 @@ def conversation_of(headers: Iterable[tuple[bytes, bytes]], body: bytes | None) 
                 best_rank, best = rank, value
         elif lowered == _USER_AGENT:
             agent = value
+        elif lowered == _CONTENT_ENCODING:
+            body = None
     if best_rank < len(HEADER_NAMES):
         return Conversation(clean_id(best), HEADER_NAMES[best_rank].decode("ascii"), client_of(agent))
     if body:
@@ -239,8 +243,8 @@ def _session_in_metadata(body: bytes, at: int) -> str | None:
         return None
     window = body[at:at + METADATA_WINDOW].decode("utf-8", "replace")
     try:
-        metadata, _ = _DECODER.raw_decode(window)
-    except ValueError:  # not JSON, or longer than the window
+        metadata, _ = _DECODER.scan_once(window, 0)  # raw_decode's own step: the window starts with "{"
+    except (StopIteration, ValueError, RecursionError):  # not JSON, or longer than the window
         return None
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
     if not isinstance(user_id, str):

@@ -42,6 +42,7 @@ MAX_EVENT_BYTES = 64 * 1024
 # …) holds one of these pairs, and a single line end (LF, CR, CRLF) holds none.
 _BLANK = re.compile(rb"\n\n|\r\r|\n\r")
 _BLANK_PAIRS = (b"\n\n", b"\r\r", b"\n\r")
+_OBJECT_VALUE = (b":{", b": {")  # a key's object value, compact or as json.dumps writes it
 _AFTER_KEY = re.compile(rb"[ \t]*(:[ \t]*)?")
 _LINE_END_BYTES = (0x0A, 0x0D)
 _OPEN_BRACE = 0x7B
@@ -210,7 +211,8 @@ class UsageScanner:
     def _candidate(self, buf: bytes, start: int, i: int) -> None:
         """Scanned bytes `buf` (at stream offset `start`: the last bytes scanned before,
         then new ones) with a "usage" at `i`."""
-        while i >= 0 and not _could_hold_object(buf, i + len(NEEDLE)):  # e.g. "usage":null
+        while i >= 0 and not (buf.startswith(_OBJECT_VALUE, i + len(NEEDLE))  # the usual forms, at once
+                              or _could_hold_object(buf, i + len(NEEDLE))):  # e.g. "usage":null
             i = buf.find(NEEDLE, i + len(NEEDLE))
         if i >= 0 and not self._read_within(buf, start, i):  # an event not whole in buf
             self._feed(buf, start, i)
@@ -247,7 +249,8 @@ class UsageScanner:
                 return False
             events.append((begin, end, begin == 0 and at_start))
             i = buf.find(NEEDLE, resume)
-            while i >= 0 and not _could_hold_object(buf, i + len(NEEDLE)):
+            while i >= 0 and not (buf.startswith(_OBJECT_VALUE, i + len(NEEDLE))
+                                  or _could_hold_object(buf, i + len(NEEDLE))):
                 i = buf.find(NEEDLE, i + len(NEEDLE))
             if i >= 0 and i + len(NEEDLE) >= n:
                 return False  # a "usage" whose value the next chunk tells
