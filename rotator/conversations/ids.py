@@ -85,6 +85,10 @@ _DECODER = json.JSONDecoder()
 # seed, so a body cannot be made to collide with another on purpose; a chance collision
 # (~256 in 2**64) would misjudge one body's depth, i.e. its affinity, nothing else.
 _depth_memo: dict[int, int] = {}
+# What clean_id and client_of said for the last `MEMO_SIZE` values they were given.
+MEMO_SIZE = 256
+_clean_memo: dict[bytes, str] = {}
+_client_memo: dict[bytes, str] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,22 +135,41 @@ def clean_id(raw: bytes) -> str:
     """`raw` (stripped) as an id: itself when it is short printable ASCII, else a hash
     of it (`h:` and 24 hex digits), so any value maps to one short printable id. An id
     shaped like an API key is hashed too: ids are shown on the status page."""
-    raw = raw.strip()
-    if len(raw) <= MAX_ID_LENGTH and _PLAIN_ID.fullmatch(raw) is not None and _KEY_MARK not in raw:
-        return raw.decode("ascii")
-    return HASH_PREFIX + hashlib.blake2b(raw, digest_size=12).hexdigest()
+    cleaned = _clean_memo.get(raw)  # a conversation's turns name it again and again
+    if cleaned is None:
+        stripped = raw.strip()
+        if len(stripped) <= MAX_ID_LENGTH and _PLAIN_ID.fullmatch(stripped) is not None and _KEY_MARK not in stripped:
+            cleaned = stripped.decode("ascii")
+        else:
+            cleaned = HASH_PREFIX + hashlib.blake2b(stripped, digest_size=12).hexdigest()
+        if len(raw) <= 2 * MAX_ID_LENGTH:
+            _remember(_clean_memo, raw, cleaned)
+    return cleaned
 
 
 def client_of(user_agent: bytes) -> str:
     """The client kind, by User-Agent, for display only."""
-    agent = user_agent.lower()
-    if b"claude-cli" in agent or b"claude-code" in agent:
-        return CLAUDE_CODE
-    if b"opencode" in agent:
-        return OPENCODE
-    if b"kimicli" in agent or b"kimi-cli" in agent or b"kimi_cli" in agent:
-        return KIMI_CLI
-    return OTHER
+    kind = _client_memo.get(user_agent)  # a client sends the same one every time
+    if kind is None:
+        agent = user_agent.lower()
+        if b"claude-cli" in agent or b"claude-code" in agent:
+            kind = CLAUDE_CODE
+        elif b"opencode" in agent:
+            kind = OPENCODE
+        elif b"kimicli" in agent or b"kimi-cli" in agent or b"kimi_cli" in agent:
+            kind = KIMI_CLI
+        else:
+            kind = OTHER
+        if len(user_agent) <= 1024:
+            _remember(_client_memo, user_agent, kind)
+    return kind
+
+
+def _remember(memo: dict[bytes, str], raw: bytes, value: str) -> None:
+    """Keep `value` for `raw` in `memo`, forgetting the oldest past `MEMO_SIZE`."""
+    if len(memo) >= MEMO_SIZE:
+        del memo[next(iter(memo))]
+    memo[raw] = value
 
 
 def id_in_body(body: bytes) -> tuple[str, str] | None:
