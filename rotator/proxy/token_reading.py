@@ -39,10 +39,10 @@ class StreamReader(UsageScanner):
     __call__ = UsageScanner.feed
 
     def __new__(cls, shape: Shape, coding: str = "") -> StreamReader:
-        return super().__new__(_DecodingReader if coding else cls)
+        return object.__new__(_DecodingReader if coding else cls)
 
     def __init__(self, shape: Shape, coding: str = "") -> None:
-        super().__init__(shape)
+        UsageScanner.__init__(self, shape)
 
 
 class _DecodingReader(StreamReader):

@@ -113,7 +113,7 @@ class UsageScanner:
         self._dropped = 0  # the stream's bytes before them
         self._scanned = 0  # how many of the kept chunks (the first ones) were scanned
         self._carry = b""  # the scanned bytes' last 6 (SCAN), for a "usage" split across chunks
-        self._pending = bytearray()  # the candidate event read so far (PENDING)
+        self._pending: bytes | bytearray = b""  # the candidate event read so far (PENDING)
         self._pending_start = 0  # its offset in the stream
         self._skip_last = b""  # the last byte scanned (SKIP)
 
@@ -185,7 +185,7 @@ class UsageScanner:
             self.fault = e
             self._figures = Figures(self.shape)
             self._state = _SCAN  # so that _end forgets it all
-            self._pending = bytearray()
+            self._pending = b""
             self._end()
 
     def _catch_up(self) -> None:
@@ -318,13 +318,13 @@ class UsageScanner:
             return len(buf)
         self._skipped += 1
         self._skip_last = bytes(pending[-1:])
-        self._pending = bytearray()
+        self._pending = b""
         self._state = _SKIP
         return pos + room
 
     def _read(self, resume: int) -> int:
         """The candidate event is whole: read it, look on from `resume`."""
-        event, self._pending = bytes(self._pending), bytearray()
+        event, self._pending = bytes(self._pending), b""
         self._state = _SCAN
         self._figures.read(event, self._pending_start == 0)
         return resume
@@ -345,7 +345,7 @@ class UsageScanner:
         if self._state is _PENDING:
             self._figures.read(bytes(self._pending), self._pending_start == 0)
         self._state = _ENDED
-        self._pending = bytearray()
+        self._pending = b""
         self._kept.clear()
         self._kept_len = 0
         self._scanned = 0

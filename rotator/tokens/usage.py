@@ -194,7 +194,7 @@ def load_json(text: bytes | bytearray | str) -> object:
     """`text` parsed, or None when it is not JSON or is too deep or too large a number
     to parse (a hostile body costs a parse, never an exception)."""
     try:
-        if type(text) is bytes and text[:1] == b"{" and text[1:2] != b"\x00":  # UTF-8, as json.loads tells
+        if type(text) is bytes and len(text) > 1 and text[0] == 0x7B and text[1]:  # "{", UTF-8 as json.loads tells
             # json.loads' own steps without its Python layers (a usage event is parsed
             # on every streamed answer); anything unusual goes the whole way below.
             decoded = text.decode("utf-8", "surrogatepass")
