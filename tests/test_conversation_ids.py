@@ -267,3 +267,16 @@ def test_remembered_depth_counts_stay_bounded() -> None:
         assert id_in_body(b'{"messages":[],"prompt_cache_key":"s-%d"}' % i) == (f"s-{i}", ids.BODY_PROMPT_CACHE_KEY)
     assert len(ids._depth_memo) == ids.DEPTH_MEMO_SIZE
     assert id_in_body(b'{"messages":[],"prompt_cache_key":"s-0"}') == ("s-0", ids.BODY_PROMPT_CACHE_KEY)
+
+
+def test_ids_and_clients_read_again_are_the_same_and_what_is_remembered_stays_bounded() -> None:
+    for _ in range(2):  # the second time from what was remembered
+        assert ids.clean_id(b" 9f1c2d3e ") == "9f1c2d3e"
+        assert ids.clean_id(b"sk-kimi-" + b"a" * 40).startswith(ids.HASH_PREFIX)
+        assert ids.clean_id(b"x" * 1000) == ids.clean_id(b"x" * 1000).strip()
+        assert ids.client_of(b"claude-cli/2.1.332 (external, cli)") == ids.CLAUDE_CODE
+        assert ids.client_of(b"") == ids.OTHER
+    for i in range(3 * ids.MEMO_SIZE):
+        assert ids.clean_id(f"conv-{i}".encode()) == f"conv-{i}"
+        assert ids.client_of(f"KimiCLI/{i}".encode()) == ids.KIMI_CLI
+    assert len(ids._clean_memo) <= ids.MEMO_SIZE and len(ids._client_memo) <= ids.MEMO_SIZE

@@ -561,3 +561,19 @@ def test_the_scanner_agrees_with_a_plain_reading_of_random_streams(shape: Shape)
         points = rng.sample(range(1, len(body)), min(len(body) - 1, rng.randint(0, 40))) if len(body) > 1 else []
         expected = reference(body, shape)
         assert scan(split_at(body, *points), shape).result() == expected, (i, body[:300])
+
+
+@pytest.mark.parametrize("shape", [A, O])
+def test_asking_for_the_usage_between_chunks_reads_the_same(shape: Shape) -> None:
+    # Chunks are scanned together when the usage is asked for, at the end or when the
+    # kept bytes are trimmed: asked after every chunk, each chunk is scanned on its own.
+    rng = random.Random(2700 + (shape is O))
+    for i in range(200):
+        body = random_stream(rng, shape)
+        points = rng.sample(range(1, len(body)), min(len(body) - 1, rng.randint(0, 40))) if len(body) > 1 else []
+        scanner = UsageScanner(shape)
+        for piece in split_at(body, *points):
+            scanner.feed(piece)
+            scanner.result()
+        scanner.feed(b"")
+        assert scanner.result() == reference(body, shape), (i, body[:300])

@@ -341,3 +341,16 @@ async def test_each_conversation_adds_up_what_its_turns_spent(addon):
     assert session["turns"] == 2
     assert session["tokens"] == {"input": 2 * 4400, "output": 2 * 57, "cacheRead": 2 * 4000}
     assert session["cacheShare"] == pytest.approx(4000 / 4400)
+
+
+@pytest.mark.parametrize("fields", [
+    [], [(b"Content-Encoding", b"gzip")], [(b"content-encoding", b" GZip ")], [(b"CONTENT-ENCODING", b"identity")],
+    [(b"content-encoding", b"gzip"), (b"x-other", b"1"), (b"Content-Encoding", b"br")],
+    [(b"content-type", b"text/event-stream"), (b"content-encodinG", b"")],
+])
+def test_the_content_coding_is_read_from_the_fields_as_headers_get_reads_it(fields):
+    from rotator.proxy import bodies
+    response = http.Response.make(200, b"")
+    response.headers = http.Headers(fields)
+    expected = response.headers.get("content-encoding", "").strip().lower()
+    assert bodies.content_coding(response) == ("" if expected == "identity" else expected)

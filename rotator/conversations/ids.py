@@ -68,6 +68,7 @@ OTHER = "other"
 
 _HEADER_RANK = {name: rank for rank, name in enumerate(HEADER_NAMES)}
 _USER_AGENT = b"user-agent"
+_CONTENT_ENCODING = b"content-encoding"
 _PLAIN_ID = re.compile(rb"[!-~]+")  # printable ASCII, no space
 _KEY_MARK = b"sk-"  # what every API key shape starts with: such an id is hashed, never shown
 
@@ -84,6 +85,10 @@ _DECODER = json.JSONDecoder()
 # seed, so a body cannot be made to collide with another on purpose; a chance collision
 # (~256 in 2**64) would misjudge one body's depth, i.e. its affinity, nothing else.
 _depth_memo: dict[int, int] = {}
+# What clean_id and client_of said for the last `MEMO_SIZE` values they were given.
+MEMO_SIZE = 256
+_clean_memo: dict[bytes, str] = {}
+_client_memo: dict[bytes, str] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +107,8 @@ def conversation_of(headers: Iterable[tuple[bytes, bytes]], body: bytes | None) 
 
     `headers`: (name, value) pairs as sent, e.g. mitmproxy's `request.headers.fields`
     (one pass over them; `Headers.get` would scan them once per name). `body`: the
-    request's bytes as sent (`request.raw_content`); pass None for an encoded body."""
+    request's bytes as sent (`request.raw_content`), not read when the headers name a
+    content coding (an encoded body)."""
     best_rank = len(HEADER_NAMES)
     best = b""
     agent = b""
@@ -114,6 +120,8 @@ def conversation_of(headers: Iterable[tuple[bytes, bytes]], body: bytes | None) 
                 best_rank, best = rank, value
         elif lowered == _USER_AGENT:
             agent = value
+        elif lowered == _CONTENT_ENCODING:
+            body = None
     if best_rank < len(HEADER_NAMES):
         return Conversation(clean_id(best), HEADER_NAMES[best_rank].decode("ascii"), client_of(agent))
     if body:
@@ -127,22 +135,41 @@ def clean_id(raw: bytes) -> str:
     """`raw` (stripped) as an id: itself when it is short printable ASCII, else a hash
     of it (`h:` and 24 hex digits), so any value maps to one short printable id. An id
     shaped like an API key is hashed too: ids are shown on the status page."""
-    raw = raw.strip()
-    if len(raw) <= MAX_ID_LENGTH and _PLAIN_ID.fullmatch(raw) is not None and _KEY_MARK not in raw:
-        return raw.decode("ascii")
-    return HASH_PREFIX + hashlib.blake2b(raw, digest_size=12).hexdigest()
+    cleaned = _clean_memo.get(raw)  # a conversation's turns name it again and again
+    if cleaned is None:
+        stripped = raw.strip()
+        if len(stripped) <= MAX_ID_LENGTH and _PLAIN_ID.fullmatch(stripped) is not None and _KEY_MARK not in stripped:
+            cleaned = stripped.decode("ascii")
+        else:
+            cleaned = HASH_PREFIX + hashlib.blake2b(stripped, digest_size=12).hexdigest()
+        if len(raw) <= 2 * MAX_ID_LENGTH:
+            _remember(_clean_memo, raw, cleaned)
+    return cleaned
 
 
 def client_of(user_agent: bytes) -> str:
     """The client kind, by User-Agent, for display only."""
-    agent = user_agent.lower()
-    if b"claude-cli" in agent or b"claude-code" in agent:
-        return CLAUDE_CODE
-    if b"opencode" in agent:
-        return OPENCODE
-    if b"kimicli" in agent or b"kimi-cli" in agent or b"kimi_cli" in agent:
-        return KIMI_CLI
-    return OTHER
+    kind = _client_memo.get(user_agent)  # a client sends the same one every time
+    if kind is None:
+        agent = user_agent.lower()
+        if b"claude-cli" in agent or b"claude-code" in agent:
+            kind = CLAUDE_CODE
+        elif b"opencode" in agent:
+            kind = OPENCODE
+        elif b"kimicli" in agent or b"kimi-cli" in agent or b"kimi_cli" in agent:
+            kind = KIMI_CLI
+        else:
+            kind = OTHER
+        if len(user_agent) <= 1024:
+            _remember(_client_memo, user_agent, kind)
+    return kind
+
+
+def _remember(memo: dict[bytes, str], raw: bytes, value: str) -> None:
+    """Keep `value` for `raw` in `memo`, forgetting the oldest past `MEMO_SIZE`."""
+    if len(memo) >= MEMO_SIZE:
+        del memo[next(iter(memo))]
+    memo[raw] = value
 
 
 def id_in_body(body: bytes) -> tuple[str, str] | None:
@@ -239,8 +266,8 @@ def _session_in_metadata(body: bytes, at: int) -> str | None:
         return None
     window = body[at:at + METADATA_WINDOW].decode("utf-8", "replace")
     try:
-        metadata, _ = _DECODER.raw_decode(window)
-    except ValueError:  # not JSON, or longer than the window
+        metadata, _ = _DECODER.scan_once(window, 0)  # raw_decode's own step: the window starts with "{"
+    except (StopIteration, ValueError, RecursionError):  # not JSON, or longer than the window
         return None
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
     if not isinstance(user_id, str):

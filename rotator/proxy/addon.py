@@ -396,5 +396,5 @@ class KimiRotator:
 def conversation_in(request: http.Request, streamed: bool) -> Conversation | None:
     """The conversation a request names (rotator.conversations.ids); an encoded or
     streamed body is not read: its headers only."""
-    body = None if streamed or "content-encoding" in request.headers else request.raw_content
+    body = None if streamed else request.raw_content
     return conversation_of(request.headers.fields, body or None)

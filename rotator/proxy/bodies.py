@@ -129,8 +129,14 @@ def body_start(response: http.Response, limit: int = BODY_SCAN_LIMIT) -> bytes |
 
 
 def content_coding(response: http.Response) -> str:
-    """The answer's content coding, "" for none (identity)."""
-    encoding = response.headers.get("content-encoding", "").strip().lower()
+    """The answer's content coding, "" for none (identity). Read from the raw fields, as
+    `Headers.get` would (several such headers joined by ", "): this runs for every
+    streamed success, and a Headers lookup converts every name it passes."""
+    codings = [value for name, value in response.headers.fields
+               if len(name) == 16 and name.lower() == b"content-encoding"]
+    if not codings:
+        return ""
+    encoding = b", ".join(codings).decode("utf-8", "surrogateescape").strip().lower()
     return "" if encoding == "identity" else encoding
 
 

@@ -28,26 +28,41 @@ _RAW_WBITS = -15
 _told_codings: set[str] = set()
 
 
-class StreamReader:
+class StreamReader(UsageScanner):
     """A `response.stream` callable: each chunk is scanned for usage and handed on
-    unchanged; `result()` is what the stream reported (a stream cut short: so far)."""
+    unchanged; `result()` is what the stream reported (a stream cut short: so far). An
+    answer as sent is fed to the scanner as it is called, one call a chunk (mitmproxy
+    calls it for every chunk of every stream); one in gzip or deflate is decoded first
+    (`_DecodingReader`, which `StreamReader(shape, coding)` makes)."""
 
-    __slots__ = ("scanner", "_inflate", "_deflate", "_broken", "_feed")
+    __slots__ = ()
+    __call__ = UsageScanner.feed
+
+    def __new__(cls, shape: Shape, coding: str = "") -> StreamReader:
+        return object.__new__(_DecodingReader if coding else cls)
 
     def __init__(self, shape: Shape, coding: str = "") -> None:
-        self.scanner = UsageScanner(shape)
+        UsageScanner.__init__(self, shape)
+
+
+class _DecodingReader(StreamReader):
+    """A StreamReader for an answer in gzip or deflate: each chunk is inflated (at most
+    `INFLATE_STEP` at a time) for the scanner and handed on still compressed."""
+
+    __slots__ = ("_inflate", "_deflate", "_broken")
+
+    def __init__(self, shape: Shape, coding: str = "") -> None:
+        super().__init__(shape)
         self._deflate = coding == "deflate"  # zlib or raw deflate: told by the first byte
         self._inflate: zlib._Decompress | None = None  # type: ignore[name-defined]
         if coding in ("gzip", "x-gzip"):
             self._inflate = zlib.decompressobj(_GZIP_WBITS)
         self._broken = False
-        # An answer as sent goes straight to the scanner: one call a chunk.
-        self._feed = self._read if coding else self.scanner.feed
 
     def __call__(self, chunk: bytes) -> bytes:
         if not self._broken:
             try:
-                self._feed(chunk)
+                self._read(chunk)
             except Exception:  # a broken body (zlib.error, …): it streams on, counted no further
                 self._broken = True
                 logger.debug("kimi-rotator: a streamed answer could not be read for tokens", exc_info=True)
@@ -59,21 +74,21 @@ class StreamReader:
             self._inflate = zlib.decompressobj(_ZLIB_WBITS if chunk[0] & 0x0F == 8 else _RAW_WBITS)
         inflate = self._inflate
         if inflate is None:
-            self.scanner.feed(chunk)
+            self.feed(chunk)
             return
         if not chunk:
-            self.scanner.feed(inflate.flush())
-            self.scanner.feed(b"")
+            self.feed(inflate.flush())
+            self.feed(b"")
             return
         data = chunk
         while data:
             out = inflate.decompress(data, INFLATE_STEP)
             if out:
-                self.scanner.feed(out)
+                self.feed(out)
             data = inflate.unconsumed_tail
 
     def result(self) -> Usage | None:
-        return None if self._broken else self.scanner.result()
+        return None if self._broken else super().result()
 
 
 def stream_reader(flow: http.HTTPFlow) -> StreamReader | None:
@@ -111,7 +126,7 @@ def spent(flow: http.HTTPFlow) -> Usage | None:
     stream = response.stream
     reader = reader_of(stream) if stream else None
     if reader is not None:
-        return reader.result()
+        return _result(reader)
     if stream:
         return None
     shape = shape_for_path(flow.request.path)
@@ -129,4 +144,11 @@ def cut_short(flow: http.HTTPFlow) -> Usage | None:
     """What a stream that ended in an error had reported before it ended."""
     response = flow.response
     reader = None if response is None else reader_of(response.stream)
-    return None if reader is None else reader.result()
+    return None if reader is None else _result(reader)
+
+
+def _result(reader: StreamReader) -> Usage | None:
+    usage = reader.result()
+    if reader.fault is not None:
+        logger.debug("kimi-rotator: a streamed answer could not be read for tokens", exc_info=reader.fault)
+    return usage

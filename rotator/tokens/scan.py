@@ -2,26 +2,20 @@
 holding the stream back or buffering it.
 
 `UsageScanner` sees the chunks mitmproxy hands a `response.stream` callable, in order,
-split anywhere (mid-event, mid-line, mid-UTF-8). Only an event with a key `"usage"`
-whose value is an object can carry usage, so a chunk costs one `bytes.find` for
-`"usage"` (with its quotes: in a JSON string a quote is escaped, so a text delta that
-writes "usage" never matches) plus a few bytes of bookkeeping; only a match is looked
-at further: its event is found by its blank lines (every raw CR or LF in an SSE stream
-ends a line, since JSON escapes them), its `data:` lines are joined and parsed as JSON,
-and the figures are taken when the event is the right one:
+split anywhere (mid-event, mid-line, mid-UTF-8), and hands each on at once. A chunk
+costs a reference kept: the chunks are scanned together, one `bytes.find` for `"usage"`
+(with its quotes: in a JSON string a quote is escaped, so a text delta that writes
+"usage" never matches) over all of them, when the kept bytes are trimmed, at the end, or
+when the usage is asked for. Only an event with a key `"usage"` whose value is an object
+can carry usage; only a match is looked at further: its event is found by its blank
+lines (every raw CR or LF in an SSE stream ends a line, since JSON escapes them) and
+read by rotator.tokens.figures, which says which events count and how.
 
-- Anthropic shape: `message_start`'s `message.usage` (input_tokens,
-  cache_read_input_tokens, cache_creation_input_tokens) and `message_delta`'s `usage`
-  (output_tokens: the last one wins; input-side figures it repeats count when larger,
-  as Anthropic's cumulative figures are).
-- OpenAI shape: a `data: {...}` chunk's top-level `usage`, or (Kimi) its choice's
-  `usage`; the last one wins. `data: [DONE]` and everything else is never parsed.
-
-Bounds: what is kept between chunks is the stream's last `max_event_bytes` to twice
-that (references to its chunks, not copies) and at most one candidate event of up to
-`max_event_bytes` (64 KB by default; usage events are a few hundred bytes): at most
-three times `max_event_bytes` whatever the stream does. A candidate event larger than
-that is skipped, not read.
+Bounds: what is kept is the stream's last `max_event_bytes` to twice that (references
+to its chunks, not copies) and at most one candidate event of up to `max_event_bytes`
+(64 KB by default; usage events are a few hundred bytes): at most three times
+`max_event_bytes` whatever the stream does. A candidate event larger than that is
+skipped, not read.
 
 A stream cut short counts what Kimi reported before the cut: in the Anthropic shape the
 input figures of `message_start` and the latest output figure (`message_start`'s own
@@ -39,10 +33,8 @@ from __future__ import annotations
 import enum
 import re
 
-from rotator.tokens.usage import (
-    CACHE_READ_TOKENS, CACHE_WRITE_TOKENS, INPUT_TOKENS, OUTPUT_TOKENS, Shape, Usage, anthropic_counts,
-    load_json, openai_usage_in,
-)
+from rotator.tokens.figures import Figures
+from rotator.tokens.usage import Shape, Usage
 
 NEEDLE = b'"usage"'
 MAX_EVENT_BYTES = 64 * 1024
@@ -50,18 +42,13 @@ MAX_EVENT_BYTES = 64 * 1024
 # …) holds one of these pairs, and a single line end (LF, CR, CRLF) holds none.
 _BLANK = re.compile(rb"\n\n|\r\r|\n\r")
 _BLANK_PAIRS = (b"\n\n", b"\r\r", b"\n\r")
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-# An event of one data line, after an optional name line (a field's one leading space
-# is not part of its value); any other form is read line by line.
-_SIMPLE_EVENT = re.compile(rb"(?:event: ?([^\r\n:]*)(?:\r\n|\r|\n))?data: ?([^\r\n]*)")
+_OBJECT_VALUE = (b":{", b": {")  # a key's object value, compact or as json.dumps writes it
 _AFTER_KEY = re.compile(rb"[ \t]*(:[ \t]*)?")
-_BOM = b"\xef\xbb\xbf"
 _LINE_END_BYTES = (0x0A, 0x0D)
 _OPEN_BRACE = 0x7B
 _SPACE_OR_LINE_END = b" \t\r\n"
 _NEAR = 2048  # an event's start is looked for this far back first
 _MAX_KEPT_PIECES = 256  # small chunks kept are joined past this many
-_INPUT_SIDE = (INPUT_TOKENS, CACHE_READ_TOKENS, CACHE_WRITE_TOKENS)
 
 
 class _State(enum.Enum):
@@ -69,6 +56,10 @@ class _State(enum.Enum):
     PENDING = "reading a candidate event"
     SKIP = "skipping an oversized event"
     ENDED = "the stream ended"
+
+
+# The states as module names: an enum member looked up on its class costs more, per chunk.
+_SCAN, _PENDING, _SKIP, _ENDED = _State
 
 
 def _last_blank_end(buf: bytes) -> int:
@@ -106,136 +97,182 @@ class UsageScanner:
     """feed() it every chunk of one streamed answer of `shape`, b"" at the end;
     result() is the usage read so far (None: none)."""
 
-    __slots__ = ("shape", "_final", "events_read", "events_skipped", "_limit", "_state", "_scanning",
-                 "_kept", "_kept_len", "_dropped", "_carry", "_pending", "_pending_start",
-                 "_skip_last", "_counts", "_openai", "_most_kept")
+    __slots__ = ("shape", "fault", "_figures", "_skipped", "_limit", "_state", "_kept", "_kept_len", "_dropped",
+                 "_scanned", "_carry", "_pending", "_pending_start", "_skip_last", "_most_kept")
 
     def __init__(self, shape: Shape, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self.shape = shape
-        self._final = False  # the final figures were read (message_delta; OpenAI's usage)
-        self.events_read = 0  # candidate events parsed
-        self.events_skipped = 0  # candidate events larger than max_event_bytes, not read
+        self.fault: Exception | None = None  # what broke reading, if anything did (it then counts nothing)
+        self._figures = Figures(shape)
+        self._skipped = 0  # candidate events larger than max_event_bytes, not read
         self._limit = max(16, max_event_bytes)
         self._most_kept = 2 * self._limit  # kept bytes are trimmed past this
-        self._state = _State.SCAN
-        self._scanning = True  # state is SCAN: the fast path applies
-        self._kept: list[bytes] = []  # the chunks before this one: the stream's last ≥ limit bytes
+        self._state = _SCAN
+        self._kept: list[bytes] = []  # the stream's last ≥ limit bytes, its chunks as they came
         self._kept_len = 0  # their length
         self._dropped = 0  # the stream's bytes before them
-        self._carry = b""  # the stream's last 6 bytes (SCAN), for a "usage" split across chunks
-        self._pending = bytearray()  # the candidate event read so far (PENDING)
+        self._scanned = 0  # how many of the kept chunks (the first ones) were scanned
+        self._carry = b""  # the scanned bytes' last 6 (SCAN), for a "usage" split across chunks
+        self._pending: bytes | bytearray = b""  # the candidate event read so far (PENDING)
         self._pending_start = 0  # its offset in the stream
-        self._skip_last = b""  # the last byte of the previous chunk (SKIP)
-        self._counts: dict[str, int] = {}  # Anthropic: the figures read
-        self._openai: Usage | None = None  # OpenAI: the last usage read
+        self._skip_last = b""  # the last byte scanned (SKIP)
 
     # -- reading -----------------------------------------------------------------------
 
-    def feed(self, chunk: bytes) -> None:
-        """The next chunk of the stream; b"" when it ended."""
-        if self._scanning and chunk:
-            buf = self._carry + chunk  # "usage" may be split across chunks
-            i = buf.find(NEEDLE)
-            if i >= 0:
-                self._candidate(chunk, buf, i)
-                return
-            self._carry = buf[-6:]  # the bulk: nothing here
+    def feed(self, chunk: bytes) -> bytes:
+        """The next chunk of the stream, b"" when it ended; returns the chunk, unchanged
+        (so that the scanner can be a stream callable itself). A chunk is kept (a
+        reference, as the stream's last bytes are) and scanned with those after it, in
+        one pass, when the kept bytes are trimmed, at the end, or when the usage is asked
+        for: one search in C for many small chunks."""
+        if chunk and self._state is not _ENDED:
             kept = self._kept
             kept.append(chunk)
             self._kept_len += len(chunk)
             if self._kept_len > self._most_kept or len(kept) > _MAX_KEPT_PIECES:
-                self._trim()
+                self._settle(ended=False)
         elif not chunk:
-            self._end()
-        elif self._state is not _State.ENDED:
-            self._feed(chunk, chunk, 0)
+            self._settle(ended=True)
+        return chunk
 
     def result(self) -> Usage | None:
         """The usage read so far (an event still open counts when its JSON is whole);
         None when no usage was read."""
-        if self._state is _State.PENDING:  # read it into a copy: the stream may go on
-            copy = UsageScanner(self.shape)
-            copy._counts, copy._openai = dict(self._counts), self._openai
-            copy._dispatch(bytes(self._pending), self._pending_start == 0)
-            return copy.result()
-        if self.shape is Shape.OPENAI:
-            return self._openai
-        return Usage.from_anthropic(self._counts) if self._counts else None
+        self._settle()
+        if self._state is _PENDING:  # read it into a copy: the stream may go on
+            figures = self._figures.copy()
+            figures.read(bytes(self._pending), self._pending_start == 0)
+            return figures.result()
+        return self._figures.result()
 
     @property
     def complete(self) -> bool:
         """Whether the figures read are the answer's final ones: OpenAI's usage; in the
         Anthropic shape a message_delta's, and the input figures (message_start's)."""
-        return self._final and (self.shape is Shape.OPENAI or INPUT_TOKENS in self._counts)
+        self._settle()
+        return self._figures.complete
+
+    @property
+    def events_read(self) -> int:
+        """Candidate events parsed."""
+        self._settle()
+        return self._figures.events_read
+
+    @property
+    def events_skipped(self) -> int:
+        """Candidate events larger than max_event_bytes, not read."""
+        self._settle()
+        return self._skipped
 
     @property
     def held_bytes(self) -> int:
         """The stream's bytes this scanner holds on to (kept chunks, a candidate event)."""
         return self._kept_len + len(self._pending) + len(self._carry)
 
-    def _candidate(self, chunk: bytes, buf: bytes, i: int) -> None:
-        """A chunk in SCAN with "usage" at `i` of `buf` (the stream's last bytes before
-        the chunk, then the chunk)."""
-        while i >= 0 and not _could_hold_object(buf, i + len(NEEDLE)):  # e.g. "usage":null
+    def _dispatch(self, event: bytes, at_stream_start: bool) -> None:
+        """Parse one candidate event (its lines) and take its figures."""
+        self._figures.read(event, at_stream_start)
+
+    def _settle(self, ended: bool | None = None) -> None:
+        """Scan the chunks not scanned yet; then trim what is kept (False) or end (True).
+        Reading is meant never to raise whatever the stream holds; should it (a fault
+        here), the stream still goes on untouched and its answer counts nothing."""
+        try:
+            self._catch_up()
+            if ended is not None:
+                self._end() if ended else self._trim()
+        except Exception as e:  # noqa: BLE001 - a stream must never stop for its reading
+            self.fault = e
+            self._figures = Figures(self.shape)
+            self._state = _SCAN  # so that _end forgets it all
+            self._pending = b""
+            self._end()
+
+    def _catch_up(self) -> None:
+        """Scan the kept chunks not scanned yet, joined: one search for "usage" in them all."""
+        kept = self._kept
+        n = len(kept) - self._scanned
+        if not n:
+            return
+        self._scanned = len(kept)
+        data = kept[-1] if n == 1 else b"".join(kept[-n:])
+        start = self._dropped + self._kept_len - len(data)  # data's offset in the stream
+        state = self._state
+        if state is _SCAN:
+            buf = self._carry + data  # "usage" may be split across chunks
+            i = buf.find(NEEDLE)
+            if i < 0:
+                self._carry = buf[-6:]  # the bulk: nothing here
+            else:
+                self._candidate(buf, start - len(self._carry), i)
+        elif state is not _ENDED:
+            self._feed(data, start, 0)
+
+    def _candidate(self, buf: bytes, start: int, i: int) -> None:
+        """Scanned bytes `buf` (at stream offset `start`: the last bytes scanned before,
+        then new ones) with a "usage" at `i`."""
+        while i >= 0 and not (buf.startswith(_OBJECT_VALUE, i + len(NEEDLE))  # the usual forms, at once
+                              or _could_hold_object(buf, i + len(NEEDLE))):  # e.g. "usage":null
             i = buf.find(NEEDLE, i + len(NEEDLE))
-        if i >= 0 and not self._read_within(buf, i):  # an event not whole in buf
-            self._feed(chunk, buf, i)
+        if i >= 0 and not self._read_within(buf, start, i):  # an event not whole in buf
+            self._feed(buf, start, i)
             return
         self._carry = buf[-6:]
-        kept = self._kept
-        kept.append(chunk)
-        self._kept_len += len(chunk)
-        if self._kept_len > self._most_kept or len(kept) > _MAX_KEPT_PIECES:
-            self._trim()
 
-    def _read_within(self, buf: bytes, i: int) -> bool:
-        """The fast path for a candidate "usage" at `i` of `buf` (the stream's last bytes
-        before the chunk, then the chunk): when its event, and every later candidate's,
-        begins and ends within `buf` (or begins the stream), read them and say True; else
-        read nothing and say False (the general path reads the chunk)."""
-        at_start = not self._kept_len and not self._dropped  # buf is the stream so far
+    def _read_within(self, buf: bytes, start: int, i: int) -> bool:
+        """The fast path for a candidate "usage" at `i` of `buf` (at stream offset
+        `start`): when its event, and every later candidate's, begins and ends within
+        `buf` (or begins the stream), read them and say True; else read nothing and say
+        False (the general path reads them)."""
+        at_start = start == 0  # buf is the stream so far
         limit, n = self._limit, len(buf)
-        events: list[tuple[bytes, bool]] = []
+        lf_only = b"\r" not in buf  # as most servers write: blank lines are LF LF
+        events: list[tuple[int, int, bool]] = []
         while i >= 0:
-            s = max(buf.rfind(b"\n\n", 0, i), buf.rfind(b"\r\r", 0, i), buf.rfind(b"\n\r", 0, i)) + 2
+            if lf_only:
+                s = buf.rfind(b"\n\n", max(0, i - limit - 2), i) + 2
+                end = buf.find(b"\n\n", i, i + limit + 2)
+                if end < 0:
+                    return False  # it ends in a later chunk
+                resume = end + 2
+            else:
+                lo = max(0, i - limit - 2)
+                s = max(buf.rfind(b"\n\n", lo, i), buf.rfind(b"\r\r", lo, i), buf.rfind(b"\n\r", lo, i)) + 2
+                m = _BLANK.search(buf, i)
+                if m is None:
+                    return False  # it ends in a later chunk
+                end, resume = m.start(), m.end()
             if s < 2 and not at_start:
                 return False  # the event began before buf
-            m = _BLANK.search(buf, i)
-            if m is None:
-                return False  # it ends in a later chunk
-            end = m.start()
-            start = s if s >= 2 else 0
-            if end - start > limit:
+            begin = s if s >= 2 else 0
+            if end - begin > limit:
                 return False
-            events.append((buf[start:end], start == 0 and at_start))
-            i = buf.find(NEEDLE, m.end())
-            while i >= 0 and not _could_hold_object(buf, i + len(NEEDLE)):
+            events.append((begin, end, begin == 0 and at_start))
+            i = buf.find(NEEDLE, resume)
+            while i >= 0 and not (buf.startswith(_OBJECT_VALUE, i + len(NEEDLE))
+                                  or _could_hold_object(buf, i + len(NEEDLE))):
                 i = buf.find(NEEDLE, i + len(NEEDLE))
             if i >= 0 and i + len(NEEDLE) >= n:
                 return False  # a "usage" whose value the next chunk tells
-        for event, first in events:
-            self._dispatch(event, first)
+        figures = self._figures
+        for begin, end, first in events:
+            figures.read_span(buf, begin, end, first, lf_only)
         return True
 
     # -- the states --------------------------------------------------------------------
 
-    def _feed(self, chunk: bytes, buf: bytes, pos: int) -> None:
-        """A chunk read in another state than SCAN (buf is the chunk, pos 0), or one with
-        a candidate "usage" at `pos` of `buf` (the last bytes before it, then it)."""
-        start = self._dropped + self._kept_len - (len(buf) - len(chunk))  # buf's offset in the stream
+    def _feed(self, buf: bytes, start: int, pos: int) -> None:
+        """Bytes read in another state than SCAN (pos 0), or with a candidate "usage" at
+        `pos` of `buf` (at stream offset `start`)."""
         n = len(buf)
         while pos < n:
-            if self._state is _State.SCAN:
+            if self._state is _SCAN:
                 pos = self._scan(buf, start, pos)
-            elif self._state is _State.PENDING:
+            elif self._state is _PENDING:
                 pos = self._extend(buf, pos)
             else:
                 pos = self._skip(buf, pos)
-        self._scanning = self._state is _State.SCAN
-        self._carry = buf[-6:] if self._scanning else b""
-        self._kept.append(chunk)
-        self._kept_len += len(chunk)
-        self._trim()
+        self._carry = buf[-6:] if self._state is _SCAN else b""
 
     def _scan(self, buf: bytes, start: int, pos: int) -> int:
         while True:
@@ -256,13 +293,13 @@ class UsageScanner:
         else:
             cut = _last_blank_end(self._bytes(lo, near + 1, buf, start)) if near > lo else -1
             if cut < 0 and lo != 0:  # it began more than the limit back
-                self.events_skipped += 1
-                self._state, self._skip_last = _State.SKIP, b""
+                self._skipped += 1
+                self._state, self._skip_last = _SKIP, b""
                 return at - start
             s = lo + max(cut, 0)
         self._pending = bytearray(self._bytes(s, at, buf, start))
         self._pending_start = s
-        self._state = _State.PENDING
+        self._state = _PENDING
         return at - start
 
     def _extend(self, buf: bytes, pos: int) -> int:
@@ -279,38 +316,39 @@ class UsageScanner:
         pending += buf[pos:pos + room]
         if len(pending) < self._limit:
             return len(buf)
-        self.events_skipped += 1
+        self._skipped += 1
         self._skip_last = bytes(pending[-1:])
-        self._pending = bytearray()
-        self._state = _State.SKIP
+        self._pending = b""
+        self._state = _SKIP
         return pos + room
 
     def _read(self, resume: int) -> int:
         """The candidate event is whole: read it, look on from `resume`."""
-        event, self._pending = bytes(self._pending), bytearray()
-        self._state = _State.SCAN
-        self._dispatch(event, self._pending_start == 0)
+        event, self._pending = bytes(self._pending), b""
+        self._state = _SCAN
+        self._figures.read(event, self._pending_start == 0)
         return resume
 
     def _skip(self, buf: bytes, pos: int) -> int:
         """Pass over an oversized event to its end."""
         if pos == 0 and self._skip_last and _BLANK.match(self._skip_last + buf[:1]):
-            self._state = _State.SCAN
+            self._state = _SCAN
             return 1
         m = _BLANK.search(buf, pos)
         if m is not None:
-            self._state = _State.SCAN
+            self._state = _SCAN
             return max(pos, m.end())
         self._skip_last = buf[-1:]
         return len(buf)
 
     def _end(self) -> None:
-        if self._state is _State.PENDING:
-            self._dispatch(bytes(self._pending), self._pending_start == 0)
-        self._state, self._scanning = _State.ENDED, False
-        self._pending = bytearray()
+        if self._state is _PENDING:
+            self._figures.read(bytes(self._pending), self._pending_start == 0)
+        self._state = _ENDED
+        self._pending = b""
         self._kept.clear()
         self._kept_len = 0
+        self._scanned = 0
         self._carry = b""
 
     # -- the bytes kept ------------------------------------------------------------------
@@ -332,6 +370,7 @@ class UsageScanner:
             kept[:] = [joined]
             self._dropped += total - len(joined)
             self._kept_len = len(joined)
+        self._scanned = len(kept)  # it runs once all is scanned
 
     def _bytes(self, a: int, b: int, buf: bytes, start: int) -> bytes:
         """The stream's bytes from offset a to b, from `buf` (at `start`) and what is kept
@@ -348,59 +387,6 @@ class UsageScanner:
             end = offset
         parts.reverse()
         return b"".join(parts)
-
-    # -- one event -----------------------------------------------------------------------
-
-    def _dispatch(self, event: bytes, at_stream_start: bool) -> None:
-        """Parse one candidate event (its lines) and take its figures."""
-        if at_stream_start and event.startswith(_BOM):
-            event = event[len(_BOM):]
-        simple = _SIMPLE_EVENT.fullmatch(event)  # the usual form: one data line, maybe a name
-        if simple is not None:
-            self._take(simple.group(2), simple.group(1) or b"")
-            return
-        name, data = b"", []
-        for line in _LINE_END.split(event):
-            if not line or line[0] == 0x3A:  # empty, or a comment
-                continue
-            field, _, value = line.partition(b":")
-            if value[:1] == b" ":
-                value = value[1:]
-            if field == b"data":
-                data.append(value)
-            elif field == b"event":
-                name = value
-        if data:
-            self._take(b"\n".join(data), name)
-
-    def _take(self, data: bytes, name: bytes) -> None:
-        """Take the figures of one event's data (its `data:` lines joined), named `name`."""
-        self.events_read += 1
-        document = load_json(data)
-        if not isinstance(document, dict):
-            return
-        if self.shape is Shape.OPENAI:
-            usage = openai_usage_in(document)
-            if usage is not None:
-                self._openai, self._final = usage, True
-            return
-        kind = document.get("type")
-        if not isinstance(kind, str):
-            kind = name.decode("utf-8", "replace")
-        if kind == "message_start":
-            message = document.get("message")
-            counts = anthropic_counts(message.get("usage") if isinstance(message, dict) else None,
-                                      required=(INPUT_TOKENS,))
-            if counts is not None:
-                self._counts.update(counts)
-        elif kind == "message_delta":
-            counts = anthropic_counts(document.get("usage"), required=(OUTPUT_TOKENS,))
-            if counts is not None:
-                for figure in _INPUT_SIDE:  # cumulative: a repeat counts when larger
-                    if figure in counts:
-                        self._counts[figure] = max(counts[figure], self._counts.get(figure, 0))
-                self._counts[OUTPUT_TOKENS] = counts[OUTPUT_TOKENS]
-                self._final = True
 
 
 def from_event_stream(body: bytes, shape: Shape, max_event_bytes: int = MAX_EVENT_BYTES) -> Usage | None:

@@ -28,6 +28,7 @@ MAX_TOKENS = 1_000_000_000  # the most one figure of one answer may say
 # Larger whole answers are not parsed (None): Kimi's longest answers are well under a
 # megabyte, and parsing runs on the proxy's event loop.
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
+_SCAN_ONCE = json.JSONDecoder().scan_once  # what json.loads runs, in C
 
 # The Anthropic shape's names, and the fields of `Usage` they feed.
 INPUT_TOKENS = "input_tokens"
@@ -193,6 +194,16 @@ def load_json(text: bytes | bytearray | str) -> object:
     """`text` parsed, or None when it is not JSON or is too deep or too large a number
     to parse (a hostile body costs a parse, never an exception)."""
     try:
+        if type(text) is bytes and len(text) > 1 and text[0] == 0x7B and text[1]:  # "{", UTF-8 as json.loads tells
+            # json.loads' own steps without its Python layers (a usage event is parsed
+            # on every streamed answer); anything unusual goes the whole way below.
+            decoded = text.decode("utf-8", "surrogatepass")
+            try:
+                document, end = _SCAN_ONCE(decoded, 0)
+            except StopIteration:
+                return None
+            if end == len(decoded):
+                return document
         return json.loads(text)
     except (ValueError, RecursionError, TypeError):  # UnicodeDecodeError is a ValueError
         return None
