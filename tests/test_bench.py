@@ -129,7 +129,7 @@ def test_streaming_quick() -> None:
     retried_first = positive(m.group(1), "retried send→1st", out)
     m = search(rf"^retried with kimi_stream_retries=false \(one stream, as before issue 29\): send→1st event "
                rf"({NUMBER}) ms, one by one: False \(the answer came whole\)$", out, "the whole-retry line")
-    rates = search(rf"^throughput \(500 text events written at once, 2 streams per arm\): clean ({NUMBER}) MB/s, "
+    rates = search(rf"^throughput \(500 text events written at once, 2 streams per arm, bytes over request→last event\): clean ({NUMBER}) MB/s, "
                    rf"retried ({NUMBER}) MB/s \(retried / clean {NUMBER};", out, "the throughput line")
     positive(rates.group(1), "clean throughput", out)
     positive(rates.group(2), "retried throughput", out)
