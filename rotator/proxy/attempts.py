@@ -101,7 +101,7 @@ class Attempts:
         event = self.pool.release(lease, outcome, now, took_ms)
         if event:
             logger.log(ALERT, "kimi-rotator: %s", event)
-        verdict = outcome.verdict.value
+        verdict = outcome.verdict._value_  # `.value` is a descriptor: two Python calls
         self.tally.attempt_ended(lease.key, verdict)
         note = record.attempts[-1]
         note["outcome"] = verdict

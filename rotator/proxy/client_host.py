@@ -71,7 +71,7 @@ class ClientHost:
                 sites.append(value)
         addressed = None
         if reverse:
-            addressed = tuple(_text(fields[i][1]) for i in hosts)
+            addressed = (_text(fields[hosts[0]][1]),) if len(hosts) == 1 else tuple(_text(fields[i][1]) for i in hosts)
             if request.data.authority:  # HTTP/2's :authority, or an absolute-form request line
                 addressed = (request.authority, *addressed)
             _put_back_target(flow, hosts)

@@ -19,6 +19,7 @@ spends a billion tokens, and a figure that large would swamp every total it join
 from __future__ import annotations
 
 import enum
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class Shape(enum.Enum):
     OPENAI = "openai"  # /coding/v1/chat/completions
 
 
+@functools.lru_cache(maxsize=256)  # asked for every answer; a client's paths are few
 def shape_for_path(path: str) -> Shape | None:
     """The shape of the answer to a request for `path` (query allowed), or None for a
     path whose answers carry no usage (models, usages, count_tokens, …)."""
