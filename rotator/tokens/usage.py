@@ -73,6 +73,9 @@ class Usage:
     cache_write: int = 0
 
     def __post_init__(self) -> None:
+        i, o, r, w = self.input, self.output, self.cache_read, self.cache_write
+        if type(i) is int and type(o) is int and type(r) is int and type(w) is int and min(i, o, r, w) >= 0:
+            return  # the usual case, told in one expression (one is made per answer)
         for name in ("input", "output", "cache_read", "cache_write"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
