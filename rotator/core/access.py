@@ -116,6 +116,7 @@ def check_client(
 _ORIGIN = re.compile(r"(https?)://(\[[0-9a-fA-F:.]+\]|[^\s/:@?#\[\],]+)(?::\d{1,5})?")
 
 
+@functools.lru_cache(maxsize=1024)  # asked for every request in reverse mode; names are few
 def host_part(authority: str) -> str:
     """The host in a `Host` header or an authority (`host`, `host:port`, `[v6]:port`)."""
     text = authority.strip()

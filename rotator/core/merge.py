@@ -71,6 +71,8 @@ RULES: dict[str, Rule] = {
     "daily_tokens": Rule.SUMS_BY_DAY,
     "member_tokens": Rule.SUMS_BY_MEMBER_DAY,
 }
+# Fields a `set` may lower (LATER ones), by name: `set` runs on every answer.
+_LATER_FIELDS = frozenset(attr for attr, rule in RULES.items() if rule is Rule.LATER)
 # Rules whose values are counts, history or measurements: never undone by a person's edit.
 _COUNTED = frozenset({Rule.ADD, Rule.BY_DAY, Rule.NEWEST, Rule.READING, Rule.SUMS, Rule.SUMS_BY_DAY, Rule.SUMS_BY_MEMBER_DAY})
 _CLAMPED = {"health_score": clamp_health}
@@ -161,7 +163,7 @@ class KeyChange:
 
     def set(self, attr: str, value: Any, at_ms: int) -> None:
         """A SET field's new value, or a LATER field's replacement (it may be lower)."""
-        self.fields[attr] = FieldChange(value, at_ms, replace=RULES[attr] is Rule.LATER)
+        self.fields[attr] = FieldChange(value, at_ms, attr in _LATER_FIELDS)
 
     def absorb(self, newer: KeyChange) -> None:
         """Fold `newer` into this record, as if both had happened in order."""

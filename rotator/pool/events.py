@@ -88,17 +88,24 @@ class PoolListeners:
     that stopped ignores what it hears."""
 
     def __init__(self, *listeners: PoolListener) -> None:
-        self._listeners: list[PoolListener] = list(listeners)
+        self._listeners: list[PoolListener] = []
+        # The two events of every answer go only to listeners that do something with
+        # them (a listener that keeps IgnoresPoolEvents' own is not called for nothing).
+        self._key_freed: list[PoolListener] = []
+        self._slot_freed: list[PoolListener] = []
+        self.add(*listeners)
 
     def add(self, *listeners: PoolListener) -> None:
         self._listeners.extend(listeners)
+        self._key_freed.extend(one for one in listeners if _hears(one, "key_freed"))
+        self._slot_freed.extend(one for one in listeners if _hears(one, "slot_freed"))
 
     def key_freed(self) -> None:
-        for listener in self._listeners:
+        for listener in self._key_freed:
             listener.key_freed()
 
     def slot_freed(self, key: str) -> None:
-        for listener in self._listeners:
+        for listener in self._slot_freed:
             listener.slot_freed(key)
 
     def state_changed(self) -> None:
@@ -128,3 +135,8 @@ class PoolListeners:
     def adopted(self) -> None:
         for listener in self._listeners:
             listener.adopted()
+
+
+def _hears(listener: PoolListener, event: str) -> bool:
+    """Whether `listener` does anything on `event`: not IgnoresPoolEvents' own no-op."""
+    return getattr(type(listener), event, None) is not getattr(IgnoresPoolEvents, event)

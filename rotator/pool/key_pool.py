@@ -28,6 +28,9 @@ from rotator.pool.from_outside import HeardFromOutside
 from rotator.pool.lease import Lease, SkipKeys
 from rotator.tokens import Usage
 
+# Read on every answer: a module-level name is cheaper than a member looked up on its class.
+_RATE_LIMITED, _ACCOUNT_BANNED = Verdict.RATE_LIMITED, Verdict.ACCOUNT_BANNED
+
 
 DEFAULT_MAX_IN_FLIGHT = 30
 # A window an answer names, as a person reads it (`rotator.core.quota.window_name`'s words).
@@ -232,7 +235,7 @@ class KeyPool(HeardFromOutside):
     def _account_outcome(
         self, lease: Lease, account: Account, outcome: Outcome, now_ms: int, took_ms: int | None
     ) -> str | None:
-        if outcome.verdict is Verdict.RATE_LIMITED:
+        if outcome.verdict is _RATE_LIMITED:
             if now_ms < self.paused_until_ms:
                 return None  # the shared pause is on: not the key's fault
             burst = self._recent_limits.burst(lease.key, now_ms)
@@ -244,8 +247,9 @@ class KeyPool(HeardFromOutside):
             self.listener.limited(lease.key)
         change = self.changes.for_key(lease.key)
         was_disabled = account.disabled_reason is not None
-        can_enable = outcome.verdict is not Verdict.ACCOUNT_BANNED
-        hint = f"{self.cli} enable-key {self._index_by_key[lease.key]}" if can_enable else None
+        can_enable = outcome.verdict is not _ACCOUNT_BANNED
+        # The command that puts the key back, for a key this answer disables (only then).
+        hint = f"{self.cli} enable-key {self._index_by_key[lease.key]}" if can_enable and outcome.disable else None
         event = key_updates.apply_answer(account, change, lease.label, outcome, now_ms, took_ms, self._rest_ms, hint)
         if outcome.disable and not was_disabled and account.disabled_reason is not None:
             self.listener.key_disabled(self._index_by_key[lease.key], account, can_enable)

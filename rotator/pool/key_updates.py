@@ -15,6 +15,7 @@ from rotator.core.health import HEALTH_MAX, apply_health_delta
 from rotator.core.models import Account
 from rotator.core.policy import Outcome, Verdict
 from rotator.tokens import Usage
+from rotator.tokens.usage import FIELD_NAMES
 
 # Cooldowns that follow each other with no success between them grow: ×2 each time,
 # up to this cap. Plan windows and disabled keys have their own deadlines and don't.
@@ -123,7 +124,8 @@ def cooled_by_window(account: Account, change: merge.KeyChange, label: str, spen
 def spent(account: Account, change: merge.KeyChange, usage: Usage, now_ms: int, member: str | None = None) -> None:
     """The tokens an answer on the key spent: its totals and today's, and today's of the
     team member (the proxy) it went through, in team mode."""
-    counts = {name: count for name, count in usage.as_fields().items() if count}
+    counts = {name: count for name, count in zip(FIELD_NAMES, (usage.input, usage.output, usage.cache_read,
+                                                                usage.cache_write)) if count}
     if not counts:
         return
     merge.add_sums(account.tokens, counts)

@@ -31,13 +31,7 @@ from rotator.proxy import answers, bodies, retry, splice, startup_checks, token_
 from rotator.proxy.assembly import Assembly, Shell, assemble
 from rotator.proxy.client_host import ClientHost, Seen
 from rotator.proxy.commands import RotatorCommands
-from rotator.proxy.flows import (
-    FlowKind,
-    FlowLedger,
-    FlowRecord,
-    attempt_note,
-    client_gone,
-)
+from rotator.proxy.flows import CLIENT, POLL, FlowLedger, FlowRecord, attempt_note, client_gone
 from rotator.proxy.options import (
     Settings,
     add_options,
@@ -186,8 +180,8 @@ class KimiRotator:
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         record = self.ledger.get(flow.id)
         if record is not None:
-            if record.kind is not FlowKind.CLIENT:  # our own attempt or probe: its key is chosen
-                self.ledger.put_key(record, bearer=record.kind is FlowKind.POLL)
+            if record.kind is not CLIENT:  # our own attempt or probe: its key is chosen
+                self.ledger.put_key(record, bearer=record.kind is POLL)
             return None
         seen = self.client_host.take(flow)  # before anything goes upstream
         if flow.response is not None or not self.is_kimi_request(flow):
@@ -274,7 +268,7 @@ class KimiRotator:
             self._send_with(flow, lease, deadline_ms, turn)
 
     def _send_with(self, flow: http.HTTPFlow, lease: Lease, deadline_ms: int, turn: Turn | None = None) -> None:
-        record = self.ledger.open(FlowRecord(FlowKind.CLIENT, flow, lease.key, lease, deadline_ms))
+        record = self.ledger.open(FlowRecord(CLIENT, flow, lease.key, lease, deadline_ms))
         if turn is not None:
             record.turn = turn
             self.affinity.went_to(turn, lease.key, self.clock.now_ms())
@@ -290,7 +284,7 @@ class KimiRotator:
             return
         self.ledger.mask(record)  # the request has gone upstream
         response = flow.response
-        if response is None or record.kind is FlowKind.POLL:
+        if response is None or record.kind is POLL:
             return
         # A success streams as it comes; an error stays buffered so its body can be read
         # and the request retried. Our own resends stay buffered too (the client gets
@@ -298,11 +292,11 @@ class KimiRotator:
         # on to it (rotator.proxy.splice).
         if response.status_code < 400:
             if is_event_stream(response.headers):
-                if record.kind is FlowKind.CLIENT:
+                if record.kind is CLIENT:
                     response.stream = token_reading.stream_reader(flow) or True
                 elif record.splice is not None:
                     response.stream = self.attempts.relay(record)
-        elif record.kind is FlowKind.CLIENT:
+        elif record.kind is CLIENT:
             self._hold_refusal(record)
 
     def _hold_refusal(self, record: FlowRecord) -> None:
@@ -335,10 +329,10 @@ class KimiRotator:
         record = self.ledger.forget(flow.id)
         if record is None or flow.response is None:
             return None
-        if record.kind is FlowKind.POLL:
+        if record.kind is POLL:
             self.polls.answered(record, flow.response)
             return None
-        if record.splice is not None and record.kind is FlowKind.CLIENT:
+        if record.splice is not None and record.kind is CLIENT:
             # Held, but the refusal came without a body and went the usual way.
             record.splice.release()
             record.splice = None
@@ -364,7 +358,7 @@ class KimiRotator:
         self.attempts.settle(record, outcome, now, usage)
         if outcome.window is not None:
             self.polls.after_refusal(record, outcome.window)
-        if record.kind is FlowKind.CLIENT:
+        if record.kind is CLIENT:
             if outcome.retry_elsewhere and not response.stream:
                 if not bodies.is_streamed(flow.request):
                     most = retry.max_attempts(self.settings.max_attempts, len(self.pool.accounts))
@@ -375,7 +369,7 @@ class KimiRotator:
 
     def error(self, flow: http.HTTPFlow) -> None:
         record = self.ledger.forget(flow.id)
-        if record is not None and record.splice is not None and record.kind is FlowKind.CLIENT:
+        if record is not None and record.splice is not None and record.kind is CLIENT:
             record.splice.release()
         if record is not None and record.lease is not None:
             # A stream cut off counts what it said so far.

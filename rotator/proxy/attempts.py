@@ -24,8 +24,9 @@ from rotator.pool.key_pool import KeyPool
 from rotator.pool.lease import Lease
 from rotator.proxy import answers, retry, token_reading, upstream
 from rotator.proxy.flows import (
+    ATTEMPT,
+    CLIENT,
     METADATA_KEY,
-    FlowKind,
     FlowLedger,
     FlowRecord,
     attempt_chain,
@@ -100,7 +101,7 @@ class Attempts:
         event = self.pool.release(lease, outcome, now, took_ms)
         if event:
             logger.log(ALERT, "kimi-rotator: %s", event)
-        verdict = outcome.verdict.value
+        verdict = outcome.verdict._value_  # `.value` is a descriptor: two Python calls
         self.tally.attempt_ended(lease.key, verdict)
         note = record.attempts[-1]
         note["outcome"] = verdict
@@ -109,7 +110,7 @@ class Attempts:
         if usage is not None:
             note["tokens"] = usage.as_fields()
             spent = f" · {shown_tokens.note(usage)}"
-        if record.kind is FlowKind.ATTEMPT:
+        if record.kind is ATTEMPT:
             self.ledger.show_attempts(record)
         record.flow.comment = f"kimi-rotator: {lease.label} → {verdict}{spent}" + turn_note(record)
 
@@ -121,9 +122,9 @@ class Attempts:
         answered = flow.response.status_code if flow.response is not None else None
         # Our own resends carry a copy of the client's connection, closed: only a client's
         # own flow says whether its client left.
-        client_left = record.kind is FlowKind.CLIENT and client_closed(flow)
+        client_left = record.kind is CLIENT and client_closed(flow)
         self.settle(record, policy.classify_connection_error(message, now, answered, client_left=client_left), now, usage)
-        if record.kind is FlowKind.CLIENT:
+        if record.kind is CLIENT:
             self.ledger.show_attempts_afresh(record)
 
     def relay(self, attempt: FlowRecord) -> Relay:
@@ -183,7 +184,7 @@ class Attempts:
         if client.turn is not None and self.affinity is not None:
             self.affinity.went_to(client.turn, lease.key, self.clock.now_ms())
         self.tally.retried(lease.key)
-        attempt = self.ledger.open(FlowRecord(FlowKind.ATTEMPT, copy, lease.key, lease, client.deadline_ms))
+        attempt = self.ledger.open(FlowRecord(ATTEMPT, copy, lease.key, lease, client.deadline_ms))
         attempt.splice = client.splice
         attempt.attempts.append(attempt_note(lease))
         detail = "no answer"

@@ -11,6 +11,7 @@ on, and a client's local name is of no use to Kimi).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, NamedTuple
 
@@ -70,7 +71,7 @@ class ClientHost:
                 sites.append(value)
         addressed = None
         if reverse:
-            addressed = tuple(_text(fields[i][1]) for i in hosts)
+            addressed = (_text(fields[hosts[0]][1]),) if len(hosts) == 1 else tuple(_text(fields[i][1]) for i in hosts)
             if request.data.authority:  # HTTP/2's :authority, or an absolute-form request line
                 addressed = (request.authority, *addressed)
             _put_back_target(flow, hosts)
@@ -108,13 +109,15 @@ def _put_back_target(flow: http.HTTPFlow, hosts: list[int]) -> None:
     server, request = flow.server_conn, flow.request
     if server.address is None:
         return
-    target = url.hostport("https" if server.tls else "http", *server.address[:2])
+    target, value = _target_of(server.tls, server.address[0], server.address[1])
     if request.is_http2 or request.is_http3:
         request.authority = target
         if not hosts:  # :authority is HTTP/2's Host; a Host header is only overwritten
             return
-    value = target.encode("utf-8", "surrogateescape")
-    fields = list(request.headers.fields)
+    fields = request.headers.fields
+    if len(hosts) == 1 and fields[hosts[0]][1] == value:
+        return  # the client named the target itself (a local reverse proxy's usual case)
+    fields = list(fields)
     if not hosts:
         fields.append((b"Host", value))
     else:
@@ -122,6 +125,13 @@ def _put_back_target(flow: http.HTTPFlow, hosts: list[int]) -> None:
         for i in reversed(hosts[1:]):
             del fields[i]
     request.headers.fields = tuple(fields)
+
+
+@functools.lru_cache(maxsize=64)  # a proxy has a target or a few; asked on every request
+def _target_of(tls: bool, host: str, port: int) -> tuple[str, bytes]:
+    """The target's Host as mitmproxy writes it, and as header bytes."""
+    target = url.hostport("https" if tls else "http", host, port)
+    return target, target.encode("utf-8", "surrogateescape")
 
 
 def _joined(values: list[bytes]) -> str | None:

@@ -37,6 +37,11 @@ class FlowKind(enum.Enum):
     POLL = "poll"  # our /usages request for a key's quota
 
 
+# The kinds by module-level name, for the hooks: a member looked up on its class costs
+# several times a global's read, and the hooks test a flow's kind a handful of times.
+CLIENT, ATTEMPT, POLL = FlowKind.CLIENT, FlowKind.ATTEMPT, FlowKind.POLL
+
+
 @dataclass(slots=True, eq=False)
 class FlowRecord:
     kind: FlowKind

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 from mitmproxy import http
@@ -96,6 +97,7 @@ def is_event_stream(headers: http.Headers) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=256)  # a client sends the same value on every request
 def _readable_codings(value: bytes, unreadable: frozenset[str]) -> bytes | None:
     """An Accept-Encoding value without `unreadable` codings; None if it has none."""
     offered = [c.strip() for c in value.decode("latin-1").split(",") if c.strip()]

@@ -19,6 +19,7 @@ spends a billion tokens, and a figure that large would swamp every total it join
 from __future__ import annotations
 
 import enum
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class Shape(enum.Enum):
     OPENAI = "openai"  # /coding/v1/chat/completions
 
 
+@functools.lru_cache(maxsize=256)  # asked for every answer; a client's paths are few
 def shape_for_path(path: str) -> Shape | None:
     """The shape of the answer to a request for `path` (query allowed), or None for a
     path whose answers carry no usage (models, usages, count_tokens, …)."""
@@ -71,6 +73,9 @@ class Usage:
     cache_write: int = 0
 
     def __post_init__(self) -> None:
+        i, o, r, w = self.input, self.output, self.cache_read, self.cache_write
+        if type(i) is int and type(o) is int and type(r) is int and type(w) is int and min(i, o, r, w) >= 0:
+            return  # the usual case, told in one expression (one is made per answer)
         for name in ("input", "output", "cache_read", "cache_write"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
