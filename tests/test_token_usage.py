@@ -553,14 +553,17 @@ def random_stream(rng: random.Random, shape: Shape) -> bytes:
     return out
 
 
+def cut_points(rng: random.Random, body: bytes) -> list[int]:
+    """Up to 40 places to cut `body` into chunks."""
+    return rng.sample(range(1, len(body)), min(len(body) - 1, rng.randint(0, 40))) if len(body) > 1 else []
+
+
 @pytest.mark.parametrize("shape", [A, O])
 def test_the_scanner_agrees_with_a_plain_reading_of_random_streams(shape: Shape) -> None:
     rng = random.Random(2600 + (shape is O))
     for i in range(400):
         body = random_stream(rng, shape)
-        points = rng.sample(range(1, len(body)), min(len(body) - 1, rng.randint(0, 40))) if len(body) > 1 else []
-        expected = reference(body, shape)
-        assert scan(split_at(body, *points), shape).result() == expected, (i, body[:300])
+        assert scan(split_at(body, *cut_points(rng, body)), shape).result() == reference(body, shape), (i, body[:300])
 
 
 @pytest.mark.parametrize("shape", [A, O])
@@ -570,9 +573,8 @@ def test_asking_for_the_usage_between_chunks_reads_the_same(shape: Shape) -> Non
     rng = random.Random(2700 + (shape is O))
     for i in range(200):
         body = random_stream(rng, shape)
-        points = rng.sample(range(1, len(body)), min(len(body) - 1, rng.randint(0, 40))) if len(body) > 1 else []
         scanner = UsageScanner(shape)
-        for piece in split_at(body, *points):
+        for piece in split_at(body, *cut_points(rng, body)):
             scanner.feed(piece)
             scanner.result()
         scanner.feed(b"")
