@@ -25,6 +25,7 @@ from tests.support.harness import (
     poll,
     saved_flows,
     sse_events,
+    tokens_on_disk,
 )
 from tests.support.modes import (
     CLIENT_HEADERS,
@@ -262,9 +263,4 @@ def test_a_retried_stream_counts_the_tokens_kimi_reported(
     assert [(s.key, s.status) for s in fake_kimi.requests if s.path == path] == [(limited, 429), (serving, 200)]
     reported = fake_kimi.tokens_reported()
     assert list(reported) == [serving]
-
-    def saved() -> dict[str, dict[str, int]]:
-        return {a["key"]: {n: a["tokens"].get(n, 0) for n in ("input", "output", "cacheRead", "cacheWrite")}
-                for a in accounts_on_disk(accounts_path) if a.get("tokens")}
-
-    assert poll(lambda: saved() == reported, FILE_DEADLINE_S), (saved(), reported)
+    assert poll(lambda: tokens_on_disk(accounts_path) == reported, FILE_DEADLINE_S), (tokens_on_disk(accounts_path), reported)

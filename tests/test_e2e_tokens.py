@@ -6,6 +6,7 @@ proxies on one file add up exactly."""
 from __future__ import annotations
 
 import json
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -15,12 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from rotator.core.keys import mask_key
 from testbed.fake_kimi import CHAT_COMPLETIONS_PATH, MESSAGES_PATH, FakeKimi
 from testbed.processes import Proxy
-from tests.support.harness import accounts_on_disk, poll, run_cli
+from tests.support.harness import TOKEN_FIELDS, accounts_on_disk, poll, run_cli, tokens_on_disk
 
 MSG = {"model": "kimi-for-coding", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 ANTHROPIC = {"x-api-key": "sk-kimi-placeholder", "User-Agent": "claude-cli/2.0.14 (external, cli)"}
 OPENAI = {"authorization": "Bearer sk-kimi-placeholder", "User-Agent": "KimiCLI/1.0"}
-FOUR = ("input", "output", "cacheRead", "cacheWrite")
 KINDS = {"input": "input", "output": "output", "cache_read": "cacheRead", "cache_write": "cacheWrite"}
 
 
@@ -41,9 +41,18 @@ def every_kind(c: httpx.Client, proxy: Proxy, times: int) -> None:
                 ask(c, proxy, path, stream)
 
 
-def saved_tokens(path: Path) -> dict[str, dict[str, int]]:
-    return {a["key"]: {n: a.get("tokens", {}).get(n, 0) for n in FOUR} for a in accounts_on_disk(path)
-            if any(a.get("tokens", {}).values())}
+def load_from_both(proxies: list[Proxy], times: int) -> None:
+    """`every_kind` `times` over, from two clients per proxy at once."""
+
+    def load(proxy: Proxy) -> None:
+        with httpx.Client(trust_env=False, timeout=30) as c:
+            every_kind(c, proxy, times)
+
+    threads = [threading.Thread(target=load, args=(p,)) for p in proxies for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
 
 
 def test_what_kimi_reported_in_both_shapes_is_what_each_key_shows(
@@ -60,7 +69,7 @@ def test_what_kimi_reported_in_both_shapes_is_what_each_key_shows(
     assert len(reported) == 3 and sum(r["output"] for r in reported.values()) == 12 * 33
     # The OpenAI shape has no cache-write figure: those answers count none.
     assert sum(r["cacheWrite"] for r in reported.values()) == 6 * 250
-    assert poll(lambda: saved_tokens(accounts_path) == reported, 5), (saved_tokens(accounts_path), reported)
+    assert poll(lambda: tokens_on_disk(accounts_path) == reported, 5), (tokens_on_disk(accounts_path), reported)
 
     with urllib.request.urlopen(base.group(1) + "/metrics", timeout=5) as answer:
         families = {f.name: f for f in text_string_to_metric_families(answer.read().decode())}
@@ -77,7 +86,7 @@ def test_what_kimi_reported_in_both_shapes_is_what_each_key_shows(
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert {a["maskedKey"]: a["tokens"] for a in doc["accounts"]} == {mask_key(k): v for k, v in reported.items()}
-    assert doc["totals"]["tokens"] == {n: sum(r[n] for r in reported.values()) for n in FOUR}
+    assert doc["totals"]["tokens"] == {n: sum(r[n] for r in reported.values()) for n in TOKEN_FIELDS}
     assert doc["totals"]["tokensToday"] == doc["totals"]["tokens"]
     # Per member only in team mode.
     assert all(a["memberTokens"] == {} for a in accounts_on_disk(accounts_path))
@@ -104,37 +113,25 @@ def test_the_flow_comment_ends_with_the_answers_tokens(fake_kimi: FakeKimi, keys
 def test_two_proxies_on_one_file_add_their_tokens_up_exactly(
     fake_kimi: FakeKimi, keys, accounts_path, write_accounts, start_proxy
 ):
-    import threading
-
     fake_kimi.report_tokens(fresh=7, output=3, cache_read=11, cache_write=2)
     write_accounts(keys, "round-robin")
     fast = {"kimi_flush_interval": "0.05"}  # the two proxies' saves overlap often
     proxies = [start_proxy(fake_kimi, options=fast), start_proxy(fake_kimi, options=fast)]
 
-    def load(proxy: Proxy) -> None:
-        with httpx.Client(trust_env=False, timeout=30) as c:
-            every_kind(c, proxy, 10)
-
-    threads = [threading.Thread(target=load, args=(p,)) for p in proxies for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    load_from_both(proxies, 10)
     reported = fake_kimi.tokens_reported()
     assert sum(r["output"] for r in reported.values()) == 160 * 3
     # Already merged while both run, before any final save.
-    assert poll(lambda: saved_tokens(accounts_path) == reported, 5), (saved_tokens(accounts_path), reported)
+    assert poll(lambda: tokens_on_disk(accounts_path) == reported, 5), (tokens_on_disk(accounts_path), reported)
     for proxy in proxies:
         proxy.stop()
-    assert saved_tokens(accounts_path) == reported
+    assert tokens_on_disk(accounts_path) == reported
     today = [a["dailyTokens"] for a in accounts_on_disk(accounts_path)]
     assert sum(sum(d["input"] for d in days.values()) for days in today) == 160 * 20
 
 
 def test_two_proxies_on_one_team_store_add_their_tokens_up_exactly(redis_server, fake_kimi: FakeKimi, keys,
                                                                     start_proxy):
-    import threading
-
     from rotator.admin import ops
     from rotator.store.redis_store import RedisStore
 
@@ -146,20 +143,12 @@ def test_two_proxies_on_one_team_store_add_their_tokens_up_exactly(redis_server,
     proxies = [start_proxy(fake_kimi, options={"kimi_store": redis_server.url, "kimi_flush_interval": "0.05",
                                                "kimi_member": member}) for member in ("alice@one", "bob@two")]
 
-    def load(proxy: Proxy) -> None:
-        with httpx.Client(trust_env=False, timeout=30) as c:
-            every_kind(c, proxy, 5)
-
-    threads = [threading.Thread(target=load, args=(p,)) for p in proxies for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    load_from_both(proxies, 5)
     reported = fake_kimi.tokens_reported()
     assert sum(r["output"] for r in reported.values()) == 80 * 2
 
     def stored() -> dict[str, dict[str, int]]:
-        return {a.key: {n: a.tokens.get(n, 0) for n in FOUR} for a in RedisStore(redis_server.url).read().accounts
+        return {a.key: {n: a.tokens.get(n, 0) for n in TOKEN_FIELDS} for a in RedisStore(redis_server.url).read().accounts
                 if a.tokens}
 
     assert poll(lambda: stored() == reported, 10), (stored(), reported)
@@ -177,8 +166,8 @@ def test_two_proxies_on_one_team_store_add_their_tokens_up_exactly(redis_server,
     per_key: dict[str, dict[str, int]] = {}
     for member in members.values():
         for key in member["keys"]:
-            total = per_key.setdefault(key["maskedKey"], dict.fromkeys(FOUR, 0))
-            for name in FOUR:
+            total = per_key.setdefault(key["maskedKey"], dict.fromkeys(TOKEN_FIELDS, 0))
+            for name in TOKEN_FIELDS:
                 total[name] += key["tokensLast7Days"][name]
     assert per_key == {mask_key(k): v for k, v in reported.items()}
     page = run_cli(None, "--store", redis_server.url, "stats", "--by-member")

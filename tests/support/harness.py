@@ -59,6 +59,16 @@ def counts_on_disk(path: Path, keys: Iterable[str] | None = None) -> dict[str, t
     return by_key if keys is None else {k: by_key[k] for k in keys if k in by_key}
 
 
+TOKEN_FIELDS = ("input", "output", "cacheRead", "cacheWrite")
+
+
+def tokens_on_disk(path: Path) -> dict[str, dict[str, int]]:
+    """Per key that spent any, its saved `tokens` with all four names (an absent one is
+    0), as the fake's `tokens_reported()` gives them."""
+    return {a["key"]: {n: a.get("tokens", {}).get(n, 0) for n in TOKEN_FIELDS} for a in accounts_on_disk(path)
+            if any(a.get("tokens", {}).values())}
+
+
 def counts_seen(fake: Any, keys: Iterable[str]) -> dict[str, tuple[int, int]]:
     """(requests, 2xx answers) per key as the fake Kimi server logged them: what
     `counts_on_disk` must say once the proxy has saved."""
