@@ -175,10 +175,8 @@ def read_key_counts(path: Path) -> dict[str, tuple[int, int]]:
 
 def read_counts(path: Path) -> tuple[int, int]:
     """(total requests, successful requests) summed over the file's keys."""
-    data = json.loads(path.read_text())
-    accounts = data.get("accounts", [])
-    return (sum(a.get("totalRequests", 0) for a in accounts),
-            sum(a.get("successfulRequests", 0) for a in accounts))
+    counts = read_key_counts(path)
+    return sum_counts(counts, list(counts))
 
 
 # -- processes --------------------------------------------------------------------------

@@ -302,8 +302,8 @@ class KimiRotator:
     def _hold_refusal(self, record: FlowRecord) -> None:
         """Hold an error answer that may lead to a retry, so that the retry's answer can
         stream to the client in its place (`_answer_held`)."""
-        most = retry.max_attempts(self.settings.max_attempts, len(self.pool.accounts))
-        if not self.settings.stream_retries or bodies.is_streamed(record.flow.request) or len(record.attempts) >= most:
+        if (not self.settings.stream_retries or bodies.is_streamed(record.flow.request)
+                or len(record.attempts) >= self._most_attempts()):
             return
         if held := splice.take_over(record.flow):
             record.splice = held
@@ -361,11 +361,13 @@ class KimiRotator:
         if record.kind is CLIENT:
             if outcome.retry_elsewhere and not response.stream:
                 if not bodies.is_streamed(flow.request):
-                    most = retry.max_attempts(self.settings.max_attempts, len(self.pool.accounts))
-                    return self.attempts.retry(record, lease, most)
+                    return self.attempts.retry(record, lease, self._most_attempts())
                 flow.comment += f"; {bodies.NOT_RESENT}"
             self.ledger.show_attempts_afresh(record)
         return None
+
+    def _most_attempts(self) -> int:
+        return retry.max_attempts(self.settings.max_attempts, len(self.pool.accounts))
 
     def error(self, flow: http.HTTPFlow) -> None:
         record = self.ledger.forget(flow.id)
