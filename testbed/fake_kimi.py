@@ -262,6 +262,7 @@ class SeenRequest:
     status: int | None = None  # status answered (set once answered)
     done: float | None = None  # time.monotonic() when the answer was fully written
     closed: float | None = None  # time.monotonic() the client closed while it waited (until_closed)
+    in_flight: bool = True  # counted in in_flight_by_key until just before its answer's last bytes
 
     @property
     def json(self) -> Any:
@@ -410,6 +411,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     timeout = 60  # idle keep-alive connections end eventually
     server: _Server
+    seen: SeenRequest  # the request being answered (set once it is read)
 
     # -- plumbing -------------------------------------------------------
     def setup(self) -> None:
@@ -445,7 +447,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         fake = self.server.fake
         body = self._read_body()
-        seen = fake._record(self, body)
+        seen = self.seen = fake._record(self, body)
         try:
             fake._answer(self, seen)
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
@@ -465,8 +467,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for k, v in (extra or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
+        self.write_last(payload if self.command != "HEAD" else b"")
+
+    def write_last(self, data: bytes) -> None:
+        """Writes an answer's last bytes. Its request stops counting as in flight just before:
+        once the client has them it may send the next request on that key, and that one must
+        not be counted beside this (a cap of 2 would read as 3)."""
+        self.server.fake._finished(self.seen)
+        self.wfile.write(data)
         self.wfile.flush()
 
 
@@ -744,9 +752,10 @@ class FakeKimi:
         return seen
 
     def _finished(self, seen: SeenRequest) -> None:
-        if seen.key is not None:
-            with self._lock:
+        with self._lock:
+            if seen.key is not None and seen.in_flight:
                 self._in_flight[seen.key] -= 1
+            seen.in_flight = False
 
     def _take_script(self, key: str, path: str) -> Script:
         with self._lock:
@@ -994,8 +1003,7 @@ class FakeKimi:
             if i == 0 and gate is not None:
                 gate._park()
         if chunked:
-            h.wfile.write(b"0\r\n\r\n")
-            h.wfile.flush()
+            h.write_last(b"0\r\n\r\n")
 
 
 # --------------------------------------------------------------------------
