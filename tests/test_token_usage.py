@@ -192,6 +192,65 @@ def test_a_whole_answer_without_a_usable_usage_counts_nothing(body: bytes) -> No
     assert from_json_answer(body, O) is None
 
 
+def parsed_whole(body: bytes, shape: Shape) -> Usage | None:
+    """What a whole answer says, read from its whole parse: the reference the reading
+    of its last member alone must agree with."""
+    document = json.loads(body)
+    if shape is O:
+        top = document.get("usage")
+        if top is not None:
+            return from_json_answer(json.dumps({"usage": top}).encode(), O)
+        return from_json_answer(json.dumps({"choices": document.get("choices")}).encode(), O)
+    usage = document.get("usage")
+    return from_json_answer(json.dumps({"usage": usage}).encode(), A) if isinstance(usage, dict) else None
+
+
+NESTED = {"input_tokens": 900, "output_tokens": 900}
+TOP = {"input_tokens": 12, "output_tokens": 3}
+OPENAI_TOP = {"prompt_tokens": 9, "completion_tokens": 4}
+
+
+@pytest.mark.parametrize("body", [
+    # a nested "usage" last in the content, or in a tool's input, is not the answer's
+    b'{"content":[{"type":"tool_use","name":"usage","input":{"usage":%s}}]}' % json.dumps(NESTED).encode(),
+    b'{"content":[{"type":"tool_use","input":{"usage":%s}}],"usage":%s}' % (
+        json.dumps(NESTED).encode(), json.dumps(TOP).encode()),
+    b'{"usage":%s,"content":[{"input":{"usage":%s}}]}' % (json.dumps(TOP).encode(), json.dumps(NESTED).encode()),
+    b'{"message":{"usage":%s}}' % json.dumps(NESTED).encode(),
+    # text that writes "usage" as a key: its quotes are escaped
+    b'{"content":[{"type":"text","text":"{\\"usage\\":{\\"input_tokens\\":1,\\"output_tokens\\":1}}"}]}',
+    b'{"he said \\"usage": %s}' % json.dumps(NESTED).encode(),
+    b'{"content":"\\\\","usage":%s}' % json.dumps(TOP).encode(),  # an escaped backslash ends a string
+    # the last member's forms: spaced, on lines, as json.dumps writes it
+    b'{ "id" : "m" ,\r\n\t"usage"\n:\t%s \n}\n' % json.dumps(TOP).encode(),
+    json.dumps({"id": "m", "usage": TOP}, indent=2).encode(),
+    json.dumps({"choices": [{"usage": NESTED}], "usage": OPENAI_TOP}).encode(),
+    json.dumps({"choices": [{"usage": {"prompt_tokens": 9, "completion_tokens": 4}}]}).encode(),
+    # a repeated key: the last one counts, as in a whole parse
+    b'{"usage":%s,"usage":%s}' % (json.dumps(NESTED).encode(), json.dumps(TOP).encode()),
+    b'{"usage":%s,"id":"m","usage":%s,"x":1}' % (json.dumps(TOP).encode(), json.dumps(NESTED).encode()),
+    # odd values of a last "usage"
+    b'{"usage":{"input_tokens":1,"output_tokens":2},"usage":null}',
+    b'{"usage":{"input_tokens":"1","output_tokens":2}}',
+    b'{"usage":{"input_tokens":1,"output_tokens":2,"prompt_tokens":5,"completion_tokens":2}}',
+    b'{"usage":{"input_tokens":1,"output_tokens":2}} ',
+    b'{"id":"\xc3\xa9","usage":{"input_tokens":1,"output_tokens":2}}',
+])
+def test_the_last_members_usage_reads_as_the_whole_answers(body: bytes) -> None:
+    for shape in (A, O):
+        assert from_json_answer(body, shape) == parsed_whole(body, shape), (shape, body)
+
+
+def test_an_answer_is_believed_only_when_its_usage_object_closes_it() -> None:
+    # what follows the object, when it is not the answer's closing brace, sends it to a whole parse
+    assert from_json_answer(b'{"usage":{"input_tokens":1,"output_tokens":2}}}', A) is None
+    assert from_json_answer(b'{"usage":{"input_tokens":1,"output_tokens":2}}]', A) is None
+    assert from_json_answer(b'{"usage":{"input_tokens":1,"output_tokens":2}', A) is None
+    assert from_json_answer(b'["usage",{"input_tokens":1,"output_tokens":2}]', A) is None
+    assert from_json_answer(b'{"x":["usage",{"input_tokens":1,"output_tokens":2}]}', A) is None
+    assert from_json_answer(b'{"usage":{"input_tokens":1,"output_tokens":2\xff}}', A) is None
+
+
 ABSURD = [-1, 1.5, 3.0, True, False, "12", [1], {"n": 1}, MAX_TOKENS + 1, 10 ** 30]
 
 

@@ -12,10 +12,11 @@ def short(count: int) -> str:
     """`count` in at most five characters or so: 612, 48.2k, 1.3M, 2.0G."""
     if count < 1000:
         return str(count)
-    for size, unit in ((1_000_000_000, "G"), (1_000_000, "M"), (1000, "k")):
-        if count >= size:
-            return f"{count / size:.1f}{unit}"
-    return str(count)  # not reached
+    if count < 1_000_000:
+        return f"{count / 1000:.1f}k"
+    if count < 1_000_000_000:
+        return f"{count / 1_000_000:.1f}M"
+    return f"{count / 1_000_000_000:.1f}G"
 
 
 def share(usage: Usage) -> str:

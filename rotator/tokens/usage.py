@@ -14,6 +14,14 @@ A `usage` that is missing or odd counts nothing: the readers return None, never 
 whatever the body holds (not JSON, deep nesting, huge or negative numbers, floats,
 booleans, NaN, wrong types). A count above `MAX_TOKENS` is odd: no single answer
 spends a billion tokens, and a figure that large would swamp every total it joins.
+
+A whole JSON answer is not parsed whole when its usage is its last member, as Kimi
+writes it (`…,"usage":{…}}`): only that object is (`_last_member_usage`). The key is
+believed when its quote follows `{` or `,` (so it opens a key: in a JSON string a quote
+is escaped) and only `}` follows its object: in a JSON object that closing brace ends
+the document, so the key is at its top level, never one nested in the content or a
+tool's input. As with rotator.conversations.ids' body rule, the rest of the body is
+taken to be the JSON it says it is (a 200 from Kimi); any other shape is parsed whole.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +70,10 @@ def shape_for_path(path: str) -> Shape | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+_SET = object.__setattr__  # how a frozen dataclass sets its fields
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Usage:
     """Tokens spent: `input` is ALL input (cache reads and writes included), `output`
     the answer's, `cache_read` the part of the input Kimi served from its prompt cache,
@@ -72,14 +84,18 @@ class Usage:
     cache_read: int = 0
     cache_write: int = 0
 
-    def __post_init__(self) -> None:
-        i, o, r, w = self.input, self.output, self.cache_read, self.cache_write
-        if type(i) is int and type(o) is int and type(r) is int and type(w) is int and min(i, o, r, w) >= 0:
-            return  # the usual case, told in one expression (one is made per answer)
-        for name in ("input", "output", "cache_read", "cache_write"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 0:
-                raise ValueError(f"Usage.{name} must be a whole number ≥ 0, not {value!r}")
+    # The dataclass's own __init__ and a __post_init__, in one call: one is made per answer.
+    def __init__(self, input: int = 0, output: int = 0, cache_read: int = 0, cache_write: int = 0) -> None:
+        if not (type(input) is int and type(output) is int and type(cache_read) is int
+                and type(cache_write) is int and input >= 0 and output >= 0 and cache_read >= 0 and cache_write >= 0):
+            for name, value in (("input", input), ("output", output), ("cache_read", cache_read),
+                                ("cache_write", cache_write)):
+                if type(value) is not int or value < 0:
+                    raise ValueError(f"Usage.{name} must be a whole number ≥ 0, not {value!r}")
+        _SET(self, "input", input)
+        _SET(self, "output", output)
+        _SET(self, "cache_read", cache_read)
+        _SET(self, "cache_write", cache_write)
 
     def __add__(self, other: Usage) -> Usage:
         if not isinstance(other, Usage):
@@ -95,7 +111,8 @@ class Usage:
 
     def as_fields(self) -> dict[str, int]:
         """As saved: `{input, output, cacheRead, cacheWrite}`."""
-        return dict(zip(FIELD_NAMES, (self.input, self.output, self.cache_read, self.cache_write)))
+        return {"input": self.input, "output": self.output, "cacheRead": self.cache_read,  # FIELD_NAMES
+                "cacheWrite": self.cache_write}
 
     @classmethod
     def from_fields(cls, fields: object) -> Usage | None:
@@ -111,8 +128,9 @@ class Usage:
     @classmethod
     def from_anthropic(cls, counts: Mapping[str, int]) -> Usage:
         """From the Anthropic shape's figures (`ANTHROPIC_NAMES`; absent ones are 0)."""
-        fresh, read, write = (counts.get(n, 0) for n in (INPUT_TOKENS, CACHE_READ_TOKENS, CACHE_WRITE_TOKENS))
-        return cls(fresh + read + write, counts.get(OUTPUT_TOKENS, 0), read, write)
+        get = counts.get
+        read, write = get(CACHE_READ_TOKENS, 0), get(CACHE_WRITE_TOKENS, 0)
+        return cls(get(INPUT_TOKENS, 0) + read + write, get(OUTPUT_TOKENS, 0), read, write)
 
 
 ZERO = Usage()
@@ -219,10 +237,45 @@ def from_json_answer(body: bytes, shape: Shape) -> Usage | None:
     has none, it is odd, or the body is not a JSON object (an error, HTML, …)."""
     if not isinstance(body, (bytes, bytearray)) or len(body) > MAX_ANSWER_BYTES:
         return None
-    document = load_json(body)
-    if not isinstance(document, dict):
-        return None
-    if shape is Shape.OPENAI:
-        return openai_usage_in(document)
-    counts = anthropic_counts(document.get("usage"), required=(INPUT_TOKENS, OUTPUT_TOKENS))
+    usage = _last_member_usage(body)
+    if usage is _UNSURE:
+        document = load_json(body)
+        if not isinstance(document, dict):
+            return None
+        if shape is Shape.OPENAI:
+            return openai_usage_in(document)
+        usage = document.get("usage")
+    elif shape is Shape.OPENAI:
+        return openai_usage(usage)
+    counts = anthropic_counts(usage, required=(INPUT_TOKENS, OUTPUT_TOKENS))
     return None if counts is None else Usage.from_anthropic(counts)
+
+
+_UNSURE = object()
+_USAGE_KEY = b'"usage"'
+_OBJECT_VALUE = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*(?=\{)")  # the key's colon, then an object
+_KEY_OPENERS = b"{,"
+_JSON_SPACE = b" \t\r\n"
+
+
+def _last_member_usage(body: bytes | bytearray) -> object:
+    """The top-level `usage` object of a JSON answer whose last member it is, parsed
+    alone (see the module's docstring for why it is the top-level one); `_UNSURE` when
+    the body is not so shaped or that object does not parse (the caller parses it all)."""
+    at = body.rfind(_USAGE_KEY)
+    if at < 1 or body[0] != 0x7B:  # "{": an object, the usual way (else: parsed whole)
+        return _UNSURE
+    before = at - 1
+    while body[before] in _JSON_SPACE:  # stops at the body's "{" at the latest
+        before -= 1
+    if body[before] not in _KEY_OPENERS:
+        return _UNSURE
+    colon = _OBJECT_VALUE.match(body, at + len(_USAGE_KEY))
+    if colon is None:
+        return _UNSURE
+    try:
+        tail = body[colon.end():].decode("utf-8", "surrogatepass")  # as json.loads decodes
+        usage, end = _SCAN_ONCE(tail, 0)
+    except (ValueError, RecursionError, StopIteration):  # UnicodeDecodeError is a ValueError
+        return _UNSURE
+    return usage if tail[end:].strip(" \t\r\n") == "}" else _UNSURE
