@@ -30,6 +30,8 @@ from rotator.tokens import Usage
 
 # Read on every answer: a module-level name is cheaper than a member looked up on its class.
 _RATE_LIMITED, _ACCOUNT_BANNED = Verdict.RATE_LIMITED, Verdict.ACCOUNT_BANNED
+# The Account fields taking a key writes.
+_TAKE_WRITES = ("total_requests", "last_used")
 
 
 DEFAULT_MAX_IN_FLIGHT = 30
@@ -136,8 +138,12 @@ class KeyPool(HeardFromOutside):
         if new_active != state.active_index:
             state.active_index = new_active
             self.changes.move_active(state.accounts[new_active].key, now_ms)
-        account.total_requests += 1
-        account.last_used = now_ms
+        # Written as pydantic's __setattr__ would (Account does not validate assignment:
+        # tests/test_pool pins that), without its two Python calls a field per request.
+        fields = account.__dict__
+        fields["total_requests"] += 1
+        fields["last_used"] = now_ms
+        account.__pydantic_fields_set__.update(_TAKE_WRITES)
         change = self.changes.for_key(key)
         change.add("total_requests", 1, now_ms)
         change.later("last_used", now_ms, now_ms)
