@@ -130,7 +130,7 @@ def spent(account: Account, change: merge.KeyChange, usage: Usage, now_ms: int, 
     if not counts:
         return
     day = stats.utc_day(now_ms)
-    totals = (
+    totals: tuple[dict[str, int], ...] = (
         account.tokens, account.daily_tokens.setdefault(day, {}),
         change.sums("tokens", now_ms), change.sums_on_day("daily_tokens", day, now_ms),
     )
