@@ -25,6 +25,21 @@ def test_acquire_counts_the_attempt_and_moves_round_robin_on():
     assert all(a.last_used == NOW for a in pool.accounts)
 
 
+def test_counts_written_past_pydantic_read_as_if_assigned():
+    # The pool writes a request's and a success's counts into Account's __dict__ (its
+    # __setattr__ costs two Python calls): sound only while assignment is not validated.
+    assert Account.model_config.get("validate_assignment") is False
+    pool = KeyPool(state(count=1))
+    pool.release(pool.acquire(NOW), OK, NOW + 5)
+    account = pool.accounts[0]
+    assert (account.total_requests, account.successful_requests, account.last_used) == (1, 1, NOW)
+    assert {"total_requests", "successful_requests", "last_used"} <= account.model_fields_set
+    written = account.model_dump(by_alias=True, exclude_unset=True)
+    assert (written["totalRequests"], written["successfulRequests"], written["lastUsed"]) == (1, 1, NOW)
+    assert Account.model_validate_json(account.model_dump_json()) == account
+    assert AccountsFile.model_validate_json(pool.state.to_json()).accounts[0].total_requests == 1
+
+
 def test_release_success_and_rate_limit():
     pool = KeyPool(state())
     first, second = pool.acquire(NOW), pool.acquire(NOW)

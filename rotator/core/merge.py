@@ -115,31 +115,48 @@ class KeyChange:
 
     def add_sums(self, attr: str, counts: Mapping[str, int], at_ms: int) -> None:
         """More of a SUMS field's named counts."""
-        found = self.fields.get(attr)
-        if found is None:
-            self.fields[attr] = FieldChange(dict(counts), at_ms)
-        else:
-            add_sums(found.value, counts)
-            found.at_ms = at_ms
+        add_sums(self.sums(attr, at_ms), counts)
 
     def add_sums_on_day(self, attr: str, day: str, counts: Mapping[str, int], at_ms: int) -> None:
         """More of a SUMS_BY_DAY field's named counts on `day`."""
-        found = self.fields.get(attr)
-        if found is None:
-            self.fields[attr] = FieldChange({day: dict(counts)}, at_ms)
-        else:
-            _add_sums_by_day(found.value, {day: counts})
-            found.at_ms = at_ms
+        add_sums(self.sums_on_day(attr, day, at_ms), counts)
 
     def add_member_sums_on_day(self, attr: str, member: str, day: str, counts: Mapping[str, int],
                                at_ms: int) -> None:
         """More of a SUMS_BY_MEMBER_DAY field's named counts, for `member` on `day`."""
+        add_sums(self.member_sums_on_day(attr, member, day, at_ms), counts)
+
+    # The three below hand out the named counts to add into in place (`add_sums`), so
+    # that an answer's tokens go into several totals in one pass (`add_sums_to_each`).
+    def sums(self, attr: str, at_ms: int) -> dict[str, int]:
+        """A SUMS field's named counts in this record (none yet: an empty one, kept)."""
         found = self.fields.get(attr)
         if found is None:
-            self.fields[attr] = FieldChange({member: {day: dict(counts)}}, at_ms)
-        else:
-            _add_sums_by_day(found.value.setdefault(member, {}), {day: counts})
-            found.at_ms = at_ms
+            sums: dict[str, int] = {}
+            self.fields[attr] = FieldChange(sums, at_ms)
+            return sums
+        found.at_ms = at_ms
+        return found.value
+
+    def sums_on_day(self, attr: str, day: str, at_ms: int) -> dict[str, int]:
+        """A SUMS_BY_DAY field's named counts on `day` in this record."""
+        found = self.fields.get(attr)
+        if found is None:
+            sums: dict[str, int] = {}
+            self.fields[attr] = FieldChange({day: sums}, at_ms)
+            return sums
+        found.at_ms = at_ms
+        return found.value.setdefault(day, {})
+
+    def member_sums_on_day(self, attr: str, member: str, day: str, at_ms: int) -> dict[str, int]:
+        """A SUMS_BY_MEMBER_DAY field's named counts for `member` on `day` in this record."""
+        found = self.fields.get(attr)
+        if found is None:
+            sums: dict[str, int] = {}
+            self.fields[attr] = FieldChange({member: {day: sums}}, at_ms)
+            return sums
+        found.at_ms = at_ms
+        return found.value.setdefault(member, {}).setdefault(day, {})
 
     def append_newest(self, attr: str, value: Any, at_ms: int) -> None:
         """One more entry of a NEWEST field's history."""
@@ -163,7 +180,11 @@ class KeyChange:
 
     def set(self, attr: str, value: Any, at_ms: int) -> None:
         """A SET field's new value, or a LATER field's replacement (it may be lower)."""
-        self.fields[attr] = FieldChange(value, at_ms, attr in _LATER_FIELDS)
+        found = self.fields.get(attr)
+        if found is None:
+            self.fields[attr] = FieldChange(value, at_ms, attr in _LATER_FIELDS)
+        else:  # set on every success: the record's own entry, rewritten, costs no new object
+            found.value, found.at_ms, found.replace = value, at_ms, attr in _LATER_FIELDS
 
     def absorb(self, newer: KeyChange) -> None:
         """Fold `newer` into this record, as if both had happened in order."""
@@ -297,6 +318,13 @@ def add_sums(into: dict[str, int], counts: Mapping[str, int]) -> None:
     """Add named counts into `into`, name by name (a SUMS field)."""
     for name, count in counts.items():
         into[name] = into.get(name, 0) + count
+
+
+def add_sums_to_each(intos: tuple[dict[str, int], ...], counts: Mapping[str, int]) -> None:
+    """`add_sums` of the same counts into each of `intos`, in one pass over the counts."""
+    for name, count in counts.items():
+        for into in intos:
+            into[name] = into.get(name, 0) + count
 
 
 def _add_sums_by_day(into: dict[str, dict[str, int]], counts: Mapping[str, Mapping[str, int]]) -> None:

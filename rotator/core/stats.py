@@ -63,7 +63,10 @@ def response_ms(request_end_s: float | None, headers_s: float | None, chosen_ms:
 def record_success(account: Account, change: KeyChange, took_ms: int | None, now_ms: int) -> bool:
     """Count a success on `account` and in its change record. Returns whether it ended
     a half-open cooldown (the key is back to full traffic)."""
-    account.successful_requests += 1
+    # Written as pydantic's __setattr__ would (Account does not validate assignment),
+    # without its two Python calls, on every success.
+    account.__dict__["successful_requests"] += 1
+    account.__pydantic_fields_set__.add("successful_requests")
     change.add("successful_requests", 1, now_ms)
     if account.consecutive_failures:
         account.consecutive_failures = 0

@@ -66,16 +66,18 @@ def choose_key(
         return Unavailable(Shortage.NO_KEYS)
     active = active_index if 0 <= active_index < count else 0
 
+    current = accounts[active]
+    if active not in skip and is_usable(current, now_ms):
+        # The common case, decided without looking at other keys: sticky stays, and
+        # round-robin serves the key whose turn it is, while it is healthy. Resting
+        # only raises a score: one that is high enough already needs no working out.
+        floor = STAY_HEALTHY if strategy == "health-based" else HEALTH_SKIP_BELOW
+        if current.health_score >= floor or effective_health(current, now_ms, rest_ms) >= floor:
+            return active
+
     def usable(i: int) -> bool:
         return i not in skip and is_usable(accounts[i], now_ms)
 
-    current = accounts[active]
-    if usable(active):
-        # The common case, decided without looking at other keys: sticky stays, and
-        # round-robin serves the key whose turn it is, while it is healthy.
-        floor = STAY_HEALTHY if strategy == "health-based" else HEALTH_SKIP_BELOW
-        if effective_health(current, now_ms, rest_ms) >= floor:
-            return active
     if strategy == "health-based":
         chosen = _best_scored(accounts, now_ms, usable, rest_ms)
     else:

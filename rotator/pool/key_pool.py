@@ -30,6 +30,8 @@ from rotator.tokens import Usage
 
 # Read on every answer: a module-level name is cheaper than a member looked up on its class.
 _RATE_LIMITED, _ACCOUNT_BANNED = Verdict.RATE_LIMITED, Verdict.ACCOUNT_BANNED
+# The Account fields taking a key writes.
+_TAKE_WRITES = ("total_requests", "last_used")
 
 
 DEFAULT_MAX_IN_FLIGHT = 30
@@ -136,8 +138,12 @@ class KeyPool(HeardFromOutside):
         if new_active != state.active_index:
             state.active_index = new_active
             self.changes.move_active(state.accounts[new_active].key, now_ms)
-        account.total_requests += 1
-        account.last_used = now_ms
+        # Written as pydantic's __setattr__ would (Account does not validate assignment:
+        # tests/test_pool pins that), without its two Python calls a field per request.
+        fields = account.__dict__
+        fields["total_requests"] += 1
+        fields["last_used"] = now_ms
+        account.__pydantic_fields_set__.update(_TAKE_WRITES)
         change = self.changes.for_key(key)
         change.add("total_requests", 1, now_ms)
         change.later("last_used", now_ms, now_ms)
@@ -154,21 +160,23 @@ class KeyPool(HeardFromOutside):
             lease = self.acquire(now_ms)
         return lease
 
-    def release(self, lease: Lease, outcome: Outcome, now_ms: int, took_ms: int | None = None) -> str | None:
-        """Account for an attempt's outcome (`took_ms`: a success's response time);
-        returns a log line if the key's state changed."""
-        self._free_slot(lease.key)
-        account = self.account(lease.key)
+    def release(
+        self, lease: Lease, outcome: Outcome, now_ms: int, took_ms: int | None = None, usage: Usage | None = None
+    ) -> str | None:
+        """Account for an attempt's outcome (`took_ms`: a success's response time) and the
+        tokens its answer spent (`usage`, counted on the key's entry the lease was taken
+        from); returns a log line if the key's state changed."""
+        key = lease.key
+        self._free_slot(key)
+        account = self.account(key)
         counted = self._taken_from(lease, account)
-        event = None if counted is None else self._account_outcome(lease, counted, outcome, now_ms, took_ms)
-        self._after_slot_freed(lease.key, account)
+        event = None
+        if counted is not None:
+            if usage is not None:
+                key_updates.spent(counted, self.changes.for_key(key), usage, now_ms, self.member)
+            event = self._account_outcome(lease, counted, outcome, now_ms, took_ms)
+        self._after_slot_freed(key, account)
         return self._tell(event)
-
-    def spent(self, lease: Lease, usage: Usage, now_ms: int) -> None:
-        """Count the tokens an answer on `lease` spent on its key (its entry, as `release`)."""
-        account = self._taken_from(lease, self.account(lease.key))
-        if account is not None:
-            key_updates.spent(account, self.changes.for_key(lease.key), usage, now_ms, self.member)
 
     def abandon(self, lease: Lease) -> None:
         """An attempt that was never sent (its client left first): as if never chosen."""

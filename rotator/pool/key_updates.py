@@ -123,20 +123,20 @@ def cooled_by_window(account: Account, change: merge.KeyChange, label: str, spen
 
 def spent(account: Account, change: merge.KeyChange, usage: Usage, now_ms: int, member: str | None = None) -> None:
     """The tokens an answer on the key spent: its totals and today's, and today's of the
-    team member (the proxy) it went through, in team mode."""
+    team member (the proxy) it went through, in team mode; each in the account and in
+    its change record."""
     counts = {name: count for name, count in zip(FIELD_NAMES, (usage.input, usage.output, usage.cache_read,
                                                                 usage.cache_write)) if count}
     if not counts:
         return
-    merge.add_sums(account.tokens, counts)
     day = stats.utc_day(now_ms)
-    today = account.daily_tokens.get(day)
-    if today is None:
-        account.daily_tokens[day] = dict(counts)
-    else:
-        merge.add_sums(today, counts)
-    change.add_sums("tokens", counts, now_ms)
-    change.add_sums_on_day("daily_tokens", day, counts, now_ms)
+    totals: tuple[dict[str, int], ...] = (
+        account.tokens, account.daily_tokens.setdefault(day, {}),
+        change.sums("tokens", now_ms), change.sums_on_day("daily_tokens", day, now_ms),
+    )
     if member is not None:
-        merge.add_sums(account.member_tokens.setdefault(member, {}).setdefault(day, {}), counts)
-        change.add_member_sums_on_day("member_tokens", member, day, counts, now_ms)
+        totals += (
+            account.member_tokens.setdefault(member, {}).setdefault(day, {}),
+            change.member_sums_on_day("member_tokens", member, day, now_ms),
+        )
+    merge.add_sums_to_each(totals, counts)

@@ -94,11 +94,9 @@ class Attempts:
             took_ms = stats.response_ms(
                 request.timestamp_end or request.timestamp_start, response.timestamp_start, lease.at_ms
             )
-        if usage is not None:
-            self.pool.spent(lease, usage, now)
-            if record.turn is not None and self.affinity is not None:
-                self.affinity.spent(record.turn, usage)
-        event = self.pool.release(lease, outcome, now, took_ms)
+        if usage is not None and record.turn is not None and self.affinity is not None:
+            self.affinity.spent(record.turn, usage)
+        event = self.pool.release(lease, outcome, now, took_ms, usage)
         if event:
             logger.log(ALERT, "kimi-rotator: %s", event)
         verdict = outcome.verdict._value_  # `.value` is a descriptor: two Python calls

@@ -156,7 +156,7 @@ class FlowLedger:
     def show_attempts_afresh(self, record: FlowRecord) -> None:
         """`show_attempts` for a client's flow once it is answered. A replayed saved flow
         arrives with its old attempts in its metadata: the record's list replaces them."""
-        record.flow.metadata[METADATA_KEY] = {"attempts": [dict(note) for note in record.attempts]}
+        record.flow.metadata[METADATA_KEY] = {"attempts": list(map(dict, record.attempts))}  # copies, in C
 
     def show_attempts(self, record: FlowRecord) -> None:
         """Copy the attempts into the flow's metadata, for mitmweb and saved flows."""
