@@ -67,6 +67,15 @@ def test_the_first_of_a_repeated_header_counts() -> None:
     assert got is not None and got.id == "first"
 
 
+@pytest.mark.parametrize("encoding", ["Content-Encoding", "CONTENT-ENCODING", "content-encoding"])
+def test_an_encoded_body_is_not_read_whatever_the_names_case(encoding: str) -> None:
+    # Names are skipped by length before they are lowered: every case of the ones read is still read.
+    plain = [("User-Agent", KIMI_UA.decode()), ("Content-Length", "10"), ("x-session-i", "not-a-name")]
+    got = conversation_of(headers(*plain), kimi_cli_body())
+    assert got is not None and (got.id, got.client) == (KIMI_SESSION, "kimi-cli")
+    assert conversation_of(headers(*plain, (encoding, "gzip")), kimi_cli_body()) is None
+
+
 def test_no_header_and_no_field_is_no_conversation() -> None:
     plain = json.dumps({"model": "m", "messages": messages(2), "stream": True}).encode()
     assert conversation_of(headers(("user-agent", "python-httpx/0.27")), plain) is None

@@ -69,6 +69,8 @@ OTHER = "other"
 _HEADER_RANK = {name: rank for rank, name in enumerate(HEADER_NAMES)}
 _USER_AGENT = b"user-agent"
 _CONTENT_ENCODING = b"content-encoding"
+# The lengths of the names read: a header of another length is skipped unread.
+_READ_SIZES = frozenset(len(name) for name in (*HEADER_NAMES, _USER_AGENT, _CONTENT_ENCODING))
 _PLAIN_ID = re.compile(rb"[!-~]+")  # printable ASCII, no space
 _KEY_MARK = b"sk-"  # what every API key shape starts with: such an id is hashed, never shown
 
@@ -113,6 +115,8 @@ def conversation_of(headers: Iterable[tuple[bytes, bytes]], body: bytes | None) 
     best = b""
     agent = b""
     for name, value in headers:
+        if len(name) not in _READ_SIZES:  # most names: no lowering, no look-up
+            continue
         lowered = name.lower()
         rank = _HEADER_RANK.get(lowered)
         if rank is not None:
@@ -189,21 +193,19 @@ def id_in_body(body: bytes) -> tuple[str, str] | None:
 def top_level_value(body: bytes, quoted_name: bytes) -> int | None:
     """Where the value of the top-level key `quoted_name` (with its quotes) starts: the
     last occurrence that passes the module's rule, among the last `MAX_CANDIDATES`."""
-    end = len(body)
-    start = max(0, end - MAX_TAIL - len(quoted_name))  # a key followed by more is not believed
-    for _ in range(MAX_CANDIDATES):
-        at = body.rfind(quoted_name, start, end)
-        if at < 0:
+    start = max(0, len(body) - MAX_TAIL - len(quoted_name))  # a key followed by more is not believed
+    at = body.rfind(quoted_name, start)
+    tried = 1
+    while at >= 0:
+        if not _escaped(body, at):
+            after = at + len(quoted_name)
+            colon = _COLON.match(body, after)
+            if colon is not None and _closes_remembered(body[after:]) == 1:
+                return colon.end()
+        if tried == MAX_CANDIDATES:
             return None
-        end = at
-        if _escaped(body, at):
-            continue
-        after = at + len(quoted_name)
-        colon = _COLON.match(body, after)
-        if colon is None:
-            continue
-        if _closes_remembered(body[after:]) == 1:
-            return colon.end()
+        tried += 1
+        at = body.rfind(quoted_name, start, at)
     return None
 
 
@@ -262,7 +264,7 @@ def _string_at(body: bytes, at: int) -> str | None:
 def _session_in_metadata(body: bytes, at: int) -> str | None:
     """The session id in the metadata object at `at`: its `user_id` is a JSON string
     holding `session_id` (Claude Code 2.x), or `user_…_session_<uuid>` (older)."""
-    if body[at:at + 1] != b"{":
+    if at >= len(body) or body[at] != 0x7B:  # "{"
         return None
     window = body[at:at + METADATA_WINDOW].decode("utf-8", "replace")
     try:
