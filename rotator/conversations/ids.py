@@ -42,6 +42,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 MAX_ID_LENGTH = 128  # longer ids, or ids with other than printable ASCII, are hashed
 HASH_PREFIX = "h:"
@@ -91,6 +92,8 @@ _depth_memo: dict[int, int] = {}
 MEMO_SIZE = 256
 _clean_memo: dict[bytes, str] = {}
 _client_memo: dict[bytes, str] = {}
+_session_memo: dict[str, str] = {}  # metadata.user_id -> the session id found in it
+MEMO_KEY_MOST = 1024  # longer values are not remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +172,7 @@ def client_of(user_agent: bytes) -> str:
     return kind
 
 
-def _remember(memo: dict[bytes, str], raw: bytes, value: str) -> None:
+def _remember(memo: dict[Any, str], raw: Any, value: str) -> None:
     """Keep `value` for `raw` in `memo`, forgetting the oldest past `MEMO_SIZE`."""
     if len(memo) >= MEMO_SIZE:
         del memo[next(iter(memo))]
@@ -274,6 +277,15 @@ def _session_in_metadata(body: bytes, at: int) -> str | None:
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
     if not isinstance(user_id, str):
         return None
+    found = _session_memo.get(user_id)  # a conversation's turns send the same user_id
+    if found is None:
+        found = _session_in_user_id(user_id)
+        if found is not None and len(user_id) <= MEMO_KEY_MOST:
+            _remember(_session_memo, user_id, found)
+    return found
+
+
+def _session_in_user_id(user_id: str) -> str | None:
     session: object = None
     if user_id.lstrip().startswith("{"):
         try:
