@@ -58,6 +58,38 @@ def test_masking_finds_the_key_even_if_another_addon_moved_it():
     assert headers["x-api-key"] == headers["x-copied"] == f"{POOL_KEY[:6]}...{POOL_KEY[-4:]}"
 
 
+_POOL = POOL_KEY.encode()
+
+
+@pytest.mark.parametrize(
+    "fields, bearer, expected",
+    [
+        # Duplicates: the first keeps the key, the others go.
+        ([(b"x-api-key", b"a"), (b"X-Api-Key", b"b")], False, [(b"x-api-key", _POOL)]),
+        ([(b"Authorization", b"Bearer a"), (b"authorization", b"bearer b")], False,
+         [(b"Authorization", b"Bearer " + _POOL)]),
+        # The Bearer header dropped before the key's place moves the place back.
+        ([(b"Authorization", b"Bearer a"), (b"x-a", b"1"), (b"x-api-key", b"b")], False,
+         [(b"x-a", b"1"), (b"x-api-key", _POOL)]),
+        ([(b"Authorization", b"Basic x"), (b"x-api-key", b"a"), (b"x-api-key", b"b")], False,
+         [(b"Authorization", b"Basic x"), (b"x-api-key", _POOL)]),
+        # Bearer forced (our quota polls): x-api-key goes, Bearer is written or added.
+        ([(b"x-api-key", b"a"), (b"x-a", b"1")], True, [(b"x-a", b"1"), (b"authorization", b"Bearer " + _POOL)]),
+        ([(b"x-api-key", b"a"), (b"Authorization", b"Bearer b")], True, [(b"Authorization", b"Bearer " + _POOL)]),
+        ([(b"x-a", b"1")], True, [(b"x-a", b"1"), (b"authorization", b"Bearer " + _POOL)]),
+    ],
+)
+def test_duplicate_and_forced_credentials_leave_one_key_whose_place_is_known(fields, bearer, expected):
+    headers = Headers(fields)
+    placement = replace_client_key(headers, POOL_KEY, bearer=bearer)
+    assert list(headers.fields) == expected
+    at = next(i for i, (_, value) in enumerate(expected) if _POOL in value)
+    assert placement.index == at and placement.name == expected[at][0].lower()
+    mask_sent_key(headers, POOL_KEY, placement)
+    masked = f"{POOL_KEY[:6]}...{POOL_KEY[-4:]}".encode()
+    assert [value for _, value in headers.fields] == [value.replace(_POOL, masked) for _, value in expected]
+
+
 @pytest.mark.parametrize("hosts", [[], ["https://api.kimi.com"], ["api.kimi.com/coding"], ["api.kimi.com:443"],
                                    ["127.0.0.1;api.kimi.com"], ["a|b"], ['"api.kimi.com"'], ["*.kimi.com"],
                                    ["['a','b']"], ["a\u3001b"], ["-bad-.kimi.com"]])

@@ -67,6 +67,30 @@ def test_the_first_of_a_repeated_header_counts() -> None:
     assert got is not None and got.id == "first"
 
 
+@pytest.mark.parametrize("encoding", ["Content-Encoding", "CONTENT-ENCODING", "content-encoding"])
+def test_an_encoded_body_is_not_read_whatever_the_names_case(encoding: str) -> None:
+    # Names are skipped by length before they are lowered: every case of the ones read is still read.
+    plain = [("User-Agent", KIMI_UA.decode()), ("Content-Length", "10"), ("x-session-i", "not-a-name")]
+    got = conversation_of(headers(*plain), kimi_cli_body())
+    assert got is not None and (got.id, got.client) == (KIMI_SESSION, "kimi-cli")
+    assert conversation_of(headers(*plain, (encoding, "gzip")), kimi_cli_body()) is None
+
+
+def test_a_remembered_user_id_gives_the_same_session_and_the_memo_stays_bounded(monkeypatch) -> None:
+    monkeypatch.setattr(ids, "_session_memo", {})
+    body = claude_body()
+    assert id_in_body(body) == id_in_body(body) == (CLAUDE_SESSION, ids.BODY_METADATA_USER_ID)
+    for i in range(ids.MEMO_SIZE + 5):
+        assert id_in_body(claude_body(user_id=claude_user_id(f"s-{i}"))) == (f"s-{i}", ids.BODY_METADATA_USER_ID)
+    assert len(ids._session_memo) == ids.MEMO_SIZE and claude_user_id(CLAUDE_SESSION) not in ids._session_memo
+    assert id_in_body(body) == (CLAUDE_SESSION, ids.BODY_METADATA_USER_ID)  # forgotten, read again
+    long = claude_user_id("s-long") + " " * ids.MEMO_KEY_MOST
+    assert id_in_body(claude_body(user_id=long)) == ("s-long", ids.BODY_METADATA_USER_ID)
+    assert long not in ids._session_memo
+    assert id_in_body(claude_body(user_id="no session here")) is None
+    assert "no session here" not in ids._session_memo
+
+
 def test_no_header_and_no_field_is_no_conversation() -> None:
     plain = json.dumps({"model": "m", "messages": messages(2), "stream": True}).encode()
     assert conversation_of(headers(("user-agent", "python-httpx/0.27")), plain) is None

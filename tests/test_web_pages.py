@@ -35,6 +35,7 @@ from mitmproxy.test import tflow
 
 from rotator.core import access
 from rotator.proxy.addon import KimiRotator
+from rotator.proxy.client_host import NOTHING_SEEN, ClientHost
 from testbed.fake_kimi import CHAT_COMPLETIONS_PATH, MESSAGES_PATH, FakeKimi
 from testbed.hooks import call_hook
 from testbed.processes import start_mitmdump
@@ -177,6 +178,18 @@ async def test_reverse_mode_keeps_the_clients_host_and_puts_the_targets_back(rev
     assert flow.response is None
     assert flow.request.headers["x-api-key"] in keys
     assert flow.request.headers.get_all("host") == ["127.0.0.1:9"]  # what Kimi gets, as before
+
+
+def test_a_request_saying_nothing_of_a_page_skips_the_page_check() -> None:
+    # NOTHING_SEEN is what check_page passes whatever the settings; anything a page sends is seen.
+    assert access.check_page(addressed=None, origin=None, fetch_site=None, own_hosts=set(),
+                             allow_remote=False, token_presented=False) is None
+    host = ClientHost()
+    assert host.take(tflow.tflow()) is NOTHING_SEEN
+    for name, value in (("Origin", "https://page.example"), ("sec-fetch-site", "cross-site")):
+        flow = tflow.tflow()
+        flow.request.headers[name] = value
+        assert host.take(flow) not in (NOTHING_SEEN, None)
 
 
 async def test_a_rebinding_request_is_refused_in_process(reverse_addon) -> None:

@@ -42,6 +42,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 MAX_ID_LENGTH = 128  # longer ids, or ids with other than printable ASCII, are hashed
 HASH_PREFIX = "h:"
@@ -69,6 +70,8 @@ OTHER = "other"
 _HEADER_RANK = {name: rank for rank, name in enumerate(HEADER_NAMES)}
 _USER_AGENT = b"user-agent"
 _CONTENT_ENCODING = b"content-encoding"
+# The lengths of the names read: a header of another length is skipped unread.
+_READ_SIZES = frozenset(len(name) for name in (*HEADER_NAMES, _USER_AGENT, _CONTENT_ENCODING))
 _PLAIN_ID = re.compile(rb"[!-~]+")  # printable ASCII, no space
 _KEY_MARK = b"sk-"  # what every API key shape starts with: such an id is hashed, never shown
 
@@ -89,6 +92,8 @@ _depth_memo: dict[int, int] = {}
 MEMO_SIZE = 256
 _clean_memo: dict[bytes, str] = {}
 _client_memo: dict[bytes, str] = {}
+_session_memo: dict[str, str] = {}  # metadata.user_id -> the session id found in it
+MEMO_KEY_MOST = 1024  # longer values are not remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +118,8 @@ def conversation_of(headers: Iterable[tuple[bytes, bytes]], body: bytes | None) 
     best = b""
     agent = b""
     for name, value in headers:
+        if len(name) not in _READ_SIZES:  # most names: no lowering, no look-up
+            continue
         lowered = name.lower()
         rank = _HEADER_RANK.get(lowered)
         if rank is not None:
@@ -165,7 +172,7 @@ def client_of(user_agent: bytes) -> str:
     return kind
 
 
-def _remember(memo: dict[bytes, str], raw: bytes, value: str) -> None:
+def _remember(memo: dict[Any, str], raw: Any, value: str) -> None:
     """Keep `value` for `raw` in `memo`, forgetting the oldest past `MEMO_SIZE`."""
     if len(memo) >= MEMO_SIZE:
         del memo[next(iter(memo))]
@@ -189,21 +196,19 @@ def id_in_body(body: bytes) -> tuple[str, str] | None:
 def top_level_value(body: bytes, quoted_name: bytes) -> int | None:
     """Where the value of the top-level key `quoted_name` (with its quotes) starts: the
     last occurrence that passes the module's rule, among the last `MAX_CANDIDATES`."""
-    end = len(body)
-    start = max(0, end - MAX_TAIL - len(quoted_name))  # a key followed by more is not believed
-    for _ in range(MAX_CANDIDATES):
-        at = body.rfind(quoted_name, start, end)
-        if at < 0:
+    start = max(0, len(body) - MAX_TAIL - len(quoted_name))  # a key followed by more is not believed
+    at = body.rfind(quoted_name, start)
+    tried = 1
+    while at >= 0:
+        if not _escaped(body, at):
+            after = at + len(quoted_name)
+            colon = _COLON.match(body, after)
+            if colon is not None and _closes_remembered(body[after:]) == 1:
+                return colon.end()
+        if tried == MAX_CANDIDATES:
             return None
-        end = at
-        if _escaped(body, at):
-            continue
-        after = at + len(quoted_name)
-        colon = _COLON.match(body, after)
-        if colon is None:
-            continue
-        if _closes_remembered(body[after:]) == 1:
-            return colon.end()
+        tried += 1
+        at = body.rfind(quoted_name, start, at)
     return None
 
 
@@ -262,7 +267,7 @@ def _string_at(body: bytes, at: int) -> str | None:
 def _session_in_metadata(body: bytes, at: int) -> str | None:
     """The session id in the metadata object at `at`: its `user_id` is a JSON string
     holding `session_id` (Claude Code 2.x), or `user_…_session_<uuid>` (older)."""
-    if body[at:at + 1] != b"{":
+    if at >= len(body) or body[at] != 0x7B:  # "{"
         return None
     window = body[at:at + METADATA_WINDOW].decode("utf-8", "replace")
     try:
@@ -272,6 +277,15 @@ def _session_in_metadata(body: bytes, at: int) -> str | None:
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
     if not isinstance(user_id, str):
         return None
+    found = _session_memo.get(user_id)  # a conversation's turns send the same user_id
+    if found is None:
+        found = _session_in_user_id(user_id)
+        if found is not None and len(user_id) <= MEMO_KEY_MOST:
+            _remember(_session_memo, user_id, found)
+    return found
+
+
+def _session_in_user_id(user_id: str) -> str | None:
     session: object = None
     if user_id.lstrip().startswith("{"):
         try:

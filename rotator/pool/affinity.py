@@ -55,7 +55,9 @@ class Turn:
 
     def note(self) -> str:
         """What the flow comment says of it."""
-        return f"conversation {short_id(self.conversation.id)} ({self.conversation.client}) {self.pinning.value}"
+        conversation = self.conversation
+        # `_value_`, not `value`: the same string, read without enum's property (once a request).
+        return f"conversation {short_id(conversation.id)} ({conversation.client}) {self.pinning._value_}"
 
 
 class Affinity(IgnoresPoolEvents):

@@ -29,7 +29,7 @@ from rotator.pool.affinity import Turn
 from rotator.pool.lease import Lease
 from rotator.proxy import answers, bodies, retry, splice, startup_checks, token_reading, upstream
 from rotator.proxy.assembly import Assembly, Shell, assemble
-from rotator.proxy.client_host import ClientHost, Seen
+from rotator.proxy.client_host import NOTHING_SEEN, ClientHost, Seen
 from rotator.proxy.commands import RotatorCommands
 from rotator.proxy.flows import CLIENT, POLL, FlowLedger, FlowRecord, attempt_note, client_gone
 from rotator.proxy.options import (
@@ -208,11 +208,13 @@ class KimiRotator:
             allow_remote=settings.allow_remote,
             client_token=settings.client_token,
             presented=access.presented_credential(flow.request.headers) if settings.client_token else None,
-        ) or access.check_page(
-            addressed=seen.addressed, origin=seen.origin, fetch_site=seen.fetch_site,
-            own_hosts=settings.hosts, allow_remote=settings.allow_remote,
-            token_presented=settings.client_token is not None,  # check_client found it presented
         )
+        if denial is None and seen is not NOTHING_SEEN:  # NOTHING_SEEN: no page's request
+            denial = access.check_page(
+                addressed=seen.addressed, origin=seen.origin, fetch_site=seen.fetch_site,
+                own_hosts=settings.hosts, allow_remote=settings.allow_remote,
+                token_presented=settings.client_token is not None,  # check_client found it presented
+            )
         if denial is not None:
             if denial in (access.FOREIGN_HOST, access.FOREIGN_PAGE):
                 self.client_host.tell_once(denial, seen)
@@ -268,12 +270,12 @@ class KimiRotator:
             self._send_with(flow, lease, deadline_ms, turn)
 
     def _send_with(self, flow: http.HTTPFlow, lease: Lease, deadline_ms: int, turn: Turn | None = None) -> None:
-        record = self.ledger.open(FlowRecord(CLIENT, flow, lease.key, lease, deadline_ms))
+        record = self.ledger.open(
+            FlowRecord(CLIENT, flow, lease.key, lease, deadline_ms, attempts=[attempt_note(lease)], turn=turn)
+        )
         if turn is not None:
-            record.turn = turn
             self.affinity.went_to(turn, lease.key, self.clock.now_ms())
             flow.comment = f"kimi-rotator: {turn.note()}"
-        record.attempts.append(attempt_note(lease))
         self.ledger.put_key(record, unreadable=bodies.UNREADABLE)
         self.polls.last_request = flow.request
         self.notify.took_key()

@@ -39,6 +39,11 @@ class Seen(NamedTuple):
     fetch_site: str | None  # Sec-Fetch-Site (likewise)
 
 
+# A request that says nothing of who sent it (no reverse-mode name, Origin or
+# Sec-Fetch-Site): check_page passes it, whatever else holds.
+NOTHING_SEEN = Seen(None, None, None)
+
+
 class ClientHost:
     def __init__(self) -> None:
         self._told: set[str] = set()
@@ -56,7 +61,7 @@ class ClientHost:
         put back in place of the client's. One pass over the raw header fields: this runs
         for every request, and each Headers lookup is a scan of its own (bench/README.md)."""
         request = flow.request
-        reverse = isinstance(flow.client_conn.proxy_mode, ReverseMode)
+        reverse = _is_reverse_kind(type(flow.client_conn.proxy_mode))
         fields = request.headers.fields
         hosts: list[int] = []
         origins: list[bytes] = []
@@ -69,6 +74,8 @@ class ClientHost:
                 origins.append(value)
             elif size == 14 and name.lower() == b"sec-fetch-site":
                 sites.append(value)
+        if not reverse and not origins and not sites:
+            return NOTHING_SEEN  # a CLI agent's request, the usual one
         addressed = None
         if reverse:
             addressed = (_text(fields[hosts[0]][1]),) if len(hosts) == 1 else tuple(_text(fields[i][1]) for i in hosts)
@@ -132,6 +139,11 @@ def _target_of(tls: bool, host: str, port: int) -> tuple[str, bytes]:
     """The target's Host as mitmproxy writes it, and as header bytes."""
     target = url.hostport("https" if tls else "http", host, port)
     return target, target.encode("utf-8", "surrogateescape")
+
+
+@functools.lru_cache(maxsize=16)  # a handful of mode classes; an ABC's isinstance costs more
+def _is_reverse_kind(mode_type: type) -> bool:
+    return issubclass(mode_type, ReverseMode)
 
 
 def _joined(values: list[bytes]) -> str | None:

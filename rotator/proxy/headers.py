@@ -45,45 +45,39 @@ def replace_client_key(
             if readable is not None:
                 fields[i] = (name, readable)
     secret = key.encode()
-    if bearer:
-        drop = api_key_at + bearer_at[1:]
-        if bearer_at:
-            placement = KeyPlacement(b"authorization", b"Bearer ", bearer_at[0])
-            fields[placement.index] = (fields[placement.index][0], b"Bearer " + secret)
-        else:
-            placement = KeyPlacement(b"authorization", b"Bearer ", len(fields))
-            fields.append((b"authorization", b"Bearer " + secret))
-    elif bearer_at and not api_key_at:
-        placement = KeyPlacement(b"authorization", b"Bearer ", bearer_at[0])
-        fields[placement.index] = (fields[placement.index][0], b"Bearer " + secret)
-        drop = bearer_at[1:]
-    elif api_key_at:
-        placement = KeyPlacement(b"x-api-key", b"", api_key_at[0])
-        fields[placement.index] = (fields[placement.index][0], secret)
-        drop = api_key_at[1:] + bearer_at
+    # The usual request carries one x-api-key and nothing to drop: one write, no sorting.
+    if bearer or (bearer_at and not api_key_at):
+        drop = api_key_at + bearer_at[1:] if bearer else bearer_at[1:]
+        name, prefix, secret = b"authorization", b"Bearer ", b"Bearer " + secret
+        at = bearer_at[0] if bearer_at else -1
     else:
-        placement = KeyPlacement(b"x-api-key", b"", len(fields))
-        drop = bearer_at
-        fields.append((b"x-api-key", secret))
-    for i in sorted(drop, reverse=True):
-        del fields[i]
+        drop = api_key_at[1:] + bearer_at if api_key_at else bearer_at
+        name, prefix = b"x-api-key", b""
+        at = api_key_at[0] if api_key_at else -1
+    if at < 0:
+        at = len(fields)
+        fields.append((name, secret))
+    else:
+        fields[at] = (fields[at][0], secret)
+    if drop:
+        for i in sorted(drop, reverse=True):
+            del fields[i]
+        at -= sum(1 for i in drop if i < at)
     headers.fields = tuple(fields)
-    shift = sum(1 for i in drop if i < placement.index)
-    return placement._replace(index=placement.index - shift) if shift else placement
+    return KeyPlacement(name, prefix, at)
 
 
 def mask_sent_key(headers: http.Headers, key: str, placement: KeyPlacement | None = None) -> None:
     """Replace the pool key in a request that has gone upstream with its masked form."""
     fields = headers.fields
-    secret = key.encode()
-    masked = mask_key_ascii(key).encode()
-    if placement is not None and placement.index < len(fields):
-        name, value = fields[placement.index]
-        if name.lower() == placement.name and value == placement.prefix + secret:
-            headers.fields = (
-                *fields[: placement.index], (name, placement.prefix + masked), *fields[placement.index + 1 :]
-            )
-            return
+    secret, masked = _secret_and_masked(key)
+    if placement is not None:
+        wanted, prefix, at = placement
+        if at < len(fields):
+            name, value = fields[at]
+            if value == prefix + secret and name.lower() == wanted:
+                headers.fields = (*fields[:at], (name, prefix + masked), *fields[at + 1 :])
+                return
     # Another addon moved things: look everywhere.
     headers.fields = tuple((name, value.replace(secret, masked)) for name, value in fields)
 
@@ -95,6 +89,12 @@ def is_event_stream(headers: http.Headers) -> bool:
         if len(name) == 12 and name.lower() == b"content-type":
             return value.lstrip().lower().startswith(b"text/event-stream")
     return False
+
+
+@functools.lru_cache(maxsize=256)  # a pool has a few keys, masked once per request
+def _secret_and_masked(key: str) -> tuple[bytes, bytes]:
+    """The key as header bytes, and its masked form."""
+    return key.encode(), mask_key_ascii(key).encode()
 
 
 @functools.lru_cache(maxsize=256)  # a client sends the same value on every request
