@@ -16,7 +16,7 @@ from mitmproxy import http
 from rotator.core import merge, stats
 from rotator.core.models import Account, AccountsFile
 from rotator.proxy.addon import KimiRotator
-from rotator.proxy.token_reading import StreamReader
+from rotator.proxy.token_reading import StreamReader, reader_of
 from rotator.store import file as storage
 from rotator.tokens import Shape, Usage
 from testbed.hooks import call_hook, kimi_flow
@@ -150,7 +150,7 @@ async def test_a_streamed_success_is_read_as_it_passes_and_passed_unchanged(addo
     chunks = split_everywhere(b"".join(events), size)
     passed = await answer_streamed(addon, flow, chunks)
     assert passed == chunks  # each chunk handed on at once, unchanged
-    assert isinstance(flow.response.stream, StreamReader)
+    assert isinstance(reader_of(flow.response.stream), StreamReader)
     assert totals(addon, key) == (expected, {TODAY: expected})
     assert " · in " in flow.comment
 

@@ -295,7 +295,7 @@ class KimiRotator:
         if response.status_code < 400:
             if is_event_stream(response.headers):
                 if record.kind is CLIENT:
-                    response.stream = token_reading.stream_reader(flow) or True
+                    response.stream = token_reading.stream_callable(flow) or True
                 elif record.splice is not None:
                     response.stream = self.attempts.relay(record)
         elif record.kind is CLIENT:

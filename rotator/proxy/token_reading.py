@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable
 
 from mitmproxy import http
 
@@ -108,12 +109,21 @@ def stream_reader(flow: http.HTTPFlow) -> StreamReader | None:
     return StreamReader(shape, coding)
 
 
+def stream_callable(flow: http.HTTPFlow) -> Callable[[bytes], bytes] | None:
+    """What `response.stream` is set to for a success about to stream: its reader's
+    `__call__` as a bound method (mitmproxy calls it for every chunk, and calling the
+    instance itself costs a slot look-up more each time), or None (`stream_reader`)."""
+    reader = stream_reader(flow)
+    return None if reader is None else reader.__call__
+
+
 def reader_of(stream: object) -> StreamReader | None:
-    """The usage reader of a `response.stream`: itself, or the one a relay to a held
-    client answer carries (rotator.proxy.attempts.Relay)."""
+    """The usage reader of a `response.stream`: itself, the one its bound method belongs
+    to (`stream_callable`), or the one a relay to a held client answer carries
+    (rotator.proxy.attempts.Relay)."""
     if isinstance(stream, StreamReader):
         return stream
-    reader = getattr(stream, "reader", None)
+    reader = getattr(stream, "__self__", None) or getattr(stream, "reader", None)
     return reader if isinstance(reader, StreamReader) else None
 
 
