@@ -3,5 +3,7 @@ as a package: `kimi-rotator addon-path` prints where it is. A checkout has the s
 its top, kimi_rotator_addon.py."""
 
 from rotator.proxy.addon import KimiRotator
+from rotator.proxy.script_module import hooks_as_none
 
 addons = [KimiRotator()]
+hooks_as_none(globals())  # mitmproxy looks every hook up here too: a miss costs (rotator.proxy.script_module)
