@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from mitmproxy import hooks
 
+# Hook names mitmproxy warns about when an addon has one (deprecated: AddonManager.register).
+_DEPRECATED = frozenset({"add_log"})
+
 
 def hooks_as_none(namespace: dict[str, object]) -> None:
     """Bind every hook name mitmproxy knows that `namespace` (a script module's globals)
     does not define to None. Called as the script loads, when mitmproxy has imported every
     module that declares a hook."""
-    for name in hooks.all_hooks:
+    for name in hooks.all_hooks.keys() - _DEPRECATED:
         namespace.setdefault(name, None)
