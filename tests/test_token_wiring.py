@@ -245,11 +245,11 @@ def test_the_stream_reader_hands_every_chunk_on_unchanged_even_when_reading_fail
 def test_two_proxies_changes_add_up_on_one_state_name_by_name_and_day_by_day():
     state = AccountsFile(accounts=[Account(key=KEYS[0], tokens={"input": 5}, daily_tokens={TODAY: {"input": 5}})])
     first, second, later = merge.PoolChange(), merge.PoolChange(), merge.PoolChange()
-    first.for_key(KEYS[0]).add_sums("tokens", {"input": 10, "output": 2}, NOW)
-    first.for_key(KEYS[0]).add_sums_on_day("daily_tokens", TODAY, {"input": 10, "output": 2}, NOW)
-    second.for_key(KEYS[0]).add_sums("tokens", {"input": 7, "cacheRead": 3}, NOW)
-    second.for_key(KEYS[0]).add_sums_on_day("daily_tokens", "2027-01-14", {"input": 7}, NOW)
-    later.for_key(KEYS[0]).add_sums("tokens", {"input": 1}, NOW)
+    merge.add_sums(first.for_key(KEYS[0]).sums("tokens", NOW), {"input": 10, "output": 2})
+    merge.add_sums(first.for_key(KEYS[0]).sums_on_day("daily_tokens", TODAY, NOW), {"input": 10, "output": 2})
+    merge.add_sums(second.for_key(KEYS[0]).sums("tokens", NOW), {"input": 7, "cacheRead": 3})
+    merge.add_sums(second.for_key(KEYS[0]).sums_on_day("daily_tokens", "2027-01-14", NOW), {"input": 7})
+    merge.add_sums(later.for_key(KEYS[0]).sums("tokens", NOW), {"input": 1})
     first.absorb(later)  # a failed save's changes, then newer ones
     merge.apply(state, first)
     merge.apply(state, second)
@@ -262,7 +262,7 @@ def test_two_proxies_changes_add_up_on_one_state_name_by_name_and_day_by_day():
 def test_token_totals_are_saved_and_read_back_and_a_person_s_edit_does_not_undo_them(tmp_path):
     account = Account(key=KEYS[0], tokens={"input": 1}, edited_at={"tokens": NOW + 10})
     change = merge.KeyChange()
-    change.add_sums("tokens", {"input": 2}, NOW)
+    merge.add_sums(change.sums("tokens", NOW), {"input": 2})
     merge.apply_to_account(account, change)
     assert account.tokens == {"input": 3}
     path = tmp_path / "a.json"
@@ -294,9 +294,9 @@ def test_member_tokens_add_up_member_by_member_and_old_days_go():
         "alice@one": {TODAY: {"input": 1}, **{stats.utc_day(NOW - d * stats.DAY_MS): {"input": 1} for d in range(2, 92)}},
         "old@gone": {old_day: {"input": 5}}})
     first, second = merge.KeyChange(), merge.KeyChange()
-    first.add_member_sums_on_day("member_tokens", "alice@one", TODAY, {"input": 2, "output": 1}, NOW)
-    second.add_member_sums_on_day("member_tokens", "bob@two", TODAY, {"input": 3}, NOW)
-    second.add_member_sums_on_day("member_tokens", "alice@one", TODAY, {"input": 4}, NOW)
+    merge.add_sums(first.member_sums_on_day("member_tokens", "alice@one", TODAY, NOW), {"input": 2, "output": 1})
+    merge.add_sums(second.member_sums_on_day("member_tokens", "bob@two", TODAY, NOW), {"input": 3})
+    merge.add_sums(second.member_sums_on_day("member_tokens", "alice@one", TODAY, NOW), {"input": 4})
     first.absorb(second)
     merge.apply_to_account(account, first)
     assert account.member_tokens["alice@one"][TODAY] == {"input": 7, "output": 1}

@@ -113,21 +113,8 @@ class KeyChange:
             counts[day] = counts.get(day, 0) + 1
             found.at_ms = at_ms
 
-    def add_sums(self, attr: str, counts: Mapping[str, int], at_ms: int) -> None:
-        """More of a SUMS field's named counts."""
-        add_sums(self.sums(attr, at_ms), counts)
-
-    def add_sums_on_day(self, attr: str, day: str, counts: Mapping[str, int], at_ms: int) -> None:
-        """More of a SUMS_BY_DAY field's named counts on `day`."""
-        add_sums(self.sums_on_day(attr, day, at_ms), counts)
-
-    def add_member_sums_on_day(self, attr: str, member: str, day: str, counts: Mapping[str, int],
-                               at_ms: int) -> None:
-        """More of a SUMS_BY_MEMBER_DAY field's named counts, for `member` on `day`."""
-        add_sums(self.member_sums_on_day(attr, member, day, at_ms), counts)
-
-    # The three below hand out the named counts to add into in place (`add_sums`), so
-    # that an answer's tokens go into several totals in one pass (`add_sums_to_each`).
+    # The three below hand out a SUMS-kind field's named counts to add into in place
+    # (`add_sums`, or `add_sums_to_each`: an answer's tokens go into several totals in one pass).
     def sums(self, attr: str, at_ms: int) -> dict[str, int]:
         """A SUMS field's named counts in this record (none yet: an empty one, kept)."""
         found = self.fields.get(attr)
