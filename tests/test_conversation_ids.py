@@ -7,9 +7,11 @@ import json
 import random
 
 import pytest
+from mitmproxy import http
 
 from rotator.conversations import ids
 from rotator.conversations.ids import Conversation, conversation_of, id_in_body
+from rotator.proxy.addon import conversation_in
 from tests.support.agents import (
     CLAUDE_SESSION, CLAUDE_UA, KIMI_SESSION, KIMI_UA, OPENCODE_SESSION, OPENCODE_UA, TRICKY_TEXT, TOOLS,
     kimi_cli_body, messages,
@@ -304,3 +306,30 @@ def test_ids_and_clients_read_again_are_the_same_and_what_is_remembered_stays_bo
         assert ids.clean_id(f"conv-{i}".encode()) == f"conv-{i}"
         assert ids.client_of(f"KimiCLI/{i}".encode()) == ids.KIMI_CLI
     assert len(ids._clean_memo) <= ids.MEMO_SIZE and len(ids._client_memo) <= ids.MEMO_SIZE
+
+
+# -- which body field first: the request's own API's ------------------------------------
+
+def test_each_api_reads_its_own_body_field_first() -> None:
+    # No client sends both; should one, its API's own field names the conversation.
+    both = claude_body(prompt_cache_key=KIMI_SESSION)
+    assert id_in_body(both) == (KIMI_SESSION, ids.BODY_PROMPT_CACHE_KEY)
+    assert id_in_body(both, messages_api=True) == (CLAUDE_SESSION, ids.BODY_METADATA_USER_ID)
+    # the other field still counts when the first is absent, on either API
+    assert id_in_body(kimi_cli_body(), messages_api=True) == (KIMI_SESSION, ids.BODY_PROMPT_CACHE_KEY)
+    assert id_in_body(claude_body()) == (CLAUDE_SESSION, ids.BODY_METADATA_USER_ID)
+    # a first field that names nothing ends the search, on either API
+    assert id_in_body(claude_body(user_id="user_abc", prompt_cache_key=KIMI_SESSION), messages_api=True) is None
+    assert id_in_body(kimi_cli_body(session=""), messages_api=False) is None
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/coding/v1/messages", (CLAUDE_SESSION, ids.BODY_METADATA_USER_ID)),
+    ("/coding/v1/messages?beta=true", (CLAUDE_SESSION, ids.BODY_METADATA_USER_ID)),
+    ("/coding/v1/chat/completions", (KIMI_SESSION, ids.BODY_PROMPT_CACHE_KEY)),
+])
+def test_the_proxy_tells_the_api_by_the_requests_path(path: str, expected: tuple[str, str]) -> None:
+    request = http.Request.make("POST", f"https://api.kimi.com{path}", claude_body(prompt_cache_key=KIMI_SESSION),
+                                {"content-type": "application/json"})
+    got = conversation_in(request, streamed=False)
+    assert got is not None and (got.id, got.source) == expected

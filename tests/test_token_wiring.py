@@ -16,7 +16,7 @@ from mitmproxy import http
 from rotator.core import merge, stats
 from rotator.core.models import Account, AccountsFile
 from rotator.proxy.addon import KimiRotator
-from rotator.proxy.token_reading import StreamReader, reader_of
+from rotator.proxy.token_reading import StreamReader, new_reader, reader_of
 from rotator.store import file as storage
 from rotator.tokens import Shape, Usage
 from testbed.hooks import call_hook, kimi_flow
@@ -231,7 +231,7 @@ async def test_answers_add_up_per_key_and_per_day(addon):
 
 
 def test_the_stream_reader_hands_every_chunk_on_unchanged_even_when_reading_fails():
-    reader = StreamReader(Shape.ANTHROPIC, "gzip")
+    reader = new_reader(Shape.ANTHROPIC, "gzip")
     assert reader(b"\x00garbage") == b"\x00garbage"
     assert reader(b"") == b""
     assert reader.result() is None

@@ -9,6 +9,11 @@ What the real clients send (tests/test_conversation_ids.py holds their shapes):
 A request that names none of these belongs to no conversation (None): it follows the
 strategy per request. Nothing is guessed from the prompt's text.
 
+Of the two body fields, the one of the request's own API is read first: `metadata.user_id`
+on Anthropic's Messages API (`/v1/messages`: Claude Code), `prompt_cache_key` on OpenAI's
+chat completions (Kimi CLI); the other only when it is absent. No client sends both; the
+order spares each client's requests a search of the whole body for the other's field.
+
 The body rule. Bodies are 30–500 KB, so a field is found with `bytes.rfind` from the end
 (both fields come after `messages`) and believed only if it is the top-level key:
 1. the needle is the whole string token `"prompt_cache_key"` with an unescaped opening
@@ -107,13 +112,16 @@ class Conversation:
     client: str
 
 
-def conversation_of(headers: Iterable[tuple[bytes, bytes]], body: bytes | None) -> Conversation | None:
+def conversation_of(
+    headers: Iterable[tuple[bytes, bytes]], body: bytes | None, *, messages_api: bool = False
+) -> Conversation | None:
     """The conversation a request names, or None.
 
     `headers`: (name, value) pairs as sent, e.g. mitmproxy's `request.headers.fields`
     (one pass over them; `Headers.get` would scan them once per name). `body`: the
     request's bytes as sent (`request.raw_content`), not read when the headers name a
-    content coding (an encoded body)."""
+    content coding (an encoded body). `messages_api`: the request is for Anthropic's
+    Messages API, whose own body field is read first (`id_in_body`)."""
     best_rank = len(HEADER_NAMES)
     best = b""
     agent = b""
@@ -132,7 +140,7 @@ def conversation_of(headers: Iterable[tuple[bytes, bytes]], body: bytes | None) 
     if best_rank < len(HEADER_NAMES):
         return Conversation(clean_id(best), HEADER_NAMES[best_rank].decode("ascii"), client_of(agent))
     if body:
-        found = id_in_body(body)
+        found = id_in_body(body, messages_api=messages_api)
         if found is not None:
             return Conversation(found[0], found[1], client_of(agent))
     return None
@@ -179,18 +187,35 @@ def _remember(memo: dict[Any, str], raw: Any, value: str) -> None:
     memo[raw] = value
 
 
-def id_in_body(body: bytes) -> tuple[str, str] | None:
+def id_in_body(body: bytes, *, messages_api: bool = False) -> tuple[str, str] | None:
     """(id, source) from the body's top-level `prompt_cache_key`, else from the session
-    in its top-level `metadata.user_id`; None if it has neither."""
+    in its top-level `metadata.user_id` (with `messages_api`: the other way round); None
+    if it has neither. A field that is there but names no id ends the search (None)."""
+    first, second = (_read_metadata, _read_prompt_cache_key) if messages_api else (
+        _read_prompt_cache_key, _read_metadata)
+    found = first(body)
+    if found is _ABSENT:
+        found = second(body)
+    return None if found is _ABSENT else found  # type: ignore[return-value]
+
+
+_ABSENT = object()  # what a _read_* function says of a body without its field
+
+
+def _read_prompt_cache_key(body: bytes) -> tuple[str, str] | None | object:
     at = top_level_value(body, _PROMPT_CACHE_KEY)
-    if at is not None:
-        value = _string_at(body, at)
-        return None if value is None else (value, BODY_PROMPT_CACHE_KEY)
+    if at is None:
+        return _ABSENT
+    value = _string_at(body, at)
+    return None if value is None else (value, BODY_PROMPT_CACHE_KEY)
+
+
+def _read_metadata(body: bytes) -> tuple[str, str] | None | object:
     at = top_level_value(body, _METADATA)
-    if at is not None:
-        value = _session_in_metadata(body, at)
-        return None if value is None else (value, BODY_METADATA_USER_ID)
-    return None
+    if at is None:
+        return _ABSENT
+    value = _session_in_metadata(body, at)
+    return None if value is None else (value, BODY_METADATA_USER_ID)
 
 
 def top_level_value(body: bytes, quoted_name: bytes) -> int | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rotator.conversations.ids import Conversation
 from rotator.conversations.pins import PinTable, short_id
@@ -52,12 +52,19 @@ class Turn:
     conversation: Conversation
     key: str | None  # the key it is pinned to now (None: new, not pinned yet)
     pinning: Pinning
+    # What note() said, and of which pinning: the comment says it as the request is
+    # sent and again once it is answered.
+    noted: tuple[Pinning, str] | None = field(default=None, repr=False)
 
     def note(self) -> str:
         """What the flow comment says of it."""
-        conversation = self.conversation
-        # `_value_`, not `value`: the same string, read without enum's property (once a request).
-        return f"conversation {short_id(conversation.id)} ({conversation.client}) {self.pinning._value_}"
+        noted = self.noted
+        if noted is None or noted[0] is not self.pinning:
+            conversation = self.conversation
+            # `_value_`, not `value`: the same string, read without enum's property.
+            noted = self.noted = (self.pinning, f"conversation {short_id(conversation.id)} ({conversation.client}) "
+                                                f"{self.pinning._value_}")
+        return noted[1]
 
 
 class Affinity(IgnoresPoolEvents):

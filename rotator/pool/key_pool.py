@@ -25,7 +25,7 @@ from rotator.core.strategies import Shortage, Unavailable, choose_key, is_usable
 from rotator.pool import key_updates
 from rotator.pool.events import QUIET, PoolListener
 from rotator.pool.from_outside import HeardFromOutside
-from rotator.pool.lease import Lease, SkipKeys
+from rotator.pool.lease import Lease, SkipKeys, new_lease
 from rotator.tokens import Usage
 
 # Read on every answer: a module-level name is cheaper than a member looked up on its class.
@@ -150,7 +150,7 @@ class KeyPool(HeardFromOutside):
         busy = self.in_flight.get(key, 0) + 1
         self.in_flight[key] = busy
         self._update_cap(key, busy, account)
-        return Lease(key, chosen, account.name, now_ms, self._entries[key][1])
+        return new_lease((key, chosen, account.name, now_ms, self._entries[key][1]))
 
     def acquire_preferring_untried(self, now_ms: int, tried: Collection[str]) -> Lease | Unavailable:
         """A key not yet tried for this request, else a tried one that can serve again

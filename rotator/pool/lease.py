@@ -3,6 +3,7 @@ small records the pool hands out and reads on every request."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from typing import NamedTuple
 
@@ -29,6 +30,11 @@ class Lease(NamedTuple):
     @property
     def label(self) -> str:
         return key_label(self.index, self.name, self.key)
+
+
+# Lease(...) with all five fields, without the Python-level __new__ a NamedTuple gets
+# (the pool makes one a request): new_lease((key, index, name, at_ms, entry)).
+new_lease = functools.partial(tuple.__new__, Lease)
 
 
 class SkipKeys:

@@ -50,6 +50,7 @@ from rotator.proxy.status_page import StatusPage
 from rotator.status.tally import Tally
 from rotator.status.timeline import Timeline
 from rotator.store import StateStore, StoreError, open_store
+from rotator.tokens import Shape, shape_for_path
 
 logger = logging.getLogger(__name__)
 
@@ -395,4 +396,6 @@ def conversation_in(request: http.Request, streamed: bool) -> Conversation | Non
     """The conversation a request names (rotator.conversations.ids); an encoded or
     streamed body is not read: its headers only."""
     body = None if streamed else request.raw_content
-    return conversation_of(request.headers.fields, body or None)
+    if not body:
+        return conversation_of(request.headers.fields, None)
+    return conversation_of(request.headers.fields, body, messages_api=shape_for_path(request.path) is Shape.ANTHROPIC)

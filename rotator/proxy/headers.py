@@ -18,6 +18,10 @@ class KeyPlacement(NamedTuple):
     index: int  # position in headers.fields when it was put there
 
 
+# KeyPlacement(...) without the Python-level __new__ a NamedTuple gets (made once a request).
+_placement = functools.partial(tuple.__new__, KeyPlacement)
+
+
 def replace_client_key(
     headers: http.Headers, key: str, *, bearer: bool = False, unreadable: frozenset[str] = frozenset()
 ) -> KeyPlacement:
@@ -64,7 +68,7 @@ def replace_client_key(
             del fields[i]
         at -= sum(1 for i in drop if i < at)
     headers.fields = tuple(fields)
-    return KeyPlacement(name, prefix, at)
+    return _placement((name, prefix, at))
 
 
 def mask_sent_key(headers: http.Headers, key: str, placement: KeyPlacement | None = None) -> None:

@@ -34,16 +34,16 @@ class StreamReader(UsageScanner):
     unchanged; `result()` is what the stream reported (a stream cut short: so far). An
     answer as sent is fed to the scanner as it is called, one call a chunk (mitmproxy
     calls it for every chunk of every stream); one in gzip or deflate is decoded first
-    (`_DecodingReader`, which `StreamReader(shape, coding)` makes)."""
+    (`_DecodingReader`: `new_reader` makes the one an answer needs)."""
 
     __slots__ = ()
     __call__ = UsageScanner.feed
 
-    def __new__(cls, shape: Shape, coding: str = "") -> StreamReader:
-        return object.__new__(_DecodingReader if coding else cls)
 
-    def __init__(self, shape: Shape, coding: str = "") -> None:
-        UsageScanner.__init__(self, shape)
+def new_reader(shape: Shape, coding: str = "") -> StreamReader:
+    """The reader of an answer of `shape` in content coding `coding` ("", gzip, x-gzip
+    or deflate)."""
+    return _DecodingReader(shape, coding) if coding else StreamReader(shape)
 
 
 class _DecodingReader(StreamReader):
@@ -52,7 +52,7 @@ class _DecodingReader(StreamReader):
 
     __slots__ = ("_inflate", "_deflate", "_broken")
 
-    def __init__(self, shape: Shape, coding: str = "") -> None:
+    def __init__(self, shape: Shape, coding: str) -> None:
         super().__init__(shape)
         self._deflate = coding == "deflate"  # zlib or raw deflate: told by the first byte
         self._inflate: zlib._Decompress | None = None  # type: ignore[name-defined]
@@ -106,7 +106,7 @@ def stream_reader(flow: http.HTTPFlow) -> StreamReader | None:
             _told_codings.add(coding)
             logger.info("kimi-rotator: streamed answers in %r coding are not read for tokens", coding[:20])
         return None
-    return StreamReader(shape, coding)
+    return new_reader(shape, coding)
 
 
 def stream_callable(flow: http.HTTPFlow) -> Callable[[bytes], bytes] | None:

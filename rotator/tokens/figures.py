@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 
 from rotator.tokens.usage import (
-    CACHE_READ_TOKENS, CACHE_WRITE_TOKENS, INPUT_TOKENS, OUTPUT_TOKENS, Shape, Usage, anthropic_counts,
-    load_json, openai_usage_in,
+    CACHE_READ_TOKENS, CACHE_WRITE_TOKENS, INPUT_TOKENS, OUTPUT_TOKENS, UNSURE, Shape, Usage, anthropic_counts,
+    last_member_usage, load_json, openai_usage_in,
 )
 
 _BOM = b"\xef\xbb\xbf"
@@ -27,6 +27,10 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 # field's one leading space is not part of its value); any other form is read line by line.
 _HEAD = re.compile(rb"(?:event: ?([^\r\n:]*)\n)?data: ?")
 _INPUT_SIDE = (INPUT_TOKENS, CACHE_READ_TOKENS, CACHE_WRITE_TOKENS)
+_MESSAGE_START, _MESSAGE_DELTA = b"message_start", b"message_delta"
+# Data that names one of the two kinds first, as Kimi and json.dumps write it.
+_STARTS = (b'{"type":"message_start"', b'{"type": "message_start"')
+_DELTAS = (b'{"type":"message_delta"', b'{"type": "message_delta"')
 _OPENAI = Shape.OPENAI  # a module name: cheaper than the enum's, read on every event
 
 
@@ -105,6 +109,16 @@ class Figures:
     def take(self, data: bytes, name: bytes) -> None:
         """Take the figures of one event's data (its `data:` lines joined), named `name`."""
         self.events_read += 1
+        if self.shape is not _OPENAI:
+            # As Kimi writes them: the type first, the usage last (its message's, in
+            # message_start): only the usage object is parsed (rotator.tokens.usage).
+            kind, depth = ((_MESSAGE_START, 2) if data.startswith(_STARTS)
+                           else (_MESSAGE_DELTA, 1) if data.startswith(_DELTAS) else (b"", 0))
+            if depth:
+                usage = last_member_usage(data, depth)
+                if usage is not UNSURE:
+                    self._take_anthropic(kind, usage)
+                    return
         document = load_json(data)
         if not isinstance(document, dict):
             return
@@ -118,15 +132,21 @@ class Figures:
             kind = name.decode("utf-8", "replace")
         if kind == "message_start":
             message = document.get("message")
-            counts = anthropic_counts(message.get("usage") if isinstance(message, dict) else None,
-                                      required=(INPUT_TOKENS,))
+            self._take_anthropic(_MESSAGE_START, message.get("usage") if isinstance(message, dict) else None)
+        elif kind == "message_delta":
+            self._take_anthropic(_MESSAGE_DELTA, document.get("usage"))
+
+    def _take_anthropic(self, kind: bytes, usage: object) -> None:
+        """The figures of a message_start's message usage or a message_delta's usage."""
+        if kind == _MESSAGE_START:
+            counts = anthropic_counts(usage, required=(INPUT_TOKENS,))
             if counts is not None:
                 self.counts.update(counts)
-        elif kind == "message_delta":
-            counts = anthropic_counts(document.get("usage"), required=(OUTPUT_TOKENS,))
-            if counts is not None:
-                for figure in _INPUT_SIDE:  # cumulative: a repeat counts when larger
-                    if figure in counts:
-                        self.counts[figure] = max(counts[figure], self.counts.get(figure, 0))
-                self.counts[OUTPUT_TOKENS] = counts[OUTPUT_TOKENS]
-                self.final = True
+            return
+        counts = anthropic_counts(usage, required=(OUTPUT_TOKENS,))
+        if counts is not None:
+            for figure in _INPUT_SIDE:  # cumulative: a repeat counts when larger
+                if figure in counts:
+                    self.counts[figure] = max(counts[figure], self.counts.get(figure, 0))
+            self.counts[OUTPUT_TOKENS] = counts[OUTPUT_TOKENS]
+            self.final = True

@@ -125,20 +125,21 @@ class UsageScanner:
         reference, as the stream's last bytes are) and scanned with those after it, in
         one pass, when the kept bytes are trimmed, at the end, or when the usage is asked
         for: one search in C for many small chunks."""
-        if chunk and self._state is not _ENDED:
+        if chunk:
             kept = self._kept
             kept.append(chunk)
             self._kept_len += len(chunk)
             if self._kept_len > self._most_kept or len(kept) > _MAX_KEPT_PIECES:
                 self._settle(ended=False)
-        elif not chunk:
+        else:
             self._settle(ended=True)
         return chunk
 
     def result(self) -> Usage | None:
         """The usage read so far (an event still open counts when its JSON is whole);
         None when no usage was read."""
-        self._settle()
+        if self._state is not _ENDED:
+            self._settle()
         if self._state is _PENDING:  # read it into a copy: the stream may go on
             figures = self._figures.copy()
             figures.read(bytes(self._pending), self._pending_start == 0)
@@ -177,6 +178,10 @@ class UsageScanner:
         """Scan the chunks not scanned yet; then trim what is kept (False) or end (True).
         Reading is meant never to raise whatever the stream holds; should it (a fault
         here), the stream still goes on untouched and its answer counts nothing."""
+        if self._state is _ENDED:  # what comes after the end is not read, nor kept
+            self._kept.clear()
+            self._kept_len = 0
+            return
         try:
             self._catch_up()
             if ended is not None:

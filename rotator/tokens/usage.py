@@ -16,12 +16,14 @@ booleans, NaN, wrong types). A count above `MAX_TOKENS` is odd: no single answer
 spends a billion tokens, and a figure that large would swamp every total it joins.
 
 A whole JSON answer is not parsed whole when its usage is its last member, as Kimi
-writes it (`…,"usage":{…}}`): only that object is (`_last_member_usage`). The key is
+writes it (`…,"usage":{…}}`): only that object is (`last_member_usage`). The key is
 believed when its quote follows `{` or `,` (so it opens a key: in a JSON string a quote
 is escaped) and only `}` follows its object: in a JSON object that closing brace ends
 the document, so the key is at its top level, never one nested in the content or a
-tool's input. As with rotator.conversations.ids' body rule, the rest of the body is
-taken to be the JSON it says it is (a 200 from Kimi); any other shape is parsed whole.
+tool's input. A streamed event's usage one level down (`message_start`'s
+`message.usage`, also its message's last member) is read the same way, followed by
+`}}`. As with rotator.conversations.ids' body rule, the rest of the body is taken to be
+the JSON it says it is (a 200 from Kimi); any other shape is parsed whole.
 """
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ import functools
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 MAX_TOKENS = 1_000_000_000  # the most one figure of one answer may say
 # Larger whole answers are not parsed (None): Kimi's longest answers are well under a
@@ -70,32 +71,32 @@ def shape_for_path(path: str) -> Shape | None:
     return None
 
 
-_SET = object.__setattr__  # how a frozen dataclass sets its fields
+_checked = tuple.__new__  # a Usage of figures known to be whole numbers ≥ 0
 
 
-@dataclass(frozen=True, slots=True, init=False)
-class Usage:
-    """Tokens spent: `input` is ALL input (cache reads and writes included), `output`
-    the answer's, `cache_read` the part of the input Kimi served from its prompt cache,
-    `cache_write` the part it wrote to it. Whole numbers ≥ 0; they add up."""
-
+class _Figures(NamedTuple):
     input: int = 0
     output: int = 0
     cache_read: int = 0
     cache_write: int = 0
 
-    # The dataclass's own __init__ and a __post_init__, in one call: one is made per answer.
-    def __init__(self, input: int = 0, output: int = 0, cache_read: int = 0, cache_write: int = 0) -> None:
+
+class Usage(_Figures):
+    """Tokens spent: `input` is ALL input (cache reads and writes included), `output`
+    the answer's, `cache_read` the part of the input Kimi served from its prompt cache,
+    `cache_write` the part it wrote to it. Whole numbers ≥ 0; they add up. Immutable:
+    a NamedTuple, the cheapest record to make (one is made per answer)."""
+
+    __slots__ = ()
+
+    def __new__(cls, input: int = 0, output: int = 0, cache_read: int = 0, cache_write: int = 0) -> Usage:
         if not (type(input) is int and type(output) is int and type(cache_read) is int
                 and type(cache_write) is int and input >= 0 and output >= 0 and cache_read >= 0 and cache_write >= 0):
             for name, value in (("input", input), ("output", output), ("cache_read", cache_read),
                                 ("cache_write", cache_write)):
                 if type(value) is not int or value < 0:
                     raise ValueError(f"Usage.{name} must be a whole number ≥ 0, not {value!r}")
-        _SET(self, "input", input)
-        _SET(self, "output", output)
-        _SET(self, "cache_read", cache_read)
-        _SET(self, "cache_write", cache_write)
+        return _checked(cls, (input, output, cache_read, cache_write))
 
     def __add__(self, other: Usage) -> Usage:
         if not isinstance(other, Usage):
@@ -127,10 +128,11 @@ class Usage:
 
     @classmethod
     def from_anthropic(cls, counts: Mapping[str, int]) -> Usage:
-        """From the Anthropic shape's figures (`ANTHROPIC_NAMES`; absent ones are 0)."""
+        """From the Anthropic shape's figures as `anthropic_counts` gives them (whole
+        numbers ≥ 0, so are their sums; absent ones are 0)."""
         get = counts.get
         read, write = get(CACHE_READ_TOKENS, 0), get(CACHE_WRITE_TOKENS, 0)
-        return cls(get(INPUT_TOKENS, 0) + read + write, get(OUTPUT_TOKENS, 0), read, write)
+        return _checked(cls, (get(INPUT_TOKENS, 0) + read + write, get(OUTPUT_TOKENS, 0), read, write))
 
 
 ZERO = Usage()
@@ -237,8 +239,8 @@ def from_json_answer(body: bytes, shape: Shape) -> Usage | None:
     has none, it is odd, or the body is not a JSON object (an error, HTML, …)."""
     if not isinstance(body, (bytes, bytearray)) or len(body) > MAX_ANSWER_BYTES:
         return None
-    usage = _last_member_usage(body)
-    if usage is _UNSURE:
+    usage = last_member_usage(body)
+    if usage is UNSURE:
         document = load_json(body)
         if not isinstance(document, dict):
             return None
@@ -251,31 +253,45 @@ def from_json_answer(body: bytes, shape: Shape) -> Usage | None:
     return None if counts is None else Usage.from_anthropic(counts)
 
 
-_UNSURE = object()
+UNSURE = object()  # what last_member_usage says of a text not so shaped
 _USAGE_KEY = b'"usage"'
 _OBJECT_VALUE = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*(?=\{)")  # the key's colon, then an object
 _KEY_OPENERS = b"{,"
 _JSON_SPACE = b" \t\r\n"
+_USUAL_COLONS = ((b":{", 1), (b": {", 2))  # the colon as Kimi and json.dumps write it: read without a regex
+# What may follow the usage object of a last member 1 and 2 levels down: closing braces
+# (the usual form, and any other).
+_BRACES = {1: "}", 2: "}}"}
+_CLOSING = {depth: re.compile(r"(?:[ \t\r\n]*\})" * depth + r"[ \t\r\n]*\Z") for depth in (1, 2)}
 
 
-def _last_member_usage(body: bytes | bytearray) -> object:
-    """The top-level `usage` object of a JSON answer whose last member it is, parsed
-    alone (see the module's docstring for why it is the top-level one); `_UNSURE` when
-    the body is not so shaped or that object does not parse (the caller parses it all)."""
-    at = body.rfind(_USAGE_KEY)
-    if at < 1 or body[0] != 0x7B:  # "{": an object, the usual way (else: parsed whole)
-        return _UNSURE
+def last_member_usage(text: bytes | bytearray, depth: int = 1) -> object:
+    """The `usage` object that is the last member of `text`'s object `depth` levels down
+    (1: the top level; 2: its last member's), parsed alone (see the module's docstring);
+    `UNSURE` when `text` is not so shaped or that object does not parse (the caller
+    parses it all)."""
+    at = text.rfind(_USAGE_KEY)
+    if at < 1 or text[0] != 0x7B:  # "{": an object, the usual way (else: parsed whole)
+        return UNSURE
     before = at - 1
-    while body[before] in _JSON_SPACE:  # stops at the body's "{" at the latest
+    while text[before] in _JSON_SPACE:  # stops at the text's "{" at the latest
         before -= 1
-    if body[before] not in _KEY_OPENERS:
-        return _UNSURE
-    colon = _OBJECT_VALUE.match(body, at + len(_USAGE_KEY))
-    if colon is None:
-        return _UNSURE
+    if text[before] not in _KEY_OPENERS:
+        return UNSURE
+    start = at + len(_USAGE_KEY)
+    for colon, width in _USUAL_COLONS:
+        if text.startswith(colon, start):
+            start += width
+            break
+    else:
+        spaced = _OBJECT_VALUE.match(text, start)
+        if spaced is None:
+            return UNSURE
+        start = spaced.end()
     try:
-        tail = body[colon.end():].decode("utf-8", "surrogatepass")  # as json.loads decodes
+        tail = text[start:].decode("utf-8", "surrogatepass")  # as json.loads decodes
         usage, end = _SCAN_ONCE(tail, 0)
     except (ValueError, RecursionError, StopIteration):  # UnicodeDecodeError is a ValueError
-        return _UNSURE
-    return usage if tail[end:].strip(" \t\r\n") == "}" else _UNSURE
+        return UNSURE
+    rest = tail[end:]
+    return usage if rest == _BRACES[depth] or _CLOSING[depth].match(rest) else UNSURE
