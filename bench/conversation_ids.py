@@ -126,26 +126,28 @@ def main() -> int:
     figures: dict[tuple[str, int], float] = {}
     for kb in SIZES_KB:
         b = bodies(kb)
+        # (headers, body, what it names, whether it goes to /v1/messages: Anthropic's API)
         cases = {
             "header (Claude Code)": (claude_h, b["claude"], ids.Conversation(SESSION, "x-claude-code-session-id",
-                                                                             ids.CLAUDE_CODE)),
+                                                                             ids.CLAUDE_CODE), True),
             "header (OpenCode)": (opencode_h, b["plain"], ids.Conversation("ses_5f1d2c3b4a5e", "x-session-affinity",
-                                                                           ids.OPENCODE)),
+                                                                           ids.OPENCODE), True),
             "body prompt_cache_key (Kimi CLI)": (kimi_h, b["kimi"], ids.Conversation(
-                SESSION, ids.BODY_PROMPT_CACHE_KEY, ids.KIMI_CLI)),
+                SESSION, ids.BODY_PROMPT_CACHE_KEY, ids.KIMI_CLI), False),
             "body metadata.user_id (no header)": (kimi_h, b["claude"], ids.Conversation(
-                SESSION, ids.BODY_METADATA_USER_ID, ids.KIMI_CLI)),
-            "miss (no id)": (plain_h, b["plain"], None),
+                SESSION, ids.BODY_METADATA_USER_ID, ids.KIMI_CLI), True),
+            "miss (no id)": (plain_h, b["plain"], None, True),
             "key before messages (no client does)": (kimi_h, b["first"], None if len(b["first"]) > ids.MAX_TAIL
                                                      else ids.Conversation(SESSION, ids.BODY_PROMPT_CACHE_KEY,
-                                                                           ids.KIMI_CLI)),
+                                                                           ids.KIMI_CLI), False),
         }
-        for name, (fields, body, expected) in cases.items():
-            got = ids.conversation_of(fields, body)
+        for name, (fields, body, expected, messages_api) in cases.items():
+            got = ids.conversation_of(fields, body, messages_api=messages_api)
             if got != expected:
                 print(f"ERROR: {name} at {kb} KB found {got!r}, expected {expected!r}")
                 return 1
-            figures[name, kb] = per_call_us(lambda f=fields, bo=body: ids.conversation_of(f, bo), number, repeat)
+            figures[name, kb] = per_call_us(
+                lambda f=fields, bo=body, m=messages_api: ids.conversation_of(f, bo, messages_api=m), number, repeat)
             if name.startswith("body prompt_cache_key"):  # the depth count remembered above; a first turn counts
                 first_turn = f"{name}, first turn"
                 figures[first_turn, kb] = per_call_us(
