@@ -242,6 +242,36 @@ def test_the_stream_reader_hands_every_chunk_on_unchanged_even_when_reading_fail
     assert plain.result() == Usage(7, 3, 0, 0)
 
 
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_a_compressed_stream_whose_usage_event_spans_a_settle_still_counts(coding: str) -> None:
+    # 256 small chunks make the reader settle with the usage event still open: the
+    # scanner then reads on through its own steps, which a decoding reader must not shadow.
+    wbits = 31 if coding == "gzip" else 15
+    compress = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    event = b'event: message_delta\ndata: {"type":"message_delta","delta":{},"usage":{"output_tokens":5}}\n\n'
+    cut = event.index(b"output")
+    pieces = [b": ping\n\n"] * 256 + [event[:cut], event[cut:]]
+    reader = new_reader(Shape.ANTHROPIC, coding)
+    for piece in pieces:
+        sent = compress.compress(piece) + compress.flush(zlib.Z_SYNC_FLUSH)
+        assert reader(sent) == sent
+    reader(compress.flush())
+    reader(b"")
+    assert reader.fault is None
+    assert reader.result() == Usage(0, 5, 0, 0)
+
+
+def test_chunks_after_the_end_are_neither_read_nor_kept() -> None:
+    reader = new_reader(Shape.OPENAI)
+    for chunk in openai_events(7, 0, 3):
+        reader(chunk)
+    reader(b"")
+    for _ in range(200):
+        assert reader(b"x" * 500) == b"x" * 500
+    assert reader.held_bytes == 0
+    assert reader.result() == Usage(7, 3, 0, 0)
+
+
 def test_two_proxies_changes_add_up_on_one_state_name_by_name_and_day_by_day():
     state = AccountsFile(accounts=[Account(key=KEYS[0], tokens={"input": 5}, daily_tokens={TODAY: {"input": 5}})])
     first, second, later = merge.PoolChange(), merge.PoolChange(), merge.PoolChange()

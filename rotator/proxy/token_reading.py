@@ -63,13 +63,13 @@ class _DecodingReader(StreamReader):
     def __call__(self, chunk: bytes) -> bytes:
         if not self._broken:
             try:
-                self._read(chunk)
+                self._inflate_and_feed(chunk)
             except Exception:  # a broken body (zlib.error, …): it streams on, counted no further
                 self._broken = True
                 logger.debug("kimi-rotator: a streamed answer could not be read for tokens", exc_info=True)
         return chunk
 
-    def _read(self, chunk: bytes) -> None:
+    def _inflate_and_feed(self, chunk: bytes) -> None:
         if self._deflate and self._inflate is None and chunk:
             # RFC 9110's deflate is zlib-wrapped; some servers send it raw.
             self._inflate = zlib.decompressobj(_ZLIB_WBITS if chunk[0] & 0x0F == 8 else _RAW_WBITS)

@@ -353,6 +353,7 @@ class UsageScanner:
         self._pending = b""
         self._kept.clear()
         self._kept_len = 0
+        self._most_kept = -1  # a chunk fed after the end settles at once: dropped (_settle)
         self._scanned = 0
         self._carry = b""
 
