@@ -115,6 +115,31 @@ def test_a_conversation_whose_key_refuses_moves_once_and_stays(fake_kimi, keys, 
     assert later == [second] * 4
 
 
+def test_a_body_naming_both_fields_is_read_by_its_own_apis_field(fake_kimi, keys, write_accounts, start_proxy):
+    # No client sends both; should one, Anthropic's Messages API goes by metadata.user_id
+    # (two conversations here, on two keys), chat completions by prompt_cache_key (one).
+    write_accounts(keys, "round-robin")
+    proxy = start_proxy(fake_kimi)
+
+    def body(session: str, turn: int) -> dict:
+        return {"model": "kimi-for-coding", "max_tokens": 16, "messages": history(turn), "prompt_cache_key": "shared",
+                "metadata": {"user_id": json.dumps({"device_id": "f" * 64, "session_id": session})}}
+
+    served: dict[tuple[str, str], list[str | None]] = {}
+    with http_client() as c:
+        for path in (MESSAGES_PATH, CHAT_COMPLETIONS_PATH):
+            for turn in range(3):
+                for session in ("m-1", "m-2"):
+                    answer = c.post(proxy.url + path, json=body(session, turn), headers={**KEY, "User-Agent": "agent/1"})
+                    assert answer.status_code == 200, proxy.output()
+                    served.setdefault((path, session), []).append(last_key(fake_kimi))
+    on_messages = [served[MESSAGES_PATH, s] for s in ("m-1", "m-2")]
+    assert all(len(set(keys_of)) == 1 for keys_of in on_messages), served
+    assert on_messages[0][0] != on_messages[1][0], served  # two conversations, spread
+    on_chat = served[CHAT_COMPLETIONS_PATH, "m-1"] + served[CHAT_COMPLETIONS_PATH, "m-2"]
+    assert len(set(on_chat)) == 1, served  # one conversation: "shared"
+
+
 def test_requests_naming_no_conversation_still_alternate_under_round_robin(
     fake_kimi, keys, write_accounts, start_proxy
 ):

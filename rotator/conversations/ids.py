@@ -191,31 +191,12 @@ def id_in_body(body: bytes, *, messages_api: bool = False) -> tuple[str, str] | 
     """(id, source) from the body's top-level `prompt_cache_key`, else from the session
     in its top-level `metadata.user_id` (with `messages_api`: the other way round); None
     if it has neither. A field that is there but names no id ends the search (None)."""
-    first, second = (_read_metadata, _read_prompt_cache_key) if messages_api else (
-        _read_prompt_cache_key, _read_metadata)
-    found = first(body)
-    if found is _ABSENT:
-        found = second(body)
-    return None if found is _ABSENT else found  # type: ignore[return-value]
-
-
-_ABSENT = object()  # what a _read_* function says of a body without its field
-
-
-def _read_prompt_cache_key(body: bytes) -> tuple[str, str] | None | object:
-    at = top_level_value(body, _PROMPT_CACHE_KEY)
-    if at is None:
-        return _ABSENT
-    value = _string_at(body, at)
-    return None if value is None else (value, BODY_PROMPT_CACHE_KEY)
-
-
-def _read_metadata(body: bytes) -> tuple[str, str] | None | object:
-    at = top_level_value(body, _METADATA)
-    if at is None:
-        return _ABSENT
-    value = _session_in_metadata(body, at)
-    return None if value is None else (value, BODY_METADATA_USER_ID)
+    for quoted_name, value_at, source in _MESSAGES_API_ORDER if messages_api else _CHAT_ORDER:
+        at = top_level_value(body, quoted_name)
+        if at is not None:
+            value = value_at(body, at)
+            return None if value is None else (value, source)
+    return None
 
 
 def top_level_value(body: bytes, quoted_name: bytes) -> int | None:
@@ -324,3 +305,10 @@ def _session_in_user_id(user_id: str) -> str | None:
     if not isinstance(session, str) or not session.strip():
         return None
     return clean_id(session.encode("utf-8", "surrogatepass"))
+
+
+# The body fields in the order id_in_body reads them: (name, reader of its value, source).
+_PROMPT_CACHE_KEY_FIELD = (_PROMPT_CACHE_KEY, _string_at, BODY_PROMPT_CACHE_KEY)
+_METADATA_FIELD = (_METADATA, _session_in_metadata, BODY_METADATA_USER_ID)
+_CHAT_ORDER = (_PROMPT_CACHE_KEY_FIELD, _METADATA_FIELD)
+_MESSAGES_API_ORDER = (_METADATA_FIELD, _PROMPT_CACHE_KEY_FIELD)

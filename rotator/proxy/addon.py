@@ -396,6 +396,5 @@ def conversation_in(request: http.Request, streamed: bool) -> Conversation | Non
     """The conversation a request names (rotator.conversations.ids); an encoded or
     streamed body is not read: its headers only."""
     body = None if streamed else request.raw_content
-    if not body:
-        return conversation_of(request.headers.fields, None)
-    return conversation_of(request.headers.fields, body, messages_api=shape_for_path(request.path) is Shape.ANTHROPIC)
+    messages_api = bool(body) and shape_for_path(request.path) is Shape.ANTHROPIC
+    return conversation_of(request.headers.fields, body or None, messages_api=messages_api)

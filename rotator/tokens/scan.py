@@ -138,8 +138,7 @@ class UsageScanner:
     def result(self) -> Usage | None:
         """The usage read so far (an event still open counts when its JSON is whole);
         None when no usage was read."""
-        if self._state is not _ENDED:
-            self._settle()
+        self._settle()
         if self._state is _PENDING:  # read it into a copy: the stream may go on
             figures = self._figures.copy()
             figures.read(bytes(self._pending), self._pending_start == 0)
@@ -178,10 +177,8 @@ class UsageScanner:
         """Scan the chunks not scanned yet; then trim what is kept (False) or end (True).
         Reading is meant never to raise whatever the stream holds; should it (a fault
         here), the stream still goes on untouched and its answer counts nothing."""
-        if self._state is _ENDED:  # what comes after the end is not read, nor kept
-            self._kept.clear()
-            self._kept_len = 0
-            return
+        if self._state is _ENDED:  # what comes after the end is dropped, unread
+            return self._end()
         try:
             self._catch_up()
             if ended is not None:
